@@ -1,0 +1,11 @@
+"""ua3d: training-free, guidance-driven upsampling of any low-resolution signal, lifted to 3D.
+
+Core entry points: :func:`fit` (test-time optimisation of the kernel on a guide image),
+:meth:`Kernel.render` (apply it to any LR signal), :func:`upsample` (both in one call).
+"""
+
+from .api import Kernel, fit, upsample
+from .core.tto import FitConfig
+
+__version__ = "0.1.0"
+__all__ = ["Kernel", "FitConfig", "fit", "upsample", "__version__"]

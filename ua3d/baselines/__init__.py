@@ -1,0 +1,5 @@
+"""Baselines with the call shape ``method(guide, signal, output_size=None, **kw)``."""
+
+from .classic import bicubic, bilinear, jbu, nearest
+
+__all__ = ["bilinear", "bicubic", "nearest", "jbu"]

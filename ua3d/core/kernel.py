@@ -1,0 +1,422 @@
+r"""The Upsample Anything kernel: geometry, weights and rendering (pure-PyTorch reference).
+
+This module is the oracle. It is written for clarity, not speed; every faster
+path in :mod:`ua3d.core.fast` has a same-named ``*_reference`` twin here and is
+tested against it.
+
+Notation
+--------
+* HR (output) grid ``H x W``, pixel ``p = (y, x)`` with integer centres.
+* LR grid ``h x w``, cell ``q = (i, j)``.
+* Per-axis float scales ``s_y = H / h``, ``s_x = W / w`` (any ratio, non-square).
+* An HR pixel maps to LR coordinates by the ``align_corners=False`` rule
+  ``u = (x + 0.5) * w / W - 0.5``; the LR cell centre in HR pixels is therefore
+  ``c_x(j) = (j + 0.5) * W / w - 0.5`` (same for rows).
+* Each HR pixel looks at the LR cells ``anchor(p) + o`` for the window offsets
+  ``o`` with ``|o| <= radius`` (a disc; radius 8 gives 197 neighbours), where
+  ``anchor(p)`` is the nearest LR cell. Cells outside the LR grid are excluded.
+
+Parameters
+----------
+One tensor ``params [B, 3 + G, h, w]`` of unconstrained values per LR cell:
+
+====== =========================================================
+index  meaning
+====== =========================================================
+0      ``log sigma_x`` (HR pixels)
+1      ``log sigma_y`` (HR pixels)
+2      ``theta_raw``; ``theta = (pi / 2) * tanh(theta_raw)``
+3+g    ``log sigma_r`` of range group ``g`` (guide units)
+====== =========================================================
+
+The guide's channels are split into ``G`` consecutive *range groups* (``groups``,
+channel counts); by default one group holds every channel (RGB, or any channel
+count). The RGB-D lift uses a second group for (log) depth. Each group ``g`` has
+optional validity masks ``valid_hr [B, G, H, W]`` and ``valid_lr [B, G, h, w]``;
+a group's range term is applied to a pair ``(p, q)`` only where both are valid
+(holes carry no evidence, they are never "very close").
+
+Weight
+------
+.. math::
+
+    \ell(p, q) = -\tfrac12 \left(\frac{a^2}{\sigma_x^2} + \frac{b^2}{\sigma_y^2}\right)
+                 - \sum_g \frac{\lVert g_g(p) - \bar g_g(q) \rVert^2}{2 \sigma_{r,g}(q)^2}
+
+with ``(a, b)`` the offset ``p - c(q)`` rotated by ``theta(q)``, ``g`` the HR guide
+and ``\bar g`` the guide on the LR grid. ``w(p, q) = softmax_q \ell(p, q)`` over the
+window (log-sum-exp; the anchor is always in the window, so the normaliser is
+never zero and no NaN can appear). ``out(p) = sum_q w(p, q) f(q)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "LOG_SIGMA_MIN",
+    "LOG_SIGMA_MAX",
+    "THETA_MAX",
+    "window_offsets",
+    "lr_centres",
+    "nearest_anchor",
+    "theta_from_raw",
+    "theta_to_raw",
+    "init_params",
+    "pair_logits",
+    "kernel_weights_reference",
+    "kernel_render_reference",
+    "kernel_fit_loss_grad_reference",
+    "row_chunks",
+    "resample_guide",
+]
+
+#: log-sigma values are clamped to this range inside the kernel (no inf*0 = NaN).
+LOG_SIGMA_MIN = -7.0
+LOG_SIGMA_MAX = 9.0
+#: orientation bound: ``theta`` in ``(-pi/2, pi/2)`` covers every orientation.
+THETA_MAX = math.pi / 2
+
+
+# --------------------------------------------------------------------------- geometry
+def window_offsets(radius: float, device: torch.device | str | None = None) -> torch.Tensor:
+    """Integer LR offsets ``(di, dj)`` of the disc ``di^2 + dj^2 <= radius^2``.
+
+    Returns
+    -------
+    torch.Tensor
+        ``[K, 2]`` int64, sorted row-major; ``(0, 0)`` is always included.
+    """
+    if not (radius >= 0) or not math.isfinite(radius):
+        raise ValueError(f"radius must be a finite number >= 0, got {radius!r}")
+    r = int(math.floor(radius))
+    rng = torch.arange(-r, r + 1)
+    di, dj = torch.meshgrid(rng, rng, indexing="ij")
+    keep = (di * di + dj * dj) <= radius * radius + 1e-9
+    return torch.stack([di[keep], dj[keep]], dim=1).to(device)
+
+
+def lr_centres(n_lr: int, n_hr: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """HR pixel coordinate of each LR cell centre: ``(i + 0.5) * n_hr / n_lr - 0.5``. ``[n_lr]``."""
+    i = torch.arange(n_lr, device=device, dtype=torch.float64)
+    return ((i + 0.5) * (n_hr / n_lr) - 0.5).to(dtype)
+
+
+def nearest_anchor(n_hr: int, n_lr: int, device=None) -> torch.Tensor:
+    """Nearest LR cell of each HR pixel along one axis, exact integer arithmetic. ``[n_hr]`` int64.
+
+    ``round(u)`` with ``u = (y + 0.5) n_lr / n_hr - 0.5`` equals
+    ``floor((2y + 1) n_lr / (2 n_hr))`` (ties go up), clamped to ``[0, n_lr - 1]``.
+    """
+    y = torch.arange(n_hr, device=device, dtype=torch.int64)
+    return torch.div((2 * y + 1) * n_lr, 2 * n_hr, rounding_mode="floor").clamp_(0, n_lr - 1)
+
+
+def theta_from_raw(raw: torch.Tensor) -> torch.Tensor:
+    """Bounded orientation ``theta = (pi/2) tanh(raw)``."""
+    return THETA_MAX * torch.tanh(raw)
+
+
+def theta_to_raw(theta: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`theta_from_raw` (``theta`` strictly inside ``(-pi/2, pi/2)``)."""
+    return torch.atanh((theta / THETA_MAX).clamp(-1 + 1e-6, 1 - 1e-6))
+
+
+def init_params(
+    batch: int,
+    lr_size: tuple[int, int],
+    out_size: tuple[int, int],
+    *,
+    sigma_spatial: float | tuple[float, float] | None = None,
+    sigma_range: float | Sequence[float] = 0.12,
+    theta: float = 0.0,
+    device=None,
+    dtype=torch.float32,
+) -> torch.Tensor:
+    """Constant initial parameters ``[B, 3 + G, h, w]``.
+
+    ``sigma_spatial`` defaults to the per-axis scale ``(W / w, H / h)`` in HR pixels
+    (the authors' "sigma = scale"); a float sets both axes, a pair sets ``(sigma_x, sigma_y)``.
+    ``sigma_range`` is one value per range group.
+    """
+    h, w = lr_size
+    H, W = out_size
+    if sigma_spatial is None:
+        sx, sy = W / w, H / h
+    elif isinstance(sigma_spatial, (tuple, list)):
+        sx, sy = float(sigma_spatial[0]), float(sigma_spatial[1])
+    else:
+        sx = sy = float(sigma_spatial)
+    srs = [float(sigma_range)] if isinstance(sigma_range, (int, float)) else [float(s) for s in sigma_range]
+    for name, v in (("sigma_spatial", sx), ("sigma_spatial", sy), *(("sigma_range", s) for s in srs)):
+        if not (v > 0) or not math.isfinite(v):
+            raise ValueError(f"{name} must be a positive finite number, got {v!r}")
+    vals = [math.log(sx), math.log(sy), float(theta_to_raw(torch.tensor(theta, dtype=torch.float64)))]
+    vals += [math.log(s) for s in srs]
+    p = torch.tensor(vals, device=device, dtype=dtype).view(1, -1, 1, 1)
+    return p.expand(batch, -1, h, w).contiguous()
+
+
+def resample_guide(guide: torch.Tensor, lr_size: tuple[int, int], mode: str = "area") -> torch.Tensor:
+    """Guide on the LR grid, ``[B, C, H, W] -> [B, C, h, w]``.
+
+    ``mode="area"`` (default) is antialiased bilinear, i.e. a low-pass then sample at
+    the LR centres, like a patch embedding sees the image; ``"bilinear"`` samples the
+    HR guide at the LR centres without low-pass (classic JBU's ``I(q)``).
+    """
+    if mode == "area":
+        return F.interpolate(guide, size=lr_size, mode="bilinear", antialias=True, align_corners=False)
+    if mode == "bilinear":
+        return F.interpolate(guide, size=lr_size, mode="bilinear", antialias=False, align_corners=False)
+    raise ValueError(f"mode must be 'area' or 'bilinear', got {mode!r}")
+
+
+def row_chunks(n_rows: int, chunk: int) -> Iterator[tuple[int, int]]:
+    """Yield ``(start, stop)`` row ranges of at most ``chunk`` rows."""
+    chunk = max(1, int(chunk))
+    for s in range(0, n_rows, chunk):
+        yield s, min(n_rows, s + chunk)
+
+
+def _group_index(groups: Sequence[int], n_channels: int) -> list[tuple[int, int]]:
+    if sum(groups) != n_channels or any(g <= 0 for g in groups):
+        raise ValueError(f"groups {tuple(groups)} must be positive channel counts summing to {n_channels}")
+    out, s = [], 0
+    for g in groups:
+        out.append((s, s + g))
+        s += g
+    return out
+
+
+# --------------------------------------------------------------------------- logits
+def pair_logits(
+    params: torch.Tensor,
+    guide_hr: torch.Tensor,
+    guide_lr: torch.Tensor,
+    rows: tuple[int, int],
+    radius: float,
+    groups: Sequence[int] | None = None,
+    valid_hr: torch.Tensor | None = None,
+    valid_lr: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Unnormalised log-weights for the HR rows ``rows = (y0, y1)``.
+
+    Parameters
+    ----------
+    params : ``[B, 3 + G, h, w]``
+    guide_hr : ``[B, Cg, H, W]``
+    guide_lr : ``[B, Cg, h, w]``
+    rows : ``(y0, y1)`` HR row range (``R = y1 - y0``)
+    radius : window radius in LR cells
+    groups : channel counts of the G range groups (default: one group)
+    valid_hr : ``[B, G, H, W]`` bool or None
+    valid_lr : ``[B, G, h, w]`` bool or None
+
+    Returns
+    -------
+    logits : ``[B, K, R, W]`` (``-inf`` outside the LR grid)
+    flat : ``[K, R, W]`` int64 flat LR index of each neighbour (clamped inside the grid)
+    inside : ``[K, R, W]`` bool, neighbour inside the LR grid
+    """
+    B, P, h, w = params.shape
+    Cg, H, W = guide_hr.shape[1:]
+    groups = (Cg,) if groups is None else tuple(groups)
+    gidx = _group_index(groups, Cg)
+    if P != 3 + len(groups):
+        raise ValueError(f"params has {P} channels, expected 3 + {len(groups)} range groups")
+    dev = params.device
+    dtype = params.dtype
+    y0, y1 = rows
+    offs = window_offsets(radius, dev)
+    di, dj = offs[:, 0], offs[:, 1]
+    iy = nearest_anchor(H, h, dev)[y0:y1]
+    ix = nearest_anchor(W, w, dev)
+    ny = iy[None, :] + di[:, None]  # [K, R]
+    nx = ix[None, :] + dj[:, None]  # [K, W]
+    inside = ((ny >= 0) & (ny < h))[:, :, None] & ((nx >= 0) & (nx < w))[:, None, :]
+    nyc, nxc = ny.clamp(0, h - 1), nx.clamp(0, w - 1)
+    flat = nyc[:, :, None] * w + nxc[:, None, :]  # [K, R, W]
+
+    ys = torch.arange(y0, y1, device=dev, dtype=dtype)
+    xs = torch.arange(W, device=dev, dtype=dtype)
+    dy = (ys[None, :] - lr_centres(h, H, dev, dtype)[nyc])[:, :, None]  # [K, R, 1]
+    dx = (xs[None, :] - lr_centres(w, W, dev, dtype)[nxc])[:, None, :]  # [K, 1, W]
+
+    pf = params.flatten(2)[:, :, flat]  # [B, P, K, R, W]
+    lsx = pf[:, 0].clamp(LOG_SIGMA_MIN, LOG_SIGMA_MAX)
+    lsy = pf[:, 1].clamp(LOG_SIGMA_MIN, LOG_SIGMA_MAX)
+    th = theta_from_raw(pf[:, 2])
+    c, s = torch.cos(th), torch.sin(th)
+    a = c * dx + s * dy
+    b = c * dy - s * dx
+    logits = -0.5 * (a * a * torch.exp(-2 * lsx) + b * b * torch.exp(-2 * lsy))
+
+    glr = guide_lr.flatten(2)
+    for g, (c0, c1) in enumerate(gidx):
+        ghr = guide_hr[:, c0:c1, y0:y1][:, :, None]  # [B, cg, 1, R, W]
+        gq = glr[:, c0:c1][:, :, flat]  # [B, cg, K, R, W]
+        diff = ((ghr - gq) ** 2).sum(1)  # [B, K, R, W]
+        lsr = pf[:, 3 + g].clamp(LOG_SIGMA_MIN, LOG_SIGMA_MAX)
+        term = -0.5 * diff * torch.exp(-2 * lsr)
+        pair_ok = None
+        if valid_hr is not None:
+            pair_ok = valid_hr[:, g, y0:y1][:, None]  # [B, 1, R, W]
+        if valid_lr is not None:
+            vq = valid_lr[:, g].flatten(1)[:, flat]  # [B, K, R, W]
+            pair_ok = vq if pair_ok is None else (pair_ok & vq)
+        if pair_ok is not None:
+            term = torch.where(pair_ok, term, torch.zeros((), dtype=term.dtype, device=dev))
+        logits = logits + term
+    logits = logits.masked_fill(~inside, float("-inf"))
+    return logits, flat, inside
+
+
+# --------------------------------------------------------------------------- weights / render
+def kernel_weights_reference(
+    params: torch.Tensor,
+    guide_hr: torch.Tensor,
+    guide_lr: torch.Tensor,
+    radius: float,
+    groups: Sequence[int] | None = None,
+    valid_hr: torch.Tensor | None = None,
+    valid_lr: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Normalised weights for every HR pixel (small sizes only: memory ``B K H W``).
+
+    Returns ``weights [B, K, H, W]`` (zero outside the grid, sums to 1 over K),
+    ``flat [K, H, W]`` and ``inside [K, H, W]``.
+    """
+    H = guide_hr.shape[-2]
+    logits, flat, inside = pair_logits(params, guide_hr, guide_lr, (0, H), radius, groups, valid_hr, valid_lr)
+    return torch.softmax(logits, dim=1), flat, inside
+
+
+def _render_rows(logits, flat, signal, signal_mask):
+    """``out [B, C, R, W]`` and ``support [B, 1, R, W]`` from the logits of a row chunk."""
+    B, C = signal.shape[:2]
+    sf = signal.flatten(2)
+    if signal_mask is None:
+        wts = torch.softmax(logits, dim=1)  # [B, K, R, W]
+        out = torch.einsum("bkrw,bckrw->bcrw", wts, sf[:, :, flat])
+        support = torch.ones_like(out[:, :1], dtype=torch.bool)
+        return out, support
+    m = signal_mask.flatten(2)[:, 0][:, flat]  # [B, K, R, W]
+    masked = logits.masked_fill(~m, float("-inf"))
+    support = m.any(1, keepdim=True)  # [B, 1, R, W]
+    safe = torch.where(support, masked, torch.zeros_like(masked))
+    wts = torch.softmax(safe, dim=1) * support
+    vals = torch.where(m[:, None], sf[:, :, flat], torch.zeros((), dtype=signal.dtype, device=signal.device))
+    out = torch.einsum("bkrw,bckrw->bcrw", wts, vals)
+    out = torch.where(support, out, torch.full((), float("nan"), dtype=out.dtype, device=out.device))
+    return out, support
+
+
+def kernel_render_reference(
+    params: torch.Tensor,
+    guide_hr: torch.Tensor,
+    guide_lr: torch.Tensor,
+    signal: torch.Tensor,
+    radius: float,
+    groups: Sequence[int] | None = None,
+    valid_hr: torch.Tensor | None = None,
+    valid_lr: torch.Tensor | None = None,
+    signal_mask: torch.Tensor | None = None,
+    rows_per_chunk: int = 16,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Render an LR signal with the kernel: ``out(p) = sum_q w(p, q) f(q)``.
+
+    Parameters
+    ----------
+    signal : ``[B, C, h, w]``
+    signal_mask : ``[B, 1, h, w]`` bool or None. Where False the LR value is invalid
+        (e.g. a depth hole): it is excluded and the weights renormalised over the
+        valid neighbours. Pixels with no valid neighbour get NaN and ``support=False``.
+
+    Returns
+    -------
+    out : ``[B, C, H, W]`` in the signal's dtype
+    support : ``[B, 1, H, W]`` bool
+    """
+    H, W = guide_hr.shape[-2:]
+    B, C = signal.shape[:2]
+    out = signal.new_empty(B, C, H, W)
+    support = torch.empty(B, 1, H, W, dtype=torch.bool, device=signal.device)
+    for y0, y1 in row_chunks(H, rows_per_chunk):
+        logits, flat, _ = pair_logits(params, guide_hr, guide_lr, (y0, y1), radius, groups, valid_hr, valid_lr)
+        o, s = _render_rows(logits, flat, signal, signal_mask)
+        out[:, :, y0:y1] = o.to(signal.dtype)
+        support[:, :, y0:y1] = s
+    return out, support
+
+
+def kernel_fit_loss_grad_reference(
+    params: torch.Tensor,
+    guide_hr: torch.Tensor,
+    guide_lr: torch.Tensor,
+    radius: float,
+    groups: Sequence[int] | None = None,
+    valid_hr: torch.Tensor | None = None,
+    valid_lr: torch.Tensor | None = None,
+    channel_weights: torch.Tensor | None = None,
+    pixel_mask: torch.Tensor | None = None,
+    rows_per_chunk: int = 16,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """TTO objective and its gradient w.r.t. ``params`` (autograd, one row chunk at a time).
+
+    The loss is the weighted mean absolute reconstruction error
+
+    .. math:: L = \\sum_b \\frac{\\sum_{p,c} m_c(p)\\, \\lambda_c\\, |\\hat g_c(p) - g_c(p)|}{\\sum_{p,c} m_c(p)}
+
+    (a mean per sample, summed over the batch, so that batch samples are fitted independently)
+
+    where ``\\hat g = render(guide_lr)``, ``lambda = channel_weights [Cg]`` and
+    ``m_c(p)`` is ``valid_hr`` of the channel's group (and ``pixel_mask [B, 1, H, W]``,
+    e.g. a random subset of pixels). Memory is bounded by the row chunk: each chunk's
+    graph is freed after its backward.
+
+    Returns
+    -------
+    loss : scalar tensor (detached)
+    grad : ``[B, 3 + G, h, w]``
+    """
+    Cg, H, W = guide_hr.shape[1:]
+    groups_t = (Cg,) if groups is None else tuple(groups)
+    gidx = _group_index(groups_t, Cg)
+    lam = torch.ones(Cg, dtype=params.dtype, device=params.device) if channel_weights is None else channel_weights
+    mask = _loss_mask(guide_hr, gidx, valid_hr, pixel_mask)
+    # per-sample means, summed over the batch: samples are fitted independently
+    if mask is not None:
+        denom = mask.sum(dim=(1, 2, 3)).clamp_min(1.0)
+    else:
+        denom = torch.full((guide_hr.shape[0],), float(guide_hr[0].numel()), dtype=params.dtype,
+                           device=params.device)
+    p = params.detach().requires_grad_(True)
+    total = torch.zeros((), dtype=params.dtype, device=params.device)
+    for y0, y1 in row_chunks(H, rows_per_chunk):
+        logits, flat, _ = pair_logits(p, guide_hr, guide_lr, (y0, y1), radius, groups_t, valid_hr, valid_lr)
+        rec, _ = _render_rows(logits, flat, guide_lr, None)
+        err = (rec - guide_hr[:, :, y0:y1]).abs() * lam.view(1, -1, 1, 1)
+        if mask is not None:
+            err = err * mask[:, :, y0:y1]
+        loss = (err.sum(dim=(1, 2, 3)) / denom).sum()
+        loss.backward()
+        total = total + loss.detach()
+    return total, p.grad.detach()
+
+
+def _loss_mask(guide_hr, gidx, valid_hr, pixel_mask):
+    """Per-channel loss mask ``[B, Cg, H, W]`` float, or None when every pixel counts."""
+    if valid_hr is None and pixel_mask is None:
+        return None
+    B, Cg, H, W = guide_hr.shape
+    m = torch.ones(B, Cg, H, W, dtype=guide_hr.dtype, device=guide_hr.device)
+    if valid_hr is not None:
+        for g, (c0, c1) in enumerate(gidx):
+            m[:, c0:c1] *= valid_hr[:, g : g + 1].to(m.dtype)
+    if pixel_mask is not None:
+        m = m * pixel_mask.to(m.dtype)
+    return m

@@ -1,0 +1,157 @@
+"""Test-time optimisation (TTO) of the kernel parameters.
+
+Pure tensors in, tensors out: :func:`fit_params` takes the HR guide and its LR
+version and returns fitted parameters ``[B, 3 + G, h, w]``. The :class:`FitConfig`
+holds every setting; its defaults follow the authors' code where it is sound
+(sigma = scale in HR px, sigma_r = 0.12, theta = 0, Adam lr 0.1 with the authors'
+exponential decay ``(1e-8)^(1/5100)`` per step, L1 loss, 50 steps, nearest anchor,
+log-sum-exp normalisation, a disc window of radius 8 LR cells) and departs from it
+where it is not (per-axis float scales, cells outside the grid excluded rather
+than clamped, any device and dtype, memory bounded by row chunks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .kernel import init_params
+from .ops import BACKENDS, kernel_fit_loss_grad
+
+__all__ = ["FitConfig", "fit_params"]
+
+
+@dataclass
+class FitConfig:
+    """Every setting of the test-time optimisation.
+
+    Attributes
+    ----------
+    steps : Adam steps (50).
+    lr : Adam learning rate (0.1).
+    lr_decay : multiplicative learning-rate decay per step (the authors' ``(1e-8)^(1/5100)``).
+    radius : window radius in LR cells (8: a disc of 197 neighbours, the authors' window).
+    sigma_spatial : initial spatial sigma in HR pixels; None = per-axis scale ``(W/w, H/h)``.
+    sigma_range : initial range sigma per range group, in guide units (0.12 for RGB in [0, 1]).
+    theta : initial orientation (0).
+    guide_downsample : how the LR guide is made from the HR guide: ``"area"`` (antialiased
+        bilinear, default) or ``"bilinear"``.
+    pixel_fraction : fraction of HR pixels used per step (1.0 = all); a fresh seeded random
+        subset each step (a speed option; see ``scripts/bench_speed.py``).
+    seed : seed of every random choice (pixel subsets).
+    backend : ``"auto"``, ``"fast"`` or ``"reference"``.
+    channel_weights : optional loss weight per guide channel.
+    """
+
+    steps: int = 50
+    lr: float = 0.1
+    lr_decay: float = (1e-8) ** (1.0 / 5100)
+    radius: float = 8.0
+    sigma_spatial: float | tuple[float, float] | None = None
+    sigma_range: float | tuple[float, ...] = 0.12
+    theta: float = 0.0
+    guide_downsample: str = "area"
+    pixel_fraction: float = 1.0
+    seed: int = 0
+    backend: str = "auto"
+    channel_weights: tuple[float, ...] | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
+            raise ValueError(f"steps must be an integer >= 0, got {self.steps!r}")
+        if not (self.lr > 0) or not math.isfinite(self.lr):
+            raise ValueError(f"lr must be positive, got {self.lr!r}")
+        if not (0 < self.lr_decay <= 1):
+            raise ValueError(f"lr_decay must be in (0, 1], got {self.lr_decay!r}")
+        if not (self.radius >= 0) or not math.isfinite(self.radius):
+            raise ValueError(f"radius must be >= 0, got {self.radius!r}")
+        if not (0 < self.pixel_fraction <= 1):
+            raise ValueError(f"pixel_fraction must be in (0, 1], got {self.pixel_fraction!r}")
+        if self.guide_downsample not in ("area", "bilinear"):
+            raise ValueError(f"guide_downsample must be 'area' or 'bilinear', got {self.guide_downsample!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+
+    def replace(self, **changes) -> FitConfig:
+        """A copy with some fields changed (unknown names raise ``ValueError``)."""
+        names = {f.name for f in dataclasses.fields(self)}
+        bad = sorted(set(changes) - names)
+        if bad:
+            raise ValueError(f"unknown FitConfig field(s) {bad}; known: {sorted(names)}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def fit_params(
+    guide_hr: torch.Tensor,
+    guide_lr: torch.Tensor,
+    config: FitConfig,
+    *,
+    groups: Sequence[int] | None = None,
+    valid_hr: torch.Tensor | None = None,
+    valid_lr: torch.Tensor | None = None,
+    init: torch.Tensor | None = None,
+    callback: Callable[[int, float], None] | None = None,
+) -> tuple[torch.Tensor, list[float]]:
+    """Fit the kernel so that rendering ``guide_lr`` reconstructs ``guide_hr`` (L1).
+
+    Parameters
+    ----------
+    guide_hr : ``[B, Cg, H, W]``
+    guide_lr : ``[B, Cg, h, w]``
+    config : :class:`FitConfig`
+    groups, valid_hr, valid_lr : range groups and their validity (see :mod:`ua3d.core.kernel`).
+    init : optional initial parameters ``[B, 3 + G, h, w]``.
+    callback : called as ``callback(step, loss)`` after every step.
+
+    Returns
+    -------
+    params : ``[B, 3 + G, h, w]`` (detached, guide dtype and device)
+    losses : the loss before each step
+    """
+    B, Cg, H, W = guide_hr.shape
+    h, w = guide_lr.shape[-2:]
+    n_groups = 1 if groups is None else len(groups)
+    if init is None:
+        sr = config.sigma_range
+        if isinstance(sr, (int, float)):
+            sr = (float(sr),) * n_groups
+        if len(sr) != n_groups:
+            raise ValueError(f"sigma_range has {len(sr)} values for {n_groups} range groups")
+        params = init_params(
+            B, (h, w), (H, W), sigma_spatial=config.sigma_spatial, sigma_range=sr, theta=config.theta,
+            device=guide_hr.device, dtype=guide_hr.dtype,
+        )
+    else:
+        params = init.detach().clone()
+    lam = None
+    if config.channel_weights is not None:
+        if len(config.channel_weights) != Cg:
+            raise ValueError(f"channel_weights has {len(config.channel_weights)} values for {Cg} guide channels")
+        lam = torch.tensor(config.channel_weights, dtype=guide_hr.dtype, device=guide_hr.device)
+    params = params.requires_grad_(True)
+    opt = torch.optim.Adam([params], lr=config.lr)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=config.lr_decay)
+    gen = torch.Generator(device="cpu").manual_seed(int(config.seed))
+    losses: list[float] = []
+    for step in range(config.steps):
+        pmask = None
+        if config.pixel_fraction < 1.0:
+            pmask = (torch.rand(B, 1, H, W, generator=gen) < config.pixel_fraction).to(guide_hr.device)
+        loss, grad = kernel_fit_loss_grad(
+            params.detach(), guide_hr, guide_lr, config.radius, groups, valid_hr, valid_lr, lam, pmask,
+            backend=config.backend,
+        )
+        params.grad = grad.to(params.dtype)
+        opt.step()
+        sched.step()
+        losses.append(float(loss))
+        if callback is not None:
+            callback(step, float(loss))
+    return params.detach(), losses
