@@ -1,0 +1,409 @@
+"""Reading and writing RGB-D frames, intrinsics, trajectories, feature volumes and feature point clouds.
+
+Formats
+-------
+* colour: any 8-bit image OpenCV reads, returned as uint8 RGB ``[H, W, 3]``.
+* depth: single-channel 16-bit PNG of raw units (default millimetres, ``depth_scale = 1000``;
+  TUM uses 5000); 0 is a hole.
+* intrinsics: Open3D JSON ``{"width", "height", "intrinsic_matrix": 9 numbers, column-major}``.
+* trajectory: Redwood ``.log``: per frame one line ``i j n`` and four lines of the 4x4
+  camera-to-world pose.
+* feature volume (``.npz``, :func:`save_volume`): ``volume [C, D, H, W]`` float32,
+  ``mass [D, H, W]`` float32 (weight mass per voxel), ``bin_depths [D]`` metres (strictly
+  increasing), ``K [3, 3]`` and ``image_size [2] = (H, W)`` of the volume grid, optional ``pose
+  [4, 4]`` (camera-to-world), ``normalized`` (1 if ``volume`` already holds mass-normalised
+  features, 0 if it holds weighted sums), optional ``rgb [Hr, Wr, 3]`` uint8 and ``depth [Hr, Wr]``
+  metres of the guiding RGB-D frame (its camera is the volume camera resized to ``Wr x Hr``).
+* feature point cloud (``.npz``, :func:`save_feature_points`): ``positions [N, 3]`` float32,
+  ``colors [N, 3]`` float32 in [0, 1], ``features [N, C]`` float32.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from ua3d.rgbd.camera import PinholeCamera
+
+PathLike = str | os.PathLike
+
+__all__ = [
+    "check_volume",
+    "load_feature_points",
+    "load_volume",
+    "read_color",
+    "read_depth",
+    "read_depth_raw",
+    "read_ids",
+    "read_intrinsics",
+    "read_trajectory_log",
+    "save_feature_points",
+    "save_volume",
+    "write_color",
+    "write_depth",
+    "write_ids",
+    "write_intrinsics",
+    "write_trajectory_log",
+]
+
+
+def _existing(path: PathLike, what: str) -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} file not found: {p}")
+    return p
+
+
+def _imread(path: PathLike, what: str) -> np.ndarray:
+    p = _existing(path, what)
+    img = cv2.imread(str(p), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise ValueError(f"could not read {what} image {p} (not an image or unsupported format)")
+    return img
+
+
+def _imwrite(path: PathLike, img: np.ndarray) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(p), img):
+        raise ValueError(f"could not write image {p} (unsupported extension or unwritable location)")
+    return p
+
+
+# ---------------------------------------------------------------------- colour
+def read_color(path: PathLike) -> np.ndarray:
+    """Read an 8-bit colour image as uint8 RGB ``[H, W, 3]`` (grey is replicated, alpha dropped)."""
+    img = _imread(path, "colour")
+    if img.dtype != np.uint8:
+        raise ValueError(f"colour image {path} must be 8-bit, got dtype {img.dtype}")
+    if img.ndim == 2:
+        return np.repeat(img[:, :, None], 3, axis=2)
+    if img.shape[2] == 4:
+        return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def write_color(path: PathLike, rgb: np.ndarray) -> Path:
+    """Write RGB ``[H, W, 3]`` (uint8, or float in [0, 1] which is rounded to uint8)."""
+    a = np.asarray(rgb)
+    if a.ndim != 3 or a.shape[2] != 3 or a.size == 0:
+        raise ValueError(f"rgb must have shape [H, W, 3], got {a.shape}")
+    if a.dtype.kind == "f":
+        if not np.all(np.isfinite(a)):
+            raise ValueError("rgb has NaN/Inf values")
+        a = np.round(np.clip(a, 0.0, 1.0) * 255.0).astype(np.uint8)
+    elif a.dtype != np.uint8:
+        raise ValueError(f"rgb must be uint8 or float in [0, 1], got dtype {a.dtype}")
+    return _imwrite(path, cv2.cvtColor(a, cv2.COLOR_RGB2BGR))
+
+
+# ---------------------------------------------------------------------- depth
+def read_depth_raw(path: PathLike) -> np.ndarray:
+    """Read a single-channel 16-bit depth PNG unchanged: uint16 ``[H, W]``."""
+    img = _imread(path, "depth")
+    if img.ndim != 2 or img.dtype != np.uint16:
+        raise ValueError(
+            f"depth image {path} must be single-channel 16-bit, got dtype {img.dtype} and shape {img.shape}"
+        )
+    return img
+
+
+def read_depth(path: PathLike, depth_scale: float = 1000.0) -> np.ndarray:
+    """Read a 16-bit depth PNG as float32 metres ``[H, W]`` (raw / ``depth_scale``; holes stay 0)."""
+    if not depth_scale > 0:
+        raise ValueError(f"depth_scale must be positive, got {depth_scale}")
+    return read_depth_raw(path).astype(np.float32) / np.float32(depth_scale)
+
+
+def write_depth(path: PathLike, depth: np.ndarray, depth_scale: float = 1000.0) -> Path:
+    """Write metric depth ``[H, W]`` as a 16-bit PNG of ``round(depth * depth_scale)``.
+
+    0, NaN and Inf are written as 0 (hole). Negative depth, or depth that does not fit in
+    16 bits, raises ``ValueError``.
+    """
+    d = np.asarray(depth, dtype=np.float64)
+    if d.ndim != 2 or d.size == 0:
+        raise ValueError(f"depth must have shape [H, W], got {d.shape}")
+    if not depth_scale > 0:
+        raise ValueError(f"depth_scale must be positive, got {depth_scale}")
+    finite = np.isfinite(d)
+    if np.any(d[finite] < 0):
+        raise ValueError(f"depth has negative values (min {d[finite].min():g})")
+    raw = np.where(finite, np.round(d * depth_scale), 0.0)
+    if raw.max() > 65535:
+        raise ValueError(
+            f"depth up to {d[finite].max():g} does not fit in 16 bits with depth_scale={depth_scale} "
+            f"(max {65535 / depth_scale:g})"
+        )
+    if Path(path).suffix.lower() != ".png":
+        raise ValueError(f"depth must be written as .png to keep 16 bits, got {path}")
+    return _imwrite(path, raw.astype(np.uint16))
+
+
+def read_ids(path: PathLike) -> np.ndarray:
+    """Read an object-id PNG (8- or 16-bit, single channel) as int32 ``[H, W]``."""
+    img = _imread(path, "id")
+    if img.ndim != 2:
+        raise ValueError(f"id image {path} must be single-channel, got shape {img.shape}")
+    return img.astype(np.int32)
+
+
+def write_ids(path: PathLike, ids: np.ndarray) -> Path:
+    """Write integer ids ``[H, W]`` in [0, 65535] as an 8-bit (if max < 256) or 16-bit PNG."""
+    a = np.asarray(ids)
+    if a.ndim != 2 or a.size == 0 or a.dtype.kind not in "iu":
+        raise ValueError(f"ids must be an integer array [H, W], got dtype {a.dtype} and shape {a.shape}")
+    if a.min() < 0 or a.max() > 65535:
+        raise ValueError(f"ids must lie in [0, 65535], got range [{a.min()}, {a.max()}]")
+    return _imwrite(path, a.astype(np.uint8 if a.max() < 256 else np.uint16))
+
+
+# ---------------------------------------------------------------------- intrinsics / poses
+def read_intrinsics(path: PathLike) -> PinholeCamera:
+    """Read Open3D intrinsics JSON (``intrinsic_matrix`` column-major) into a :class:`PinholeCamera`."""
+    p = _existing(path, "intrinsics")
+    try:
+        d = json.loads(p.read_text())
+        m = np.asarray(d["intrinsic_matrix"], dtype=np.float64)
+        width, height = int(d["width"]), int(d["height"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"could not parse Open3D intrinsics JSON {p}: {e!r}") from None
+    if m.size != 9:
+        raise ValueError(f"intrinsic_matrix in {p} must have 9 entries, got {m.size}")
+    return PinholeCamera.from_K(m.reshape(3, 3).T, width, height)
+
+
+def write_intrinsics(path: PathLike, camera: PinholeCamera) -> Path:
+    """Write Open3D intrinsics JSON (column-major ``intrinsic_matrix``); the pose is not stored."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    d = {"width": camera.width, "height": camera.height, "intrinsic_matrix": camera.K.T.reshape(-1).tolist()}
+    p.write_text(json.dumps(d, indent=4) + "\n")
+    return p
+
+
+def read_trajectory_log(path: PathLike, return_metadata: bool = False) -> Any:
+    """Read a Redwood ``.log`` trajectory.
+
+    Returns
+    -------
+    poses : float64 ``[N, 4, 4]`` camera-to-world; with ``return_metadata`` also int64 ``[N, 3]``
+        (the ``i j n`` line of each entry).
+    """
+    p = _existing(path, "trajectory")
+    rows = [line.split() for line in p.read_text().splitlines() if line.strip()]
+    if len(rows) % 5 != 0:
+        raise ValueError(f"trajectory {p} must have 5 non-empty lines per entry, got {len(rows)} lines")
+    try:
+        meta = np.array([[int(x) for x in rows[i]] for i in range(0, len(rows), 5)], dtype=np.int64)
+        poses = np.array(
+            [[[float(x) for x in rows[i + r]] for r in range(1, 5)] for i in range(0, len(rows), 5)],
+            dtype=np.float64,
+        )
+    except ValueError as e:
+        raise ValueError(f"could not parse trajectory {p}: {e}") from None
+    if meta.ndim != 2 or meta.shape[1] != 3 or poses.shape[1:] != (4, 4):
+        raise ValueError(f"trajectory {p} entries must be a line 'i j n' then a 4x4 matrix")
+    return (poses, meta) if return_metadata else poses
+
+
+def write_trajectory_log(path: PathLike, poses: np.ndarray, metadata: np.ndarray | None = None) -> Path:
+    """Write camera-to-world poses ``[N, 4, 4]`` as a Redwood ``.log`` (default metadata ``i i i+1``)."""
+    P = np.asarray(poses, dtype=np.float64)
+    if P.ndim != 3 or P.shape[1:] != (4, 4) or P.shape[0] == 0:
+        raise ValueError(f"poses must have shape [N, 4, 4] with N > 0, got {P.shape}")
+    meta = (
+        np.asarray(metadata)
+        if metadata is not None
+        else np.stack([np.arange(len(P)), np.arange(len(P)), np.arange(len(P)) + 1], axis=1)
+    )
+    if meta.shape != (len(P), 3):
+        raise ValueError(f"metadata must have shape [{len(P)}, 3], got {meta.shape}")
+    lines = []
+    for m, T in zip(meta, P):
+        lines.append(" ".join(str(int(x)) for x in m))
+        lines.extend(" ".join(repr(float(x)) for x in row) for row in T)
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text("\n".join(lines) + "\n")
+    return p
+
+
+# ---------------------------------------------------------------------- feature volumes
+def _np(x: Any) -> np.ndarray:
+    return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+
+
+def check_volume(volume: np.ndarray, mass: np.ndarray, bin_depths: np.ndarray, camera: PinholeCamera) -> None:
+    """Raise ``ValueError`` unless volume ``[C, D, H, W]``, mass ``[D, H, W]``, bin_depths ``[D]``
+    (positive, strictly increasing) and the camera (``W x H``) are consistent and finite."""
+    if mass is None:
+        raise ValueError("mass is required: a feature volume needs its weight mass [D, H, W]")
+    if volume.ndim != 4:
+        raise ValueError(f"volume must have shape [C, D, H, W], got {volume.shape}")
+    if volume.shape[0] == 0 or 0 in volume.shape:
+        raise ValueError(f"volume must have at least one channel and non-empty D, H, W, got {volume.shape}")
+    if mass.shape != volume.shape[1:]:
+        raise ValueError(f"mass must have shape [D, H, W] = {volume.shape[1:]}, got {mass.shape}")
+    if bin_depths.shape != (volume.shape[1],):
+        raise ValueError(f"bin_depths must have shape [D] = ({volume.shape[1]},), got {bin_depths.shape}")
+    if not (np.all(np.isfinite(bin_depths)) and np.all(bin_depths > 0) and np.all(np.diff(bin_depths) > 0)):
+        raise ValueError(f"bin_depths must be positive, finite and strictly increasing, got {bin_depths}")
+    if not np.all(np.isfinite(volume)) or not np.all(np.isfinite(mass)):
+        raise ValueError("volume and mass must be finite (no NaN/Inf)")
+    if np.any(mass < 0):
+        raise ValueError(f"mass must be non-negative, got min {mass.min():g}")
+    camera.check_image(volume.shape[2], volume.shape[3], "volume")
+
+
+def save_volume(
+    path: PathLike,
+    volume: Any,
+    mass: Any,
+    bin_depths: Any,
+    camera: PinholeCamera,
+    rgb: Any | None = None,
+    depth: Any | None = None,
+    normalized: bool = True,
+    compressed: bool = False,
+) -> Path:
+    """Save a feature volume ``[C, D, H, W]`` with mass ``[D, H, W]`` to ``.npz`` (format: module doc).
+
+    ``camera`` holds the intrinsics of the ``W x H`` volume grid (and optionally its pose);
+    ``rgb`` uint8 ``[Hr, Wr, 3]`` and ``depth`` ``[Hr, Wr]`` metres are the optional guide frame.
+    """
+    vol = _np(volume).astype(np.float32)
+    m = _np(mass).astype(np.float32)
+    bins = _np(bin_depths).astype(np.float64)
+    check_volume(vol, m, bins, camera)
+    arrays: dict[str, np.ndarray] = {
+        "volume": vol,
+        "mass": m,
+        "bin_depths": bins,
+        "K": camera.K,
+        "image_size": np.array([camera.height, camera.width], dtype=np.int64),
+        "normalized": np.array(int(bool(normalized))),
+    }
+    if camera.pose is not None:
+        arrays["pose"] = camera.pose
+    if rgb is not None:
+        arrays["rgb"] = _check_rgb(_np(rgb), "rgb")
+    if depth is not None:
+        arrays["depth"] = _check_guide_depth(_np(depth), arrays.get("rgb"))
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    (np.savez_compressed if compressed else np.savez)(p, **arrays)
+    return p
+
+
+def _check_rgb(rgb: np.ndarray, name: str) -> np.ndarray:
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.size == 0:
+        raise ValueError(f"{name} must have shape [H, W, 3], got {rgb.shape}")
+    if rgb.dtype.kind == "f":
+        rgb = np.round(np.clip(rgb, 0, 1) * 255)
+    return rgb.astype(np.uint8)
+
+
+def _check_guide_depth(depth: np.ndarray, rgb: np.ndarray | None) -> np.ndarray:
+    if depth.ndim != 2 or depth.size == 0:
+        raise ValueError(f"depth must have shape [H, W], got {depth.shape}")
+    if rgb is not None and depth.shape != rgb.shape[:2]:
+        raise ValueError(f"depth shape {depth.shape} must match rgb shape {rgb.shape[:2]}")
+    return depth.astype(np.float32)
+
+
+def load_volume(path: PathLike) -> dict[str, Any]:
+    """Load a feature-volume ``.npz`` written by :func:`save_volume`.
+
+    Returns
+    -------
+    dict with ``volume [C, D, H, W]`` float32, ``mass [D, H, W]`` float32, ``bin_depths [D]``
+    float64, ``camera`` (:class:`PinholeCamera` of the volume grid), ``normalized`` (bool), and
+    ``rgb`` / ``depth`` (arrays or None).
+    """
+    p = _existing(path, "volume")
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            data = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:
+        raise ValueError(f"could not read volume file {p}: {e}") from None
+    for key in ("volume", "mass", "bin_depths", "K", "image_size"):
+        if key not in data:
+            raise ValueError(f"volume file {p} has no '{key}' array (keys: {sorted(data)})")
+    h, w = (int(x) for x in data["image_size"])
+    camera = PinholeCamera.from_K(data["K"], w, h, data.get("pose"))
+    vol, mass = data["volume"].astype(np.float32), data["mass"].astype(np.float32)
+    bins = data["bin_depths"].astype(np.float64)
+    check_volume(vol, mass, bins, camera)
+    return {
+        "volume": vol,
+        "mass": mass,
+        "bin_depths": bins,
+        "camera": camera,
+        "normalized": bool(data.get("normalized", np.array(1))),
+        "rgb": data.get("rgb"),
+        "depth": data.get("depth"),
+    }
+
+
+# ---------------------------------------------------------------------- feature point clouds
+def _check_points(positions: np.ndarray, colors: np.ndarray | None, features: np.ndarray) -> None:
+    if positions.ndim != 2 or positions.shape[1] != 3 or positions.shape[0] == 0:
+        raise ValueError(f"positions must have shape [N, 3] with N > 0, got {positions.shape}")
+    n = positions.shape[0]
+    if features.ndim != 2 or features.shape[0] != n:
+        raise ValueError(f"features must have shape [N, C] with N = {n}, got {features.shape}")
+    if features.shape[1] == 0:
+        raise ValueError(f"features must have at least one channel, got shape {features.shape}")
+    if colors is not None and colors.shape != (n, 3):
+        raise ValueError(f"colors must have shape [N, 3] = ({n}, 3), got {colors.shape}")
+    if not (np.all(np.isfinite(positions)) and np.all(np.isfinite(features))):
+        raise ValueError("positions and features must be finite (no NaN/Inf)")
+
+
+def _colors01(colors: np.ndarray) -> np.ndarray:
+    c = np.asarray(colors)
+    if c.dtype == np.uint8:
+        return c.astype(np.float32) / 255.0
+    return np.clip(c.astype(np.float32), 0.0, 1.0)
+
+
+def save_feature_points(
+    path: PathLike, positions: Any, features: Any, colors: Any | None = None, compressed: bool = False
+) -> Path:
+    """Save a feature point cloud: ``positions [N, 3]``, ``features [N, C]``, ``colors [N, 3]``.
+
+    ``colors`` may be uint8 or float in [0, 1]; it defaults to mid grey.
+    """
+    pos = _np(positions).astype(np.float32)
+    feats = _np(features).astype(np.float32)
+    cols = None if colors is None else _np(colors)
+    _check_points(pos, cols, feats)
+    cols = np.full((len(pos), 3), 0.5, np.float32) if cols is None else _colors01(cols)
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    (np.savez_compressed if compressed else np.savez)(p, positions=pos, colors=cols, features=feats)
+    return p
+
+
+def load_feature_points(path: PathLike) -> dict[str, np.ndarray]:
+    """Load a feature point cloud ``.npz``: dict with ``positions``, ``colors`` (float [0, 1]), ``features``."""
+    p = _existing(path, "feature point cloud")
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            data = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:
+        raise ValueError(f"could not read feature point cloud {p}: {e}") from None
+    for key in ("positions", "features"):
+        if key not in data:
+            raise ValueError(f"feature point cloud {p} has no '{key}' array (keys: {sorted(data)})")
+    pos, feats = data["positions"].astype(np.float32), data["features"].astype(np.float32)
+    cols = data.get("colors")
+    _check_points(pos, cols, feats)
+    cols = np.full((len(pos), 3), 0.5, np.float32) if cols is None else _colors01(cols)
+    return {"positions": pos, "colors": cols, "features": feats}
