@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .kernel import init_params
+from .kernel import init_params, resample_guide
 from .ops import BACKENDS, kernel_fit_loss_grad
 
 __all__ = ["FitConfig", "fit_params"]
@@ -45,6 +45,14 @@ class FitConfig:
     seed : seed of every random choice (pixel subsets).
     backend : ``"auto"``, ``"fast"`` or ``"reference"``.
     channel_weights : optional loss weight per guide channel.
+    adaptive_support : None (default: the full window), or a per-pixel support cut in sigmas
+        (e.g. 3.0): neighbours whose spatial Mahalanobis distance exceeds it are dropped from
+        the fit (the anchor always stays). A speed option; the render is unaffected unless it
+        is given the same cut.
+    coarse_to_fine : 1.0 (default: off), or a scale in (0, 1): the first ``steps - fine_steps``
+        steps fit on the guide resampled to that fraction of its size (the LR grid is the
+        same; spatial sigmas are rescaled in and out), the last ``fine_steps`` at full size.
+    fine_steps : steps at full resolution when ``coarse_to_fine < 1`` (10).
     """
 
     steps: int = 50
@@ -59,6 +67,9 @@ class FitConfig:
     seed: int = 0
     backend: str = "auto"
     channel_weights: tuple[float, ...] | None = field(default=None)
+    adaptive_support: float | None = None
+    coarse_to_fine: float = 1.0
+    fine_steps: int = 10
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
@@ -75,6 +86,14 @@ class FitConfig:
             raise ValueError(f"guide_downsample must be 'area' or 'bilinear', got {self.guide_downsample!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.adaptive_support is not None and (
+            not (self.adaptive_support > 0) or not math.isfinite(self.adaptive_support)
+        ):
+            raise ValueError(f"adaptive_support must be None or a positive number of sigmas, got {self.adaptive_support!r}")
+        if not (0 < self.coarse_to_fine <= 1):
+            raise ValueError(f"coarse_to_fine must be in (0, 1] (1 = off), got {self.coarse_to_fine!r}")
+        if isinstance(self.fine_steps, bool) or not isinstance(self.fine_steps, int) or self.fine_steps < 0:
+            raise ValueError(f"fine_steps must be an integer >= 0, got {self.fine_steps!r}")
 
     def replace(self, **changes) -> FitConfig:
         """A copy with some fields changed (unknown names raise ``ValueError``)."""
@@ -140,18 +159,56 @@ def fit_params(
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=config.lr_decay)
     gen = torch.Generator(device="cpu").manual_seed(int(config.seed))
     losses: list[float] = []
-    for step in range(config.steps):
-        pmask = None
-        if config.pixel_fraction < 1.0:
-            pmask = (torch.rand(B, 1, H, W, generator=gen) < config.pixel_fraction).to(guide_hr.device)
-        loss, grad = kernel_fit_loss_grad(
-            params.detach(), guide_hr, guide_lr, config.radius, groups, valid_hr, valid_lr, lam, pmask,
-            backend=config.backend,
-        )
-        params.grad = grad.to(params.dtype)
-        opt.step()
-        sched.step()
-        losses.append(float(loss))
-        if callback is not None:
-            callback(step, float(loss))
+    stages = _stages(config, (H, W), (h, w))
+    for size, n_steps in stages:
+        g_hr, v_hr = _stage_guide(guide_hr, valid_hr, size)
+        shift = _sigma_shift(params, size, (H, W))
+        with torch.no_grad():
+            params[:, 0] += shift[0]
+            params[:, 1] += shift[1]
+        for _ in range(n_steps):
+            pmask = None
+            if config.pixel_fraction < 1.0:
+                pmask = (torch.rand(B, 1, *size, generator=gen) < config.pixel_fraction).to(guide_hr.device)
+            loss, grad = kernel_fit_loss_grad(
+                params.detach(), g_hr, guide_lr, config.radius, groups, v_hr, valid_lr, lam, pmask,
+                backend=config.backend, support_sigmas=config.adaptive_support,
+            )
+            params.grad = grad.to(params.dtype)
+            opt.step()
+            sched.step()
+            losses.append(float(loss))
+            if callback is not None:
+                callback(len(losses) - 1, float(loss))
+        with torch.no_grad():
+            params[:, 0] -= shift[0]
+            params[:, 1] -= shift[1]
     return params.detach(), losses
+
+
+def _stages(config: FitConfig, out_size: tuple[int, int], lr_size: tuple[int, int]) -> list[tuple[tuple[int, int], int]]:
+    """``[(HR size, steps), ...]``: one stage, or a coarse stage then ``fine_steps`` at full size."""
+    H, W = out_size
+    if config.coarse_to_fine >= 1.0 or config.steps <= config.fine_steps:
+        return [((H, W), config.steps)]
+    h, w = lr_size
+    size = (max(h, round(H * config.coarse_to_fine)), max(w, round(W * config.coarse_to_fine)))
+    if size == (H, W):
+        return [((H, W), config.steps)]
+    return [(size, config.steps - config.fine_steps), ((H, W), config.fine_steps)]
+
+
+def _stage_guide(guide_hr: torch.Tensor, valid_hr: torch.Tensor | None, size: tuple[int, int]):
+    """The HR guide (and its validity) at a stage's size (area resampling; nearest for masks)."""
+    if tuple(guide_hr.shape[-2:]) == tuple(size):
+        return guide_hr, valid_hr
+    g = resample_guide(guide_hr, size, "area")
+    v = None
+    if valid_hr is not None:
+        v = torch.nn.functional.interpolate(valid_hr.to(guide_hr.dtype), size=size, mode="nearest") > 0.5
+    return g, v
+
+
+def _sigma_shift(params: torch.Tensor, size: tuple[int, int], out_size: tuple[int, int]) -> tuple[float, float]:
+    """Change of ``(log sigma_x, log sigma_y)`` when HR pixels are rescaled from ``out_size`` to ``size``."""
+    return math.log(size[1] / out_size[1]), math.log(size[0] / out_size[0])

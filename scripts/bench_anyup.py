@@ -1,0 +1,148 @@
+"""Benchmark ua3d's AnyUp (tiled window attention): time and peak memory per case.
+
+Each case runs in a fresh subprocess so that its peak resident set size (``ru_maxrss``) is its
+own.  Weights are **random** (``torch.manual_seed(0)``; AnyUp's cost does not depend on the weight
+values), features are random ``[1, C, h, w]``, the guide is scikit-image's astronaut photo resized
+to the output size (or random noise with ``--guide random``).  float32 on the CPU.
+
+    python scripts/bench_anyup.py --json bench_results/anyup.json
+    python scripts/bench_anyup.py --cases 64:1024 --repeats 3
+
+Prints a Markdown table and writes JSON with the machine, thread count and versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def _make_guide(size: int, kind: str):
+    import torch
+    import torch.nn.functional as F
+
+    if kind == "skimage":
+        try:
+            from skimage import data
+
+            img = torch.from_numpy(data.astronaut()).permute(2, 0, 1)[None].float() / 255.0
+            return F.interpolate(img, size=(size, size), mode="bilinear", antialias=True).clamp(0, 1)
+        except ImportError:
+            pass
+    return torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+def worker(args: argparse.Namespace) -> None:
+    """Run one case in this process and print one JSON line."""
+    import torch
+
+    from ua3d.baselines.anyup import AnyUp, anyup
+
+    torch.set_num_threads(args.threads)
+    lr, out = args.worker
+    torch.manual_seed(0)
+    kwargs = {} if args.budget_mib is None else {"tile_budget_bytes": int(args.budget_mib * 2**20)}
+    model = AnyUp(**kwargs).eval()
+    guide = _make_guide(out, args.guide)
+    feats = torch.randn(1, args.channels, lr, lr, generator=torch.Generator().manual_seed(2))
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    times = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        y = anyup(guide, feats, model=model)
+        times.append(time.perf_counter() - t0)
+        assert y.shape == (1, args.channels, out, out)
+        del y
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"times_s": times, "peak_rss_bytes": peak, "rss_before_forward_bytes": rss_before}))
+
+
+def run_case(lr: int, out: int, repeats: int, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, __file__, "--worker", str(lr), str(out), "--repeats", str(repeats),
+           "--channels", str(args.channels), "--threads", str(args.threads), "--guide", args.guide]
+    if args.budget_mib is not None:
+        cmd += ["--budget-mib", str(args.budget_mib)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"case {lr}->{out} failed:\n{proc.stderr[-3000:]}")
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    out_bytes = 4 * args.channels * out * out
+    return {
+        "lr": lr, "out": out, "channels": args.channels, "repeats": repeats,
+        "median_s": statistics.median(res["times_s"]), "times_s": res["times_s"],
+        "peak_rss_gib": res["peak_rss_bytes"] / 2**30,
+        "rss_before_forward_gib": res["rss_before_forward_bytes"] / 2**30,
+        "output_tensor_gib": out_bytes / 2**30,
+        "subprocess_wall_s": wall,
+    }
+
+
+def machine_info(threads: int) -> dict:
+    import torch
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "machine": platform.machine(), "cpu": cpu, "logical_cpus": os.cpu_count(),
+        "load_average": os.getloadavg(), "threads": threads, "python": platform.python_version(),
+        "torch": torch.__version__, "platform": platform.platform(), "dtype": "float32",
+        "weights": "random (torch.manual_seed(0))",
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", default="64:1024,128:2048", help="comma list of LR:OUT square sizes")
+    ap.add_argument("--channels", type=int, default=384)
+    ap.add_argument("--repeats", type=int, default=3, help="timed repeats per case (median reported)")
+    ap.add_argument("--large-repeats", type=int, default=1, help="repeats for cases with OUT >= 2048")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--guide", choices=["skimage", "random"], default="skimage")
+    ap.add_argument("--budget-mib", type=float, default=None, help="attention tile budget (MiB)")
+    ap.add_argument("--json", type=Path, default=None, help="write results here")
+    ap.add_argument("--worker", type=int, nargs=2, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker is not None:
+        worker(args)
+        return
+
+    rows = []
+    for spec in args.cases.split(","):
+        lr, out = (int(v) for v in spec.split(":"))
+        reps = args.large_repeats if out >= 2048 else args.repeats
+        print(f"running {lr}x{lr} -> {out}x{out}, C={args.channels}, {reps} repeat(s) ...", file=sys.stderr)
+        rows.append(run_case(lr, out, reps, args))
+
+    info = machine_info(args.threads)
+    print(f"\nAnyUp (ua3d, tiled window attention), {info['cpu']}, {args.threads} threads, torch {info['torch']}, "
+          f"float32, random weights, guide={args.guide}\n")
+    print("| LR -> output | C | repeats | median time (s) | peak RSS (GiB) | RSS before forward (GiB) "
+          "| output tensor (GiB) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['lr']}² -> {r['out']}² | {r['channels']} | {r['repeats']} | {r['median_s']:.1f} "
+              f"| {r['peak_rss_gib']:.2f} | {r['rss_before_forward_gib']:.2f} | {r['output_tensor_gib']:.2f} |")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"info": info, "results": rows}, indent=2))
+        print(f"\nwrote {args.json}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,310 @@
+"""AnyUp baseline: parity with the official model, tiling invariance, loading and input errors."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ua3d.baselines.anyup import IMAGENET_MEAN, IMAGENET_STD, AnyUp, anyup, load_anyup, window_bounds
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+FIXTURE = SHARED / "fixtures" / "anyup_parity_v1.pt"
+N_PARAMS = 878_080
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Many tiny tiles: on 2 shared, busy cores two OpenMP threads mostly wait for each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def fixture() -> dict:
+    if not FIXTURE.is_file():
+        pytest.skip(f"AnyUp parity fixture not found at {FIXTURE} (needs ../shared beside the checkout)")
+    return torch.load(FIXTURE, weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def fixture_model(fixture) -> AnyUp:
+    model = AnyUp(window_ratio=fixture["model_config"]["window_ratio"])
+    model.load_state_dict(fixture["state_dict"], strict=True)
+    return model.eval()
+
+
+def _perturbed_model(seed: int = 0, **kwargs) -> AnyUp:
+    """Random AnyUp whose parameters are all perturbed (non-trivial norms, biases and RoPE)."""
+    torch.manual_seed(seed)
+    model = AnyUp(**kwargs).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            sigma = 0.25 if p.ndim == 1 else 0.5 * max(float(p.std()), 0.02)
+            p.add_(sigma * torch.randn(p.shape, generator=g))
+    return model
+
+
+def _inputs(b=2, c=6, h=7, w=9, H=40, W=56, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    guide = torch.randn(b, 3, H, W, generator=g)
+    feats = torch.randn(b, c, h, w, generator=g)
+    return guide, feats
+
+
+# ------------------------------------------------------------------------------------------------
+# parity with the official implementation (fixture)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("index", [0, 1, 2, 3], ids=["a", "b", "c", "d"])
+def test_parity_with_official(fixture, fixture_model, index):
+    case = fixture["cases"][index]
+    with torch.no_grad():
+        out = fixture_model(
+            case["guide"], case["features"], output_size=case["output_size"], q_chunk_size=case["q_chunk_size"]
+        )
+    torch.testing.assert_close(out, case["expected"], rtol=1e-5, atol=1e-5)
+    # every output is a convex combination of the same channel's LR values
+    lo = case["features"].amin(dim=(2, 3))[..., None, None]
+    hi = case["features"].amax(dim=(2, 3))[..., None, None]
+    assert bool((out >= lo - 1e-5).all()) and bool((out <= hi + 1e-5).all())
+
+
+def test_state_dict_matches_official_layout(fixture):
+    model = AnyUp()
+    assert sum(p.numel() for p in model.parameters()) == N_PARAMS
+    ours = model.state_dict()
+    theirs = fixture["state_dict"]
+    assert list(ours) == list(theirs)  # same keys in the same order
+    assert all(ours[k].shape == theirs[k].shape for k in ours)
+    assert sum(t.numel() for t in theirs.values()) == N_PARAMS
+
+
+def test_parameter_count_without_fixture():
+    assert sum(p.numel() for p in AnyUp().parameters()) == N_PARAMS
+    assert len(AnyUp().state_dict()) == 73
+
+
+def test_window_bounds_float32_quirk():
+    # fixture README: output row 52 of 150 over 8 LR rows starts at LR row 2 in float32 (1 in float64)
+    start, end = window_bounds(150, 8, 0.1)
+    assert int(start[52]) == 2
+    centre64 = (52 + 0.5) / 150
+    assert math.floor((centre64 - 0.1) * 8) == 1
+    # independent numpy float32 arithmetic for a few sizes
+    for n_out, n_lr in [(224, 16), (70, 10), (98, 14), (200, 12), (1024, 64), (37, 41)]:
+        c = (np.arange(n_out, dtype=np.float32) + np.float32(0.5)) / np.float32(n_out)
+        s = np.floor(np.clip(c - np.float32(0.1), 0, 1).astype(np.float32) * np.float32(n_lr)).astype(np.int64)
+        e = np.ceil(np.clip(c + np.float32(0.1), 0, 1).astype(np.float32) * np.float32(n_lr)).astype(np.int64)
+        start, end = window_bounds(n_out, n_lr, 0.1)
+        np.testing.assert_array_equal(start.numpy(), s)
+        np.testing.assert_array_equal(end.numpy(), e)
+        assert bool((start < end).all())
+
+
+# ------------------------------------------------------------------------------------------------
+# tiled attention against a dense, global-mask reference
+# ------------------------------------------------------------------------------------------------
+def _dense_reference(model: AnyUp, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Official-style attention: one H'W' x hw logit matrix per head, global boolean window mask."""
+    B, D, H, W = q.shape
+    _, C, h, w = v.shape
+    heads = model.num_heads
+    att = model.cross_decode.cross_attn
+    wq, wk, _ = att.attention.in_proj_weight.chunk(3)
+    bq, bk, _ = att.attention.in_proj_bias.chunk(3)
+    qt = F.rms_norm(q.flatten(2).transpose(1, 2), (D,), att.norm_q.weight)
+    kt = F.rms_norm(k.flatten(2).transpose(1, 2), (D,), att.norm_k.weight)
+    qp = F.linear(qt, wq, bq).view(B, H * W, heads, D // heads).transpose(1, 2)
+    kp = F.linear(kt, wk, bk).view(B, h * w, heads, D // heads).transpose(1, 2)
+    logits = qp @ kp.transpose(-1, -2) / math.sqrt(D // heads)
+
+    def ok(n_out, n_lr):
+        c = (torch.arange(n_out, dtype=torch.float32) + 0.5) / n_out
+        s = ((c - 0.1).clamp(0, 1) * n_lr).floor()
+        e = ((c + 0.1).clamp(0, 1) * n_lr).ceil()
+        idx = torch.arange(n_lr)
+        return (idx >= s[:, None]) & (idx < e[:, None])
+
+    allowed = (ok(H, h)[:, None, :, None] & ok(W, w)[None, :, None, :]).reshape(H * W, h * w)
+    attn = logits.masked_fill(~allowed, float("-inf")).softmax(-1).mean(1)
+    return (attn @ v.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(B, C, H, W)
+
+
+@pytest.mark.parametrize(
+    ("out_size", "q_chunk"), [((40, 56), 37), ((61, 45), 100), ((13, 17), 3)], ids=["same", "odd", "small"]
+)
+def test_tiled_attention_matches_dense_reference(out_size, q_chunk):
+    model = _perturbed_model()
+    guide, feats = _inputs()
+    with torch.no_grad():
+        q, k = model.encode(guide, feats, out_size)
+        ref = _dense_reference(model, q, k, feats)
+        for kwargs in [{}, {"q_chunk_size": q_chunk}, {"tile_budget_bytes": 20_000}]:
+            out = model.attend(q, k, feats, **kwargs)
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=2e-6)
+        full = model(guide, feats, output_size=out_size)
+    torch.testing.assert_close(full, ref, rtol=1e-5, atol=2e-6)
+
+
+def test_chunked_rope_and_feature_unification_match_single_pass():
+    big = _perturbed_model()
+    small = AnyUp(tile_budget_bytes=2048).eval()  # forces RoPE rows and LFU rows in chunks
+    small.load_state_dict(big.state_dict())
+    guide, feats = _inputs(b=1, c=5, h=6, w=8, H=24, W=32)
+    lfu = big.key_features_encoder[0]
+    unit = F.normalize(feats, dim=1)
+    with torch.no_grad():
+        torch.testing.assert_close(lfu(unit, 2048), lfu(unit, 2**30), rtol=1e-6, atol=1e-7)
+        enc = torch.randn(1, 128, 24, 32)
+        torch.testing.assert_close(big.rope(enc, 2048), big.rope(enc, 2**30), rtol=0, atol=0)
+        q1, k1 = big.encode(guide, feats, (24, 32))
+        q2, k2 = small.encode(guide, feats, (24, 32))
+        o1, o2 = big(guide, feats), small(guide, feats)
+    torch.testing.assert_close(q2, q1, rtol=1e-6, atol=1e-6)
+    # the GroupNorm after the feature unification sees a tiny variance and amplifies rounding
+    torch.testing.assert_close(k2, k1, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(o2, o1, rtol=1e-5, atol=1e-5)
+
+
+def test_output_inside_channel_range_and_batch_independent():
+    model = _perturbed_model(seed=3)
+    guide, feats = _inputs(b=2, c=4, h=5, w=6, H=30, W=20, seed=5)
+    with torch.no_grad():
+        out = model(guide, feats, output_size=(45, 33))
+        single = model(guide[1:], feats[1:], output_size=(45, 33))
+    assert out.shape == (2, 4, 45, 33)
+    lo = feats.amin(dim=(2, 3))[..., None, None]
+    hi = feats.amax(dim=(2, 3))[..., None, None]
+    assert bool((out >= lo - 1e-6).all()) and bool((out <= hi + 1e-6).all())
+    torch.testing.assert_close(out[1:], single, rtol=1e-5, atol=1e-6)
+    # constant features stay constant
+    with torch.no_grad():
+        const = model(guide, torch.full_like(feats, 0.7))
+    torch.testing.assert_close(const, torch.full_like(const, 0.7), rtol=0, atol=1e-6)
+
+
+def test_float64_model_follows_input_dtype():
+    model = _perturbed_model()
+    guide, feats = _inputs(b=1, c=3, h=5, w=6, H=20, W=24)
+    with torch.no_grad():
+        out32 = model(guide, feats, output_size=(25, 30))
+        out64 = model.double()(guide.double(), feats.double(), output_size=(25, 30))
+    assert out64.dtype == torch.float64
+    torch.testing.assert_close(out64.float(), out32, rtol=1e-4, atol=1e-5)
+
+
+def test_gradients_flow():
+    model = _perturbed_model()
+    guide, feats = _inputs(b=1, c=3, h=4, w=4, H=16, W=16)
+    feats.requires_grad_(True)
+    model(guide, feats).square().mean().backward()
+    assert feats.grad is not None and bool(torch.isfinite(feats.grad).all())
+    assert model.rope.freqs.grad is not None
+
+
+# ------------------------------------------------------------------------------------------------
+# the baseline entry point and loading
+# ------------------------------------------------------------------------------------------------
+def test_anyup_normalises_rgb_guide():
+    model = _perturbed_model()
+    rgb = torch.rand(1, 3, 24, 20, generator=torch.Generator().manual_seed(0))
+    feats = torch.randn(1, 5, 4, 5, generator=torch.Generator().manual_seed(1))
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = model((rgb - mean) / std, feats, output_size=(30, 25))
+    out = anyup(rgb, feats, (30, 25), model=model)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert not out.requires_grad
+    normed = (rgb - mean) / std
+    torch.testing.assert_close(anyup(normed, feats, (30, 25), model=model, normalize_guide=False), expected)
+    assert anyup(rgb, feats, model=model).shape == (1, 5, 24, 20)
+
+
+def test_load_anyup_from_fixture_derived_checkpoint(fixture, fixture_model, tmp_path):
+    path = tmp_path / "anyup_fixture.pth"
+    torch.save(fixture["state_dict"], path)  # a bare state dict, like the released checkpoints
+    model = load_anyup(path)
+    assert not model.training
+    for key, value in fixture["state_dict"].items():
+        assert torch.equal(model.state_dict()[key], value), key
+    case = fixture["cases"][2]
+    out = anyup(case["guide"], case["features"], case["output_size"], checkpoint=path, normalize_guide=False)
+    torch.testing.assert_close(out, case["expected"], rtol=1e-5, atol=1e-5)
+    # a {"state_dict": ...} wrapper (like the fixture itself) loads too
+    wrapped = tmp_path / "wrapped.pth"
+    torch.save({"state_dict": fixture["state_dict"], "note": "x"}, wrapped)
+    assert torch.equal(load_anyup(wrapped).rope.freqs, fixture["state_dict"]["rope.freqs"])
+
+
+def test_load_anyup_errors(tmp_path):
+    missing = tmp_path / "nope.pth"
+    with pytest.raises(FileNotFoundError, match=r"AnyUp checkpoint not found: .*nope\.pth \(ua3d never downloads"):
+        load_anyup(missing)
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=r"could not read AnyUp checkpoint .*junk\.pth"):
+        load_anyup(junk)
+    sd = AnyUp().state_dict()
+    sd.pop("rope.freqs")
+    sd["extra.weight"] = torch.zeros(1)
+    bad = tmp_path / "bad.pth"
+    torch.save(sd, bad)
+    with pytest.raises(ValueError, match=r"missing \['rope\.freqs'\], unexpected \['extra\.weight'\]"):
+        load_anyup(bad)
+    sd = AnyUp().state_dict()
+    sd["rope.freqs"] = torch.zeros(2, 64)
+    torch.save(sd, bad)
+    with pytest.raises(ValueError, match=r"wrong shapes \['rope\.freqs \(2, 64\) != \(2, 128\)'\]"):
+        load_anyup(bad)
+    torch.save([1, 2, 3], bad)
+    with pytest.raises(ValueError, match=r"is not a state dict \(str -> tensor\), got list"):
+        load_anyup(bad)
+
+
+def test_input_errors():
+    model = AnyUp().eval()
+    guide, feats = _inputs(b=2, c=3, h=4, w=4, H=16, W=16)
+    with pytest.raises(ValueError, match=r"image must have 4 dimensions, got shape \(3, 16, 16\)"):
+        model(guide[0], feats)
+    with pytest.raises(ValueError, match=r"features must have 4 dimensions, got shape \(3, 4, 4\)"):
+        model(guide, feats[0])
+    with pytest.raises(ValueError, match=r"batch size of features \(1, 3, 4, 4\) does not match image \(2, 3, 16, 16\)"):
+        model(guide, feats[:1])
+    with pytest.raises(ValueError, match=r"image must have 3 channels \[B, 3, H, W\], got shape \(2, 4, 16, 16\)"):
+        model(torch.randn(2, 4, 16, 16), feats)
+    with pytest.raises(ValueError, match=r"features must be at least 2x2 spatially, got shape \(2, 3, 1, 4\)"):
+        model(guide, feats[:, :, :1])
+    with pytest.raises(ValueError, match=r"output_size must be positive"):
+        model(guide, feats, output_size=(0, 4))
+    nan = feats.clone()
+    nan[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"features contains 1 NaN/Inf value"):
+        model(guide, nan)
+    with pytest.raises(ValueError, match=r"must share one floating dtype, got torch.float32 and torch.float64"):
+        model(guide, feats.double())
+    with pytest.raises(ValueError, match=r"model parameters are torch.float32 on cpu but the inputs are torch.float64"):
+        model(guide.double(), feats.double())
+    with pytest.raises(ValueError, match=r"q_chunk_size must be positive, got 0"):
+        model(guide, feats, q_chunk_size=0)
+    with pytest.raises(ValueError, match=r"vis_attn=True is not supported"):
+        model(guide, feats, None, True)
+    # the baseline entry point names the guide
+    rgb = torch.rand(2, 3, 16, 16)
+    with pytest.raises(ValueError, match=r"exactly one of model= \(an AnyUp\) or checkpoint="):
+        anyup(rgb, feats)
+    with pytest.raises(ValueError, match=r"batch size of features \(1, 3, 4, 4\) does not match guide \(2, 3, 16, 16\)"):
+        anyup(rgb, feats[:1], model=model)
+    with pytest.raises(ValueError, match=r"guide must have 4 dimensions, got shape \(3, 16, 16\)"):
+        anyup(rgb[0], feats, model=model)
+    with pytest.raises(ValueError, match=r"guide must be RGB in \[0, 1\] when normalize_guide=True"):
+        anyup(rgb * 255, feats, model=model)
+    with pytest.raises(FileNotFoundError, match=r"AnyUp checkpoint not found"):
+        anyup(rgb, feats, checkpoint="/nonexistent/anyup_paper.pth")

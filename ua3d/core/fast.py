@@ -1,0 +1,1004 @@
+r"""Fused CPU engine (numba) for the Upsample Anything kernel: fit loss/gradient and render.
+
+Numerically the same functions as the ``*_reference`` twins in :mod:`ua3d.core.kernel`
+(see there for the maths and the parameterisation), organised for speed:
+
+* **Blocks.** HR pixels that share the same nearest LR anchor ``(i, j)`` form a block;
+  they share one neighbour set (the window offsets around the anchor, cells outside the
+  grid dropped). Per LR cell the coefficients ``cos theta, sin theta, 1 / (2 sigma^2)``
+  are computed once per call and gathered once per block.
+* **Fit.** One pass per HR pixel computes the logits, the softmax, the reconstruction
+  and the hand-derived gradient of the L1 loss through the softmax,
+
+  .. math:: \partial L / \partial \ell_k = w_k (s_k - \textstyle\sum_j w_j s_j),
+            \quad s_k = \textstyle\sum_c e_c f_{ck},\quad e_c = m_c \lambda_c\,\mathrm{sign}(\hat g_c - g_c) / N,
+
+  and accumulates per neighbour the sums ``sum g a^2, sum g b^2, sum g a b, sum g D_r``
+  (``a, b`` the rotated offsets, ``D_r`` the masked range distance of each group). Their
+  products with per-cell factors give the four parameter gradients. Nothing of size
+  ``[K, H, W]`` is ever materialised. Accumulation goes to a per-LR-row buffer
+  ``[B h, 2 r + 1, w, 3 + G]`` (one writer per row, no races, deterministic), reduced at
+  the end.
+* **Render.** For many channels each block's weight matrix ``[P, K]`` is computed in
+  numba and multiplied with the gathered LR signal ``[K, C]`` by ``torch.bmm``; for few
+  channels (depth) the weighted sum is fused in numba. Work is tiled over rows of blocks
+  so that peak memory is the output plus a bounded working set.
+
+Numba is imported when this module is imported (which :mod:`ua3d.core.ops` does lazily,
+on first use) and each kernel compiles on its first call (``cache=True``: later
+processes load it from disk). ``AVAILABLE`` is False when numba cannot be imported.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from .kernel import LOG_SIGMA_MAX, LOG_SIGMA_MIN, THETA_MAX, lr_centres, nearest_anchor, window_offsets
+
+__all__ = [
+    "AVAILABLE",
+    "SMALL_C",
+    "fit_working_bytes",
+    "kernel_fit_loss_grad",
+    "kernel_render",
+    "render_working_bytes",
+]
+
+try:  # pragma: no cover - depends on the environment
+    from llvmlite import ir as _llir
+    from numba import njit, prange, types
+    from numba.extending import intrinsic, overload
+
+    AVAILABLE = True
+except Exception:  # noqa: BLE001  # pragma: no cover - numba missing or broken (any import error)
+    AVAILABLE = False
+
+#: render channel counts up to this are fused in numba; more use the weight matrix + ``torch.bmm``.
+SMALL_C = 8
+#: working-memory budget of one render / fit tile (bytes), on top of the output.
+TILE_BYTES = 192 << 20
+#: logits below this (after subtracting the max) give an exactly zero weight in the fused exp.
+_NEG = -1.0e30
+
+
+# =========================================================================== numba kernels
+if AVAILABLE:
+    _FM = {"nsz", "arcp", "contract", "reassoc", "afn"}  # no nnan/ninf: infinities stay meaningful
+    _JIT = {"fastmath": _FM, "cache": True, "nogil": True}
+    _JIT_INLINE = {"fastmath": _FM, "cache": True, "nogil": True, "inline": "always"}
+
+    @intrinsic
+    def _bits_to_f32(typingctx, x):
+        """Reinterpret the bits of an int32 as a float32 (vectorisable)."""
+        sig = types.float32(types.int32)
+
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], _llir.FloatType())
+
+        return sig, codegen
+
+    @intrinsic
+    def _bits_to_f64(typingctx, x):
+        """Reinterpret the bits of an int64 as a float64 (vectorisable)."""
+        sig = types.float64(types.int64)
+
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], _llir.DoubleType())
+
+        return sig, codegen
+
+    def _fexp(x):  # pragma: no cover - replaced by the overload below inside numba
+        return np.exp(x)
+
+    @overload(_fexp, inline="always")
+    def _fexp_overload(x):
+        """``exp(x)`` for ``x <= 0``, vectorisable (no libm call): ``2^n * poly(r)``.
+
+        Range reduction ``x = n ln2 + r`` with ``|r| <= ln2 / 2`` (two-constant ln2),
+        Taylor polynomial of degree 7 (float32, < 1 ulp from truncation) or 13
+        (float64, ~1e-16), and ``2^n`` built from the exponent bits. Inputs below the
+        smallest normal exponent give exactly 0.
+        """
+        if x == types.float32:
+            lo, log2e = np.float32(-60.0), np.float32(1.4426950408889634)
+            c1, c2 = np.float32(0.693359375), np.float32(-2.12194440e-4)
+            coefs = tuple(np.float32(1.0 / math.factorial(k)) for k in range(7, -1, -1))
+
+            def impl32(x):
+                xc = max(x, lo)
+                n = np.floor(xc * log2e + np.float32(0.5))
+                r = (xc - n * c1) - n * c2
+                p = coefs[0]
+                for ck in coefs[1:]:
+                    p = p * r + ck
+                s = _bits_to_f32((np.int32(n) + np.int32(127)) << np.int32(23))
+                return np.float32(0.0) if x < lo else p * s
+
+            return impl32
+        if x == types.float64:
+            lo, log2e = -708.0, 1.4426950408889634
+            c1, c2 = 6.93147180369123816490e-01, 1.90821492927058770002e-10
+            coefs = tuple(1.0 / math.factorial(k) for k in range(13, -1, -1))
+
+            def impl64(x):
+                xc = max(x, lo)
+                n = np.floor(xc * log2e + 0.5)
+                r = (xc - n * c1) - n * c2
+                p = coefs[0]
+                for ck in coefs[1:]:
+                    p = p * r + ck
+                s = _bits_to_f64((np.int64(n) + np.int64(1023)) << np.int64(52))
+                return 0.0 if x < lo else p * s
+
+            return impl64
+        return None
+
+    @njit(**_JIT)
+    def _gather_block(b, i, j, glr, coef, vlr, smask, offs, cyv, cxv, y0, y1, x0, x1, cut,
+                      use_vlr, use_smask, nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b, nb_r, nb_v, nb_g, nb_k):
+        """Compact neighbour list of block ``(b, i, j)``: cells inside the grid (and valid in
+        ``smask``, and, with a support cut, whose 3-sigma box meets the block). Returns
+        ``(Kb, anchor position in the list or -1)``."""
+        h, w = glr.shape[2], glr.shape[3]
+        Cg = glr.shape[1]
+        G = nb_r.shape[0]
+        kb = 0
+        kanc = -1
+        for k in range(offs.shape[0]):
+            qi = i + offs[k, 0]
+            qj = j + offs[k, 1]
+            if qi < 0 or qi >= h or qj < 0 or qj >= w:
+                continue
+            if use_smask and smask[b, qi, qj] == 0:
+                continue
+            is_anchor = offs[k, 0] == 0 and offs[k, 1] == 0
+            if cut > 0 and not is_anchor:
+                cy, cx = cyv[qi], cxv[qj]
+                ddx = max(0.0, max(x0 - cx, cx - (x1 - 1)))
+                ddy = max(0.0, max(y0 - cy, cy - (y1 - 1)))
+                if ddx > coef[b, 4 + G, qi, qj] or ddy > coef[b, 5 + G, qi, qj]:
+                    continue
+            if is_anchor:
+                kanc = kb
+            nb_cy[kb] = cyv[qi]
+            nb_cx[kb] = cxv[qj]
+            nb_c[kb] = coef[b, 0, qi, qj]
+            nb_s[kb] = coef[b, 1, qi, qj]
+            nb_a[kb] = coef[b, 2, qi, qj]
+            nb_b[kb] = coef[b, 3, qi, qj]
+            for g in range(G):
+                nb_r[g, kb] = coef[b, 4 + g, qi, qj]
+                nb_v[g, kb] = 1.0 if (not use_vlr or vlr[b, g, qi, qj] != 0) else 0.0
+            for c in range(Cg):
+                nb_g[c, kb] = glr[b, c, qi, qj]
+            nb_k[kb] = k
+            kb += 1
+        return kb, kanc
+
+    @njit(**_JIT_INLINE)
+    def _range_dist(c0, nc, k, n, pg, nb_g, d):
+        """``d[p] = sum_{c0 <= c < c0 + nc} (pg[c, p] - nb_g[c, k])^2`` for ``p < n``."""
+        if nc == 3:
+            g0, g1, g2 = nb_g[c0, k], nb_g[c0 + 1, k], nb_g[c0 + 2, k]
+            for p in range(n):
+                d0 = pg[c0, p] - g0
+                d1 = pg[c0 + 1, p] - g1
+                d2 = pg[c0 + 2, p] - g2
+                d[p] = d0 * d0 + d1 * d1 + d2 * d2
+        elif nc == 1:
+            g0 = nb_g[c0, k]
+            for p in range(n):
+                d0 = pg[c0, p] - g0
+                d[p] = d0 * d0
+        else:
+            for p in range(n):
+                d[p] = 0.0
+            for c in range(c0, c0 + nc):
+                gk = nb_g[c, k]
+                for p in range(n):
+                    d0 = pg[c, p] - gk
+                    d[p] += d0 * d0
+
+    @njit(**_JIT_INLINE)
+    def _block_weights(kb, kanc, n, px, py, pg, pv, gstart, cut, nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b, nb_r,
+                       nb_v, nb_g, wl, mx, tot, d):
+        """Unnormalised weights of one block: ``wl[k, p] = exp(logit_kp - mx[p])``, ``tot[p] =
+        sum_k wl[k, p]`` for the ``kb`` listed neighbours and the first ``n`` pixels (``px, py``
+        coordinates, ``pg [Cg, n]`` guide values, ``pv [G, n]`` range validity). ``mx[p]`` stays
+        below ``_NEG / 2`` where a support cut left no neighbour."""
+        dt = wl.dtype.type
+        G = gstart.shape[0] - 1
+        lim = dt(-0.5 * cut * cut)
+        neg = dt(_NEG)
+        for p in range(n):
+            mx[p] = dt(-3.0e38)
+        for k in range(kb):
+            ck, sk, ak, bk = nb_c[k], nb_s[k], nb_a[k], nb_b[k]
+            cyk, cxk = nb_cy[k], nb_cx[k]
+            row = wl[k]
+            if G == 1 and gstart[1] == 3 and cut == 0:  # RGB guide: one fused pass
+                rv = nb_r[0, k] * nb_v[0, k]
+                g0, g1, g2 = nb_g[0, k], nb_g[1, k], nb_g[2, k]
+                for p in range(n):
+                    dx = px[p] - cxk
+                    dy = py[p] - cyk
+                    a = ck * dx + sk * dy
+                    bb = ck * dy - sk * dx
+                    d0 = pg[0, p] - g0
+                    d1 = pg[1, p] - g1
+                    d2 = pg[2, p] - g2
+                    v = -(ak * a * a + bk * bb * bb) - rv * pv[0, p] * (d0 * d0 + d1 * d1 + d2 * d2)
+                    row[p] = v
+                    mx[p] = max(mx[p], v)
+                continue
+            for p in range(n):
+                dx = px[p] - cxk
+                dy = py[p] - cyk
+                a = ck * dx + sk * dy
+                bb = ck * dy - sk * dx
+                row[p] = -(ak * a * a + bk * bb * bb)
+            if cut > 0 and k != kanc:
+                for p in range(n):
+                    row[p] = row[p] if row[p] >= lim else neg
+            for g in range(G):
+                rv = nb_r[g, k] * nb_v[g, k]
+                if rv == 0:
+                    continue
+                _range_dist(gstart[g], gstart[g + 1] - gstart[g], k, n, pg, nb_g, d)
+                for p in range(n):
+                    row[p] -= rv * pv[g, p] * d[p]
+            for p in range(n):
+                mx[p] = max(mx[p], row[p])
+        for p in range(n):
+            tot[p] = 0.0
+        for k in range(kb):
+            row = wl[k]
+            for p in range(n):
+                e = _fexp(row[p] - mx[p])
+                row[p] = e
+                tot[p] += e
+
+    @njit(**_JIT_INLINE)
+    def _pad_pixels(n, npad, px, py, pg, pv, pw):
+        """Fill pixel slots ``n..npad-1`` with copies of pixel 0 of zero loss weight."""
+        for p in range(n, npad):
+            px[p] = px[0]
+            py[p] = py[0]
+            for c in range(pg.shape[0]):
+                pg[c, p] = pg[c, 0]
+                pw[c, p] = 0.0
+            for g in range(pv.shape[0]):
+                pv[g, p] = pv[g, 0]
+
+    @njit(parallel=True, **_JIT)
+    def _fit_kernel(ghr, glr, coef, vhr, vlr, pmask, lam, gstart, gch, offs, ry0, ry1, cx0, cx1, cyv, cxv,
+                    cut, use_vhr, use_vlr, use_pm, r, pmax, rowbuf, rowloss):
+        """Loss and gradient sums of every block row ``(b, i)`` into ``rowbuf[b h + i]``.
+
+        ``rowbuf [B h, 2 r + 1, w, 3 + G]`` float64 receives, per neighbour cell
+        ``(i + di, j)`` at slot ``di + r``: ``sum g a^2, sum g b^2, sum g a b, sum g D_g``
+        with ``g = dL/dlogit`` summed over the block's pixels. ``rowloss [B h]`` gets the loss.
+        ``pmax`` is the padded largest block size.
+        """
+        B, Cg, h, w = glr.shape
+        G = gstart.shape[0] - 1
+        K = offs.shape[0]
+        dt = glr.dtype.type
+        smask_dummy = np.zeros((1, 1, 1), np.uint8)
+        for bi in prange(B * h):
+            b = bi // h
+            i = bi - b * h
+            y0, y1 = ry0[i], ry1[i]
+            if y1 <= y0:
+                continue
+            nb_cy = np.empty(K, glr.dtype)
+            nb_cx = np.empty(K, glr.dtype)
+            nb_c = np.empty(K, glr.dtype)
+            nb_s = np.empty(K, glr.dtype)
+            nb_a = np.empty(K, glr.dtype)
+            nb_b = np.empty(K, glr.dtype)
+            nb_r = np.empty((G, K), glr.dtype)
+            nb_v = np.empty((G, K), glr.dtype)
+            nb_g = np.empty((Cg, K), glr.dtype)
+            nb_k = np.empty(K, np.int64)
+            px = np.empty(pmax, glr.dtype)
+            py = np.empty(pmax, glr.dtype)
+            pg = np.empty((Cg, pmax), glr.dtype)
+            pv = np.empty((G, pmax), glr.dtype)
+            pw = np.empty((Cg, pmax), glr.dtype)
+            ee = np.empty((Cg, pmax), glr.dtype)
+            rec = np.empty((Cg, pmax), glr.dtype)
+            wl = np.empty((K, pmax), glr.dtype)
+            mx = np.empty(pmax, glr.dtype)
+            tot = np.empty(pmax, glr.dtype)
+            sbar = np.empty(pmax, glr.dtype)
+            tk = np.empty(pmax, glr.dtype)
+            d = np.empty(pmax, glr.dtype)
+            loss_row = 0.0
+            for j in range(w):
+                x0, x1 = cx0[j], cx1[j]
+                if x1 <= x0:
+                    continue
+                # active pixels of the block (pixel mask, per-channel loss weights)
+                n = 0
+                for y in range(y0, y1):
+                    for x in range(x0, x1):
+                        pm = pmask[b, y, x] if use_pm else dt(1.0)
+                        if pm == 0:
+                            continue
+                        anyw = False
+                        for c in range(Cg):
+                            m = lam[b, c] * pm
+                            if use_vhr and vhr[b, gch[c], y, x] == 0:
+                                m = dt(0.0)
+                            pw[c, n] = m
+                            pg[c, n] = ghr[b, c, y, x]
+                            anyw = anyw or m != 0
+                        if not anyw:
+                            continue
+                        for g in range(G):
+                            pv[g, n] = dt(1.0) if (not use_vhr or vhr[b, g, y, x] != 0) else dt(0.0)
+                        px[n] = dt(x)
+                        py[n] = dt(y)
+                        n += 1
+                if n == 0:
+                    continue
+                npad = min(pmax, -(-n // 8) * 8)
+                _pad_pixels(n, npad, px, py, pg, pv, pw)
+                kb, kanc = _gather_block(b, i, j, glr, coef, vlr, smask_dummy, offs, cyv, cxv, y0, y1, x0, x1,
+                                         cut, use_vlr, False, nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b, nb_r, nb_v,
+                                         nb_g, nb_k)
+                _block_weights(kb, kanc, npad, px, py, pg, pv, gstart, cut, nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b,
+                               nb_r, nb_v, nb_g, wl, mx, tot, d)
+                # reconstruction of the guide and the loss
+                for c in range(Cg):
+                    for p in range(npad):
+                        rec[c, p] = 0.0
+                for k in range(kb):
+                    row = wl[k]
+                    if Cg == 3:
+                        f0, f1, f2 = nb_g[0, k], nb_g[1, k], nb_g[2, k]
+                        for p in range(npad):
+                            rec[0, p] += row[p] * f0
+                            rec[1, p] += row[p] * f1
+                            rec[2, p] += row[p] * f2
+                        continue
+                    for c in range(Cg):
+                        f = nb_g[c, k]
+                        for p in range(npad):
+                            rec[c, p] += row[p] * f
+                for p in range(npad):
+                    inv = dt(1.0) / tot[p]
+                    sb = dt(0.0)
+                    for c in range(Cg):
+                        rc = rec[c, p] * inv
+                        diff = rc - pg[c, p]
+                        loss_row += abs(diff) * pw[c, p]
+                        e = np.sign(diff) * pw[c, p]
+                        ee[c, p] = e * inv
+                        sb += e * rc
+                    sbar[p] = sb * inv
+                # dL/dlogit_kp = w_kp (sum_c e_cp f_ck - sbar_p), summed against the logit derivatives
+                for k in range(kb):
+                    row = wl[k]
+                    kk = nb_k[k]
+                    slot = offs[kk, 0] + r
+                    qj = j + offs[kk, 1]
+                    ck, sk, cyk, cxk = nb_c[k], nb_s[k], nb_cy[k], nb_cx[k]
+                    if G == 1 and Cg == 3:  # RGB guide: one fused pass
+                        f0, f1, f2 = nb_g[0, k], nb_g[1, k], nb_g[2, k]
+                        saa = dt(0.0)
+                        sbb = dt(0.0)
+                        sab = dt(0.0)
+                        sd = dt(0.0)
+                        for p in range(npad):
+                            t = row[p] * (ee[0, p] * f0 + ee[1, p] * f1 + ee[2, p] * f2 - sbar[p])
+                            dx = px[p] - cxk
+                            dy = py[p] - cyk
+                            a = ck * dx + sk * dy
+                            bb = ck * dy - sk * dx
+                            saa += t * a * a
+                            sbb += t * bb * bb
+                            sab += t * a * bb
+                            d0 = pg[0, p] - f0
+                            d1 = pg[1, p] - f1
+                            d2 = pg[2, p] - f2
+                            sd += t * pv[0, p] * (d0 * d0 + d1 * d1 + d2 * d2)
+                        rowbuf[bi, slot, qj, 0] += saa
+                        rowbuf[bi, slot, qj, 1] += sbb
+                        rowbuf[bi, slot, qj, 2] += sab
+                        rowbuf[bi, slot, qj, 3] += sd * nb_v[0, k]
+                        continue
+                    for p in range(npad):
+                        tk[p] = -sbar[p]
+                    for c in range(Cg):
+                        f = nb_g[c, k]
+                        for p in range(npad):
+                            tk[p] += ee[c, p] * f
+                    saa = dt(0.0)
+                    sbb = dt(0.0)
+                    sab = dt(0.0)
+                    for p in range(npad):
+                        t = tk[p] * row[p]
+                        tk[p] = t
+                        dx = px[p] - cxk
+                        dy = py[p] - cyk
+                        a = ck * dx + sk * dy
+                        bb = ck * dy - sk * dx
+                        saa += t * a * a
+                        sbb += t * bb * bb
+                        sab += t * a * bb
+                    rowbuf[bi, slot, qj, 0] += saa
+                    rowbuf[bi, slot, qj, 1] += sbb
+                    rowbuf[bi, slot, qj, 2] += sab
+                    for g in range(G):
+                        if nb_v[g, k] == 0:
+                            continue
+                        _range_dist(gstart[g], gstart[g + 1] - gstart[g], k, npad, pg, nb_g, d)
+                        sd = dt(0.0)
+                        for p in range(npad):
+                            sd += tk[p] * pv[g, p] * d[p]
+                        rowbuf[bi, slot, qj, 3 + g] += sd
+            rowloss[bi] = loss_row
+
+    @njit(**_JIT)
+    def _reduce_rows(rowbuf, B, h, r):
+        """``sums [B, h, w, P]``: ``sum_di rowbuf[b h + i - di, di + r, j, p]`` (fixed order; small,
+        serial: a parallel launch would cost more than the work)."""
+        w, NP = rowbuf.shape[2], rowbuf.shape[3]
+        out = np.zeros((B, h, w, NP), np.float64)
+        for bi in range(B * h):
+            b = bi // h
+            qi = bi - b * h
+            for di in range(-r, r + 1):
+                i = qi - di
+                if i < 0 or i >= h:
+                    continue
+                for j in range(w):
+                    for p in range(NP):
+                        out[b, qi, j, p] += rowbuf[b * h + i, di + r, j, p]
+        return out
+
+    @njit(**_JIT_INLINE)
+    def _block_pixels(b, y0, y1, x0, x1, ghr, vhr, use_vhr, px, py, pg, pv):
+        """All pixels of a block, row-major: coordinates, guide values, range validity. Returns n."""
+        dt = px.dtype.type
+        Cg = pg.shape[0]
+        G = pv.shape[0]
+        n = 0
+        for y in range(y0, y1):
+            for x in range(x0, x1):
+                px[n] = dt(x)
+                py[n] = dt(y)
+                for c in range(Cg):
+                    pg[c, n] = ghr[b, c, y, x]
+                for g in range(G):
+                    pv[g, n] = dt(1.0) if (not use_vhr or vhr[b, g, y, x] != 0) else dt(0.0)
+                n += 1
+        return n
+
+    @njit(parallel=True, **_JIT)
+    def _render_small(ghr, glr, coef, vhr, vlr, smask, sig, gstart, offs, ry0, ry1, cx0, cx1, cyv, cxv,
+                      cut, use_vhr, use_vlr, use_sm, b, i0, i1, ybase, pmax, out, sup):
+        """Fused render of block rows ``[i0, i1)`` of batch ``b``: ``out [C, rows, W]`` (rows from
+        ``ybase``; NaN without support), ``sup [rows, W]`` uint8."""
+        Cg, w = glr.shape[1], glr.shape[3]
+        C = sig.shape[1]
+        G = gstart.shape[0] - 1
+        K = offs.shape[0]
+        dt = glr.dtype.type
+        half_neg = dt(0.5 * _NEG)
+        for t in prange((i1 - i0) * w):
+            i = i0 + t // w
+            j = t - (t // w) * w
+            y0, y1 = ry0[i], ry1[i]
+            x0, x1 = cx0[j], cx1[j]
+            if y1 <= y0 or x1 <= x0:
+                continue
+            nb_cy = np.empty(K, glr.dtype)
+            nb_cx = np.empty(K, glr.dtype)
+            nb_c = np.empty(K, glr.dtype)
+            nb_s = np.empty(K, glr.dtype)
+            nb_a = np.empty(K, glr.dtype)
+            nb_b = np.empty(K, glr.dtype)
+            nb_r = np.empty((G, K), glr.dtype)
+            nb_v = np.empty((G, K), glr.dtype)
+            nb_g = np.empty((Cg, K), glr.dtype)
+            nb_k = np.empty(K, np.int64)
+            px = np.empty(pmax, glr.dtype)
+            py = np.empty(pmax, glr.dtype)
+            pg = np.empty((Cg, pmax), glr.dtype)
+            pv = np.empty((G, pmax), glr.dtype)
+            pw = np.empty((Cg, pmax), glr.dtype)
+            wl = np.empty((K, pmax), glr.dtype)
+            mx = np.empty(pmax, glr.dtype)
+            tot = np.empty(pmax, glr.dtype)
+            d = np.empty(pmax, glr.dtype)
+            oc = np.empty((C, pmax), glr.dtype)
+            bw = x1 - x0
+            kb, kanc = _gather_block(b, i, j, glr, coef, vlr, smask, offs, cyv, cxv, y0, y1, x0, x1, cut,
+                                     use_vlr, use_sm, nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b, nb_r, nb_v, nb_g,
+                                     nb_k)
+            if kb == 0:
+                for y in range(y0, y1):
+                    for x in range(x0, x1):
+                        sup[y - ybase, x] = 0
+                        for c in range(C):
+                            out[c, y - ybase, x] = np.nan
+                continue
+            n = _block_pixels(b, y0, y1, x0, x1, ghr, vhr, use_vhr, px, py, pg, pv)
+            npad = min(pmax, -(-n // 8) * 8)
+            _pad_pixels(n, npad, px, py, pg, pv, pw)
+            _block_weights(kb, kanc, npad, px, py, pg, pv, gstart, cut, nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b,
+                           nb_r, nb_v, nb_g, wl, mx, tot, d)
+            for c in range(C):
+                for p in range(npad):
+                    oc[c, p] = 0.0
+            for k in range(kb):
+                row = wl[k]
+                kk = nb_k[k]
+                qi, qj = i + offs[kk, 0], j + offs[kk, 1]
+                for c in range(C):
+                    f = sig[b, c, qi, qj]
+                    for p in range(npad):
+                        oc[c, p] += row[p] * f
+            for p in range(n):
+                y = y0 + p // bw
+                x = x0 + p - (p // bw) * bw
+                ok = mx[p] > half_neg
+                sup[y - ybase, x] = 1 if ok else 0
+                inv = dt(1.0) / tot[p]
+                for c in range(C):
+                    out[c, y - ybase, x] = oc[c, p] * inv if ok else np.nan
+
+    @njit(parallel=True, **_JIT)
+    def _render_weights(ghr, glr, coef, vhr, vlr, smask, gstart, offs, ry0, ry1, cx0, cx1, cyv, cxv, cut,
+                        use_vhr, use_vlr, use_sm, b, i0, i1, bxm, pmax, wmat, sup):
+        """Dense normalised weights of block rows ``[i0, i1)``: ``wmat [(i1 - i0) w, K, P]``
+        (window slot ``k``, pixel ``(y, x)`` at ``(y - ry0) bxm + x - cx0``; zero for padding,
+        outside or masked cells), ``sup [(i1 - i0) w, P]`` uint8."""
+        Cg, w = glr.shape[1], glr.shape[3]
+        G = gstart.shape[0] - 1
+        K = offs.shape[0]
+        dt = glr.dtype.type
+        half_neg = dt(0.5 * _NEG)
+        for t in prange((i1 - i0) * w):
+            i = i0 + t // w
+            j = t - (t // w) * w
+            y0, y1 = ry0[i], ry1[i]
+            x0, x1 = cx0[j], cx1[j]
+            wmat[t] = 0.0
+            sup[t] = 0
+            if y1 <= y0 or x1 <= x0:
+                continue
+            nb_cy = np.empty(K, glr.dtype)
+            nb_cx = np.empty(K, glr.dtype)
+            nb_c = np.empty(K, glr.dtype)
+            nb_s = np.empty(K, glr.dtype)
+            nb_a = np.empty(K, glr.dtype)
+            nb_b = np.empty(K, glr.dtype)
+            nb_r = np.empty((G, K), glr.dtype)
+            nb_v = np.empty((G, K), glr.dtype)
+            nb_g = np.empty((Cg, K), glr.dtype)
+            nb_k = np.empty(K, np.int64)
+            px = np.empty(pmax, glr.dtype)
+            py = np.empty(pmax, glr.dtype)
+            pg = np.empty((Cg, pmax), glr.dtype)
+            pv = np.empty((G, pmax), glr.dtype)
+            pw = np.empty((Cg, pmax), glr.dtype)
+            wl = np.empty((K, pmax), glr.dtype)
+            mx = np.empty(pmax, glr.dtype)
+            tot = np.empty(pmax, glr.dtype)
+            d = np.empty(pmax, glr.dtype)
+            pidx = np.empty(pmax, np.int64)
+            kb, kanc = _gather_block(b, i, j, glr, coef, vlr, smask, offs, cyv, cxv, y0, y1, x0, x1, cut,
+                                     use_vlr, use_sm, nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b, nb_r, nb_v, nb_g,
+                                     nb_k)
+            if kb == 0:
+                continue
+            n = _block_pixels(b, y0, y1, x0, x1, ghr, vhr, use_vhr, px, py, pg, pv)
+            npad = min(pmax, -(-n // 8) * 8)
+            _pad_pixels(n, npad, px, py, pg, pv, pw)
+            _block_weights(kb, kanc, npad, px, py, pg, pv, gstart, cut, nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b,
+                           nb_r, nb_v, nb_g, wl, mx, tot, d)
+            bw = x1 - x0
+            for p in range(n):
+                pidx[p] = (p // bw) * bxm + (p - (p // bw) * bw)
+                ok = mx[p] > half_neg
+                sup[t, pidx[p]] = 1 if ok else 0
+                tot[p] = dt(1.0) / tot[p] if ok else dt(0.0)
+            for k in range(kb):
+                row = wl[k]
+                dst = wmat[t, nb_k[k]]
+                for p in range(n):
+                    dst[pidx[p]] = row[p] * tot[p]
+
+
+# =========================================================================== host-side helpers
+def _require() -> None:
+    if not AVAILABLE:
+        raise RuntimeError("ua3d.core.fast needs numba (pip install numba); use backend='reference'")
+
+
+def _groups(groups: Sequence[int] | None, n_channels: int) -> tuple[int, ...]:
+    g = (n_channels,) if groups is None else tuple(int(v) for v in groups)
+    if sum(g) != n_channels or any(v <= 0 for v in g):
+        raise ValueError(f"groups {g} must be positive channel counts summing to {n_channels} (guide channels)")
+    return g
+
+
+@lru_cache(maxsize=32)
+def _geometry(H: int, W: int, h: int, w: int, radius: float, np_dtype: str):
+    """Block layout and window for an ``(H, W) <- (h, w)`` pair (cached).
+
+    Returns ``offs [K, 2]``, ``ry0, ry1 [h]`` (HR rows whose anchor is row ``i``),
+    ``cx0, cx1 [w]``, LR centres ``cyv [h]``, ``cxv [w]`` in HR pixels.
+    """
+    offs = window_offsets(radius).numpy().astype(np.int64)
+    ay = nearest_anchor(H, h).numpy()
+    ax = nearest_anchor(W, w).numpy()
+    ry0 = np.searchsorted(ay, np.arange(h), "left").astype(np.int64)
+    ry1 = np.searchsorted(ay, np.arange(h), "right").astype(np.int64)
+    cx0 = np.searchsorted(ax, np.arange(w), "left").astype(np.int64)
+    cx1 = np.searchsorted(ax, np.arange(w), "right").astype(np.int64)
+    cyv = lr_centres(h, H, dtype=torch.float64).numpy().astype(np_dtype)
+    cxv = lr_centres(w, W, dtype=torch.float64).numpy().astype(np_dtype)
+    for a in (offs, ry0, ry1, cx0, cx1, cyv, cxv):
+        a.setflags(write=False)
+    return offs, ry0, ry1, cx0, cx1, cyv, cxv
+
+
+def _padded_block(ry0: np.ndarray, ry1: np.ndarray, cx0: np.ndarray, cx1: np.ndarray) -> int:
+    """Largest block size (pixels sharing one anchor), rounded up to a multiple of 8."""
+    n = int((ry1 - ry0).max()) * int((cx1 - cx0).max())
+    return max(8, -(-n // 8) * 8)
+
+
+def _compute_dtype(params: torch.Tensor) -> torch.dtype:
+    return torch.float64 if params.dtype == torch.float64 else torch.float32
+
+
+def _np(t: torch.Tensor, dtype: torch.dtype | None = None) -> np.ndarray:
+    """Contiguous CPU numpy view (a copy only when the dtype or layout must change)."""
+    if dtype is not None and t.dtype != dtype:
+        t = t.to(dtype)
+    return t.detach().contiguous().numpy()
+
+
+def _mask_u8(m: torch.Tensor | None, shape: tuple[int, ...], name: str) -> tuple[np.ndarray, bool]:
+    if m is None:
+        return np.ones((1,) * len(shape), np.uint8), False
+    if tuple(m.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(m.shape)}")
+    return _np(m != 0, torch.uint8) if m.dtype != torch.uint8 else _np(m), True
+
+
+def _coefficients(params: torch.Tensor, cdt: torch.dtype, cut: float) -> np.ndarray:
+    """Per-LR-cell coefficients ``[B, 4 + G (+2), h, w]``: ``cos, sin, 1/(2 sx^2), 1/(2 sy^2),
+    1/(2 sr_g^2)`` and, with a support cut, the half extents of the cut ellipse's box."""
+    p = params.detach().to(cdt)
+    lsx = p[:, 0].clamp(LOG_SIGMA_MIN, LOG_SIGMA_MAX)
+    lsy = p[:, 1].clamp(LOG_SIGMA_MIN, LOG_SIGMA_MAX)
+    th = THETA_MAX * torch.tanh(p[:, 2])
+    c, s = torch.cos(th), torch.sin(th)
+    parts = [c, s, 0.5 * torch.exp(-2 * lsx), 0.5 * torch.exp(-2 * lsy)]
+    parts += [0.5 * torch.exp(-2 * p[:, 3 + g].clamp(LOG_SIGMA_MIN, LOG_SIGMA_MAX)) for g in range(p.shape[1] - 3)]
+    if cut > 0:
+        vx, vy = torch.exp(2 * lsx), torch.exp(2 * lsy)
+        parts += [cut * torch.sqrt(c * c * vx + s * s * vy), cut * torch.sqrt(s * s * vx + c * c * vy)]
+    return torch.stack(parts, 1).contiguous().numpy()
+
+
+def _check_common(params, guide_hr, guide_lr, groups, valid_hr, valid_lr, radius):
+    for name, t in (("params", params), ("guide_hr", guide_hr), ("guide_lr", guide_lr)):
+        if not isinstance(t, torch.Tensor) or t.ndim != 4:
+            raise ValueError(f"{name} must be a 4-D tensor, got {getattr(t, 'shape', type(t).__name__)}")
+        if t.device.type != "cpu":
+            raise ValueError(f"{name} must be a CPU tensor for the fast engine, got device {t.device}")
+        if t.numel() == 0:
+            raise ValueError(f"{name} is empty: shape {tuple(t.shape)}")
+    B, P, h, w = params.shape
+    Bg, Cg, H, W = guide_hr.shape
+    gs = _groups(groups, Cg)
+    if P != 3 + len(gs):
+        raise ValueError(f"params has {P} channels, expected 3 + {len(gs)} range groups (shape {tuple(params.shape)})")
+    if Bg != B or tuple(guide_lr.shape) != (B, Cg, h, w):
+        raise ValueError(
+            f"guide_hr {tuple(guide_hr.shape)} and guide_lr {tuple(guide_lr.shape)} do not match "
+            f"params {tuple(params.shape)}"
+        )
+    if not (radius >= 0) or not math.isfinite(radius):
+        raise ValueError(f"radius must be a finite number >= 0, got {radius!r}")
+    G = len(gs)
+    vhr, use_vhr = _mask_u8(valid_hr, (B, G, H, W), "valid_hr")
+    vlr, use_vlr = _mask_u8(valid_lr, (B, G, h, w), "valid_lr")
+    gstart = np.concatenate([[0], np.cumsum(gs)]).astype(np.int64)
+    return gs, gstart, vhr, use_vhr, vlr, use_vlr
+
+
+def _check_cut(support_sigmas: float | None) -> float:
+    if support_sigmas is None:
+        return 0.0
+    if not (support_sigmas > 0) or not math.isfinite(support_sigmas):
+        raise ValueError(f"support_sigmas must be a positive finite number or None, got {support_sigmas!r}")
+    return float(support_sigmas)
+
+
+# =========================================================================== memory estimates
+def _block_dims(H: int, W: int, h: int, w: int) -> tuple[int, int]:
+    """Largest block height and width (HR pixels sharing one anchor)."""
+    return -(-H // h) + 1, -(-W // w) + 1
+
+
+def render_working_bytes(out_size: tuple[int, int], lr_size: tuple[int, int], channels: int, radius: float,
+                         itemsize: int = 4) -> int:
+    """Working memory of one render tile (one row of blocks), excluding the output."""
+    H, W = out_size
+    h, w = lr_size
+    by, bx = _block_dims(H, W, h, w)
+    K = window_offsets(radius).shape[0]
+    if channels <= SMALL_C:
+        return channels * by * W * itemsize * 2
+    cc = min(channels, 128)
+    return w * (by * bx * K + K * cc + 2 * by * bx * cc) * itemsize
+
+
+def fit_working_bytes(batch: int, lr_size: tuple[int, int], radius: float, n_groups: int) -> int:
+    """Working memory of one fit call (per-LR-row gradient buffers), excluding the inputs."""
+    h, w = lr_size
+    r = math.floor(radius)
+    return batch * h * (2 * r + 1) * w * (3 + n_groups) * 8 + batch * h * w * (3 + n_groups) * 8
+
+
+# =========================================================================== public entry points
+def kernel_fit_loss_grad(
+    params: torch.Tensor,
+    guide_hr: torch.Tensor,
+    guide_lr: torch.Tensor,
+    radius: float,
+    groups: Sequence[int] | None = None,
+    valid_hr: torch.Tensor | None = None,
+    valid_lr: torch.Tensor | None = None,
+    channel_weights: torch.Tensor | None = None,
+    pixel_mask: torch.Tensor | None = None,
+    support_sigmas: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """TTO objective and its gradient (fused); see :func:`ua3d.core.kernel.kernel_fit_loss_grad_reference`.
+
+    Parameters
+    ----------
+    params : ``[B, 3 + G, h, w]``
+    guide_hr : ``[B, Cg, H, W]``
+    guide_lr : ``[B, Cg, h, w]``
+    radius : window radius in LR cells
+    groups : channel counts of the G range groups (default: one group)
+    valid_hr, valid_lr : ``[B, G, H, W]`` / ``[B, G, h, w]`` bool or None
+    channel_weights : ``[Cg]`` or None
+    pixel_mask : ``[B, 1, H, W]`` (bool or weights) or None; pixels where it is 0 are skipped.
+    support_sigmas : None, or a cut: neighbours whose spatial Mahalanobis distance exceeds it
+        are dropped (the anchor always stays).
+
+    Returns
+    -------
+    loss : scalar tensor, params dtype
+    grad : ``[B, 3 + G, h, w]``, params dtype
+    """
+    _require()
+    gs, gstart, vhr, use_vhr, vlr, use_vlr = _check_common(params, guide_hr, guide_lr, groups, valid_hr,
+                                                           valid_lr, radius)
+    cut = _check_cut(support_sigmas)
+    B, _, h, w = params.shape
+    Cg, H, W = guide_hr.shape[1:]
+    G = len(gs)
+    cdt = _compute_dtype(params)
+    ndt = np.float64 if cdt == torch.float64 else np.float32
+    offs, ry0, ry1, cx0, cx1, cyv, cxv = _geometry(H, W, h, w, float(radius), np.dtype(ndt).name)
+    r = math.floor(radius)
+
+    lam = torch.ones(Cg, dtype=torch.float64) if channel_weights is None else channel_weights.detach().double().cpu()
+    if lam.shape != (Cg,):
+        raise ValueError(f"channel_weights must have shape ({Cg},), got {tuple(lam.shape)}")
+    if pixel_mask is not None:
+        if tuple(pixel_mask.shape) != (B, 1, H, W):
+            raise ValueError(f"pixel_mask must have shape {(B, 1, H, W)}, got {tuple(pixel_mask.shape)}")
+        pm_t = pixel_mask.detach()[:, 0].to(cdt)
+        pm, use_pm = pm_t.contiguous().numpy(), True
+    else:
+        pm_t, pm, use_pm = None, np.ones((1, 1, 1), ndt), False
+    denom = _loss_denominator(B, Cg, H, W, gs, valid_hr, pm_t)
+    lam_n = (lam[None, :] / denom[:, None]).to(cdt).contiguous().numpy()  # [B, Cg]
+    gch = np.repeat(np.arange(G, dtype=np.int64), gs)
+
+    coef = _coefficients(params, cdt, cut)
+    ghr = _np(guide_hr, cdt)
+    glr = _np(guide_lr, cdt)
+    rowbuf = np.zeros((B * h, 2 * r + 1, w, 3 + G), np.float64)
+    rowloss = np.zeros(B * h, np.float64)
+    _fit_kernel(ghr, glr, coef, vhr, vlr, pm, lam_n, gstart, gch, offs, ry0, ry1, cx0, cx1, cyv, cxv, cut,
+                use_vhr, use_vlr, use_pm, r, _padded_block(ry0, ry1, cx0, cx1), rowbuf, rowloss)
+    sums = torch.from_numpy(_reduce_rows(rowbuf, B, h, r)).permute(0, 3, 1, 2)  # [B, 3 + G, h, w] float64
+    grad = _chain_rule(params, sums)
+    loss = torch.tensor(float(rowloss.sum()), dtype=params.dtype)
+    return loss, grad.to(params.dtype)
+
+
+def _loss_denominator(B, Cg, H, W, gs, valid_hr, pm_t) -> torch.Tensor:
+    """Per-sample ``sum m_c(p)`` of the reference's loss mask ``[B]`` float64, without building
+    the mask (``Cg H W`` when there is no mask; at least 1)."""
+    if valid_hr is None and pm_t is None:
+        return torch.full((B,), float(Cg * H * W), dtype=torch.float64)
+    pm = pm_t.double() if pm_t is not None else torch.ones(B, H, W, dtype=torch.float64)
+    if valid_hr is None:
+        tot = Cg * pm.sum(dim=(1, 2))
+    else:
+        tot = sum(n * (valid_hr[:, g].double() * pm).sum(dim=(1, 2)) for g, n in enumerate(gs))
+    return tot.clamp_min(1.0)
+
+
+def _chain_rule(params: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
+    """Gradient w.r.t. the raw parameters from the per-cell sums ``[B, 3 + G, h, w]`` (float64).
+
+    ``dl/dlog sx = A a^2``, ``dl/dlog sy = B b^2``, ``dl/dtheta = (B - A) a b`` with
+    ``A = sx^-2, B = sy^-2``, ``dl/dlog sr = D sr^-2``; clamped entries get zero (as
+    ``torch.clamp``'s backward, inclusive bounds).
+    """
+    p = params.detach().double()
+    inside = (p >= LOG_SIGMA_MIN) & (p <= LOG_SIGMA_MAX)
+    inv2 = torch.exp(-2 * p.clamp(LOG_SIGMA_MIN, LOG_SIGMA_MAX))  # sigma^-2 for channels 0, 1, 3..
+    grad = torch.empty_like(p)
+    grad[:, 0] = inv2[:, 0] * sums[:, 0] * inside[:, 0]
+    grad[:, 1] = inv2[:, 1] * sums[:, 1] * inside[:, 1]
+    tanh = torch.tanh(p[:, 2])
+    grad[:, 2] = (inv2[:, 1] - inv2[:, 0]) * sums[:, 2] * THETA_MAX * (1 - tanh * tanh)
+    grad[:, 3:] = inv2[:, 3:] * sums[:, 3:] * inside[:, 3:]
+    return grad
+
+
+def kernel_render(
+    params: torch.Tensor,
+    guide_hr: torch.Tensor,
+    guide_lr: torch.Tensor,
+    signal: torch.Tensor,
+    radius: float,
+    groups: Sequence[int] | None = None,
+    valid_hr: torch.Tensor | None = None,
+    valid_lr: torch.Tensor | None = None,
+    signal_mask: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    support_sigmas: float | None = None,
+    tile_bytes: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Render ``signal [B, C, h, w]`` (fused); see :func:`ua3d.core.kernel.kernel_render_reference`.
+
+    Parameters
+    ----------
+    signal : ``[B, C, h, w]``
+    signal_mask : ``[B, 1, h, w]`` bool or None (False = invalid LR value, excluded; pixels
+        without a valid neighbour get NaN and ``support=False``).
+    out_dtype : output dtype (default: the signal's), e.g. ``torch.float16``.
+    support_sigmas : None, or a spatial support cut in sigmas (see :func:`kernel_fit_loss_grad`).
+    tile_bytes : working-memory budget of one tile (default :data:`TILE_BYTES`).
+
+    Returns
+    -------
+    out : ``[B, C, H, W]`` in ``out_dtype``
+    support : ``[B, 1, H, W]`` bool
+    """
+    _require()
+    _, gstart, vhr, use_vhr, vlr, use_vlr = _check_common(params, guide_hr, guide_lr, groups, valid_hr,
+                                                          valid_lr, radius)
+    cut = _check_cut(support_sigmas)
+    B, _, h, w = params.shape
+    H, W = guide_hr.shape[2:]
+    if not isinstance(signal, torch.Tensor) or signal.ndim != 4 or signal.shape[0] != B or \
+            tuple(signal.shape[2:]) != (h, w) or signal.shape[1] == 0:
+        raise ValueError(
+            f"signal must be [B, C, h, w] = [{B}, C, {h}, {w}], got {tuple(getattr(signal, 'shape', ()))}"
+        )
+    if signal.device.type != "cpu":
+        raise ValueError(f"signal must be a CPU tensor for the fast engine, got device {signal.device}")
+    C = signal.shape[1]
+    odt = out_dtype or signal.dtype
+    cdt = _compute_dtype(params)
+    ndt = np.float64 if cdt == torch.float64 else np.float32
+    offs, ry0, ry1, cx0, cx1, cyv, cxv = _geometry(H, W, h, w, float(radius), np.dtype(ndt).name)
+    if signal_mask is not None and tuple(signal_mask.shape) != (B, 1, h, w):
+        raise ValueError(f"signal_mask must have shape {(B, 1, h, w)}, got {tuple(signal_mask.shape)}")
+    sm, use_sm = _mask_u8(None if signal_mask is None else signal_mask[:, 0], (B, h, w), "signal_mask")
+    sig_t = signal.detach().to(cdt)
+    if use_sm:
+        sig_t = torch.where(torch.from_numpy(sm).bool()[:, None], sig_t, torch.zeros((), dtype=cdt))
+    coef = _coefficients(params, cdt, cut)
+    ghr = _np(guide_hr, cdt)
+    glr = _np(guide_lr, cdt)
+    out = torch.empty(B, C, H, W, dtype=odt)
+    support = torch.empty(B, 1, H, W, dtype=torch.bool)
+    budget = tile_bytes or TILE_BYTES
+    common = (ghr, glr, coef, vhr, vlr, sm, gstart, offs, ry0, ry1, cx0, cx1, cyv, cxv, cut, use_vhr, use_vlr,
+              use_sm)
+    itemsize = 8 if cdt == torch.float64 else 4
+    pmax = _padded_block(ry0, ry1, cx0, cx1)
+    if C <= SMALL_C:
+        sig = sig_t.contiguous().numpy()
+        per_row = C * (-(-H // h) + 1) * W * itemsize + 1
+        nrows = max(1, budget // per_row)
+        for b in range(B):
+            for i0 in range(0, h, nrows):
+                i1 = min(h, i0 + nrows)
+                ya, yb = int(ry0[i0]), int(ry1[i1 - 1])
+                if yb <= ya:
+                    continue
+                tile = np.empty((C, yb - ya, W), ndt)
+                sup = np.empty((yb - ya, W), np.uint8)
+                _render_small(ghr, glr, coef, vhr, vlr, sm, sig, gstart, offs, ry0, ry1, cx0, cx1, cyv, cxv, cut,
+                              use_vhr, use_vlr, use_sm, b, i0, i1, ya, pmax, tile, sup)
+                out[b, :, ya:yb] = torch.from_numpy(tile)
+                support[b, 0, ya:yb] = torch.from_numpy(sup).bool()
+        return out, support
+    _render_bmm(common, sig_t, out, support, budget, itemsize)
+    return out, support
+
+
+def _render_bmm(common, sig_t, out, support, budget, itemsize) -> None:
+    """Weights ``[blocks, K, P]`` from numba; the gathered signal ``[blocks, C, K]`` times them
+    (``torch.bmm``) gives ``[blocks, C, P]``, which is one permuted copy away from the output
+    rows (plus a row/column gather when the blocks differ in size: non-integer ratios)."""
+    ghr, glr, coef, vhr, vlr, sm, gstart, offs, ry0, ry1, cx0, cx1, cyv, cxv, cut, use_vhr, use_vlr, use_sm = common
+    B, C, h, w = sig_t.shape
+    H, W = out.shape[-2:]
+    K = offs.shape[0]
+    bh, bw = ry1 - ry0, cx1 - cx0
+    bym, bxm = int(bh.max()), int(bw.max())
+    uniform = int(bh.min()) == bym and int(bw.min()) == bxm
+    P = bym * bxm
+    pmax = _padded_block(ry0, ry1, cx0, cx1)
+    cc = min(C, 128)
+    per_row = w * (P * K + K * cc + 3 * P * cc) * itemsize
+    nrows = max(1, budget // per_row)
+    jj = np.arange(w)[:, None] + offs[None, :, 1]  # [w, K] LR column of every window slot
+    col_ok = (jj >= 0) & (jj < w)
+    ay = np.repeat(np.arange(h), bh)
+    ax = np.repeat(np.arange(w), bw)
+    rowpos = torch.from_numpy(ay * bym + (np.arange(H) - ry0[ay]))  # row in the padded tile (+ i0 bym)
+    colpos = torch.from_numpy(ax * bxm + (np.arange(W) - cx0[ax]))
+    for b in range(B):
+        sig_flat = sig_t[b].reshape(C, h * w)
+        for i0 in range(0, h, nrows):
+            i1 = min(h, i0 + nrows)
+            ya, yb = int(ry0[i0]), int(ry1[i1 - 1])
+            if yb <= ya:
+                continue
+            ni, nb = i1 - i0, (i1 - i0) * w
+            wmat = np.empty((nb, K, P), glr.dtype)
+            sup = np.empty((nb, P), np.uint8)
+            _render_weights(ghr, glr, coef, vhr, vlr, sm, gstart, offs, ry0, ry1, cx0, cx1, cyv, cxv, cut,
+                            use_vhr, use_vlr, use_sm, b, i0, i1, bxm, pmax, wmat, sup)
+            ii = np.arange(i0, i1)[:, None, None] + offs[None, None, :, 0]
+            ok = (ii >= 0) & (ii < h) & col_ok[None]
+            flat = torch.from_numpy(np.where(ok, ii.clip(0, h - 1) * w + jj.clip(0, w - 1)[None], 0).reshape(-1))
+            rows = rowpos[ya:yb] - i0 * bym
+            wt = torch.from_numpy(wmat)
+            sup_t = torch.from_numpy(sup).view(ni, w, bym, bxm).permute(0, 2, 1, 3).reshape(ni * bym, w * bxm)
+            support[b, 0, ya:yb] = _untile(sup_t[None], rows, colpos, uniform)[0].bool()
+            for c0 in range(0, C, cc):
+                c1 = min(C, c0 + cc)
+                s = sig_flat[c0:c1].index_select(1, flat).view(c1 - c0, nb, K).transpose(0, 1)  # [nb, cc, K]
+                res = torch.bmm(s, wt).view(ni, w, c1 - c0, bym, bxm).permute(2, 0, 3, 1, 4)
+                if uniform:
+                    out[b, c0:c1, ya:yb].view(c1 - c0, ni, bym, w, bxm).copy_(res)
+                else:
+                    out[b, c0:c1, ya:yb] = _untile(res.reshape(c1 - c0, ni * bym, w * bxm), rows, colpos, False)
+    if use_sm:
+        out.masked_fill_(~support, float("nan"))
+
+
+def _untile(t: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, uniform: bool) -> torch.Tensor:
+    """``[C, ni bym, w bxm]`` padded block tile -> ``[C, rows, W]`` output rows."""
+    if uniform:
+        return t
+    return t.index_select(1, rows).index_select(2, cols)

@@ -1,0 +1,500 @@
+r"""Dense 3D feature volumes from a lifted kernel.
+
+For depth bins ``z_0 < ... < z_{D-1}`` every HR pixel ``p`` is evaluated *as if* it were at
+depth ``z_d``: the depth channel of the HR guide is set to ``phi(z_d)`` (and counts as valid)
+while colour and position stay those of ``p``. With the lifted logits
+
+.. math:: \ell_d(p, q) = s(p, q) + t_d(q), \qquad
+          t_d(q) = -\frac{(\phi(z_d) - \phi(z_q))^2}{2 \sigma_z(q)^2}
+
+(``s`` = spatial + colour term; ``t_d = 0`` for LR cells without valid depth), the volume and
+its mass are
+
+* ``volume[c, d, p] = sum_q softmax_q(l_d(p, q)) f_c(q)``: exactly the 2D render with the depth
+  channel set to the bin depth (tested against :func:`ua3d.core.ops.kernel_render`);
+* ``mass[d, p]``: the un-normalised weight sum ``M_d(p) = sum_q exp(l_d(p, q))``, i.e. how much
+  kernel mass the LR cells put at that depth along the pixel's ray (occupancy evidence). With
+  ``mass_mode="normalized"`` (default) it is divided by its sum over the computed bins, so that
+  ``mass[:, p]`` is a distribution over depth per pixel; ``"raw"`` returns ``M_d(p)`` itself
+  (``0 < M <= K``, the window size).
+
+The HR pixels that share a nearest LR anchor (a *block*) share their neighbour set, so the code
+works block by block: the spatial x colour logits of the block (the expression of
+:func:`ua3d.core.kernel.pair_logits`, neighbour parameters gathered once per block) plus the
+depth term for every bin give the weights ``[Db, n, K]``, and one matrix product with the
+block's features ``[C, K]`` renders all its bins. The softmax is done in log space, so no bin
+underflows to 0/0; ``log M`` is kept per voxel and exponentiated at the end.
+
+Memory is bounded: pixels are streamed in row chunks and channels in chunks sized to
+``budget_bytes``; ``band`` keeps only ``2 band + 1`` bins around each pixel's observed depth (the
+kernel-rendered depth where the observation is a hole), the other voxels being 0 with mass 0;
+``out_dtype=torch.float16`` halves the output; ``out="file.npy"`` writes the volume to a ``.npy``
+memmap. :func:`estimate_volume_bytes` says what a call will use, and :func:`render_volume`
+refuses with a ``ValueError`` when the output does not fit in the available memory (or disk).
+
+Engine note: the work per voxel is one dot product of length K (window size) per channel; a
+fused engine entry point ``kernel_render_volume(params, guide_hr, guide_lr, signal, radius, groups,
+valid_lr, depth_table [D, h, w], bins [P, Db]) -> (out [P, Db, C], log_mass [P, Db])`` in
+:mod:`ua3d.core.fast` would avoid materialising the ``[P, Db, K]`` weights and the gathered
+``[P, K, C]`` features.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ua3d.api import available_memory_bytes
+from ua3d.core.kernel import (
+    LOG_SIGMA_MAX,
+    LOG_SIGMA_MIN,
+    lr_centres,
+    nearest_anchor,
+    theta_from_raw,
+    window_offsets,
+)
+from ua3d.rgbd.lift import LiftedKernel
+
+__all__ = [
+    "SPACINGS",
+    "MASS_MODES",
+    "DEPTH_MODELS",
+    "VolumeEstimate",
+    "make_bin_depths",
+    "depth_to_bin",
+    "estimate_volume_bytes",
+    "render_volume",
+]
+
+SPACINGS = ("uniform", "inverse")
+MASS_MODES = ("normalized", "raw")
+DEPTH_MODELS = ("planar", "constant")
+_DEFAULT_BUDGET = 256 << 20
+_EXP_FLOOR = -80.0
+
+
+# ---------------------------------------------------------------------- bins
+def _check_bins(bins: int, near: float, far: float, spacing: str) -> None:
+    if isinstance(bins, bool) or not isinstance(bins, (int, np.integer)) or bins < 1:
+        raise ValueError(f"bins must be an integer >= 1, got {bins!r}")
+    if spacing not in SPACINGS:
+        raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
+    if not (near > 0 and math.isfinite(near) and math.isfinite(far)):
+        raise ValueError(f"near must be positive and near/far finite, got near={near!r}, far={far!r}")
+    if not (far > near) and bins > 1:
+        raise ValueError(f"far must be greater than near for bins > 1, got near={near!r}, far={far!r}")
+
+
+def make_bin_depths(near: float, far: float, bins: int, spacing: str = "uniform", device=None) -> torch.Tensor:
+    """Depth of each bin in metres, ``[D]`` float64, strictly increasing from ``near`` to ``far``.
+
+    ``"uniform"``: equal steps in depth. ``"inverse"``: equal steps in ``1 / z`` (finer near the camera).
+    """
+    _check_bins(bins, near, far, spacing)
+    t = torch.linspace(0.0, 1.0, int(bins), dtype=torch.float64, device=device)
+    if spacing == "uniform":
+        return near + (far - near) * t
+    return 1.0 / (1.0 / near + (1.0 / far - 1.0 / near) * t)
+
+
+def depth_to_bin(z: torch.Tensor, bin_depths: torch.Tensor, spacing: str = "uniform") -> torch.Tensor:
+    """Nearest bin index of metric depth ``z`` (any shape), measured in the spacing's own coordinate.
+
+    Nearest in ``z`` for ``"uniform"``, in ``1 / z`` for ``"inverse"``; clamped to ``[0, D - 1]``;
+    ``-1`` where ``z`` is not a positive finite number.
+    """
+    if spacing not in SPACINGS:
+        raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
+    D = bin_depths.numel()
+    zz = z.to(torch.float64)
+    ok = torch.isfinite(zz) & (zz > 0)
+    zs = torch.where(ok, zz, torch.ones_like(zz))
+    near, far = float(bin_depths[0]), float(bin_depths[-1])
+    if D == 1:
+        t = torch.zeros_like(zs)
+    elif spacing == "uniform":
+        t = (zs - near) / (far - near) * (D - 1)
+    else:
+        t = (1.0 / near - 1.0 / zs) / (1.0 / near - 1.0 / far) * (D - 1)
+    idx = torch.floor(t + 0.5).clamp(0, D - 1).to(torch.int64)
+    return torch.where(ok, idx, torch.full_like(idx, -1))
+
+
+# ---------------------------------------------------------------------- memory
+@dataclass(frozen=True)
+class VolumeEstimate:
+    """What :func:`render_volume` will allocate, in bytes.
+
+    ``volume``: the ``[C, D, H, W]`` output (on disk when ``on_disk``); ``mass``: ``log M`` plus the
+    returned mass (float32 ``[D, H, W]`` each); ``working``: the per-block buffers (at most the budget,
+    unless one row alone exceeds it); ``rows_per_chunk`` / ``channel_chunk``: the chunking used.
+    """
+
+    volume: int
+    mass: int
+    working: int
+    rows_per_chunk: int
+    channel_chunk: int
+    on_disk: bool
+
+    @property
+    def memory(self) -> int:
+        """Bytes of RAM (the volume counts only when it is not a memmap)."""
+        return self.mass + self.working + (0 if self.on_disk else self.volume)
+
+    def __str__(self) -> str:
+        gib = 2.0**30
+        where = "on disk (memmap)" if self.on_disk else "in memory"
+        return (
+            f"volume {self.volume / gib:.2f} GiB {where}, mass {self.mass / gib:.3f} GiB, working "
+            f"{self.working / gib:.3f} GiB ({self.rows_per_chunk} rows x {self.channel_chunk} channels per "
+            f"chunk); RAM total {self.memory / gib:.2f} GiB"
+        )
+
+
+def _per_row_floats(block_w: int, K: int, n_bins: int, cc: int) -> int:
+    """Working floats per HR row of a block: spatial/colour temporaries ``~8 [nx, K]``, the weights
+    ``[Db, nx, K]`` (two buffers) and the matrix product's output ``[Cc, Db, nx]``."""
+    return block_w * (K * (8 + 2 * n_bins) + cc * n_bins)
+
+
+def estimate_volume_bytes(
+    channels: int,
+    bins: int,
+    out_size: tuple[int, int],
+    out_dtype: torch.dtype = torch.float32,
+    *,
+    band: int | None = None,
+    radius: float = 8.0,
+    lr_size: tuple[int, int] | None = None,
+    work_dtype: torch.dtype = torch.float32,
+    channel_chunk: int | None = None,
+    budget_bytes: int = _DEFAULT_BUDGET,
+    on_disk: bool = False,
+) -> VolumeEstimate:
+    """Bytes a :func:`render_volume` call needs, before anything is allocated.
+
+    Parameters
+    ----------
+    channels, bins : ``C`` and ``D``.
+    out_size : ``(H, W)``.
+    out_dtype : dtype of the volume (float16 halves it).
+    band : half-width of the bin band, or None for all bins.
+    radius : kernel window radius in LR cells (sets ``K``).
+    lr_size : ``(h, w)`` of the feature grid (sets the block width; None: a conservative bound).
+    work_dtype : dtype of the computation (the kernel parameters' dtype).
+    channel_chunk : channels per chunk (default: all, capped at 64).
+    budget_bytes : target size of the streaming buffers.
+    on_disk : True when the volume goes to a memmap.
+    """
+    H, W = out_size
+    n_bins = bins if band is None else min(bins, 2 * int(band) + 1)
+    K = int(window_offsets(radius).shape[0])
+    cc = max(1, min(channels, 64 if channel_chunk is None else int(channel_chunk)))
+    fsize = torch.empty((), dtype=work_dtype).element_size()
+    block_w = W if lr_size is None else -(-W // lr_size[1]) + 1
+    per_row = _per_row_floats(block_w, K, n_bins, cc) * fsize
+    block_h = H if lr_size is None else -(-H // lr_size[0]) + 1  # a chunk never spans two anchor rows
+    rows = int(max(1, min(block_h, budget_bytes // max(per_row, 1))))
+    osize = torch.empty((), dtype=out_dtype).element_size()
+    return VolumeEstimate(
+        volume=channels * bins * H * W * osize,
+        mass=2 * bins * H * W * 4,
+        working=rows * per_row,
+        rows_per_chunk=rows,
+        channel_chunk=cc,
+        on_disk=on_disk,
+    )
+
+
+def _check_fits(est: VolumeEstimate, out: Path | None, device: torch.device) -> None:
+    avail = available_memory_bytes()
+    if device.type == "cpu" and est.memory > 0.8 * avail:
+        hint = "" if est.on_disk else ", pass out='volume.npy' (memmap)"
+        raise ValueError(
+            f"render_volume needs {est.memory / 2**30:.2f} GiB of RAM ({est}) but only {avail / 2**30:.2f} GiB "
+            f"is available: use fewer bins or channels, a band{hint}, or out_dtype=torch.float16"
+        )
+    if out is not None:
+        free = shutil.disk_usage(out.parent).free
+        if est.volume > 0.95 * free:
+            raise ValueError(
+                f"the volume needs {est.volume / 2**30:.2f} GiB on disk but only {free / 2**30:.2f} GiB is free "
+                f"at {str(out.parent)!r}"
+            )
+
+
+# ---------------------------------------------------------------------- rendering
+def _cell_terms(lifted: LiftedKernel, depth_model: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Per-LR-cell quantities ``[Q]`` of the depth term: centre, precision, slope and HR centre."""
+    k = lifted.kernel
+    h, w = lifted.lr_size
+    H, W = lifted.out_size
+    lsz = k.params[0, -1].reshape(-1).clamp(LOG_SIGMA_MIN, LOG_SIGMA_MAX).to(dtype)
+    ok = k.valid_lr[0, -1].reshape(-1)
+    terms = {
+        "phi": k.guide_lr[0, -1].reshape(-1).to(dtype),
+        "prec": torch.where(ok, 0.5 * torch.exp(-2 * lsz), torch.zeros((), dtype=dtype, device=lsz.device)),
+    }
+    if depth_model == "planar":
+        dev = lsz.device
+        terms["gy"] = lifted.depth_lr_grad[0, 0].reshape(-1).to(dtype)
+        terms["gx"] = lifted.depth_lr_grad[0, 1].reshape(-1).to(dtype)
+        terms["cy"] = lr_centres(h, H, dev, dtype)[:, None].expand(h, w).reshape(-1)
+        terms["cx"] = lr_centres(w, W, dev, dtype)[None, :].expand(h, w).reshape(-1)
+    return terms
+
+
+def _colour_terms(lifted: LiftedKernel, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Per-LR-cell quantities ``[Q]`` of the spatial and colour terms (see :func:`pair_logits`)."""
+    k = lifted.kernel
+    h, w = lifted.lr_size
+    H, W = lifted.out_size
+    p = k.params[0].reshape(k.params.shape[1], -1).to(dtype)  # [5, Q]
+    th = theta_from_raw(p[2])
+    dev = p.device
+    return {
+        "cos": torch.cos(th),
+        "sin": torch.sin(th),
+        "px": 0.5 * torch.exp(-2 * p[0].clamp(LOG_SIGMA_MIN, LOG_SIGMA_MAX)),
+        "py": 0.5 * torch.exp(-2 * p[1].clamp(LOG_SIGMA_MIN, LOG_SIGMA_MAX)),
+        "pr": 0.5 * torch.exp(-2 * p[3].clamp(LOG_SIGMA_MIN, LOG_SIGMA_MAX)),
+        "cy": lr_centres(h, H, dev, dtype)[:, None].expand(h, w).reshape(-1),
+        "cx": lr_centres(w, W, dev, dtype)[None, :].expand(h, w).reshape(-1),
+        "g": k.guide_lr[0, :-1].reshape(k.guide_lr.shape[1] - 1, -1).to(dtype),  # [Cc, Q]
+    }
+
+
+def _block_base(ct: dict, g_hr: torch.Tensor, yy: torch.Tensor, xx: torch.Tensor, nb: torch.Tensor) -> torch.Tensor:
+    """Spatial + colour log-weights ``[R, nx, K]`` of a block of pixels and its neighbours ``nb [K]``.
+
+    The same expression as :func:`ua3d.core.kernel.pair_logits` for one range group, with the
+    neighbour parameters gathered once per block. ``g_hr [Cc, R, nx]``, ``yy [R]``, ``xx [nx]``.
+    """
+    dy = (yy[:, None] - ct["cy"][nb])[:, None, :]  # [R, 1, K]
+    dx = (xx[:, None] - ct["cx"][nb])[None, :, :]  # [1, nx, K]
+    c, s = ct["cos"][nb], ct["sin"][nb]
+    a = c * dx + s * dy
+    b = c * dy - s * dx
+    out = -(a * a * ct["px"][nb] + b * b * ct["py"][nb])
+    diff = torch.zeros_like(out)
+    for ch in range(g_hr.shape[0]):
+        diff.add_((g_hr[ch][:, :, None] - ct["g"][ch, nb]).square_())
+    return out.sub_(diff.mul_(ct["pr"][nb]))
+
+
+def _band_start(lifted: LiftedKernel, bin_depths, spacing: str, band: int | None) -> tuple[torch.Tensor, int]:
+    """First computed bin per pixel ``[H, W]`` int64 and the number of computed bins ``Db``."""
+    H, W = lifted.out_size
+    D = bin_depths.numel()
+    dev = lifted.params.device
+    if band is None or 2 * band + 1 >= D:
+        return torch.zeros(H, W, dtype=torch.int64, device=dev), D
+    n = 2 * band + 1
+    z = lifted.depth[0, 0]
+    if not bool(lifted.depth_valid.all()):
+        z = torch.where(lifted.depth_valid[0, 0], z, lifted.render_depth()[0, 0].to(z.dtype))
+    centre = depth_to_bin(z, bin_depths, spacing)
+    centre = torch.where(centre < 0, torch.zeros_like(centre), centre)
+    return (centre - band).clamp(0, D - n), n
+
+
+def _allocate(shape, out_dtype: torch.dtype, out: Path | None, zero: bool, device):
+    """The volume tensor and, for a file output, the numpy memmap behind it (else None)."""
+    if out is None:
+        return (torch.zeros if zero else torch.empty)(shape, dtype=out_dtype, device=device), None
+    if torch.device(device).type != "cpu":
+        raise ValueError(f"out (a memmap) needs a CPU kernel, got device {device}")
+    np_dtype = torch.empty((), dtype=out_dtype).numpy().dtype
+    mm = np.lib.format.open_memmap(out, mode="w+", dtype=np_dtype, shape=tuple(shape))  # zero-filled
+    return torch.from_numpy(mm), mm
+
+
+def render_volume(
+    lifted: LiftedKernel,
+    features: Any,
+    bins: int = 64,
+    near: float | None = None,
+    far: float | None = None,
+    spacing: str = "uniform",
+    band: int | None = None,
+    out: str | Path | None = None,
+    out_dtype: torch.dtype | None = None,
+    *,
+    depth_model: str = "planar",
+    mass_mode: str = "normalized",
+    channel_chunk: int | None = None,
+    budget_bytes: int = _DEFAULT_BUDGET,
+    verbose: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Render LR features into a dense feature volume over depth bins.
+
+    Parameters
+    ----------
+    lifted : a fitted :class:`~ua3d.rgbd.lift.LiftedKernel` (one frame).
+    features : ``[1, C, h, w]`` or ``[C, h, w]`` on the kernel's LR grid, finite.
+    bins : number of depth bins ``D``.
+    near, far : metres; default: the 1st / 99th percentile of the valid observed depth.
+    spacing : ``"uniform"`` in depth or ``"inverse"`` (uniform in 1/z).
+    band : keep only ``2 band + 1`` bins around each pixel's depth bin (others: volume 0, mass 0).
+    out : path of a ``.npy`` file to write the volume to as a memmap (the returned tensor shares it).
+    out_dtype : volume dtype (default: the features' floating dtype; ``torch.float16`` halves it).
+    mass_mode : ``"normalized"`` (per-pixel distribution over bins, default) or ``"raw"`` (weight sums).
+    channel_chunk : channels rendered per pass (default: all, capped at 64).
+    budget_bytes : size of the streaming buffers (default 256 MiB).
+    verbose : print the memory estimate before allocating.
+
+    Returns
+    -------
+    volume : ``[C, D, H, W]`` in ``out_dtype`` (memmap-backed when ``out`` is given)
+    mass : ``[D, H, W]`` float32
+    bin_depths : ``[D]`` float64 metres
+
+    Raises
+    ------
+    ValueError
+        bad features, bins, near/far, spacing, band or mass_mode; or the output does not fit.
+    """
+    if not isinstance(lifted, LiftedKernel):
+        raise ValueError(f"lifted must be a LiftedKernel, got {type(lifted).__name__}")
+    f = lifted.check_features(features)
+    if not bool(torch.isfinite(f).all()):
+        raise ValueError(f"features contain NaN/Inf (shape {tuple(f.shape)})")
+    if depth_model not in DEPTH_MODELS:
+        raise ValueError(f"depth_model must be one of {DEPTH_MODELS}, got {depth_model!r}")
+    if mass_mode not in MASS_MODES:
+        raise ValueError(f"mass_mode must be one of {MASS_MODES}, got {mass_mode!r}")
+    if band is not None and (isinstance(band, bool) or not isinstance(band, (int, np.integer)) or band < 0):
+        raise ValueError(f"band must be None or an integer >= 0, got {band!r}")
+    if near is None or far is None:
+        zv = lifted.depth[lifted.depth_valid].to(torch.float64)
+        q = torch.quantile(zv[:: max(1, zv.numel() // 1_000_000)], torch.tensor([0.01, 0.99], dtype=zv.dtype))
+        near = float(q[0]) if near is None else near
+        far = float(q[1]) if far is None else far
+    _check_bins(bins, near, far, spacing)
+    out_path = None if out is None else Path(out)
+    if out_path is not None and out_path.suffix != ".npy":
+        raise ValueError(f"out must be a path ending in .npy, got {str(out)!r}")
+    work = lifted.params.dtype
+    out_dtype = out_dtype or f.dtype
+    C = f.shape[1]
+    H, W = lifted.out_size
+    D = int(bins)
+    est = estimate_volume_bytes(
+        C, D, (H, W), out_dtype, band=band, radius=lifted.kernel.radius, lr_size=lifted.lr_size, work_dtype=work,
+        channel_chunk=channel_chunk, budget_bytes=budget_bytes, on_disk=out_path is not None,
+    )
+    if verbose:
+        print(f"render_volume: C={C} D={D} H={H} W={W}: {est}")
+    _check_fits(est, out_path, lifted.params.device)
+
+    dev = lifted.params.device
+    bin_depths = make_bin_depths(near, far, D, spacing, device=dev)
+    terms = _cell_terms(lifted, depth_model, work)
+    phi_bins = lifted.depth_feature(bin_depths).to(work)  # [D]
+    d0, n_bins = _band_start(lifted, bin_depths, spacing, band)
+    volume, mm = _allocate((C, D, H, W), out_dtype, out_path, n_bins < D, dev)
+    log_mass = torch.full((D, H, W), float("-inf"), dtype=torch.float32, device=dev)
+    _stream(lifted, f.to(device=dev, dtype=work), terms, phi_bins, d0, n_bins, est, volume, log_mass)
+    if mm is not None:
+        mm.flush()
+    if mass_mode == "normalized":
+        mass = torch.softmax(log_mass, dim=0)
+    else:
+        mass = log_mass.exp()
+    return volume, mass, bin_depths
+
+
+def _anchor_runs(n_hr: int, n_lr: int, device) -> list[tuple[int, int, int]]:
+    """``(start, stop, anchor)`` runs of consecutive HR indices that share a nearest LR anchor."""
+    a = nearest_anchor(n_hr, n_lr, device).tolist()
+    runs, s = [], 0
+    for i in range(1, n_hr + 1):
+        if i == n_hr or a[i] != a[s]:
+            runs.append((s, i, a[s]))
+            s = i
+    return runs
+
+
+def _block_weights(base, centre, prec, phi_b):
+    """Normalised weights ``[Db, R, nx, K]`` and log-mass ``[Db, R, nx]`` of one block (in place where possible).
+
+    ``base [R, nx, K]`` spatial + colour logits, ``centre [R, nx, K]`` depth-feature centre of each
+    neighbour as seen from each pixel, ``prec [K]`` ``1 / (2 sigma_z^2)`` (0 where the cell has no
+    depth), ``phi_b [Db, R, nx]`` bin depth features. Logits more than ``-_EXP_FLOOR`` below a
+    pixel's maximum are clamped there before ``exp`` (weights below ``e^-80`` of the largest one;
+    this keeps ``exp`` off its slow path for huge negative arguments).
+    """
+    lg = phi_b[..., None] - centre  # [Db, R, nx, K]
+    lg.square_()
+    lg = torch.addcmul(base, lg, prec, value=-1.0)
+    mx = lg.amax(dim=-1, keepdim=True)
+    lg.sub_(mx).clamp_(min=_EXP_FLOOR).exp_()
+    tot = lg.sum(dim=-1, keepdim=True)
+    lg.div_(tot)
+    return lg, (mx + tot.log()).squeeze(-1)
+
+
+def _stream(lifted, f, terms, phi_bins, d0, n_bins, est: VolumeEstimate, volume, log_mass) -> None:
+    """Fill ``volume [C, D, H, W]`` and ``log_mass [D, H, W]``.
+
+    Rows are processed in chunks inside one LR anchor row; inside a chunk the pixels of one anchor
+    column (a *block*) share their neighbour set (cells outside the grid dropped), so the block's
+    features ``[C, K]`` meet its weights ``[K, Db * n]`` in one matrix product whose result is
+    already in the volume's ``[C, D, rows, columns]`` order.
+    """
+    k = lifted.kernel
+    g_hr = k.guide_hr[0, :-1].to(f.dtype)  # [Cc, H, W] colour
+    ct = _colour_terms(lifted, f.dtype)
+    offs = window_offsets(k.radius, f.device)
+    C = f.shape[1]
+    H, W = lifted.out_size
+    h, w = lifted.lr_size
+    dev, dt = f.device, f.dtype
+    fq = f[0].reshape(C, -1)  # [C, Q]
+    steps = torch.arange(n_bins, device=dev)
+    col_runs = _anchor_runs(W, w, dev)
+    planar = "gy" in terms
+    full = n_bins == volume.shape[1]
+    for ys, ye, i in _anchor_runs(H, h, dev):
+        ny = i + offs[:, 0]
+        for y0 in range(ys, ye, est.rows_per_chunk):
+            y1 = min(ye, y0 + est.rows_per_chunk)
+            R = y1 - y0
+            yy = torch.arange(y0, y1, device=dev, dtype=dt)
+            dd = d0[None, y0:y1, :] + steps[:, None, None]  # [Db, R, W] bin indices
+            if not full:
+                yi = torch.arange(y0, y1, device=dev)[None, :, None].expand_as(dd)
+                xi = torch.arange(W, device=dev)[None, None, :].expand_as(dd)
+            for xs, xe, j in col_runs:
+                nxc = j + offs[:, 1]
+                keep = (ny >= 0) & (ny < h) & (nxc >= 0) & (nxc < w)
+                nb = ny[keep] * w + nxc[keep]  # [K] the block's neighbours inside the grid
+                nx, K = xe - xs, nb.numel()
+                xx = torch.arange(xs, xe, device=dev, dtype=dt)
+                base = _block_base(ct, g_hr[:, y0:y1, xs:xe], yy, xx, nb)
+                centre = terms["phi"][nb].expand(R, nx, K)
+                if planar:
+                    oy = (yy[:, None] - terms["cy"][nb])[:, None, :]  # [R, 1, K]
+                    ox = (xx[:, None] - terms["cx"][nb])[None, :, :]  # [1, nx, K]
+                    centre = centre + terms["gy"][nb] * oy + terms["gx"][nb] * ox
+                wts, lse = _block_weights(base, centre, terms["prec"][nb], phi_bins[dd[:, :, xs:xe]])
+                wt = wts.reshape(n_bins * R * nx, K).T  # [K, Db * R * nx]
+                if full:
+                    log_mass[:, y0:y1, xs:xe] = lse.to(log_mass.dtype)
+                else:
+                    sel = (dd[:, :, xs:xe], yi[:, :, xs:xe], xi[:, :, xs:xe])
+                    log_mass[sel] = lse.to(log_mass.dtype)
+                for c0 in range(0, C, est.channel_chunk):
+                    c1 = min(C, c0 + est.channel_chunk)
+                    o = (fq[c0:c1, nb] @ wt).reshape(c1 - c0, n_bins, R, nx)  # [Cc, Db, R, nx]
+                    if full:
+                        volume[c0:c1, :, y0:y1, xs:xe] = o
+                    else:
+                        volume[(slice(c0, c1), *sel)] = o
