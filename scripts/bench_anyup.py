@@ -3,7 +3,8 @@
 Each case runs in a fresh subprocess so that its peak resident set size (``ru_maxrss``) is its
 own.  Weights are **random** (``torch.manual_seed(0)``; AnyUp's cost does not depend on the weight
 values), features are random ``[1, C, h, w]``, the guide is scikit-image's astronaut photo resized
-to the output size (or random noise with ``--guide random``).  float32 on the CPU.
+to the output size (or random noise with ``--guide random``).  float32 on the CPU.  Wall time
+and process CPU time are both reported: on a shared, busy machine the CPU time is the steadier.
 
     python scripts/bench_anyup.py --json bench_results/anyup.json
     python scripts/bench_anyup.py --cases 64:1024 --repeats 3
@@ -54,15 +55,16 @@ def worker(args: argparse.Namespace) -> None:
     guide = _make_guide(out, args.guide)
     feats = torch.randn(1, args.channels, lr, lr, generator=torch.Generator().manual_seed(2))
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    times = []
+    times, cpu = [], []
     for _ in range(args.repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         y = anyup(guide, feats, model=model)
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
         assert y.shape == (1, args.channels, out, out)
         del y
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"times_s": times, "peak_rss_bytes": peak, "rss_before_forward_bytes": rss_before}))
+    print(json.dumps({"times_s": times, "cpu_s": cpu, "peak_rss_bytes": peak, "rss_before_forward_bytes": rss_before}))
 
 
 def run_case(lr: int, out: int, repeats: int, args: argparse.Namespace) -> dict:
@@ -70,6 +72,7 @@ def run_case(lr: int, out: int, repeats: int, args: argparse.Namespace) -> dict:
            "--channels", str(args.channels), "--threads", str(args.threads), "--guide", args.guide]
     if args.budget_mib is not None:
         cmd += ["--budget-mib", str(args.budget_mib)]
+    load_before = os.getloadavg()
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -80,6 +83,8 @@ def run_case(lr: int, out: int, repeats: int, args: argparse.Namespace) -> dict:
     return {
         "lr": lr, "out": out, "channels": args.channels, "repeats": repeats,
         "median_s": statistics.median(res["times_s"]), "times_s": res["times_s"],
+        "median_cpu_s": statistics.median(res["cpu_s"]), "cpu_s": res["cpu_s"],
+        "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "peak_rss_gib": res["peak_rss_bytes"] / 2**30,
         "rss_before_forward_gib": res["rss_before_forward_bytes"] / 2**30,
         "output_tensor_gib": out_bytes / 2**30,
@@ -132,12 +137,14 @@ def main() -> None:
     info = machine_info(args.threads)
     print(f"\nAnyUp (ua3d, tiled window attention), {info['cpu']}, {args.threads} threads, torch {info['torch']}, "
           f"float32, random weights, guide={args.guide}\n")
-    print("| LR -> output | C | repeats | median time (s) | peak RSS (GiB) | RSS before forward (GiB) "
-          "| output tensor (GiB) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| LR -> output | C | repeats | median wall (s) | median CPU (s) | peak RSS (GiB) "
+          "| RSS before forward (GiB) | output tensor (GiB) | load avg (1 min) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['lr']}² -> {r['out']}² | {r['channels']} | {r['repeats']} | {r['median_s']:.1f} "
-              f"| {r['peak_rss_gib']:.2f} | {r['rss_before_forward_gib']:.2f} | {r['output_tensor_gib']:.2f} |")
+              f"| {r['median_cpu_s']:.1f} | {r['peak_rss_gib']:.2f} | {r['rss_before_forward_gib']:.2f} "
+              f"| {r['output_tensor_gib']:.2f} | {r['load_average_before'][0]:.1f} |")
+    print("\nCPU = process CPU time (all threads); on a busy machine wall time mostly measures the load.")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"info": info, "results": rows}, indent=2))

@@ -97,9 +97,13 @@ def test_consistency_solve_reduces_the_residual():
 
     r0 = residual(prob.t)
     for solver in ("gmres", "richardson"):
-        c = consistency_solve(render, prob.t, valid, "bicubic", 6, solver)
+        c, out, sup = consistency_solve(render, prob.t, valid, "bicubic", 6, solver)
         assert residual(c) < 0.5 * r0, solver
-    assert torch.equal(consistency_solve(render, prob.t, valid, "none", 6), prob.t)
+        # the returned render is render(c), assembled without rendering c again
+        torch.testing.assert_close(out, render(c)[0], rtol=0, atol=1e-5)
+        assert bool(sup.all())
+    c, out, _ = consistency_solve(render, prob.t, valid, "none", 6)
+    assert torch.equal(c, prob.t) and torch.equal(out, render(prob.t)[0])
 
 
 # --------------------------------------------------------------------------- behaviour

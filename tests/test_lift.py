@@ -20,6 +20,15 @@ from ua3d.rgbd.synthetic import make_scene
 CFG0 = FitConfig(steps=0, radius=2, backend="reference")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Small tensors: one thread avoids OpenMP oversubscription on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def scene():
     return make_scene(0, 64, 48, holes=3)
@@ -187,8 +196,9 @@ def _near_depth_edges(z: np.ndarray, px: int = 3, jump: float = 0.05) -> np.ndar
 def test_labels_near_depth_edges_beat_2d_kernel_and_bilinear():
     """One-hot object ids on a 16x smaller grid: render_2d label accuracy within 3 px of depth edges.
 
-    Figures (seed 0, 192x144, grid 9x12, 20 steps, radius 2, reference backend): lift 0.865,
-    2D kernel 0.604, bilinear 0.684 (``scripts/eval_lift.py`` prints them for more scenes).
+    Figures (seed 0, 192x144, grid 9x12, 20 steps, radius 2, reference backend, LR guide sampled at the
+    cell centres): lift 0.847, 2D kernel 0.778, bilinear 0.708 (``scripts/eval_lift.py`` prints them for
+    more scenes).
     """
     s = make_scene(0, 192, 144, holes=3)
     ids = torch.from_numpy(s["ids"]).long()
@@ -206,8 +216,8 @@ def test_labels_near_depth_edges_beat_2d_kernel_and_bilinear():
             ("bilinear", F.interpolate(lr, size=ids.shape, mode="bilinear", align_corners=False)),
         ]
     }
-    assert acc["lift"] > acc["2d"] + 0.1 and acc["lift"] > acc["bilinear"] + 0.1, acc
-    assert math.isclose(acc["lift"], 0.865, abs_tol=0.03), acc
+    assert acc["lift"] > acc["2d"] + 0.05 and acc["lift"] > acc["bilinear"] + 0.1, acc
+    assert math.isclose(acc["lift"], 0.847, abs_tol=0.03), acc
 
 
 def test_non_rgb_guide_and_tensor_inputs():

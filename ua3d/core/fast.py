@@ -95,7 +95,7 @@ if AVAILABLE:
     def _fexp(x):  # pragma: no cover - replaced by the overload below inside numba
         return np.exp(x)
 
-    @overload(_fexp, inline="always")
+    @overload(_fexp)
     def _fexp_overload(x):
         """``exp(x)`` for ``x <= 0``, vectorisable (no libm call): ``2^n * poly(r)``.
 
@@ -105,17 +105,16 @@ if AVAILABLE:
         smallest normal exponent give exactly 0.
         """
         if x == types.float32:
-            lo, log2e = np.float32(-60.0), np.float32(1.4426950408889634)
+            lo, log2e = np.float32(-87.0), np.float32(1.4426950408889634)
             c1, c2 = np.float32(0.693359375), np.float32(-2.12194440e-4)
-            coefs = tuple(np.float32(1.0 / math.factorial(k)) for k in range(7, -1, -1))
+            t2, t3, t4, t5, t6, t7 = (np.float32(1.0 / math.factorial(k)) for k in range(2, 8))
+            one = np.float32(1.0)
 
             def impl32(x):
                 xc = max(x, lo)
                 n = np.floor(xc * log2e + np.float32(0.5))
                 r = (xc - n * c1) - n * c2
-                p = coefs[0]
-                for ck in coefs[1:]:
-                    p = p * r + ck
+                p = ((((((t7 * r + t6) * r + t5) * r + t4) * r + t3) * r + t2) * r + one) * r + one
                 s = _bits_to_f32((np.int32(n) + np.int32(127)) << np.int32(23))
                 return np.float32(0.0) if x < lo else p * s
 
@@ -123,15 +122,16 @@ if AVAILABLE:
         if x == types.float64:
             lo, log2e = -708.0, 1.4426950408889634
             c1, c2 = 6.93147180369123816490e-01, 1.90821492927058770002e-10
-            coefs = tuple(1.0 / math.factorial(k) for k in range(13, -1, -1))
+            u2, u3, u4, u5, u6, u7, u8, u9, u10, u11, u12, u13 = (1.0 / math.factorial(k) for k in range(2, 14))
 
             def impl64(x):
                 xc = max(x, lo)
                 n = np.floor(xc * log2e + 0.5)
                 r = (xc - n * c1) - n * c2
-                p = coefs[0]
-                for ck in coefs[1:]:
-                    p = p * r + ck
+                p = u13 * r + u12
+                p = (((p * r + u11) * r + u10) * r + u9) * r + u8
+                p = (((p * r + u7) * r + u6) * r + u5) * r + u4
+                p = (((p * r + u3) * r + u2) * r + 1.0) * r + 1.0
                 s = _bits_to_f64((np.int64(n) + np.int64(1023)) << np.int64(52))
                 return 0.0 if x < lo else p * s
 
@@ -165,8 +165,8 @@ if AVAILABLE:
                     continue
             if is_anchor:
                 kanc = kb
-            nb_cy[kb] = cyv[qi]
-            nb_cx[kb] = cxv[qj]
+            nb_cy[kb] = cyv[qi] - y0  # block-local frame: small numbers, no cancellation
+            nb_cx[kb] = cxv[qj] - x0
             nb_c[kb] = coef[b, 0, qi, qj]
             nb_s[kb] = coef[b, 1, qi, qj]
             nb_a[kb] = coef[b, 2, qi, qj]
@@ -205,12 +205,12 @@ if AVAILABLE:
                     d[p] += d0 * d0
 
     @njit(**_JIT_INLINE)
-    def _block_weights(kb, kanc, n, px, py, pg, pv, gstart, cut, nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b, nb_r,
-                       nb_v, nb_g, wl, mx, tot, d):
-        """Unnormalised weights of one block: ``wl[k, p] = exp(logit_kp - mx[p])``, ``tot[p] =
-        sum_k wl[k, p]`` for the ``kb`` listed neighbours and the first ``n`` pixels (``px, py``
-        coordinates, ``pg [Cg, n]`` guide values, ``pv [G, n]`` range validity). ``mx[p]`` stays
-        below ``_NEG / 2`` where a support cut left no neighbour."""
+    def _block_logits(kb, kanc, n, px, py, pg, pv, gstart, cut, nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b, nb_r,
+                      nb_v, nb_g, wl, mx, d):
+        """Logits of one block, ``wl[k, p]``, and their max over ``k``, ``mx[p]``, for the ``kb``
+        listed neighbours and the first ``n`` pixels (``px, py`` coordinates, ``pg [Cg, n]`` guide
+        values, ``pv [G, n]`` range validity). ``mx[p]`` stays below ``_NEG / 2`` where a support
+        cut left no neighbour."""
         dt = wl.dtype.type
         G = gstart.shape[0] - 1
         lim = dt(-0.5 * cut * cut)
@@ -219,16 +219,15 @@ if AVAILABLE:
             mx[p] = dt(-3.0e38)
         for k in range(kb):
             ck, sk, ak, bk = nb_c[k], nb_s[k], nb_a[k], nb_b[k]
-            cyk, cxk = nb_cy[k], nb_cx[k]
+            a0 = ck * nb_cx[k] + sk * nb_cy[k]  # a = c dx + s dy = c px + s py - a0
+            b0 = ck * nb_cy[k] - sk * nb_cx[k]
             row = wl[k]
             if G == 1 and gstart[1] == 3 and cut == 0:  # RGB guide: one fused pass
                 rv = nb_r[0, k] * nb_v[0, k]
                 g0, g1, g2 = nb_g[0, k], nb_g[1, k], nb_g[2, k]
                 for p in range(n):
-                    dx = px[p] - cxk
-                    dy = py[p] - cyk
-                    a = ck * dx + sk * dy
-                    bb = ck * dy - sk * dx
+                    a = ck * px[p] + sk * py[p] - a0
+                    bb = ck * py[p] - sk * px[p] - b0
                     d0 = pg[0, p] - g0
                     d1 = pg[1, p] - g1
                     d2 = pg[2, p] - g2
@@ -237,10 +236,8 @@ if AVAILABLE:
                     mx[p] = max(mx[p], v)
                 continue
             for p in range(n):
-                dx = px[p] - cxk
-                dy = py[p] - cyk
-                a = ck * dx + sk * dy
-                bb = ck * dy - sk * dx
+                a = ck * px[p] + sk * py[p] - a0
+                bb = ck * py[p] - sk * px[p] - b0
                 row[p] = -(ak * a * a + bk * bb * bb)
             if cut > 0 and k != kanc:
                 for p in range(n):
@@ -254,6 +251,14 @@ if AVAILABLE:
                     row[p] -= rv * pv[g, p] * d[p]
             for p in range(n):
                 mx[p] = max(mx[p], row[p])
+
+    @njit(**_JIT_INLINE)
+    def _block_weights(kb, kanc, n, px, py, pg, pv, gstart, cut, nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b, nb_r,
+                       nb_v, nb_g, wl, mx, tot, d):
+        """Unnormalised weights of one block: ``wl[k, p] = exp(logit_kp - mx[p])`` and ``tot[p] =
+        sum_k wl[k, p]`` (see :func:`_block_logits`)."""
+        _block_logits(kb, kanc, n, px, py, pg, pv, gstart, cut, nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b, nb_r,
+                      nb_v, nb_g, wl, mx, d)
         for p in range(n):
             tot[p] = 0.0
         for k in range(kb):
@@ -343,8 +348,8 @@ if AVAILABLE:
                             continue
                         for g in range(G):
                             pv[g, n] = dt(1.0) if (not use_vhr or vhr[b, g, y, x] != 0) else dt(0.0)
-                        px[n] = dt(x)
-                        py[n] = dt(y)
+                        px[n] = dt(x - x0)
+                        py[n] = dt(y - y0)
                         n += 1
                 if n == 0:
                     continue
@@ -353,9 +358,11 @@ if AVAILABLE:
                 kb, kanc = _gather_block(b, i, j, glr, coef, vlr, smask_dummy, offs, cyv, cxv, y0, y1, x0, x1,
                                          cut, use_vlr, False, nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b, nb_r, nb_v,
                                          nb_g, nb_k)
-                _block_weights(kb, kanc, npad, px, py, pg, pv, gstart, cut, nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b,
-                               nb_r, nb_v, nb_g, wl, mx, tot, d)
-                # reconstruction of the guide and the loss
+                _block_logits(kb, kanc, npad, px, py, pg, pv, gstart, cut, nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b,
+                              nb_r, nb_v, nb_g, wl, mx, d)
+                # weights (exp) fused with the reconstruction of the guide
+                for p in range(npad):
+                    tot[p] = 0.0
                 for c in range(Cg):
                     for p in range(npad):
                         rec[c, p] = 0.0
@@ -364,10 +371,17 @@ if AVAILABLE:
                     if Cg == 3:
                         f0, f1, f2 = nb_g[0, k], nb_g[1, k], nb_g[2, k]
                         for p in range(npad):
-                            rec[0, p] += row[p] * f0
-                            rec[1, p] += row[p] * f1
-                            rec[2, p] += row[p] * f2
+                            e = _fexp(row[p] - mx[p])
+                            row[p] = e
+                            tot[p] += e
+                            rec[0, p] += e * f0
+                            rec[1, p] += e * f1
+                            rec[2, p] += e * f2
                         continue
+                    for p in range(npad):
+                        e = _fexp(row[p] - mx[p])
+                        row[p] = e
+                        tot[p] += e
                     for c in range(Cg):
                         f = nb_g[c, k]
                         for p in range(npad):
@@ -389,7 +403,9 @@ if AVAILABLE:
                     kk = nb_k[k]
                     slot = offs[kk, 0] + r
                     qj = j + offs[kk, 1]
-                    ck, sk, cyk, cxk = nb_c[k], nb_s[k], nb_cy[k], nb_cx[k]
+                    ck, sk = nb_c[k], nb_s[k]
+                    a0 = ck * nb_cx[k] + sk * nb_cy[k]
+                    b0 = ck * nb_cy[k] - sk * nb_cx[k]
                     if G == 1 and Cg == 3:  # RGB guide: one fused pass
                         f0, f1, f2 = nb_g[0, k], nb_g[1, k], nb_g[2, k]
                         saa = dt(0.0)
@@ -398,10 +414,8 @@ if AVAILABLE:
                         sd = dt(0.0)
                         for p in range(npad):
                             t = row[p] * (ee[0, p] * f0 + ee[1, p] * f1 + ee[2, p] * f2 - sbar[p])
-                            dx = px[p] - cxk
-                            dy = py[p] - cyk
-                            a = ck * dx + sk * dy
-                            bb = ck * dy - sk * dx
+                            a = ck * px[p] + sk * py[p] - a0
+                            bb = ck * py[p] - sk * px[p] - b0
                             saa += t * a * a
                             sbb += t * bb * bb
                             sab += t * a * bb
@@ -426,10 +440,8 @@ if AVAILABLE:
                     for p in range(npad):
                         t = tk[p] * row[p]
                         tk[p] = t
-                        dx = px[p] - cxk
-                        dy = py[p] - cyk
-                        a = ck * dx + sk * dy
-                        bb = ck * dy - sk * dx
+                        a = ck * px[p] + sk * py[p] - a0
+                        bb = ck * py[p] - sk * px[p] - b0
                         saa += t * a * a
                         sbb += t * bb * bb
                         sab += t * a * bb
@@ -473,8 +485,8 @@ if AVAILABLE:
         n = 0
         for y in range(y0, y1):
             for x in range(x0, x1):
-                px[n] = dt(x)
-                py[n] = dt(y)
+                px[n] = dt(x - x0)
+                py[n] = dt(y - y0)
                 for c in range(Cg):
                     pg[c, n] = ghr[b, c, y, x]
                 for g in range(G):
@@ -534,8 +546,10 @@ if AVAILABLE:
             n = _block_pixels(b, y0, y1, x0, x1, ghr, vhr, use_vhr, px, py, pg, pv)
             npad = min(pmax, -(-n // 8) * 8)
             _pad_pixels(n, npad, px, py, pg, pv, pw)
-            _block_weights(kb, kanc, npad, px, py, pg, pv, gstart, cut, nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b,
-                           nb_r, nb_v, nb_g, wl, mx, tot, d)
+            _block_logits(kb, kanc, npad, px, py, pg, pv, gstart, cut, nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b,
+                          nb_r, nb_v, nb_g, wl, mx, d)
+            for p in range(npad):
+                tot[p] = 0.0
             for c in range(C):
                 for p in range(npad):
                     oc[c, p] = 0.0
@@ -543,6 +557,17 @@ if AVAILABLE:
                 row = wl[k]
                 kk = nb_k[k]
                 qi, qj = i + offs[kk, 0], j + offs[kk, 1]
+                if C == 1:
+                    f = sig[b, 0, qi, qj]
+                    for p in range(npad):
+                        e = _fexp(row[p] - mx[p])
+                        tot[p] += e
+                        oc[0, p] += e * f
+                    continue
+                for p in range(npad):
+                    e = _fexp(row[p] - mx[p])
+                    row[p] = e
+                    tot[p] += e
                 for c in range(C):
                     f = sig[b, c, qi, qj]
                     for p in range(npad):

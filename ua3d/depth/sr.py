@@ -195,15 +195,19 @@ def fill_missing(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return torch.where(valid, x, up)
 
 
-def _gmres(apply_a, b: torch.Tensor, x0: torch.Tensor, iters: int) -> torch.Tensor:
-    """``iters`` GMRES steps (no restart, Gram-Schmidt twice) for ``A x = b``; vectors of any shape."""
+def _gmres(apply_a, b: torch.Tensor, ax0: torch.Tensor, iters: int) -> torch.Tensor:
+    """``iters`` GMRES steps (no restart, Gram-Schmidt twice) for ``A x = b`` from ``x0`` with ``A x0 = ax0``.
+
+    ``apply_a`` is called on the Krylov basis vectors ``q_0, q_1, ...`` in order. Returns ``y [n]`` with
+    the solution ``x = x0 + sum_k y_k q_k`` (``n <= iters``; empty when ``x0`` already solves it), so
+    that a caller who keeps what it computed for each ``q_k`` gets the same combination of those too.
+    """
     shape, dt = b.shape, b.dtype
     wd = torch.float32 if b.device.type == "mps" else torch.float64
-    x0f = x0.reshape(-1).to(wd)
-    r0 = b.reshape(-1).to(wd) - apply_a(x0).reshape(-1).to(wd)
+    r0 = b.reshape(-1).to(wd) - ax0.reshape(-1).to(wd)
     beta = r0.norm()
     if float(beta) == 0.0 or iters == 0:
-        return x0
+        return torch.zeros(0, dtype=wd, device=b.device)
     basis = [r0 / beta]
     hess = torch.zeros(iters + 1, iters, dtype=wd, device=b.device)
     n = 0
@@ -221,56 +225,66 @@ def _gmres(apply_a, b: torch.Tensor, x0: torch.Tensor, iters: int) -> torch.Tens
         basis.append(v / hess[k + 1, k])
     e1 = torch.zeros(n + 1, 1, dtype=wd, device=b.device)
     e1[0, 0] = beta
-    y = torch.linalg.lstsq(hess[: n + 1, :n].cpu(), e1.cpu()).solution.to(b.device)[:, 0]
-    x = x0f + torch.stack(basis[:n], 1) @ y
-    return x.reshape(shape).to(dt)
+    return torch.linalg.lstsq(hess[: n + 1, :n].cpu(), e1.cpu()).solution.to(b.device)[:, 0]
 
 
 def consistency_solve(render, d_lr: torch.Tensor, valid: torch.Tensor, mode: str, iters: int,
-                      solver: str = "gmres") -> torch.Tensor:
-    """Coefficients ``c [B, 1, h, w]`` with ``down(render(c)) ~= d_lr`` on the valid LR cells.
+                      solver: str = "gmres") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Coefficients ``c`` with ``down(render(c)) ~= d_lr`` on the valid LR cells, and their render.
 
     Parameters
     ----------
-    render : callable ``c [B, 1, h, w] -> (out [B, 1, H, W], support [B, 1, H, W])``; must exclude the
-        cells where ``valid`` is False (the kernel's ``signal_mask``).
+    render : callable ``c [B, 1, h, w] -> (out [B, 1, H, W], support [B, 1, H, W])``, linear in ``c``;
+        must exclude the cells where ``valid`` is False (the kernel's ``signal_mask``).
     d_lr : ``[B, 1, h, w]`` LR depth (any value where not valid).
     valid : ``[B, 1, h, w]`` bool.
-    mode : forward model of :func:`downsample_depth`, or ``"none"`` (return ``d_lr`` as it is).
-    iters : solver iterations (0 = ``d_lr``).
-    solver : ``"gmres"`` or ``"richardson"`` (``c += r``, iterative back-projection).
+    mode : forward model of :func:`downsample_depth`, or ``"none"`` (no solve: ``c = d_lr``).
+    iters : solver iterations (0: ``c = d_lr``). Each costs one render.
+    solver : ``"gmres"`` or ``"richardson"`` (``c += r``: iterative back-projection).
 
     Returns
     -------
-    ``[B, 1, h, w]``, zero at invalid cells.
+    c : ``[B, 1, h, w]``, zero at invalid cells
+    out : ``[B, 1, H, W]`` ``render(c)`` (for GMRES assembled from the renders of the Krylov basis: no
+        extra render)
+    support : ``[B, 1, H, W]`` bool
     """
     _choice("solver", solver, SOLVERS)
     zero = torch.zeros((), dtype=d_lr.dtype, device=d_lr.device)
     c0 = torch.where(valid, d_lr, zero)
+    out0, sup = render(c0)
     if mode == "none" or iters == 0:
-        return c0
+        return c0, out0, sup
     size = tuple(d_lr.shape[-2:])
 
-    def residual_rows(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out, sup = render(c)
+    def down(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         low, ok = downsample_depth(out, size, mode, sup)
         return low, ok & valid
 
     if solver == "richardson":
-        c = c0
+        c, out = c0, out0
         for _ in range(iters):
-            low, rows = residual_rows(c)
-            c = c + torch.where(rows, d_lr - low, zero)
-        return c
-    # The equations kept are the rows supported at the start; A is linear on the valid cells.
-    _, rows0 = residual_rows(c0)
+            low, rows = down(out)
+            r = torch.where(rows, d_lr - low, zero)
+            c = c + r
+            out = out + render(r)[0]
+        return c, out, sup
+    # The equations kept are the rows supported by the start; A is linear on the valid cells.
+    low0, rows0 = down(out0)
+    basis, rendered = [], []
 
-    def apply_a(c: torch.Tensor) -> torch.Tensor:
-        low, _ = residual_rows(torch.where(valid, c, zero))
-        return torch.where(rows0, low, zero)
+    def apply_a(q: torch.Tensor) -> torch.Tensor:
+        basis.append(torch.where(valid, q, zero))
+        rendered.append(render(basis[-1])[0])
+        return torch.where(rows0, down(rendered[-1])[0], zero)
 
     b = torch.where(rows0, d_lr, zero)
-    return torch.where(valid, _gmres(apply_a, b, c0, iters), zero)
+    y = _gmres(apply_a, b, torch.where(rows0, low0, zero), iters)
+    c, out = c0.to(y.dtype), out0.to(y.dtype)
+    for k in range(y.numel()):
+        c = c + y[k] * basis[k].to(y.dtype)
+        out = out + y[k] * rendered[k].to(y.dtype)
+    return c.to(d_lr.dtype), out.to(out0.dtype), sup
 
 
 # --------------------------------------------------------------------------- input handling
@@ -364,9 +378,9 @@ class _Problem:
 
     def solve(self, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
-        coef = consistency_solve(lambda c: self.render(params, c), self.t, self.valid, cfg.consistency,
-                                 cfg.iters, cfg.solver)
-        return self.render(params, coef)
+        _, out, sup = consistency_solve(lambda c: self.render(params, c), self.t, self.valid, cfg.consistency,
+                                        cfg.iters, cfg.solver)
+        return out, sup
 
     def fit(self, start: torch.Tensor, target: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
         """Per-cell params so that rendering the LR depth reconstructs ``target`` (guide ``[RGB, target]``)."""

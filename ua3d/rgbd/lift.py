@@ -63,11 +63,11 @@ from ua3d.rgbd.camera import PinholeCamera, depth_validity
 __all__ = [
     "DEPTH_MODES",
     "LiftedKernel",
-    "fit_rgbd",
     "as_depth",
-    "pool_depth",
     "cell_gradients",
     "fill_nearest",
+    "fit_rgbd",
+    "pool_depth",
 ]
 
 DEPTH_MODES = ("relative", "absolute")
@@ -96,7 +96,7 @@ def as_depth(depth: Any, depth_scale: float = 1.0, name: str = "depth") -> torch
             raise ValueError(f"{name} must be numeric, got numpy dtype {depth.dtype}")
         depth = torch.from_numpy(np.ascontiguousarray(depth))
     if not isinstance(depth, torch.Tensor):
-        raise ValueError(f"{name} must be a numpy array or torch.Tensor, got {type(depth).__name__}")
+        raise ValueError(f"{name} must be a numpy array or torch.Tensor, got {type(depth).__name__}")  # noqa: TRY004
     shape = tuple(depth.shape)
     if depth.ndim == 2:
         depth = depth[None, None]
@@ -265,7 +265,7 @@ def _normaliser(z_valid: torch.Tensor, mode: str) -> tuple[float, float]:
     """``(lo, spread)`` of ``phi`` over the valid depth (1st and 99th percentiles)."""
     f = _phi(z_valid.to(torch.float64), mode)
     if f.numel() > 1_000_000:  # quantile has a size limit; a strided subsample is plenty
-        f = f[:: int(math.ceil(f.numel() / 1_000_000))]
+        f = f[:: math.ceil(f.numel() / 1_000_000)]
     lo, hi = (float(x) for x in torch.quantile(f, torch.tensor([0.01, 0.99], dtype=f.dtype)))
     floor = 0.05 if mode == "relative" else 0.05 * float(z_valid.to(torch.float64).median())
     return lo, max(hi - lo, floor)
@@ -379,7 +379,7 @@ class LiftedKernel:
 def _lift_config(config: FitConfig | None, n_rgb: int, depth_weight: float) -> FitConfig:
     cfg = config if config is not None else FitConfig()
     if not isinstance(cfg, FitConfig):
-        raise ValueError(f"config must be a FitConfig or None, got {type(cfg).__name__}")
+        raise ValueError(f"config must be a FitConfig or None, got {type(cfg).__name__}")  # noqa: TRY004
     sr = cfg.sigma_range
     if isinstance(sr, (int, float)):
         sr = (float(sr), float(sr))
@@ -438,7 +438,7 @@ def fit_rgbd(
     if not (depth_weight >= 0 and math.isfinite(depth_weight)):
         raise ValueError(f"depth_weight must be a finite number >= 0, got {depth_weight!r}")
     if not isinstance(camera, PinholeCamera):
-        raise ValueError(f"camera must be a PinholeCamera, got {type(camera).__name__}")
+        raise ValueError(f"camera must be a PinholeCamera, got {type(camera).__name__}")  # noqa: TRY004
     g = _as_rgb(rgb)
     z = as_depth(depth, depth_scale).to(device=g.device, dtype=g.dtype)
     H, W = g.shape[-2:]

@@ -16,8 +16,9 @@ principal components, each mapped to [0, 1] by its 1st-99th percentile range).
 File formats (:meth:`FeaturePointCloud.save`)
     * ``.npz``: ``positions [N, 3]`` float32, ``colors [N, 3]`` float32 in [0, 1], ``features
       [N, C]`` (lossless, in their dtype), ``pixels [N, 2]`` int64 ``(row, column)``, and in voxel
-      mode ``bins [N]`` int64 plus ``bin_depths [D]``. The first three keys are what
-      :func:`ua3d.io.rgbd.load_feature_points` and Open3D's ``t.io.read_point_cloud`` read.
+      mode ``bins [N]`` int64 plus ``bin_depths [D]``, and ``world_frame`` (uint8 0/1). The first
+      three keys are what :func:`ua3d.io.rgbd.load_feature_points` reads; Open3D's
+      ``t.io.read_point_cloud`` reads the file too (every array becomes an attribute).
     * ``.ply`` (binary, through Open3D): positions, float colours, and the feature channels as
       float32 scalar properties ``features_0 .. features_{C-1}`` (pixel indices are not stored).
 """
@@ -114,7 +115,7 @@ class FeaturePointCloud:
                 "colors": _np(self.colors, np.float32),
                 "features": _np(self.features),
                 "pixels": _np(self.pixels, np.int64),
-                "frame": np.array(self.frame),
+                "world_frame": np.array(int(self.frame == "world"), dtype=np.uint8),
             }
             if self.bins is not None:
                 arrays["bins"] = _np(self.bins, np.int64)
@@ -139,8 +140,8 @@ class FeaturePointCloud:
                 missing = {"positions", "colors", "features"} - set(z.files)
                 if missing:
                     raise ValueError(f"{str(path)!r} lacks the arrays {sorted(missing)} (has {z.files})")
-                d = {k: torch.from_numpy(z[k]) for k in z.files if k != "frame"}
-                frame = str(z["frame"]) if "frame" in z.files else "camera"
+                d = {k: torch.from_numpy(z[k]) for k in z.files if k != "world_frame"}
+                frame = "world" if "world_frame" in z.files and int(z["world_frame"]) else "camera"
             n = d["positions"].shape[0]
             pixels = d.get("pixels", torch.full((n, 2), -1, dtype=torch.int64))
             return cls(d["positions"], d["colors"], d["features"], pixels, d.get("bins"), d.get("bin_depths"), frame)
