@@ -7,15 +7,17 @@ scores follow the literature conventions (Middlebury GDSR: RMSE in 0-255, no cro
 HR depth cropped to a multiple of the scale). Prints one Markdown table per dataset (mean of per-image RMSE
 per scale per variant, with the baselines) and writes JSON (per image, means, settings, versions).
 
-Variants (options of :class:`ua3d.depth.sr.DepthSRConfig`):
+Variants (options of :class:`ua3d.depth.sr.DepthSRConfig`; the rest at their defaults):
 
 * ``render``: the start kernel (sigma 0.7 LR cells, colour sigma 0.3, radius 2) renders the LR depth: no
   consistency solve, no fit.
-* ``rgbfit+solve``: the 2D recipe's fit (reconstruct the colour guide, 20 steps), then the consistency solve.
-* ``solve``: start kernel + consistency solve (GMRES, 8 iterations), no fit.
+* ``rgbfit``: the 2D recipe: fit the kernel to reconstruct the colour guide (50 steps), render the LR depth.
+* ``rgbfit+solve``: the same fit, then the consistency solve.
+* ``solve``: start kernel + consistency solve (GMRES, 4 iterations), no fit.
 * ``richardson``: start kernel + 4 steps of iterative back-projection instead of GMRES, no fit.
-* ``ua3d``: the default: solve, self-supervised depth fit (20 steps), solve again.
-* ``ua3d-fast``: the :data:`ua3d.depth.sr.FAST` preset (4 iterations, 5 fit steps).
+* ``ua3d``: the default: solve, self-supervised depth fit (5 steps), solve again.
+* ``ua3d-fast``: the :data:`ua3d.depth.sr.FAST` preset (3 iterations, 3 fit steps).
+* ``ua3d-r3``: the default with a window radius of 3 LR cells (29 neighbours instead of 13).
 
 Example (the command behind the issue-8 tables)::
 
@@ -40,11 +42,13 @@ DATASETS = {"middlebury-gdsr": DATA / "middlebury-gdsr-dev", "nyuv2": DATA / "ny
 BASELINES = ("bicubic", "jbu", "guided")
 VARIANTS: dict[str, dict] = {
     "render": {"consistency": "none", "fit_steps": 0},
-    "rgbfit+solve": {"fit_target": "rgb"},
+    "rgbfit": {"consistency": "none", "fit_target": "rgb", "fit_steps": 50},
+    "rgbfit+solve": {"fit_target": "rgb", "fit_steps": 50},
     "solve": {"fit_steps": 0},
-    "richardson": {"fit_steps": 0, "solver": "richardson", "iters": 4},
+    "richardson": {"fit_steps": 0, "solver": "richardson"},
     "ua3d": {},
     "ua3d-fast": FAST.to_dict(),
+    "ua3d-r3": {"radius": 3.0},
 }
 
 

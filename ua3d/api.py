@@ -19,27 +19,12 @@ import torch
 
 from .core.checks import as_guide, check_finite, check_size, check_tensor
 from .core.kernel import LOG_SIGMA_MAX, LOG_SIGMA_MIN, kernel_weights_reference, resample_guide, theta_from_raw
-from .core.ops import kernel_render
+from .core.ops import available_memory_bytes, kernel_render
 from .core.tto import FitConfig, fit_params
 
 __all__ = ["Kernel", "fit", "upsample", "as_signal", "estimate_render_bytes", "available_memory_bytes"]
 
 _FORMAT_VERSION = 1
-
-
-def available_memory_bytes() -> int:
-    """Physical memory available to this process (best effort; Linux ``/proc/meminfo``)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:  # pragma: no cover
-        pass
-    try:  # pragma: no cover
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # pragma: no cover
-        return 1 << 40
 
 
 def estimate_render_bytes(batch: int, channels: int, out_size: tuple[int, int], dtype: torch.dtype) -> int:

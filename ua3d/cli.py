@@ -139,7 +139,8 @@ def cmd_depth_sr(args) -> int:
     _check_grid(H, W, h, w, args.depth)
     guide = _guide_tensor(rgb, dev)
     d = torch.from_numpy(np.nan_to_num(depth_lr, nan=0.0)).float()[None, None].to(dev)
-    out = upsample_depth(d, guide, mask_lr=d > 0, fill_holes=args.fill_holes, fit_steps=args.steps)
+    opts = {} if args.steps is None else {"fit_steps": args.steps}
+    out = upsample_depth(d, guide, mask_lr=d > 0, fill_holes=args.fill_holes, **opts)
     hr = out[0, 0].cpu().numpy()
     write_depth(args.out, np.nan_to_num(hr, nan=0.0), depth_scale=args.depth_scale)
     if not args.quiet:
@@ -271,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="HR depth, 16-bit PNG in the same units")
     s.add_argument("--fill-holes", action="store_true", help="fill pixels that had no valid LR support")
     s.add_argument("--png", default=None, help="also write a comparison figure")
-    s.add_argument("--steps", type=int, default=20, help="self-supervised depth-fit steps (default 20)")
+    s.add_argument("--steps", type=int, default=None, help="self-supervised depth-fit steps (default: the method's)")
     s.set_defaults(func=cmd_depth_sr)
 
     lf = sub.add_parser("lift", parents=[common], help="RGB-D + intrinsics + features -> volume and point cloud")

@@ -174,7 +174,7 @@ def run_demo(
     Hc, Wc = (H // s) * s, (W // s) * s
     _, d_lr_np = make_lr(np.where(depth_gt > 0, depth_gt, np.nan), s, "B")  # protocol B (bicubic), holes NaN
     d_lr = torch.from_numpy(np.nan_to_num(np.asarray(d_lr_np, np.float32), nan=0.0))[None, None].to(dev)
-    d_up = upsample_depth(d_lr, guide[..., :Hc, :Wc], mask_lr=d_lr > 0, fit_steps=min(steps, 20))
+    d_up = upsample_depth(d_lr, guide[..., :Hc, :Wc], mask_lr=d_lr > 0)
     m = d_hr[..., :Hc, :Wc] > 0
     from ua3d.depth.baselines import bicubic as depth_bicubic
 
