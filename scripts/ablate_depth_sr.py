@@ -19,10 +19,14 @@ Variants (options of :class:`ua3d.depth.sr.DepthSRConfig`; the rest at their def
 * ``ua3d-fast``: the :data:`ua3d.depth.sr.FAST` preset (3 iterations, 3 fit steps).
 * ``ua3d-r3``: the default with a window radius of 3 LR cells (29 neighbours instead of 13).
 
+``--protocol A`` (interval sampling) switches the variants' consistency model to ``"interval"``: the
+default bicubic model is wrong for point-sampled LR depth and then loses to bicubic upsampling.
+
 Example (the command behind the issue-8 tables)::
 
     python scripts/ablate_depth_sr.py --json out/ablate_depth_sr.json
     python scripts/ablate_depth_sr.py --datasets nyuv2 --scales 8 --variants solve,ua3d --limit 1
+    python scripts/ablate_depth_sr.py --protocol A --variants render,ua3d --json out/ablate_depth_sr_A.json
 """
 
 from __future__ import annotations
@@ -52,7 +56,14 @@ VARIANTS: dict[str, dict] = {
 }
 
 
-def _variant(options: dict):
+#: the forward model that matches each LR protocol (A: every s-th pixel; B: PIL bicubic downsampling)
+CONSISTENCY = {"A": "interval", "B": "bicubic"}
+
+
+def _variant(options: dict, protocol: str):
+    if options.get("consistency") != "none":
+        options = {**options, "consistency": CONSISTENCY[protocol]}
+
     def method(depth_lr, guide_hr, *, mask_lr=None, **kw):
         return upsample_depth(depth_lr, guide_hr, mask_lr=mask_lr, **{**options, **kw})
 
@@ -63,8 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated: middlebury-gdsr,nyuv2")
     ap.add_argument("--scales", type=int, nargs="+", default=[4, 8, 16])
-    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {list(VARIANTS)}")
-    ap.add_argument("--baselines", default=",".join(BASELINES), help="comma-separated harness methods ('' = none)")
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help=f"comma-separated subset of {list(VARIANTS)}")
+    ap.add_argument("--baselines", default=",".join(BASELINES),
+                    help="comma-separated harness methods ('' = none)")
+    ap.add_argument("--protocol", choices=sorted(CONSISTENCY), default="B",
+                    help="LR generation; the variants' consistency model follows it (A: interval, B: bicubic)")
     ap.add_argument("--limit", type=int, default=None, help="first N images per dataset")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default="out/ablate_depth_sr.json")
@@ -75,17 +90,19 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"unknown variant(s) {unknown}; known: {list(VARIANTS)}")
     for name in variants:
-        register_method(name, _variant(VARIANTS[name]))
+        register_method(name, _variant(VARIANTS[name], args.protocol))
     methods = [b for b in args.baselines.split(",") if b] + variants
-    out = {"variants": {v: VARIANTS[v] for v in variants}, "results": {}}
+    out = {"protocol": args.protocol, "variants": {v: VARIANTS[v] for v in variants}, "results": {}}
     tables = []
     for ds in [d for d in args.datasets.split(",") if d]:
         if ds not in DATASETS:
             raise SystemExit(f"unknown dataset {ds!r}; known: {list(DATASETS)}")
         if not DATASETS[ds].is_dir():
-            raise SystemExit(f"dataset folder {DATASETS[ds]} not found (expected ../shared/data beside the checkout)")
+            raise SystemExit(f"dataset folder {DATASETS[ds]} not found "
+                             f"(expected ../shared/data beside the checkout)")
         t0 = time.perf_counter()
-        res = evaluate(ds, DATASETS[ds], args.scales, "B", methods, limit=args.limit, progress=False, verbose=False)
+        res = evaluate(ds, DATASETS[ds], args.scales, args.protocol, methods, limit=args.limit, progress=False,
+                       verbose=False)
         res["wall_s"] = time.perf_counter() - t0
         out["results"][ds] = res
         tables.append(res["table"])

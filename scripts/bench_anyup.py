@@ -92,6 +92,11 @@ def run_case(lr: int, out: int, repeats: int, args: argparse.Namespace) -> dict:
     }
 
 
+def _write_json(path: Path, info: dict, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"info": info, "results": rows}, indent=2))
+
+
 def machine_info(threads: int) -> dict:
     import torch
 
@@ -133,6 +138,8 @@ def main() -> None:
         reps = args.large_repeats if out >= 2048 else args.repeats
         print(f"running {lr}x{lr} -> {out}x{out}, C={args.channels}, {reps} repeat(s) ...", file=sys.stderr)
         rows.append(run_case(lr, out, reps, args))
+        if args.json is not None:  # after every case, so a long run that gets cut keeps its results
+            _write_json(args.json, machine_info(args.threads), rows)
 
     info = machine_info(args.threads)
     print(f"\nAnyUp (ua3d, tiled window attention), {info['cpu']}, {args.threads} threads, torch {info['torch']}, "
@@ -146,8 +153,7 @@ def main() -> None:
               f"| {r['output_tensor_gib']:.2f} | {r['load_average_before'][0]:.1f} |")
     print("\nCPU = process CPU time (all threads); on a busy machine wall time mostly measures the load.")
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"info": info, "results": rows}, indent=2))
+        _write_json(args.json, info, rows)
         print(f"\nwrote {args.json}", file=sys.stderr)
 
 

@@ -113,7 +113,8 @@ def _versions() -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated subset of {list(SETTINGS)}")
+    ap.add_argument("--settings", default=",".join(SETTINGS),
+                    help=f"comma-separated subset of {list(SETTINGS)}")
     ap.add_argument("--scale", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
@@ -147,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"| {r['setting']} | {r['median_s']:.2f} | {r['min_s']:.2f} | {r['median_cpu_s']:.2f} | "
               f"{r['median_cpu_s'] / args.threads:.2f} | {r['rmse_cm']:.3f} | "
-              f"{r['peak_rss_bytes'] / 2**20:.0f} | {r['loadavg_1min_before']:.1f} / {r['loadavg_1min_after']:.1f} |")
+              f"{r['peak_rss_bytes'] / 2**20:.0f} | "
+              f"{r['loadavg_1min_before']:.1f} / {r['loadavg_1min_after']:.1f} |")
     out = {"case": f"640x480 x{args.scale}", "threads": args.threads, "repeats": args.repeats,
            "versions": _versions(), "results": rows}
     path = Path(args.json)

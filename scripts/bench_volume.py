@@ -11,6 +11,22 @@ The frame is the first Redwood frame of ``../shared/data/redwood-open3d/sample5`
 otherwise a synthetic scene (:func:`ua3d.rgbd.synthetic.make_scene`). The kernel is fitted with
 ``--steps`` TTO steps (default 0: the render cost does not depend on the fitted values).
 
+Figures (``--threads 1`` on the shared 2-core machine, load average ~8, Redwood frame, planar
+depth model; wall times are inflated by the load, CPU seconds are the better guide):
+
+=======  =======  ====  ======  ===========  ============  ======  =====
+mode     dtype    band  memmap  est RAM GiB  peak RSS GiB  wall s  cpu s
+=======  =======  ====  ======  ===========  ============  ======  =====
+f32      float32  --    no      4.87         4.90          186.6   40.7
+f16      float16  --    no      2.52         2.48          114.5   39.9
+band     float16  4     no      2.50         2.63          47.8    23.0
+memmap   float32  --    yes     0.18         4.82          91.9    43.6
+=======  =======  ====  ======  ===========  ============  ======  =====
+
+The memmap row's peak RSS counts the file's dirty page-cache pages mapped into the process; they
+are file-backed and reclaimable (the kernel writes them back under memory pressure), so the
+anonymous memory stays near the estimate.
+
 Usage::
 
     python scripts/bench_volume.py --json bench_volume.json

@@ -111,7 +111,9 @@ def test_window_bounds_float32_quirk():
 # ------------------------------------------------------------------------------------------------
 # tiled attention against a dense, global-mask reference
 # ------------------------------------------------------------------------------------------------
-def _dense_reference(model: AnyUp, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _dense_reference(
+    model: AnyUp, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ratio: float = 0.1
+) -> torch.Tensor:
     """Official-style attention: one H'W' x hw logit matrix per head, global boolean window mask."""
     B, D, H, W = q.shape
     _, C, h, w = v.shape
@@ -126,9 +128,11 @@ def _dense_reference(model: AnyUp, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     logits = qp @ kp.transpose(-1, -2) / math.sqrt(D // heads)
 
     def ok(n_out, n_lr):
+        if ratio <= 0:  # the official code passes no mask at all
+            return torch.ones(n_out, n_lr, dtype=torch.bool)
         c = (torch.arange(n_out, dtype=torch.float32) + 0.5) / n_out
-        s = ((c - 0.1).clamp(0, 1) * n_lr).floor()
-        e = ((c + 0.1).clamp(0, 1) * n_lr).ceil()
+        s = ((c - ratio).clamp(0, 1) * n_lr).floor()
+        e = ((c + ratio).clamp(0, 1) * n_lr).ceil()
         idx = torch.arange(n_lr)
         return (idx >= s[:, None]) & (idx < e[:, None])
 
@@ -151,6 +155,17 @@ def test_tiled_attention_matches_dense_reference(out_size, q_chunk):
             torch.testing.assert_close(out, ref, rtol=1e-5, atol=2e-6)
         full = model(guide, feats, output_size=out_size)
     torch.testing.assert_close(full, ref, rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.25])
+def test_other_window_ratios_match_dense_reference(ratio):
+    model = _perturbed_model(window_ratio=ratio)
+    guide, feats = _inputs(b=1)
+    with torch.no_grad():
+        q, k = model.encode(guide, feats, (33, 47))
+        ref = _dense_reference(model, q, k, feats, ratio=ratio)
+        out = model.attend(q, k, feats, q_chunk_size=200)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=2e-6)
 
 
 def test_chunked_rope_and_feature_unification_match_single_pass():

@@ -3,36 +3,50 @@ r"""Fused CPU engine (numba) for the Upsample Anything kernel: fit loss/gradient
 Numerically the same functions as the ``*_reference`` twins in :mod:`ua3d.core.kernel`
 (see there for the maths and the parameterisation), organised for speed:
 
-* **Blocks.** HR pixels that share the same nearest LR anchor ``(i, j)`` form a block;
-  they share one neighbour set (the window offsets around the anchor, cells outside the
-  grid dropped). Per LR cell the coefficients ``cos theta, sin theta, 1 / (2 sigma^2)``
-  are computed once per call and gathered once per block.
-* **Fit.** One pass per HR pixel computes the logits, the softmax, the reconstruction
-  and the hand-derived gradient of the L1 loss through the softmax,
+* **Blocks.** HR pixels that share the same nearest LR anchor ``(i, j)`` form a block
+  (``P`` pixels, 16 x 16 for a ViT/16 grid); they share one neighbour list (the window
+  offsets around the anchor, cells outside the grid dropped: ``K <= 197`` for radius 8).
+  Per LR cell the coefficients ``cos theta, sin theta, 1 / (2 sigma_x^2), 1 / (2 sigma_y^2),
+  1 / (2 sigma_r^2)`` are computed once per call; per block they are gathered once.
+  Inside a block the loops run over neighbours (outer) and pixels (inner, vectorised,
+  padded to a multiple of 8), in a block-local frame; ``exp`` is an own vectorisable
+  polynomial (:func:`_fexp`, < 1 ulp float32, ~1e-16 float64) with the max subtracted.
+* **Fit.** Per block: logits and their max per pixel; ``exp`` fused with the reconstruction
+  of the guide; then the hand-derived gradient of the L1 loss through the softmax,
 
   .. math:: \partial L / \partial \ell_k = w_k (s_k - \textstyle\sum_j w_j s_j),
             \quad s_k = \textstyle\sum_c e_c f_{ck},\quad e_c = m_c \lambda_c\,\mathrm{sign}(\hat g_c - g_c) / N,
 
-  and accumulates per neighbour the sums ``sum g a^2, sum g b^2, sum g a b, sum g D_r``
-  (``a, b`` the rotated offsets, ``D_r`` the masked range distance of each group). Their
-  products with per-cell factors give the four parameter gradients. Nothing of size
-  ``[K, H, W]`` is ever materialised. Accumulation goes to a per-LR-row buffer
-  ``[B h, 2 r + 1, w, 3 + G]`` (one writer per row, no races, deterministic), reduced at
-  the end.
-* **Render.** For many channels each block's weight matrix ``[P, K]`` is computed in
-  numba and multiplied with the gathered LR signal ``[K, C]`` by ``torch.bmm``; for few
-  channels (depth) the weighted sum is fused in numba. Work is tiled over rows of blocks
-  so that peak memory is the output plus a bounded working set.
+  reduced over the block's pixels into four sums per neighbour
+  ``sum g a^2, sum g b^2, sum g a b, sum g D_r`` (``a, b`` the rotated offsets, ``D_r`` the
+  masked range distance of each group), whose products with per-cell factors are the
+  parameter gradients (:func:`_chain_rule`). Nothing of size ``[K, H, W]`` is materialised.
+  The sums go to a per-LR-row buffer ``[B h, 2 r + 1, w, 3 + G]`` (one writer per row: no
+  races, and a fixed reduction order, so results do not depend on the thread count).
+  Pixels outside ``pixel_mask`` are skipped before any work.
+* **Render.** Up to :data:`SMALL_C` channels (depth) the weighted sum is fused in numba.
+  For more, numba writes each block's normalised weights ``[K, P]`` and ``torch.bmm``
+  multiplies them with the gathered LR signal ``[C, K]``; the ``[blocks, C, P]`` result is
+  one permuted copy away from the output rows. Work is tiled over rows of blocks
+  (:data:`TILE_BYTES`) so that peak memory is the output plus a bounded working set.
+* **Threads.** The kernels are plain ``nogil`` numba functions over a range of block rows
+  (or blocks); :func:`_parallel_for` runs chunks of that range on a thread pool of
+  ``torch.get_num_threads()`` threads (no parfors: they tripled the compile time).
 
 Numba is imported when this module is imported (which :mod:`ua3d.core.ops` does lazily,
-on first use) and each kernel compiles on its first call (``cache=True``: later
-processes load it from disk). ``AVAILABLE`` is False when numba cannot be imported.
+on first use) and each kernel compiles on its first call per dtype (about 20 s of CPU for
+float32 or float64; ``cache=True``: later processes load it from disk in well under a
+second). ``AVAILABLE`` is False when numba cannot be imported.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Sequence
+import os
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
 import numpy as np
@@ -46,12 +60,13 @@ __all__ = [
     "fit_working_bytes",
     "kernel_fit_loss_grad",
     "kernel_render",
+    "num_threads",
     "render_working_bytes",
 ]
 
 try:  # pragma: no cover - depends on the environment
     from llvmlite import ir as _llir
-    from numba import njit, prange, types
+    from numba import njit, types
     from numba.extending import intrinsic, overload
 
     AVAILABLE = True
@@ -62,7 +77,7 @@ except Exception:  # noqa: BLE001  # pragma: no cover - numba missing or broken 
 SMALL_C = 8
 #: working-memory budget of one render / fit tile (bytes), on top of the output.
 TILE_BYTES = 192 << 20
-#: logits below this (after subtracting the max) give an exactly zero weight in the fused exp.
+#: logit given to pairs dropped by a support cut (its ``exp`` is exactly 0).
 _NEG = -1.0e30
 
 
@@ -70,7 +85,6 @@ _NEG = -1.0e30
 if AVAILABLE:
     _FM = {"nsz", "arcp", "contract", "reassoc", "afn"}  # no nnan/ninf: infinities stay meaningful
     _JIT = {"fastmath": _FM, "cache": True, "nogil": True}
-    _JIT_INLINE = {"fastmath": _FM, "cache": True, "nogil": True, "inline": "always"}
 
     @intrinsic
     def _bits_to_f32(typingctx, x):
@@ -180,7 +194,7 @@ if AVAILABLE:
             kb += 1
         return kb, kanc
 
-    @njit(**_JIT_INLINE)
+    @njit(**_JIT)
     def _range_dist(c0, nc, k, n, pg, nb_g, d):
         """``d[p] = sum_{c0 <= c < c0 + nc} (pg[c, p] - nb_g[c, k])^2`` for ``p < n``."""
         if nc == 3:
@@ -204,7 +218,7 @@ if AVAILABLE:
                     d0 = pg[c, p] - gk
                     d[p] += d0 * d0
 
-    @njit(**_JIT_INLINE)
+    @njit(**_JIT)
     def _block_logits(kb, kanc, n, px, py, pg, pv, gstart, cut, nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b, nb_r,
                       nb_v, nb_g, wl, mx, d):
         """Logits of one block, ``wl[k, p]``, and their max over ``k``, ``mx[p]``, for the ``kb``
@@ -252,7 +266,7 @@ if AVAILABLE:
             for p in range(n):
                 mx[p] = max(mx[p], row[p])
 
-    @njit(**_JIT_INLINE)
+    @njit(**_JIT)
     def _block_weights(kb, kanc, n, px, py, pg, pv, gstart, cut, nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b, nb_r,
                        nb_v, nb_g, wl, mx, tot, d):
         """Unnormalised weights of one block: ``wl[k, p] = exp(logit_kp - mx[p])`` and ``tot[p] =
@@ -268,7 +282,7 @@ if AVAILABLE:
                 row[p] = e
                 tot[p] += e
 
-    @njit(**_JIT_INLINE)
+    @njit(**_JIT)
     def _pad_pixels(n, npad, px, py, pg, pv, pw):
         """Fill pixel slots ``n..npad-1`` with copies of pixel 0 of zero loss weight."""
         for p in range(n, npad):
@@ -280,50 +294,50 @@ if AVAILABLE:
             for g in range(pv.shape[0]):
                 pv[g, p] = pv[g, 0]
 
-    @njit(parallel=True, **_JIT)
-    def _fit_kernel(ghr, glr, coef, vhr, vlr, pmask, lam, gstart, gch, offs, ry0, ry1, cx0, cx1, cyv, cxv,
-                    cut, use_vhr, use_vlr, use_pm, r, pmax, rowbuf, rowloss):
-        """Loss and gradient sums of every block row ``(b, i)`` into ``rowbuf[b h + i]``.
+    @njit(**_JIT)
+    def _fit_rows(bi0, bi1, ghr, glr, coef, vhr, vlr, pmask, lam, gstart, gch, offs, ry0, ry1, cx0, cx1, cyv,
+                  cxv, cut, use_vhr, use_vlr, use_pm, r, pmax, rowbuf, rowloss):
+        """Loss and gradient sums of the block rows ``bi0 <= b h + i < bi1`` into ``rowbuf[b h + i]``.
 
         ``rowbuf [B h, 2 r + 1, w, 3 + G]`` float64 receives, per neighbour cell
         ``(i + di, j)`` at slot ``di + r``: ``sum g a^2, sum g b^2, sum g a b, sum g D_g``
         with ``g = dL/dlogit`` summed over the block's pixels. ``rowloss [B h]`` gets the loss.
         ``pmax`` is the padded largest block size.
         """
-        B, Cg, h, w = glr.shape
+        Cg, h, w = glr.shape[1:]
         G = gstart.shape[0] - 1
         K = offs.shape[0]
         dt = glr.dtype.type
         smask_dummy = np.zeros((1, 1, 1), np.uint8)
-        for bi in prange(B * h):
+        nb_cy = np.empty(K, glr.dtype)
+        nb_cx = np.empty(K, glr.dtype)
+        nb_c = np.empty(K, glr.dtype)
+        nb_s = np.empty(K, glr.dtype)
+        nb_a = np.empty(K, glr.dtype)
+        nb_b = np.empty(K, glr.dtype)
+        nb_r = np.empty((G, K), glr.dtype)
+        nb_v = np.empty((G, K), glr.dtype)
+        nb_g = np.empty((Cg, K), glr.dtype)
+        nb_k = np.empty(K, np.int64)
+        px = np.empty(pmax, glr.dtype)
+        py = np.empty(pmax, glr.dtype)
+        pg = np.empty((Cg, pmax), glr.dtype)
+        pv = np.empty((G, pmax), glr.dtype)
+        pw = np.empty((Cg, pmax), glr.dtype)
+        ee = np.empty((Cg, pmax), glr.dtype)
+        rec = np.empty((Cg, pmax), glr.dtype)
+        wl = np.empty((K, pmax), glr.dtype)
+        mx = np.empty(pmax, glr.dtype)
+        tot = np.empty(pmax, glr.dtype)
+        sbar = np.empty(pmax, glr.dtype)
+        tk = np.empty(pmax, glr.dtype)
+        d = np.empty(pmax, glr.dtype)
+        for bi in range(bi0, bi1):
             b = bi // h
             i = bi - b * h
             y0, y1 = ry0[i], ry1[i]
             if y1 <= y0:
                 continue
-            nb_cy = np.empty(K, glr.dtype)
-            nb_cx = np.empty(K, glr.dtype)
-            nb_c = np.empty(K, glr.dtype)
-            nb_s = np.empty(K, glr.dtype)
-            nb_a = np.empty(K, glr.dtype)
-            nb_b = np.empty(K, glr.dtype)
-            nb_r = np.empty((G, K), glr.dtype)
-            nb_v = np.empty((G, K), glr.dtype)
-            nb_g = np.empty((Cg, K), glr.dtype)
-            nb_k = np.empty(K, np.int64)
-            px = np.empty(pmax, glr.dtype)
-            py = np.empty(pmax, glr.dtype)
-            pg = np.empty((Cg, pmax), glr.dtype)
-            pv = np.empty((G, pmax), glr.dtype)
-            pw = np.empty((Cg, pmax), glr.dtype)
-            ee = np.empty((Cg, pmax), glr.dtype)
-            rec = np.empty((Cg, pmax), glr.dtype)
-            wl = np.empty((K, pmax), glr.dtype)
-            mx = np.empty(pmax, glr.dtype)
-            tot = np.empty(pmax, glr.dtype)
-            sbar = np.empty(pmax, glr.dtype)
-            tk = np.empty(pmax, glr.dtype)
-            d = np.empty(pmax, glr.dtype)
             loss_row = 0.0
             for j in range(w):
                 x0, x1 = cx0[j], cx1[j]
@@ -476,7 +490,7 @@ if AVAILABLE:
                         out[b, qi, j, p] += rowbuf[b * h + i, di + r, j, p]
         return out
 
-    @njit(**_JIT_INLINE)
+    @njit(**_JIT)
     def _block_pixels(b, y0, y1, x0, x1, ghr, vhr, use_vhr, px, py, pg, pv):
         """All pixels of a block, row-major: coordinates, guide values, range validity. Returns n."""
         dt = px.dtype.type
@@ -494,44 +508,44 @@ if AVAILABLE:
                 n += 1
         return n
 
-    @njit(parallel=True, **_JIT)
-    def _render_small(ghr, glr, coef, vhr, vlr, smask, sig, gstart, offs, ry0, ry1, cx0, cx1, cyv, cxv,
-                      cut, use_vhr, use_vlr, use_sm, b, i0, i1, ybase, pmax, out, sup):
-        """Fused render of block rows ``[i0, i1)`` of batch ``b``: ``out [C, rows, W]`` (rows from
-        ``ybase``; NaN without support), ``sup [rows, W]`` uint8."""
+    @njit(**_JIT)
+    def _render_small(t0, t1, ghr, glr, coef, vhr, vlr, smask, sig, gstart, offs, ry0, ry1, cx0, cx1, cyv, cxv,
+                      cut, use_vhr, use_vlr, use_sm, b, i0, ybase, pmax, out, sup):
+        """Fused render of blocks ``t0 <= t < t1`` (block ``(i0 + t // w, t % w)``) of batch ``b``:
+        ``out [C, rows, W]`` (rows from ``ybase``; NaN without support), ``sup [rows, W]`` uint8."""
         Cg, w = glr.shape[1], glr.shape[3]
         C = sig.shape[1]
         G = gstart.shape[0] - 1
         K = offs.shape[0]
         dt = glr.dtype.type
         half_neg = dt(0.5 * _NEG)
-        for t in prange((i1 - i0) * w):
+        nb_cy = np.empty(K, glr.dtype)
+        nb_cx = np.empty(K, glr.dtype)
+        nb_c = np.empty(K, glr.dtype)
+        nb_s = np.empty(K, glr.dtype)
+        nb_a = np.empty(K, glr.dtype)
+        nb_b = np.empty(K, glr.dtype)
+        nb_r = np.empty((G, K), glr.dtype)
+        nb_v = np.empty((G, K), glr.dtype)
+        nb_g = np.empty((Cg, K), glr.dtype)
+        nb_k = np.empty(K, np.int64)
+        px = np.empty(pmax, glr.dtype)
+        py = np.empty(pmax, glr.dtype)
+        pg = np.empty((Cg, pmax), glr.dtype)
+        pv = np.empty((G, pmax), glr.dtype)
+        pw = np.empty((Cg, pmax), glr.dtype)
+        wl = np.empty((K, pmax), glr.dtype)
+        mx = np.empty(pmax, glr.dtype)
+        tot = np.empty(pmax, glr.dtype)
+        d = np.empty(pmax, glr.dtype)
+        oc = np.empty((C, pmax), glr.dtype)
+        for t in range(t0, t1):
             i = i0 + t // w
             j = t - (t // w) * w
             y0, y1 = ry0[i], ry1[i]
             x0, x1 = cx0[j], cx1[j]
             if y1 <= y0 or x1 <= x0:
                 continue
-            nb_cy = np.empty(K, glr.dtype)
-            nb_cx = np.empty(K, glr.dtype)
-            nb_c = np.empty(K, glr.dtype)
-            nb_s = np.empty(K, glr.dtype)
-            nb_a = np.empty(K, glr.dtype)
-            nb_b = np.empty(K, glr.dtype)
-            nb_r = np.empty((G, K), glr.dtype)
-            nb_v = np.empty((G, K), glr.dtype)
-            nb_g = np.empty((Cg, K), glr.dtype)
-            nb_k = np.empty(K, np.int64)
-            px = np.empty(pmax, glr.dtype)
-            py = np.empty(pmax, glr.dtype)
-            pg = np.empty((Cg, pmax), glr.dtype)
-            pv = np.empty((G, pmax), glr.dtype)
-            pw = np.empty((Cg, pmax), glr.dtype)
-            wl = np.empty((K, pmax), glr.dtype)
-            mx = np.empty(pmax, glr.dtype)
-            tot = np.empty(pmax, glr.dtype)
-            d = np.empty(pmax, glr.dtype)
-            oc = np.empty((C, pmax), glr.dtype)
             bw = x1 - x0
             kb, kanc = _gather_block(b, i, j, glr, coef, vlr, smask, offs, cyv, cxv, y0, y1, x0, x1, cut,
                                      use_vlr, use_sm, nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b, nb_r, nb_v, nb_g,
@@ -581,18 +595,38 @@ if AVAILABLE:
                 for c in range(C):
                     out[c, y - ybase, x] = oc[c, p] * inv if ok else np.nan
 
-    @njit(parallel=True, **_JIT)
-    def _render_weights(ghr, glr, coef, vhr, vlr, smask, gstart, offs, ry0, ry1, cx0, cx1, cyv, cxv, cut,
-                        use_vhr, use_vlr, use_sm, b, i0, i1, bxm, pmax, wmat, sup):
-        """Dense normalised weights of block rows ``[i0, i1)``: ``wmat [(i1 - i0) w, K, P]``
-        (window slot ``k``, pixel ``(y, x)`` at ``(y - ry0) bxm + x - cx0``; zero for padding,
-        outside or masked cells), ``sup [(i1 - i0) w, P]`` uint8."""
+    @njit(**_JIT)
+    def _render_weights(t0, t1, ghr, glr, coef, vhr, vlr, smask, gstart, offs, ry0, ry1, cx0, cx1, cyv, cxv, cut,
+                        use_vhr, use_vlr, use_sm, b, i0, bxm, pmax, wmat, sup):
+        """Dense normalised weights of blocks ``t0 <= t < t1`` (block ``(i0 + t // w, t % w)``):
+        ``wmat [tiles, K, P]`` (window slot ``k``, pixel ``(y, x)`` at ``(y - ry0) bxm + x - cx0``;
+        zero for padding, outside or masked cells), ``sup [tiles, P]`` uint8."""
         Cg, w = glr.shape[1], glr.shape[3]
         G = gstart.shape[0] - 1
         K = offs.shape[0]
         dt = glr.dtype.type
         half_neg = dt(0.5 * _NEG)
-        for t in prange((i1 - i0) * w):
+        nb_cy = np.empty(K, glr.dtype)
+        nb_cx = np.empty(K, glr.dtype)
+        nb_c = np.empty(K, glr.dtype)
+        nb_s = np.empty(K, glr.dtype)
+        nb_a = np.empty(K, glr.dtype)
+        nb_b = np.empty(K, glr.dtype)
+        nb_r = np.empty((G, K), glr.dtype)
+        nb_v = np.empty((G, K), glr.dtype)
+        nb_g = np.empty((Cg, K), glr.dtype)
+        nb_k = np.empty(K, np.int64)
+        px = np.empty(pmax, glr.dtype)
+        py = np.empty(pmax, glr.dtype)
+        pg = np.empty((Cg, pmax), glr.dtype)
+        pv = np.empty((G, pmax), glr.dtype)
+        pw = np.empty((Cg, pmax), glr.dtype)
+        wl = np.empty((K, pmax), glr.dtype)
+        mx = np.empty(pmax, glr.dtype)
+        tot = np.empty(pmax, glr.dtype)
+        d = np.empty(pmax, glr.dtype)
+        pidx = np.empty(pmax, np.int64)
+        for t in range(t0, t1):
             i = i0 + t // w
             j = t - (t // w) * w
             y0, y1 = ry0[i], ry1[i]
@@ -601,26 +635,6 @@ if AVAILABLE:
             sup[t] = 0
             if y1 <= y0 or x1 <= x0:
                 continue
-            nb_cy = np.empty(K, glr.dtype)
-            nb_cx = np.empty(K, glr.dtype)
-            nb_c = np.empty(K, glr.dtype)
-            nb_s = np.empty(K, glr.dtype)
-            nb_a = np.empty(K, glr.dtype)
-            nb_b = np.empty(K, glr.dtype)
-            nb_r = np.empty((G, K), glr.dtype)
-            nb_v = np.empty((G, K), glr.dtype)
-            nb_g = np.empty((Cg, K), glr.dtype)
-            nb_k = np.empty(K, np.int64)
-            px = np.empty(pmax, glr.dtype)
-            py = np.empty(pmax, glr.dtype)
-            pg = np.empty((Cg, pmax), glr.dtype)
-            pv = np.empty((G, pmax), glr.dtype)
-            pw = np.empty((Cg, pmax), glr.dtype)
-            wl = np.empty((K, pmax), glr.dtype)
-            mx = np.empty(pmax, glr.dtype)
-            tot = np.empty(pmax, glr.dtype)
-            d = np.empty(pmax, glr.dtype)
-            pidx = np.empty(pmax, np.int64)
             kb, kanc = _gather_block(b, i, j, glr, coef, vlr, smask, offs, cyv, cxv, y0, y1, x0, x1, cut,
                                      use_vlr, use_sm, nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b, nb_r, nb_v, nb_g,
                                      nb_k)
@@ -642,6 +656,48 @@ if AVAILABLE:
                 dst = wmat[t, nb_k[k]]
                 for p in range(n):
                     dst[pidx[p]] = row[p] * tot[p]
+
+
+# =========================================================================== threading
+_POOL: ThreadPoolExecutor | None = None
+_POOL_KEY: tuple[int, int] = (0, 0)
+_POOL_LOCK = threading.Lock()
+
+
+def num_threads() -> int:
+    """Threads the engine uses: ``torch.get_num_threads()`` (set it with ``torch.set_num_threads``)."""
+    return max(1, int(torch.get_num_threads()))
+
+
+def _pool(n: int) -> ThreadPoolExecutor:
+    """A process-wide pool of ``n`` threads (re-created after a fork or a change of ``n``)."""
+    global _POOL, _POOL_KEY
+    key = (os.getpid(), n)
+    with _POOL_LOCK:
+        if _POOL is None or _POOL_KEY != key:
+            if _POOL is not None and _POOL_KEY[0] == key[0]:
+                _POOL.shutdown(wait=False)
+            _POOL = ThreadPoolExecutor(max_workers=n, thread_name_prefix="ua3d-fast")
+            _POOL_KEY = key
+        return _POOL
+
+
+def _parallel_for(fn: Callable, n: int, *args) -> None:
+    """``fn(start, stop, *args)`` over ``[0, n)`` in about ``4 * threads`` chunks on a thread pool.
+
+    The numba kernels release the GIL (``nogil=True``) and write disjoint outputs per item,
+    so the chunks run truly in parallel without races; results do not depend on the split.
+    """
+    t = min(num_threads(), n)
+    if t <= 1:
+        if n > 0:
+            fn(0, n, *args)
+        return
+    bounds = np.linspace(0, n, min(n, 4 * t) + 1).round().astype(np.int64)
+    pool = _pool(t)
+    futures = [pool.submit(fn, int(a), int(b), *args) for a, b in itertools.pairwise(bounds) if b > a]
+    for f in futures:
+        f.result()
 
 
 # =========================================================================== host-side helpers
@@ -705,18 +761,22 @@ def _mask_u8(m: torch.Tensor | None, shape: tuple[int, ...], name: str) -> tuple
 
 def _coefficients(params: torch.Tensor, cdt: torch.dtype, cut: float) -> np.ndarray:
     """Per-LR-cell coefficients ``[B, 4 + G (+2), h, w]``: ``cos, sin, 1/(2 sx^2), 1/(2 sy^2),
-    1/(2 sr_g^2)`` and, with a support cut, the half extents of the cut ellipse's box."""
-    p = params.detach().to(cdt)
-    lsx = p[:, 0].clamp(LOG_SIGMA_MIN, LOG_SIGMA_MAX)
-    lsy = p[:, 1].clamp(LOG_SIGMA_MIN, LOG_SIGMA_MAX)
-    th = THETA_MAX * torch.tanh(p[:, 2])
-    c, s = torch.cos(th), torch.sin(th)
-    parts = [c, s, 0.5 * torch.exp(-2 * lsx), 0.5 * torch.exp(-2 * lsy)]
-    parts += [0.5 * torch.exp(-2 * p[:, 3 + g].clamp(LOG_SIGMA_MIN, LOG_SIGMA_MAX)) for g in range(p.shape[1] - 3)]
+    1/(2 sr_g^2)`` and, with a support cut, the half extents of the cut ellipse's box.
+
+    numpy, not torch: these arrays are tiny and torch's threaded elementwise kernels can cost
+    milliseconds each on a busy machine.
+    """
+    p = _np(params, cdt)
+    lsx = np.clip(p[:, 0], LOG_SIGMA_MIN, LOG_SIGMA_MAX)
+    lsy = np.clip(p[:, 1], LOG_SIGMA_MIN, LOG_SIGMA_MAX)
+    th = THETA_MAX * np.tanh(p[:, 2])
+    c, s = np.cos(th), np.sin(th)
+    parts = [c, s, 0.5 * np.exp(-2 * lsx), 0.5 * np.exp(-2 * lsy)]
+    parts += [0.5 * np.exp(-2 * np.clip(p[:, 3 + g], LOG_SIGMA_MIN, LOG_SIGMA_MAX)) for g in range(p.shape[1] - 3)]
     if cut > 0:
-        vx, vy = torch.exp(2 * lsx), torch.exp(2 * lsy)
-        parts += [cut * torch.sqrt(c * c * vx + s * s * vy), cut * torch.sqrt(s * s * vx + c * c * vy)]
-    return torch.stack(parts, 1).contiguous().numpy()
+        vx, vy = np.exp(2 * lsx), np.exp(2 * lsy)
+        parts += [cut * np.sqrt(c * c * vx + s * s * vy), cut * np.sqrt(s * s * vx + c * c * vy)]
+    return np.ascontiguousarray(np.stack(parts, 1), dtype=p.dtype)
 
 
 def _check_common(params, guide_hr, guide_lr, groups, valid_hr, valid_lr, radius):
@@ -844,9 +904,9 @@ def kernel_fit_loss_grad(
     glr = _np(guide_lr, cdt)
     rowbuf = np.zeros((B * h, 2 * r + 1, w, 3 + G), np.float64)
     rowloss = np.zeros(B * h, np.float64)
-    _fit_kernel(ghr, glr, coef, vhr, vlr, pm, lam_n, gstart, gch, offs, ry0, ry1, cx0, cx1, cyv, cxv, cut,
-                use_vhr, use_vlr, use_pm, r, _padded_block(ry0, ry1, cx0, cx1), rowbuf, rowloss)
-    sums = torch.from_numpy(_reduce_rows(rowbuf, B, h, r)).permute(0, 3, 1, 2)  # [B, 3 + G, h, w] float64
+    _parallel_for(_fit_rows, B * h, ghr, glr, coef, vhr, vlr, pm, lam_n, gstart, gch, offs, ry0, ry1, cx0, cx1, cyv,
+                  cxv, cut, use_vhr, use_vlr, use_pm, r, _padded_block(ry0, ry1, cx0, cx1), rowbuf, rowloss)
+    sums = _reduce_rows(rowbuf, B, h, r).transpose(0, 3, 1, 2)  # [B, 3 + G, h, w] float64
     grad = _chain_rule(params, sums)
     loss = torch.tensor(float(rowloss.sum()), dtype=params.dtype)
     return loss, grad.to(params.dtype)
@@ -865,23 +925,20 @@ def _loss_denominator(B, Cg, H, W, gs, valid_hr, pm_t) -> torch.Tensor:
     return tot.clamp_min(1.0)
 
 
-def _chain_rule(params: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
+def _chain_rule(params: torch.Tensor, sums: np.ndarray) -> torch.Tensor:
     """Gradient w.r.t. the raw parameters from the per-cell sums ``[B, 3 + G, h, w]`` (float64).
 
     ``dl/dlog sx = A a^2``, ``dl/dlog sy = B b^2``, ``dl/dtheta = (B - A) a b`` with
     ``A = sx^-2, B = sy^-2``, ``dl/dlog sr = D sr^-2``; clamped entries get zero (as
-    ``torch.clamp``'s backward, inclusive bounds).
+    ``torch.clamp``'s backward, inclusive bounds). numpy (tiny arrays), returned as a tensor.
     """
-    p = params.detach().double()
+    p = _np(params, torch.float64)
     inside = (p >= LOG_SIGMA_MIN) & (p <= LOG_SIGMA_MAX)
-    inv2 = torch.exp(-2 * p.clamp(LOG_SIGMA_MIN, LOG_SIGMA_MAX))  # sigma^-2 for channels 0, 1, 3..
-    grad = torch.empty_like(p)
-    grad[:, 0] = inv2[:, 0] * sums[:, 0] * inside[:, 0]
-    grad[:, 1] = inv2[:, 1] * sums[:, 1] * inside[:, 1]
-    tanh = torch.tanh(p[:, 2])
+    inv2 = np.exp(-2 * np.clip(p, LOG_SIGMA_MIN, LOG_SIGMA_MAX))  # sigma^-2 for channels 0, 1, 3..
+    grad = inv2 * sums * inside
+    tanh = np.tanh(p[:, 2])
     grad[:, 2] = (inv2[:, 1] - inv2[:, 0]) * sums[:, 2] * THETA_MAX * (1 - tanh * tanh)
-    grad[:, 3:] = inv2[:, 3:] * sums[:, 3:] * inside[:, 3:]
-    return grad
+    return torch.from_numpy(grad)
 
 
 def kernel_render(
@@ -960,8 +1017,8 @@ def kernel_render(
                     continue
                 tile = np.empty((C, yb - ya, W), ndt)
                 sup = np.empty((yb - ya, W), np.uint8)
-                _render_small(ghr, glr, coef, vhr, vlr, sm, sig, gstart, offs, ry0, ry1, cx0, cx1, cyv, cxv, cut,
-                              use_vhr, use_vlr, use_sm, b, i0, i1, ya, pmax, tile, sup)
+                _parallel_for(_render_small, (i1 - i0) * w, ghr, glr, coef, vhr, vlr, sm, sig, gstart, offs, ry0, ry1,
+                              cx0, cx1, cyv, cxv, cut, use_vhr, use_vlr, use_sm, b, i0, ya, pmax, tile, sup)
                 out[b, :, ya:yb] = torch.from_numpy(tile)
                 support[b, 0, ya:yb] = torch.from_numpy(sup).bool()
         return out, support
@@ -1001,8 +1058,8 @@ def _render_bmm(common, sig_t, out, support, budget, itemsize) -> None:
             ni, nb = i1 - i0, (i1 - i0) * w
             wmat = np.empty((nb, K, P), glr.dtype)
             sup = np.empty((nb, P), np.uint8)
-            _render_weights(ghr, glr, coef, vhr, vlr, sm, gstart, offs, ry0, ry1, cx0, cx1, cyv, cxv, cut,
-                            use_vhr, use_vlr, use_sm, b, i0, i1, bxm, pmax, wmat, sup)
+            _parallel_for(_render_weights, nb, ghr, glr, coef, vhr, vlr, sm, gstart, offs, ry0, ry1, cx0, cx1, cyv,
+                          cxv, cut, use_vhr, use_vlr, use_sm, b, i0, bxm, pmax, wmat, sup)
             ii = np.arange(i0, i1)[:, None, None] + offs[None, None, :, 0]
             ok = (ii >= 0) & (ii < h) & col_ok[None]
             flat = torch.from_numpy(np.where(ok, ii.clip(0, h - 1) * w + jj.clip(0, w - 1)[None], 0).reshape(-1))

@@ -11,9 +11,9 @@ into the LR depth (an LR value next to an edge is already a mix of both sides). 
 1. **Consistency solve.** The output lives in the span of the kernel, ``D = K c`` (``K`` the render
    operator, ``c`` coefficients on the LR grid), and ``c`` is chosen so that downsampling ``D`` gives the
    LR depth back: ``down(K c) = d_lr``, solved by a few GMRES (or Richardson = iterative back-projection)
-   iterations starting from ``c = d_lr`` (4 by default). The number of iterations is the regulariser. ``down`` is the
-   forward model of the LR depth (default: antialiased bicubic, i.e. PIL's ``BICUBIC`` resize; ``"area"``
-   for box-integrating sensors; ``"none"`` renders ``d_lr`` directly).
+   iterations starting from ``c = d_lr`` (4 by default). The number of iterations is the regulariser.
+   ``down`` is the forward model of the LR depth (default: antialiased bicubic, i.e. PIL's ``BICUBIC``
+   resize; ``"area"`` for box-integrating sensors; ``"none"`` renders ``d_lr`` directly).
 2. **Sharp, range-aware start kernel.** Spatial sigma ``0.7`` LR cells, colour sigma ``0.3``, window
    radius 2, colour of an LR cell = the guide sampled at the cell centre (no low-pass).
 3. **Self-supervised TTO on depth, not colour.** The first consistent estimate ``D0`` becomes the fitting
@@ -64,7 +64,7 @@ __all__ = [
     "upsample_depth",
 ]
 
-CONSISTENCY_MODES = ("bicubic", "area", "bilinear", "none")
+CONSISTENCY_MODES = ("bicubic", "area", "bilinear", "interval", "none")
 SOLVERS = ("gmres", "richardson")
 
 
@@ -79,7 +79,9 @@ class DepthSRConfig:
     radius : window radius in LR cells (2: 13 neighbours).
     range_centre : colour of an LR cell: ``"bilinear"`` (guide sampled at the cell centre) or ``"area"``.
     consistency : forward model ``down`` of the consistency solve: ``"bicubic"`` (antialiased, = PIL
-        ``BICUBIC``), ``"area"``, ``"bilinear"`` (antialiased) or ``"none"`` (no solve: plain render).
+        ``BICUBIC``: protocol B), ``"area"`` (box average), ``"bilinear"`` (antialiased), ``"interval"``
+        (every s-th pixel: protocol A) or ``"none"`` (no solve: plain render). A wrong model costs: under
+        protocol A, ``"bicubic"`` loses to bicubic upsampling while ``"interval"`` wins.
     solver : ``"gmres"`` or ``"richardson"`` (iterative back-projection, step 1).
     iters : solver iterations per solve (the regulariser: fewer = smoother); each costs one render.
     fit_steps : Adam steps of the self-supervised depth fit (0 = keep the start kernel, one solve).
@@ -149,7 +151,8 @@ def downsample_depth(depth: torch.Tensor, size: tuple[int, int], mode: str = "bi
     """The forward model ``down``: HR depth ``[B, 1, H, W]`` to the LR grid ``size = (h, w)``.
 
     ``"bicubic"`` and ``"bilinear"`` are antialiased (PyTorch's antialiased bicubic uses Pillow's
-    ``a = -0.5`` kernel, so ``"bicubic"`` is PIL ``BICUBIC`` resizing); ``"area"`` averages boxes.
+    ``a = -0.5`` kernel, so ``"bicubic"`` is PIL ``BICUBIC`` resizing); ``"area"`` averages boxes;
+    ``"interval"`` takes every s-th pixel, ``depth[..., s-1::s, s-1::s]`` (protocol A; integer ratios only).
     With ``support [B, 1, H, W]`` (bool) the unsupported pixels are left out: the result is normalised
     by the downsampled support, and ``ok`` is True only where the LR footprint is (almost) fully supported.
 
@@ -158,10 +161,16 @@ def downsample_depth(depth: torch.Tensor, size: tuple[int, int], mode: str = "bi
     out : ``[B, 1, h, w]`` (0 where not ``ok``)
     ok : ``[B, 1, h, w]`` bool
     """
-    if mode not in ("bicubic", "bilinear", "area"):
-        raise ValueError(f"mode must be 'bicubic', 'bilinear' or 'area', got {mode!r}")
+    if mode not in ("bicubic", "bilinear", "area", "interval"):
+        raise ValueError(f"mode must be 'bicubic', 'bilinear', 'area' or 'interval', got {mode!r}")
+    H, W = depth.shape[-2:]
+    if mode == "interval" and (H % size[0] or W % size[1]):
+        raise ValueError(f"consistency 'interval' needs integer ratios, got HR {(H, W)} and LR {tuple(size)}")
 
     def resize(x: torch.Tensor) -> torch.Tensor:
+        if mode == "interval":
+            sy, sx = H // size[0], W // size[1]
+            return x[..., sy - 1 :: sy, sx - 1 :: sx]
         if mode == "area":
             return F.adaptive_avg_pool2d(x, size)
         return F.interpolate(x, size=size, mode=mode, antialias=True, align_corners=False)
@@ -324,11 +333,11 @@ def _check_sizes(d: torch.Tensor, g: torch.Tensor, scale: float | None) -> None:
                          f"HR guide at least as large as the LR depth")
     if scale is None:
         return
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (scale >= 1) or not math.isfinite(scale):
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (1 <= scale < math.inf):
         raise ValueError(f"scale must be a finite number >= 1, got {scale!r}")
     if not (math.isclose(h * scale, H) and math.isclose(w * scale, W)):
-        raise ValueError(f"depth_lr {tuple(d.shape)} times scale {scale} does not give guide_hr {tuple(g.shape)}: "
-                         f"expected guide size ({h * scale:g}, {w * scale:g})")
+        raise ValueError(f"depth_lr {tuple(d.shape)} times scale {scale} does not give guide_hr "
+                         f"{tuple(g.shape)}: expected guide size ({h * scale:g}, {w * scale:g})")
 
 
 def _valid_lr(d: torch.Tensor, mask_lr: object) -> torch.Tensor:
@@ -344,8 +353,8 @@ def _valid_lr(d: torch.Tensor, mask_lr: object) -> torch.Tensor:
         valid = valid & m.bool()
     neg = valid & (d < 0)
     if bool(neg.any()):
-        raise ValueError(f"depth_lr has {int(neg.sum())} negative value(s) (shape {tuple(d.shape)}); depth must "
-                         f"be >= 0 with 0 or NaN marking holes")
+        raise ValueError(f"depth_lr has {int(neg.sum())} negative value(s) (shape {tuple(d.shape)}); "
+                         f"depth must be >= 0 with 0 or NaN marking holes")
     for b in range(d.shape[0]):
         if not bool(valid[b].any()):
             raise ValueError(f"depth_lr item {b} has no valid value (all 0, NaN or masked out; shape "
@@ -374,8 +383,9 @@ class _Problem:
     def start_params(self) -> torch.Tensor:
         (h, w), (H, W) = self.size_lr, self.size_hr
         c = self.cfg
-        return init_params(1, (h, w), (H, W), sigma_spatial=(c.sigma_spatial * W / w, c.sigma_spatial * H / h),
-                           sigma_range=c.sigma_range, device=self.g.device, dtype=self.g.dtype)
+        sigma = (c.sigma_spatial * W / w, c.sigma_spatial * H / h)  # LR cells -> HR pixels, per axis
+        return init_params(1, (h, w), (H, W), sigma_spatial=sigma, sigma_range=c.sigma_range,
+                           device=self.g.device, dtype=self.g.dtype)
 
     def render(self, params: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return kernel_render(params, self.g, self.g_lr, c, self.cfg.radius, signal_mask=self.valid,
@@ -388,24 +398,26 @@ class _Problem:
         return out, sup
 
     def fit(self, start: torch.Tensor, target: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
-        """Per-cell params so that rendering the LR depth reconstructs ``target`` (guide ``[RGB, target]``)."""
+        """Per-cell params ``[1, 4, h, w]`` so that rendering the LR depth reconstructs ``target``.
+
+        The guide is ``[RGB, target]`` (groups ``(C, 1)``); the depth group has no range term (its
+        ``valid_lr`` is False), so it is only a target. ``fit_target="rgb"``: the 2D recipe instead.
+        """
         cfg = self.cfg
-        h, w = self.size_lr
-        zero = torch.zeros((), dtype=target.dtype, device=target.device)
-        t_lr = fill_missing(self.t, self.valid)  # holes filled from valid cells only
-        ghr = torch.cat([self.g, torch.where(support, target, zero)], 1)
-        glr = torch.cat([self.g_lr, t_lr], 1)
-        vhr = torch.cat([torch.ones_like(support), support], 1)
-        vlr = torch.ones(1, 2, h, w, dtype=torch.bool, device=target.device)
-        vlr[:, 1] = False  # the depth channel is a target only: no range term on it
-        init = torch.cat([start, torch.zeros_like(start[:, :1])], 1)
         nc = self.g.shape[1]
-        fcfg = FitConfig(steps=cfg.fit_steps, lr=cfg.fit_lr, radius=cfg.radius, backend=cfg.backend,
-                         channel_weights=(cfg.fit_rgb_weight,) * nc + (1.0,))
-        with torch.enable_grad():  # callers (e.g. the evaluation harness) may run under no_grad
-            if cfg.fit_target == "rgb":
-                params, _ = fit_params(self.g, self.g_lr, fcfg.replace(channel_weights=None), init=start)
-                return params
+        fcfg = FitConfig(steps=cfg.fit_steps, lr=cfg.fit_lr, radius=cfg.radius, backend=cfg.backend)
+        if cfg.fit_target == "rgb":
+            with torch.enable_grad():  # callers (e.g. the evaluation harness) may run under no_grad
+                return fit_params(self.g, self.g_lr, fcfg, init=start)[0]
+        zero = torch.zeros((), dtype=target.dtype, device=target.device)
+        ghr = torch.cat([self.g, torch.where(support, target, zero)], 1)
+        glr = torch.cat([self.g_lr, fill_missing(self.t, self.valid)], 1)  # LR holes filled from valid cells
+        vhr = torch.cat([torch.ones_like(support), support], 1)
+        vlr = torch.ones(1, 2, *self.size_lr, dtype=torch.bool, device=target.device)
+        vlr[:, 1] = False
+        init = torch.cat([start, torch.zeros_like(start[:, :1])], 1)
+        fcfg = fcfg.replace(channel_weights=(cfg.fit_rgb_weight,) * nc + (1.0,))
+        with torch.enable_grad():
             params, _ = fit_params(ghr, glr, fcfg, groups=(nc, 1), valid_hr=vhr, valid_lr=vlr, init=init)
         return params[:, :4].contiguous()
 
@@ -442,7 +454,8 @@ def upsample_depth(
     config : :class:`DepthSRConfig` (default settings if None); ``**options`` override its fields
         (``iters=4``, ``fit_steps=0``, ``consistency="area"``, ...).
     fill_holes : fill the pixels without support (push-pull from supported pixels).
-    return_support : also return ``support [B, 1, H, W]`` bool (False where no valid LR cell lies in the window).
+    return_support : also return ``support [B, 1, H, W]`` bool (False where no valid LR cell lies in the
+        window).
 
     Returns
     -------
@@ -459,13 +472,14 @@ def upsample_depth(
         raise ValueError(f"config must be a DepthSRConfig or None, got {type(config).__name__}")
     cfg = (config or DepthSRConfig()).replace(**options) if options else (config or DepthSRConfig())
     d = _as_depth(depth_lr)
-    g = as_guide(guide_hr, "guide_hr").to(device=d.device, dtype=d.dtype)
+    work = torch.promote_types(d.dtype, torch.float32)  # float16 depth is computed in float32
+    g = as_guide(guide_hr, "guide_hr").to(device=d.device, dtype=work)
     _check_sizes(d, g, scale)
     valid = _valid_lr(d, mask_lr)
     outs, sups = [], []
     for b in range(d.shape[0]):
-        out, sup = _Problem(g[b : b + 1], d[b : b + 1], valid[b : b + 1], cfg).run()
-        outs.append(out)
+        out, sup = _Problem(g[b : b + 1], d[b : b + 1].to(work), valid[b : b + 1], cfg).run()
+        outs.append(out.to(d.dtype))
         sups.append(sup)
     out, sup = torch.cat(outs), torch.cat(sups)
     nan = torch.full((), float("nan"), dtype=out.dtype, device=out.device)
