@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["run_demo", "default_data_dir"]
+__all__ = ["default_data_dir", "run_demo"]
 
 
 def default_data_dir() -> Path:
@@ -179,7 +179,7 @@ def run_demo(
     from ua3d.depth.baselines import bicubic as depth_bicubic
 
     d_bic = depth_bicubic(d_lr, guide[..., :Hc, :Wc], mask_lr=d_lr > 0)
-    rmse = lambda a: float(torch.sqrt(((a - d_hr[..., :Hc, :Wc])[m & torch.isfinite(a)] ** 2).mean()) * 1000)  # noqa: E731
+    rmse = lambda a: float(torch.sqrt(((a - d_hr[..., :Hc, :Wc])[m & torch.isfinite(a)] ** 2).mean()) * 1000)
     log["depth_sr_x8_rmse_mm"] = {"bicubic": rmse(d_bic), "ua3d": rmse(d_up)}
     stage("depth-sr", t0)
 
@@ -201,9 +201,10 @@ def run_demo(
         for kind, src, png in (("volume", "volume.npz", "volume_slices.png"), ("points", "points.npz", "points.png")):
             from ua3d.cli import main as cli_main
 
-            if cli_main(["view", kind, str(out / src), "--png", str(out / png)]) == 0:
+            args = ["view", kind, str(out / src), "--png", str(out / png)] + (["--quiet"] if quiet else [])
+            if cli_main(args) == 0:
                 pictures.append(png)
-    except Exception as e:  # headless rendering is optional for the demo
+    except Exception as e:  # noqa: BLE001  # headless rendering is optional for the demo
         log["viewer_pictures_skipped"] = str(e).splitlines()[0]
     log["pictures"] = pictures
     stage("pictures", t0)
@@ -217,8 +218,8 @@ def _write_summary(out: Path, log: dict, quiet: bool) -> None:
     acc = log["label_accuracy"]
     lines = [
         "ua3d demo on the bundled synthetic RGB-D sample",
-        f"image {log['image'][1]}x{log['image'][0]}, LR grid {log['grid'][1]}x{log['grid'][0]}, "
-        f"{log['steps']} TTO steps, seed {log['seed']}",
+        (f"image {log['image'][1]}x{log['image'][0]}, LR grid {log['grid'][1]}x{log['grid'][0]}, "
+        f"{log['steps']} TTO steps, seed {log['seed']}"),
         f"features: {log['features']}",
         "",
         f"guide reconstruction PSNR: bicubic {log['psnr_db']['bicubic']:.2f} dB, ua3d {log['psnr_db']['ua3d_2d']:.2f} dB",
@@ -229,8 +230,8 @@ def _write_summary(out: Path, log: dict, quiet: bool) -> None:
         "  within 3 px of depth edges:  bilinear {bilinear:.4f}  ua3d-2d {ua3d_2d:.4f}  ua3d-rgbd {ua3d_rgbd:.4f}".format(
             **acc["within_3px_of_depth_edges"]
         ),
-        f"feature volume {log['volume']['shape']} over {log['volume']['bins_m'][0]:.2f}-"
-        f"{log['volume']['bins_m'][1]:.2f} m -> volume.npz",
+        (f"feature volume {log['volume']['shape']} over {log['volume']['bins_m'][0]:.2f}-"
+        f"{log['volume']['bins_m'][1]:.2f} m -> volume.npz"),
         f"feature point cloud: {log['points']} points -> points.ply, points.npz",
         "depth SR x8 (protocol B) RMSE: bicubic {bicubic:.1f} mm, ua3d {ua3d:.1f} mm".format(**log["depth_sr_x8_rmse_mm"]),
         f"pictures: {', '.join(log['pictures'])}",

@@ -669,6 +669,15 @@ def num_threads() -> int:
     return max(1, int(torch.get_num_threads()))
 
 
+def _flush_denormals() -> None:
+    """Pool threads flush denormals to zero (FTZ/DAZ). Weights of distant or off-colour cells reach
+    the denormal range (``exp(logit) * value < 1.2e-38`` in float32), where every operation takes a
+    slow microcode path: measured here, a 224 px fit ran 3x slower without this. Flushed values are
+    below the dtype's resolution of any result. Only the pool's threads are affected, never the
+    caller's."""
+    torch.set_flush_denormal(True)
+
+
 def _pool(n: int) -> ThreadPoolExecutor:
     """A process-wide pool of ``n`` threads (re-created after a fork or a change of ``n``)."""
     global _POOL, _POOL_KEY
@@ -677,22 +686,21 @@ def _pool(n: int) -> ThreadPoolExecutor:
         if _POOL is None or _POOL_KEY != key:
             if _POOL is not None and _POOL_KEY[0] == key[0]:
                 _POOL.shutdown(wait=False)
-            _POOL = ThreadPoolExecutor(max_workers=n, thread_name_prefix="ua3d-fast")
+            _POOL = ThreadPoolExecutor(max_workers=n, thread_name_prefix="ua3d-fast", initializer=_flush_denormals)
             _POOL_KEY = key
         return _POOL
 
 
 def _parallel_for(fn: Callable, n: int, *args) -> None:
-    """``fn(start, stop, *args)`` over ``[0, n)`` in about ``4 * threads`` chunks on a thread pool.
+    """``fn(start, stop, *args)`` over ``[0, n)`` in about ``4 * threads`` chunks on a thread pool
+    (whose threads flush denormals, :func:`_flush_denormals`).
 
     The numba kernels release the GIL (``nogil=True``) and write disjoint outputs per item,
     so the chunks run truly in parallel without races; results do not depend on the split.
     """
-    t = min(num_threads(), n)
-    if t <= 1:
-        if n > 0:
-            fn(0, n, *args)
+    if n <= 0:
         return
+    t = min(num_threads(), n)  # even one thread runs on the pool: its threads flush denormals
     bounds = np.linspace(0, n, min(n, 4 * t) + 1).round().astype(np.int64)
     pool = _pool(t)
     futures = [pool.submit(fn, int(a), int(b), *args) for a, b in itertools.pairwise(bounds) if b > a]

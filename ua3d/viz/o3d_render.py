@@ -67,6 +67,18 @@ def import_open3d() -> Any:
     return o3d
 
 
+def _quiet_headless(o3d: Any) -> None:
+    """Headless runs: give Mesa a private ``XDG_RUNTIME_DIR`` when none is set (it otherwise prints
+    ``error: XDG_RUNTIME_DIR is invalid``, which is harmless) and keep Open3D's GLFW/EGL chatter
+    (warnings about the missing display) out of the output; errors still print."""
+    if not os.environ.get("XDG_RUNTIME_DIR"):
+        import tempfile
+
+        os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="ua3d-xdg-")  # created with mode 0700
+    if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        o3d.utility.set_verbosity_level(o3d.utility.VerbosityLevel.Error)
+
+
 def require_display() -> None:
     """Raise :class:`RenderingUnavailable` when no display is available for an interactive window.
 
@@ -262,6 +274,7 @@ class OffscreenRenderer:
         if width <= 0 or height <= 0:
             raise ValueError(f"width and height must be positive, got {width}x{height}")
         o3d = import_open3d()
+        _quiet_headless(o3d)
         self.width, self.height = int(width), int(height)
         self.background = np.asarray(background, np.float64)
         self._vis = o3d.visualization.Visualizer()
