@@ -259,6 +259,21 @@ def test_tiles_and_threads_do_not_change_the_result():
     assert torch.equal(g1, g2) and torch.equal(l1, l2)  # deterministic: per-row buffers, fixed reduction order
 
 
+def test_engine_threads_flush_denormals_but_the_caller_keeps_them():
+    """The pool threads run with FTZ/DAZ (denormal weights made the fit 3x slower); the caller's
+    thread must keep IEEE denormals: a float32 denormal times 2 stays non-zero after a fast fit."""
+    from ua3d.core import fast
+
+    kw, radius = CASES["3ch-23x17-from-5x4-r8"]
+    c = case(**kw)
+    tiny = torch.tensor([1e-39], dtype=torch.float32)  # below the smallest normal float32 (1.2e-38)
+    assert (tiny * 2).item() != 0.0
+    fast.kernel_fit_loss_grad(c["params"].float(), c["guide_hr"].float(), c["guide_lr"].float(), radius)
+    assert (tiny * 2).item() != 0.0
+    flags = fast._pool(1).submit(lambda: (torch.tensor([1e-39], dtype=torch.float32) * 2).item()).result()
+    assert flags == 0.0  # inside the pool: flushed
+
+
 def test_float16_output_equals_the_float32_result_rounded():
     kw, radius = CASES["1ch-batch2-37x50-from-6x7-r3"]
     c = {k: (v.float() if isinstance(v, torch.Tensor) else v) for k, v in case(**kw).items()}
