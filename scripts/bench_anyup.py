@@ -1,13 +1,20 @@
-"""Benchmark ua3d's AnyUp (tiled window attention): time and peak memory per case.
+"""Benchmark ua3d's AnyUp (fused strip encoders + tiled window attention): time and peak memory.
 
 Each case runs in a fresh subprocess so that its peak resident set size (``ru_maxrss``) is its
 own.  Weights are **random** (``torch.manual_seed(0)``; AnyUp's cost does not depend on the weight
-values), features are random ``[1, C, h, w]``, the guide is scikit-image's astronaut photo resized
-to the output size (or random noise with ``--guide random``).  float32 on the CPU.  Wall time
-and process CPU time are both reported: on a shared, busy machine the CPU time is the steadier.
+values, except that extreme softmax inputs would be slow without ua3d's softmax floor), features
+are random ``[1, C, h, w]``, the guide is scikit-image's astronaut photo resized to the output size
+(or random noise with ``--guide random``).  float32 on the CPU, ``anyup()`` (no autograd).  Wall
+time and process CPU time are both reported: on a shared, busy machine the CPU time is the
+steadier.  ``--stages`` adds one more forward split into encoders (+ query projection) and
+attention.
+
+The default is **one thread** (it used to be all cores): on a 2-core machine whose other core is
+busy, two OpenMP threads mostly wait for each other.  The 1024 px case of the previous
+implementation took 351 s with the old default on a loaded machine and 42 s with one thread.
 
     python scripts/bench_anyup.py --json bench_results/anyup.json
-    python scripts/bench_anyup.py --cases 64:1024 --repeats 3
+    python scripts/bench_anyup.py --cases 32:512,64:1024 --repeats 3 --stages
 
 Prints a Markdown table and writes JSON with the machine, thread count and versions.
 """
@@ -64,7 +71,20 @@ def worker(args: argparse.Namespace) -> None:
         assert y.shape == (1, args.channels, out, out)
         del y
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"times_s": times, "cpu_s": cpu, "peak_rss_bytes": peak, "rss_before_forward_bytes": rss_before}))
+    stages = {}
+    if args.stages:
+        from ua3d.baselines.anyup import IMAGENET_MEAN, IMAGENET_STD
+
+        normed = (guide - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        with torch.no_grad():
+            c0 = time.process_time()
+            qp, k = model._attention_inputs(normed, feats, (out, out))
+            c1 = time.process_time()
+            model._attend_projected(qp, k, feats, None, None)
+            c2 = time.process_time()
+        stages = {"encode_cpu_s": c1 - c0, "attention_cpu_s": c2 - c1}
+    print(json.dumps({"times_s": times, "cpu_s": cpu, "peak_rss_bytes": peak, "rss_before_forward_bytes": rss_before,
+                      **stages}))
 
 
 def run_case(lr: int, out: int, repeats: int, args: argparse.Namespace) -> dict:
@@ -72,6 +92,8 @@ def run_case(lr: int, out: int, repeats: int, args: argparse.Namespace) -> dict:
            "--channels", str(args.channels), "--threads", str(args.threads), "--guide", args.guide]
     if args.budget_mib is not None:
         cmd += ["--budget-mib", str(args.budget_mib)]
+    if args.stages:
+        cmd += ["--stages"]
     load_before = os.getloadavg()
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
@@ -89,6 +111,7 @@ def run_case(lr: int, out: int, repeats: int, args: argparse.Namespace) -> dict:
         "rss_before_forward_gib": res["rss_before_forward_bytes"] / 2**30,
         "output_tensor_gib": out_bytes / 2**30,
         "subprocess_wall_s": wall,
+        **{key: res[key] for key in ("encode_cpu_s", "attention_cpu_s") if key in res},
     }
 
 
@@ -122,9 +145,10 @@ def main() -> None:
     ap.add_argument("--channels", type=int, default=384)
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats per case (median reported)")
     ap.add_argument("--large-repeats", type=int, default=1, help="repeats for cases with OUT >= 2048")
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1, see above)")
     ap.add_argument("--guide", choices=["skimage", "random"], default="skimage")
     ap.add_argument("--budget-mib", type=float, default=None, help="attention tile budget (MiB)")
+    ap.add_argument("--stages", action="store_true", help="also time encoders and attention separately")
     ap.add_argument("--json", type=Path, default=None, help="write results here")
     ap.add_argument("--worker", type=int, nargs=2, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -142,7 +166,7 @@ def main() -> None:
             _write_json(args.json, machine_info(args.threads), rows)
 
     info = machine_info(args.threads)
-    print(f"\nAnyUp (ua3d, tiled window attention), {info['cpu']}, {args.threads} threads, torch {info['torch']}, "
+    print(f"\nAnyUp (ua3d, fused encoders + tiled window attention), {info['cpu']}, {args.threads} threads, torch {info['torch']}, "
           f"float32, random weights, guide={args.guide}\n")
     print("| LR -> output | C | repeats | median wall (s) | median CPU (s) | peak RSS (GiB) "
           "| RSS before forward (GiB) | output tensor (GiB) | load avg (1 min) |")
@@ -151,6 +175,11 @@ def main() -> None:
         print(f"| {r['lr']}² -> {r['out']}² | {r['channels']} | {r['repeats']} | {r['median_s']:.1f} "
               f"| {r['median_cpu_s']:.1f} | {r['peak_rss_gib']:.2f} | {r['rss_before_forward_gib']:.2f} "
               f"| {r['output_tensor_gib']:.2f} | {r['load_average_before'][0]:.1f} |")
+    if args.stages:
+        print("\n| LR -> output | encoders + query projection, CPU (s) | attention, CPU (s) |")
+        print("|---|---|---|")
+        for r in rows:
+            print(f"| {r['lr']}² -> {r['out']}² | {r['encode_cpu_s']:.1f} | {r['attention_cpu_s']:.1f} |")
     print("\nCPU = process CPU time (all threads); on a busy machine wall time mostly measures the load.")
     if args.json is not None:
         _write_json(args.json, info, rows)

@@ -10,7 +10,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ua3d.baselines.anyup import IMAGENET_MEAN, IMAGENET_STD, AnyUp, anyup, load_anyup, window_bounds
+from ua3d.baselines.anyup import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SOFTMAX_FLOOR,
+    AnyUp,
+    _floored_softmax,
+    _Moments,
+    anyup,
+    anyup_depth,
+    load_anyup,
+    window_bounds,
+)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 FIXTURE = SHARED / "fixtures" / "anyup_parity_v1.pt"
@@ -323,3 +334,154 @@ def test_input_errors():
         anyup(rgb * 255, feats, model=model)
     with pytest.raises(FileNotFoundError, match=r"AnyUp checkpoint not found"):
         anyup(rgb, feats, checkpoint="/nonexistent/anyup_paper.pth")
+
+
+# ------------------------------------------------------------------------------------------------
+# the fused inference path against the module-by-module reference
+# ------------------------------------------------------------------------------------------------
+def _reference_forward(model: AnyUp, guide, feats, size):
+    """The autograd path: reference encoders, projected queries, tiled attention."""
+    with torch.enable_grad():
+        q, k = model._encode_reference(guide, feats, size)
+        out = model._attend_projected(model._project_queries(q), k, feats, None, None)
+    return q.detach(), k.detach(), out.detach()
+
+
+@pytest.mark.parametrize(
+    ("kernel_size", "batch", "out_size"), [(1, 2, (26, 33)), (3, 1, (20, 28))], ids=["1x1-stem-pooled", "3x3-stem"]
+)
+def test_fused_encoder_matches_reference(kernel_size, batch, out_size):
+    # 37-pixel strips: many strips and a ragged last one, so the strip statistics are merged
+    model = _perturbed_model(seed=4, kernel_size=kernel_size, strip_bytes=37 * 128 * 4)
+    guide, feats = _inputs(b=batch, c=6, h=5, w=7, H=20, W=28, seed=9)
+    q_ref, k_ref, out_ref = _reference_forward(model, guide, feats, out_size)
+    with torch.no_grad():
+        q, k = model.encode(guide, feats, out_size)
+        qp, k2 = model._attention_inputs(guide, feats, out_size)
+        out = model(guide, feats, output_size=out_size)
+    assert q.shape == (batch, 128, *out_size) and qp.shape == (batch, *out_size, 128)
+    torch.testing.assert_close(q, q_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(k, k_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(k2, k)
+    torch.testing.assert_close(qp, model._project_queries(q), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_strip_moments_are_exact_for_offset_data():
+    # mean 1000, std 1e-2 (mean / std = 1e5): E[x^2] - E[x]^2 in float32 loses every digit of the variance
+    g = torch.Generator().manual_seed(0)
+    x = 1000.0 + 1e-2 * torch.randn(16, 1000, generator=g)
+    moments = _Moments(groups=4)
+    ones, scratch = torch.ones(300), torch.empty(16, 300)
+    for s in range(0, 1000, 300):
+        moments.add(x[:, s : s + 300], ones, scratch[:, : min(300, 1000 - s)])
+    mean, var = moments.finalize()
+    x64 = x.double().view(4, -1)
+    torch.testing.assert_close(mean, x64.mean(1), rtol=1e-7, atol=0)  # float32 strip means
+    torch.testing.assert_close(var, x64.var(1, correction=0), rtol=1e-3, atol=0)
+    naive = x.view(4, -1).square().mean(1) - x.view(4, -1).mean(1).square()  # what is avoided
+    assert not torch.allclose(naive.double(), x64.var(1, correction=0), rtol=0.5)
+
+
+def test_fused_feature_unification_matches_grouped_conv():
+    model = _perturbed_model(seed=2)
+    lfu = model.key_features_encoder[0]
+    with torch.no_grad():
+        lfu.basis.mul_(4)  # peaky softmax, as in the parity fixture
+        unit = F.normalize(torch.randn(2, 11, 9, 13, generator=torch.Generator().manual_seed(3)), dim=1)
+        ref = lfu(unit)
+        for block in (11 * 128 * 4 * 5, 2**21):  # 5 pixels per block (rows split) / all at once
+            torch.testing.assert_close(lfu.fused(unit, block), ref, rtol=1e-5, atol=1e-8)
+
+
+def test_floored_softmax_keeps_exp_out_of_the_denormal_range():
+    x = torch.tensor([[0.0, -10.0, -150.0, float("-inf")], [3.0, 2.0, -400.0, 1.0]])
+    y = _floored_softmax(x.clone(), -1, inplace=True)
+    ref = x.double().softmax(-1)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-6, atol=1e-30)
+    # entries more than SOFTMAX_FLOOR below the row max (and masked ones) weigh exp(-80) ~ 1.8e-35
+    floor = math.exp(-SOFTMAX_FLOOR)
+    assert ref[0, 2] < 1e-60 and ref[0, 3] == 0
+    assert y[0, 2].item() / floor == pytest.approx(1 / (1 + math.exp(-10)), rel=1e-5)
+    assert y[0, 3].item() / floor == pytest.approx(1 / (1 + math.exp(-10)), rel=1e-5)
+
+
+def test_features_enter_weights_only_through_l2_normalisation():
+    """anyup(g, s * f) = s * anyup(g, f) for s > 0: the model is scale-equivariant in the features."""
+    model = _perturbed_model(seed=6)
+    guide, feats = _inputs(b=1, c=5, h=6, w=7, H=24, W=28, seed=1)
+    with torch.no_grad():
+        base = model(guide, feats)
+        for s in (1e-3, 1000.0):
+            torch.testing.assert_close(model(guide, s * feats), s * base, rtol=2e-5, atol=1e-6 * s)
+
+
+def test_plan_tiles_respects_caps():
+    model = AnyUp()
+    tr, tc = model._plan_tiles((300, 400), (20, 25), 1, 384, 2**24, None)
+    assert 1 <= tr <= 300 and 1 <= tc <= 400
+    tr, tc = model._plan_tiles((300, 400), (20, 25), 1, 384, 2**24, 50)
+    assert tr * tc <= 50
+    assert model._plan_tiles((300, 400), (20, 25), 1, 384, 10, None) == (1, 1)  # nothing fits
+    glob = AnyUp(window_ratio=0.0)
+    tr, tc = glob._plan_tiles((64, 64), (8, 8), 1, 16, 2**24, None)
+    assert tr * tc > 64  # global attention: no window waste, so large tiles win
+
+
+# ------------------------------------------------------------------------------------------------
+# depth through AnyUp
+# ------------------------------------------------------------------------------------------------
+def _depth_case(seed=0, holes=True):
+    g = torch.Generator().manual_seed(seed)
+    rgb = torch.rand(1, 3, 32, 40, generator=g)
+    depth = 1.0 + 2.0 * torch.rand(1, 1, 8, 10, generator=g)  # metres
+    if holes:
+        depth[0, 0, 2:5, 3:6] = 0.0
+        depth[0, 0, 0, 0] = float("nan")
+    return rgb, depth
+
+
+def test_anyup_depth_without_holes_is_anyup_on_the_depth_map():
+    model = _perturbed_model(seed=7)
+    rgb, depth = _depth_case(holes=False)
+    out = anyup_depth(depth, rgb, model=model)
+    torch.testing.assert_close(out, anyup(rgb, depth, model=model), rtol=1e-5, atol=1e-6)
+    assert out.shape == (1, 1, 32, 40) and bool(torch.isfinite(out).all())
+
+
+def test_anyup_depth_excludes_holes_and_is_unit_free():
+    model = _perturbed_model(seed=7)
+    rgb, depth = _depth_case()
+    out = anyup_depth(depth, rgb, model=model)
+    valid = torch.isfinite(depth) & (depth > 0)
+    lo, hi = depth[valid].min(), depth[valid].max()
+    finite = torch.isfinite(out)
+    assert finite.float().mean() > 0.9
+    assert bool((out[finite] >= lo - 1e-5).all()) and bool((out[finite] <= hi + 1e-5).all())
+    # what is stored in a hole does not matter
+    other = depth.clone()
+    other[0, 0, 2:5, 3:6] = -7.0
+    other[0, 0, 0, 0] = 0.0
+    torch.testing.assert_close(anyup_depth(other, rgb, model=model), out, equal_nan=True)
+    # metres vs millimetres (and a shift): f(s d + t) = s f(d) + t
+    mm = anyup_depth(depth * 1000.0, rgb, model=model)
+    torch.testing.assert_close(mm, out * 1000.0, rtol=1e-5, atol=1e-3, equal_nan=True)
+    shifted = anyup_depth(torch.where(valid, depth + 5.0, 0.0), rgb, model=model)
+    torch.testing.assert_close(shifted, out + 5.0, rtol=1e-5, atol=1e-5, equal_nan=True)
+    # mask_lr acts like a hole; a window with no valid pixel at all gives NaN
+    mask = torch.ones_like(depth, dtype=torch.bool)
+    mask[..., :, :5] = False
+    masked = anyup_depth(depth, rgb, model=model, mask_lr=mask)
+    assert bool(torch.isnan(masked[..., :, :4]).all())
+    assert bool(torch.isfinite(masked[..., :, 24:]).all())
+
+
+def test_anyup_depth_input_errors():
+    model = AnyUp().eval()
+    rgb, depth = _depth_case()
+    with pytest.raises(ValueError, match=r"depth_lr must be a floating \[B, 1, h, w\] tensor, got torch.float32 \(1, 2, 8, 10\)"):
+        anyup_depth(depth.repeat(1, 2, 1, 1), rgb, model=model)
+    with pytest.raises(ValueError, match=r"mask_lr must have the shape of depth_lr \(1, 1, 8, 10\), got \(8, 10\)"):
+        anyup_depth(depth, rgb, model=model, mask_lr=torch.ones(8, 10, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"exactly one of model="):
+        anyup_depth(depth, rgb)

@@ -95,6 +95,14 @@ def test_eval_depth_sr_on_a_tiny_gdsr_layout(tmp_path, capsys):
     text = json.dumps(res)
     assert "bicubic" in text and "nearest" in text
     assert "| bicubic" in capsys.readouterr().out
+    assert res["settings"]["device"] == "cpu"  # the common --device reaches the harness
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_eval_passes_device_on_and_refuses_missing_cuda(capsys):
+    rc = main(["eval", "depth-sr", "--dataset", "motorcycle", "--scales", "4", "--device", "cuda"])
+    assert rc == 2
+    assert capsys.readouterr().err.strip() == "ua3d: error: --device cuda requested but no CUDA device is available"
 
 
 def test_view_renders_png_headless(tmp_path):

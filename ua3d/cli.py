@@ -206,7 +206,8 @@ def cmd_eval(args, rest) -> int:
         raise UserError(f"unknown eval task {args.task!r}; available: depth-sr")
     from .depth.evaluate import main as eval_main
 
-    rc = eval_main(rest)
+    # --device and --quiet are common options, parsed here: pass them on to the harness.
+    rc = eval_main([*rest, "--device", str(_device(args))] + (["--no-progress"] if args.quiet else []))
     return int(rc or 0)
 
 

@@ -146,21 +146,26 @@ def _axis_tiling(start: torch.Tensor, end: torch.Tensor, tile: int) -> tuple[int
 
 def _tile_biases(
     n_out: int, n_lr: int, tile: int, ratio: float, zero: torch.Tensor, neg_inf: torch.Tensor
-) -> list[tuple[int, int, int, int, torch.Tensor]]:
+) -> list[tuple[int, int, int, int, torch.Tensor, int]]:
     """Split one output axis into tiles and give each its LR key range and 1-D window bias.
 
-    Returns ``(a, b, k0, k1, bias)`` per tile: output indices ``[a, b)``, LR range ``[k0, k1)``
-    (the union of the tile's windows) and ``bias`` ``[b - a, k1 - k0]`` with 0 inside each output
-    index's own window and -inf outside (dtype/device of ``zero``).
+    Returns ``(a, b, k0, k1, bias, pattern)`` per tile: output indices ``[a, b)``, LR range
+    ``[k0, k1)`` (the union of the tile's windows), ``bias`` ``[b - a, k1 - k0]`` with 0 inside each
+    output index's own window and -inf outside (dtype/device of ``zero``), and ``pattern``, an id
+    shared by the tiles whose ``bias`` is identical (interior tiles repeat a few patterns).
     """
     start, end = window_bounds(n_out, n_lr, ratio)
-    tiles = []
+    tiles, patterns = [], {}
     for a in range(0, n_out, tile):
         b = min(n_out, a + tile)
         k0, k1 = int(start[a:b].min()), int(end[a:b].max())
-        idx = torch.arange(k0, k1)
-        inside = ((idx >= start[a:b, None]) & (idx < end[a:b, None])).to(zero.device)
-        tiles.append((a, b, k0, k1, torch.where(inside, zero, neg_inf)))
+        key = (k1 - k0, tuple((start[a:b] - k0).tolist()), tuple((end[a:b] - k0).tolist()))
+        if key not in patterns:
+            idx = torch.arange(k0, k1)
+            inside = ((idx >= start[a:b, None]) & (idx < end[a:b, None])).to(zero.device)
+            patterns[key] = (len(patterns), torch.where(inside, zero, neg_inf))
+        pattern, bias = patterns[key]
+        tiles.append((a, b, k0, k1, bias, pattern))
     return tiles
 
 
@@ -299,8 +304,10 @@ class _FeatureUnification(nn.Module):
         For a block of ``m`` pixels the ``k x k`` patches of every channel, ``[m * C, k*k]``, are
         multiplied by the filters ``[k*k, D]``, giving ``[m, C, D]``: per pixel exactly the
         channel-major ``C*D`` vector of the official conv output, so the same reshape to
-        ``[m, D, C]``, softmax over D (floored, see :data:`SOFTMAX_FLOOR`) and mean over C follow.
-        Blocks hold about ``block_bytes``; about 10x faster than the grouped convolution on a CPU.
+        ``[m, D, C]``, softmax over D (floored, see :data:`SOFTMAX_FLOOR`; written out in place,
+        since torch's softmax over a non-innermost axis is slow on a CPU) and mean over C follow.
+        Blocks hold about ``block_bytes``; 3x faster than the grouped convolution of
+        :meth:`forward` on a CPU.
 
         Parameters
         ----------
@@ -334,7 +341,10 @@ class _FeatureUnification(nn.Module):
                     m, g0 = q1 - q0, r0 * w + q0
                     y = torch.mm(patches[q0:q1].view(m * c, k * k), basis_t).view(m, c, n)
                     y.div_(denom[g0 : g0 + m])
-                    z = _floored_softmax(y.view(m, n, c), 1, inplace=True)  # the official reshape
+                    z = y.view(m, n, c)  # the official reshape; softmax over n, mean over c:
+                    top = z.amax(1, keepdim=True)
+                    z.sub_(top).clamp_(min=-SOFTMAX_FLOOR).exp_()  # floored (module docstring)
+                    z.div_(z.sum(1, keepdim=True))
                     out[bi, :, g0 : g0 + m] = z.mean(dim=2).t()
         return out.view(b, n, h, w)
 
@@ -653,7 +663,7 @@ class AnyUp(nn.Module):
         may use ``CHUNK_BUDGET_FACTOR`` times as much.
     strip_bytes : int
         Size of one ``[D, n]`` strip of the fused encoder passes on a CPU (default 512 KiB, i.e.
-        1024 pixels); other devices process the whole image as one strip.
+        1024 pixels of 128 float32 channels); other devices use strips of up to 2**20 pixels.
 
     Notes
     -----
@@ -730,7 +740,17 @@ class AnyUp(nn.Module):
         if self._use_autograd(image, features):
             return self._encode_reference(image, features, output_size)
         with torch.no_grad():
-            return self._encode_fused(image, features, output_size)
+            return self._encode_fused(image, features, output_size, project=False)
+
+    def _attention_inputs(
+        self, image: torch.Tensor, features: torch.Tensor, output_size: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected queries ``[B, H', W', D]`` (:meth:`_project_queries`) and the key map ``[B, D, h, w]``."""
+        if self._use_autograd(image, features):
+            q, k = self._encode_reference(image, features, output_size)
+            return self._project_queries(q), k
+        with torch.no_grad():
+            return self._encode_fused(image, features, output_size, project=True)
 
     def _encode_reference(
         self, image: torch.Tensor, features: torch.Tensor, output_size: tuple[int, int]
@@ -755,28 +775,39 @@ class AnyUp(nn.Module):
         return q, k
 
     def _strip_pixels(self, n_pixels: int, device: torch.device, item: int) -> int:
+        """Pixels per strip: ``strip_bytes`` worth on a CPU (cache-sized), up to 2**20 elsewhere."""
         if device.type != "cpu":
-            return n_pixels
+            return min(n_pixels, 2**20)
         return max(16, min(n_pixels, self.strip_bytes // (self.qk_dim * item)))
 
     def _encode_fused(
-        self, image: torch.Tensor, features: torch.Tensor, output_size: tuple[int, int]
+        self, image: torch.Tensor, features: torch.Tensor, output_size: tuple[int, int], project: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Inference :meth:`encode` with the full-resolution encoders as fused strip passes.
 
-        Per batch element, three ``[D, H*W]`` maps are kept (the image/key/query streams and one
-        scratch map for the residual blocks' inner activations).  A residual block is two passes:
+        Per batch element, three ``[D, H*W]`` maps are kept: the image stream (later the scratch
+        map of the key/query encoders), the residual blocks' inner activations (overwritten strip
+        by strip with the key stream once consumed, later reused for the output) and the query
+        stream.  A residual block is two passes,
         ``u = W1 silu(gn0(x))`` and ``x += W2 silu(gn1(u))``, each GroupNorm applied as the
         per-channel affine map of the statistics gathered while the previous pass wrote its
         input (:class:`_Moments`).  The last pass of the image encoder also applies the rotary
-        code and both 1x1 stems of the key and query encoders to each strip, so the rotated
-        encoding is never stored.  The 3x3 query conv, the pooling and the low-resolution key
-        branch (feature unification as GEMMs, :meth:`_FeatureUnification.fused`) follow.
+        code and both 1x1 stems of the key and query encoders to each strip (the rotated encoding
+        is never stored).  The 3x3 query conv is the oneDNN convolution of the reference path; if
+        ``project``, it runs in bands of rows, each followed by the attention's query RMSNorm and
+        projection (:func:`_conv_project_bands`).  The low-resolution key branch uses
+        :meth:`_FeatureUnification.fused`.
+
+        Returns
+        -------
+        q : ``[B, H', W', D]`` projected queries if ``project`` (:meth:`_project_queries`), else
+            ``[B, D, H', W']`` queries after the 3x3 conv.
+        k : ``[B, D, h, w]``.
         """
         b_size, _, height, width = image.shape
         h, w = features.shape[-2:]
         d, n_pix = self.qk_dim, height * width
-        size = (height, width)
+        out_h, out_w = output_size
         step = self._strip_pixels(n_pix, image.device, image.element_size())
         strips = [(s, min(n_pix, s + step)) for s in range(0, n_pix, step)]
         groups = self.image_encoder[1].block[0].num_groups
@@ -785,89 +816,90 @@ class AnyUp(nn.Module):
         w_key = self.key_encoder[0].weight.flatten(1)
         w_query = self.query_encoder[0].weight.flatten(1)
         stem = self.image_encoder[0]
+        batched_out = None
+        if b_size > 1:
+            shape = (b_size, out_h, out_w, d) if project else (b_size, d, out_h, out_w)
+            batched_out = image.new_empty(shape)
 
         qs, ks = [], []
         for bi in range(b_size):
             buf = _StripBuffers(d, step, image)
-            img = image[bi : bi + 1]
             moments = _Moments(groups)
+            x = image.new_empty(d, n_pix)
             if stem.kernel_size == (1, 1):
-                x = image.new_empty(d, n_pix)
-                pixels = img.reshape(self.input_dim, n_pix)
+                pixels = image[bi].reshape(self.input_dim, n_pix)
+                w_stem = stem.weight.flatten(1)
                 for s, e in strips:
-                    moments.add(torch.mm(stem.weight.flatten(1), pixels[:, s:e], out=x[:, s:e]), buf.ones,
-                                buf.get("scratch", e - s))
+                    xs = torch.mm(w_stem, pixels[:, s:e], out=x[:, s:e])
+                    moments.add(xs, buf.ones, buf.get("scratch", e - s))
             else:
-                x = self.image_encoder.stem(img).reshape(d, n_pix)
+                x.copy_(self.image_encoder.stem(image[bi : bi + 1]).reshape(d, n_pix))
                 for s, e in strips:
                     moments.add(x[:, s:e], buf.ones, buf.get("scratch", e - s))
-            # three full-resolution maps: the image stream (later the key/query scratch), the
-            # residual blocks' inner activations (overwritten strip by strip with the key stream
-            # once consumed) and the query stream
+            # residual blocks' inner activations; overwritten by the key stream strip by strip
             inner = image.new_empty(d, n_pix)
-            keys = inner
             queries = image.new_empty(d, n_pix)
             mom_k, mom_q = _Moments(groups), _Moments(groups)
             finish = partial(
                 _rope_and_stems, freqs_t=freqs_t, coords_t=coords_t, w_key=w_key, w_query=w_query,
-                keys=keys, queries=queries, mom_k=mom_k, mom_q=mom_q, buf=buf,
+                keys=inner, queries=queries, mom_k=mom_k, mom_q=mom_q, buf=buf,
             )
             _run_encoder_body(self.image_encoder, x, inner, strips, moments, buf, finish=finish)
-            scratch = x
-            del x, inner, finish
-            _run_encoder_body(self.key_encoder, keys, scratch, strips, mom_k, buf)
-            k_pooled = F.adaptive_avg_pool2d(keys.view(1, d, height, width), (h, w))
-            del keys
-            _run_encoder_body(self.query_encoder, queries, scratch, strips, mom_q, buf)
-            del scratch, buf
-            q = queries.view(1, d, height, width)
-            if size != tuple(output_size):
-                q = F.adaptive_avg_pool2d(q, output_size)
-            del queries
-            qs.append(self.cross_decode.conv2d(q))
-            del q
-            ks.append(k_pooled)
+            del finish
+            _run_encoder_body(self.key_encoder, inner, x, strips, mom_k, buf)
+            ks.append(F.adaptive_avg_pool2d(inner.view(1, d, height, width), (h, w)))
+            _run_encoder_body(self.query_encoder, queries, x, strips, mom_q, buf)
+            del x, buf
+            q_src = queries.view(d, height, width)
+            if (height, width) != (out_h, out_w):
+                q_src = F.adaptive_avg_pool2d(q_src[None], output_size)[0]
+            if not project:
+                dest = self.cross_decode.conv2d(q_src[None])[0]  # oneDNN, as in the reference path
+                if batched_out is not None:
+                    dest = batched_out[bi].copy_(dest)
+            else:
+                if batched_out is not None:
+                    dest = batched_out[bi]
+                elif inner.numel() >= out_h * out_w * d:  # reuse the key map's pages
+                    dest = inner.view(-1)[: out_h * out_w * d].view(out_h, out_w, d)
+                else:
+                    dest = image.new_empty(out_h, out_w, d)
+                _conv_project_bands(self, q_src, dest, max(1, (16 * step) // out_w))
+            del q_src, queries, inner
+            qs.append(dest)
 
         lfu = self.key_features_encoder[0].fused(F.normalize(features, dim=1))
         lfu = self.key_features_encoder.body(lfu)
         k = self.aggregation(torch.cat([ks[0] if b_size == 1 else torch.cat(ks), lfu], dim=1))
-        return (qs[0] if b_size == 1 else torch.cat(qs)), k
+        return (qs[0][None] if batched_out is None else batched_out), k
 
     # --------------------------------------------------------------------------------- attention
-    def _project_queries(self, q: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-        """Attention queries ``(Wq rms(q) + bq) / sqrt(D / heads)`` per pixel, ``[B, D, H', W']``.
+    def _project_queries(self, q: torch.Tensor) -> torch.Tensor:
+        """Attention queries ``(Wq rms(q) + bq) / sqrt(D / heads)`` per pixel.
 
-        Without autograd this runs over strips of pixels, writing into ``q`` itself when
-        ``inplace`` (so no second full-resolution map is allocated).
+        ``q`` ``[B, D, H', W']`` (after the 3x3 conv) -> ``[B, H', W', D]`` (channels last, so an
+        attention tile's queries are a few contiguous runs).  Without autograd strip by strip.
         """
         att = self.cross_decode.cross_attn
         d = self.qk_dim
         w_q, b_q = att.attention.in_proj_weight[:d], att.attention.in_proj_bias[:d]
         scale = math.sqrt(1.0 / (d // self.num_heads))
         if self._use_autograd(q):
-            t = q.permute(0, 2, 3, 1)
-            return (F.linear(att.norm_q(t), w_q, b_q) * scale).permute(0, 3, 1, 2)
+            return F.linear(att.norm_q(q.permute(0, 2, 3, 1)), w_q, b_q) * scale
         b_size, _, height, width = q.shape
-        n_pix = height * width
+        out = q.new_empty(b_size, height, width, d)
+        rows = max(1, self._strip_pixels(height * width, q.device, q.element_size()) // width)
         with torch.no_grad():
-            if not (inplace and q.is_contiguous()):
-                q = q.contiguous().clone() if q.is_contiguous() else q.contiguous()
-            step = self._strip_pixels(n_pix, q.device, q.element_size())
             for bi in range(b_size):
-                flat = q[bi].view(d, n_pix)
-                for s in range(0, n_pix, step):
-                    e = min(n_pix, s + step)
-                    y = F.linear(att.norm_q(flat[:, s:e].t()), w_q, b_q).mul_(scale)
-                    flat[:, s:e] = y.t()
-        return q
+                for r0 in range(0, height, rows):
+                    r1 = min(height, r0 + rows)
+                    _project_rows(att, q[bi, :, r0:r1], out[bi, r0:r1], scale)
+        return out
 
     def _project_keys(self, k: torch.Tensor) -> torch.Tensor:
-        """Attention keys ``Wk rms(k) + bk`` as ``[B, heads, D/heads, h, w]``."""
+        """Attention keys ``Wk rms(k) + bk``: ``[B, D, h, w] -> [B, h, w, D]``."""
         att = self.cross_decode.cross_attn
-        b_size, d, h, w = k.shape
-        kt = att.norm_k(k.permute(0, 2, 3, 1).reshape(b_size, h * w, d))
-        kt = att.attention.project(kt, 1)
-        return kt.view(b_size, h, w, self.num_heads, d // self.num_heads).permute(0, 3, 4, 1, 2).contiguous()
+        return att.attention.project(att.norm_k(k.permute(0, 2, 3, 1)), 1).contiguous()
 
     def _plan_tiles(
         self, out_hw: tuple[int, int], lr_hw: tuple[int, int], batch: int, channels: int,
@@ -956,8 +988,8 @@ class AnyUp(nn.Module):
         self, qp: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         q_chunk_size: int | None, tile_budget_bytes: int | None,
     ) -> torch.Tensor:
-        """:meth:`attend` for queries already through :meth:`_project_queries`."""
-        B, D, H, W = qp.shape
+        """:meth:`attend` for projected queries ``qp`` ``[B, H', W', D]`` (:meth:`_project_queries`)."""
+        B, H, W, D = qp.shape
         _, C, h, w = v.shape
         heads, hd = self.num_heads, D // self.num_heads
         budget = self.tile_budget_bytes if tile_budget_bytes is None else int(tile_budget_bytes)
@@ -966,7 +998,10 @@ class AnyUp(nn.Module):
         if q_chunk_size is not None and q_chunk_size <= 0:
             raise ValueError(f"q_chunk_size must be positive, got {q_chunk_size}")
         grad = self._use_autograd(qp, k, v)
-        kp = self._project_keys(k)  # [B, heads, hd, h, w]
+        with torch.set_grad_enabled(grad):
+            kp = self._project_keys(k)  # [B, h, w, D]
+            vt = v.permute(0, 2, 3, 1)  # [B, h, w, C]: a key block's values are a few runs
+            vt = vt if grad else vt.contiguous()
         neg_inf = torch.tensor(float("-inf"), dtype=qp.dtype, device=qp.device)
         zero = torch.zeros((), dtype=qp.dtype, device=qp.device)
         tr, tc = self._plan_tiles(
@@ -976,22 +1011,26 @@ class AnyUp(nn.Module):
         col_tiles = _tile_biases(W, w, tc, self.window_ratio, zero, neg_inf)
 
         out = v.new_empty(B, C, H, W)
+        biases: dict[tuple[int, int], torch.Tensor] = {}  # 2-D window masks by (row, col) pattern
         with torch.set_grad_enabled(grad):
             for bi in range(B):
-                for ra, rb, kr0, kr1, row_bias in row_tiles:
-                    for ca, cb, kc0, kc1, col_bias in col_tiles:
+                q_b, k_b, v_b, out_b = qp[bi], kp[bi], vt[bi], out[bi]
+                for ra, rb, kr0, kr1, row_bias, row_pattern in row_tiles:
+                    for ca, cb, kc0, kc1, col_bias, col_pattern in col_tiles:
                         n_q, n_k = (rb - ra) * (cb - ca), (kr1 - kr0) * (kc1 - kc0)
                         # additive window mask [n_q, n_k]: 0 inside each query's window, -inf outside
-                        bias = (row_bias[:, None, :, None] + col_bias[None, :, None, :]).view(n_q, n_k)
-                        qt = qp[bi, :, ra:rb, ca:cb].reshape(heads, hd, n_q).transpose(1, 2)
-                        kb = kp[bi, :, :, kr0:kr1, kc0:kc1].reshape(heads, hd, n_k)
+                        bias = biases.get((row_pattern, col_pattern))
+                        if bias is None:
+                            bias = (row_bias[:, None, :, None] + col_bias[None, :, None, :]).view(n_q, n_k)
+                            biases[row_pattern, col_pattern] = bias
+                        qt = q_b[ra:rb, ca:cb].reshape(n_q, heads, hd).permute(1, 0, 2)
+                        kb = k_b[kr0:kr1, kc0:kc1].reshape(n_k, heads, hd).permute(1, 2, 0)
                         logits = torch.baddbmm(bias, qt, kb)  # [heads, n_q, n_k]
-                        attn = _floored_softmax(logits, -1, inplace=not grad).mean(dim=0)
-                        vb = v[bi, :, kr0:kr1, kc0:kc1].reshape(C, n_k)
-                        if cb - ca == W and not grad:  # full-width tile: write straight into out
-                            torch.mm(vb, attn.t(), out=out[bi].view(C, H * W)[:, ra * W : rb * W])
-                        else:
-                            out[bi, :, ra:rb, ca:cb] = torch.mm(vb, attn.t()).view(C, rb - ra, cb - ca)
+                        attn = _floored_softmax(logits, -1, inplace=not grad).sum(dim=0)
+                        vb = v_b[kr0:kr1, kc0:kc1].reshape(n_k, C)
+                        # head mean: (values @ head-summed weights) / heads
+                        res = torch.addmm(zero, vb.t(), attn.t(), beta=0, alpha=1.0 / heads)
+                        out_b[:, ra:rb, ca:cb] = res.view(C, rb - ra, cb - ca)
         return out
 
     def forward(
@@ -1024,10 +1063,39 @@ class AnyUp(nn.Module):
         size = _check_inputs(self, image, features, output_size, "image")
         if q_chunk_size is not None and q_chunk_size <= 0:
             raise ValueError(f"q_chunk_size must be positive, got {q_chunk_size}")
-        q, k = self.encode(image, features, size)
-        qp = self._project_queries(q, inplace=True)
-        del q
+        qp, k = self._attention_inputs(image, features, size)
         return self._attend_projected(qp, k, features, q_chunk_size, tile_budget_bytes)
+
+
+def _conv_project_bands(model: AnyUp, q_src: torch.Tensor, dest: torch.Tensor, rows: int) -> None:
+    """3x3 query conv, then the query projection, in bands of ``rows`` output rows.
+
+    ``q_src`` ``[D, H', W']`` -> ``dest`` ``[H', W', D]``.  Each band is convolved with the same
+    oneDNN convolution as the whole map (one halo row above and below, zero rows at the image
+    border; bitwise the same result), so no full-resolution conv output or oneDNN work copy exists.
+    """
+    conv = model.cross_decode.conv2d
+    att = model.cross_decode.cross_attn
+    scale = math.sqrt(1.0 / (model.qk_dim // model.num_heads))
+    height = q_src.shape[1]
+    for r0 in range(0, height, rows):
+        r1 = min(height, r0 + rows)
+        a, b = max(0, r0 - 1), min(height, r1 + 1)
+        band = q_src[None, :, a:b]
+        if a == r0 or b == r1:  # image border: zero padding rows
+            band = F.pad(band, (0, 0, 1 if a == r0 else 0, 1 if b == r1 else 0))
+        out = F.conv2d(band, conv.weight, conv.bias, padding=(0, 1))
+        _project_rows(att, out[0], dest[r0:r1], scale)
+
+
+def _project_rows(att: _CrossAttentionParams, q_rows: torch.Tensor, dest: torch.Tensor, scale: float) -> None:
+    """``dest`` ``[r, W, D]`` = ``(Wq rms(q) + bq) * scale`` of ``q_rows`` ``[D, r, W]`` (the official ops)."""
+    d = q_rows.shape[0]
+    x = att.norm_q(q_rows.permute(1, 2, 0).reshape(-1, d))
+    w_q, b_q = att.attention.in_proj_weight[:d], att.attention.in_proj_bias[:d]
+    flat = dest.view(-1, d)
+    torch.addmm(b_q, x, w_q.t(), out=flat)  # = F.linear(x, w_q, b_q)
+    flat.mul_(scale)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1204,9 +1272,7 @@ def anyup_depth(
     size = _check_inputs(model, guide, key_feature, output_size, "guide")
     values = torch.cat([torch.where(valid, depth_lr, torch.zeros_like(depth_lr)), key_feature], dim=1)
     with torch.no_grad():
-        q, k = model.encode(_normalised_guide(guide, normalize_guide), key_feature, size)
-        qp = model._project_queries(q, inplace=True)
-        del q
+        qp, k = model._attention_inputs(_normalised_guide(guide, normalize_guide), key_feature, size)
         both = model._attend_projected(qp, k, values, None, None)
     num, den = both[:, :1], both[:, 1:]
     out = num / den.clamp_min(torch.finfo(den.dtype).tiny)

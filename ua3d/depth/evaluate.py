@@ -6,8 +6,10 @@ A *method* has the call shape of :mod:`ua3d.depth.baselines`::
         -> depth_hr [B, 1, H, W]   (NaN where it has no support)
 
 Registered: ``nearest, bilinear, bicubic, guided`` (always available) and, imported only when asked for,
-``jbu`` (``ua3d.baselines.jbu``, classic joint bilateral upsampling) and ``ua3d``
-(``ua3d.depth.sr.upsample_depth``). Add more with :func:`register_method`.
+``jbu`` (``ua3d.baselines.jbu``, classic joint bilateral upsampling), ``ua3d``
+(``ua3d.depth.sr.upsample_depth``) and ``anyup`` (``ua3d.baselines.anyup.anyup_depth``; needs local weights
+given as the option ``anyup.checkpoint``, on the command line ``--anyup-checkpoint PATH``). Add more with
+:func:`register_method`.
 
 Literature conventions applied per dataset (:data:`CONVENTIONS`): Middlebury GDSR RMSE in its 0-255 units,
 no border crop, prediction clipped to [0, 255] (DCTNet's ``test.py``); NYUv2 RMSE in cm with a 6-pixel
@@ -17,6 +19,8 @@ Command line (the lead wires it as ``ua3d eval depth-sr``)::
 
     python scripts/eval_depth_sr.py --dataset middlebury-gdsr --root ../shared/data/middlebury-gdsr-dev \\
         --scales 4 8 16 --protocol B --methods bicubic,guided --json out/mb.json
+    python scripts/eval_depth_sr.py --dataset middlebury-gdsr --root ../shared/data/middlebury-gdsr-dev \\
+        --scales 4 --methods bicubic,anyup --anyup-checkpoint ~/weights/anyup_multi_backbone.pth
 """
 
 from __future__ import annotations
@@ -191,12 +195,73 @@ def _ua3d_factory() -> DepthMethod:
     return ua3d_depth
 
 
+#: Printed when ``anyup`` is requested without weights (ua3d never downloads any).
+ANYUP_WEIGHTS_HINT = (
+    "method 'anyup' needs AnyUp weights: download anyup_paper.pth or anyup_multi_backbone.pth from the "
+    "wimmerth/anyup GitHub releases (https://github.com/wimmerth/anyup/releases) and pass --anyup-checkpoint "
+    "PATH (in Python: options={'anyup': {'checkpoint': PATH}}); ua3d never downloads weights"
+)
+
+
+def _anyup_factory() -> DepthMethod:
+    try:
+        from ua3d.baselines import anyup as anyup_module
+    except ImportError as err:
+        raise ImportError(
+            f"method 'anyup' needs ua3d.baselines.anyup (the AnyUp baseline), which cannot be imported: {err}"
+        ) from err
+    models: dict[tuple[Any, ...], Any] = {}  # loaded once per evaluation (one factory call per evaluate())
+
+    def anyup_depth(
+        depth_lr: torch.Tensor,
+        guide_hr: torch.Tensor,
+        *,
+        mask_lr: torch.Tensor | None = None,
+        checkpoint: str | os.PathLike | None = None,
+        min_weight: float = 1e-3,
+        **model_options: Any,
+    ) -> torch.Tensor:
+        """``ua3d.baselines.anyup.anyup_depth`` with the weights of ``checkpoint``, loaded on first use.
+
+        Holes are excluded (normalised attention over ``[depth * valid, valid]``, NaN where the attention mass
+        on valid pixels is ``<= min_weight``). ``model_options`` go to :class:`ua3d.baselines.anyup.AnyUp`
+        (e.g. ``window_ratio``).
+        """
+        if checkpoint is None:
+            raise ValueError(ANYUP_WEIGHTS_HINT)
+        dtype = depth_lr.dtype if depth_lr.is_floating_point() else torch.float32
+        key = (str(checkpoint), str(depth_lr.device), dtype, tuple(sorted(model_options.items())))
+        if key not in models:
+            try:
+                model = anyup_module.load_anyup(checkpoint, map_location=depth_lr.device, **model_options)
+            except FileNotFoundError as err:
+                raise ValueError(f"{err}; {ANYUP_WEIGHTS_HINT}") from err
+            models[key] = model.to(dtype=dtype)
+        return anyup_module.anyup_depth(
+            depth_lr.to(dtype), guide_hr.to(dtype), model=models[key], mask_lr=mask_lr, min_weight=min_weight
+        )
+
+    return anyup_depth
+
+
+def _check_anyup_checkpoint(methods: str, options: dict[str, dict[str, Any]]) -> None:
+    """Fail early (before any data is read) when ``anyup`` is requested without a readable checkpoint file."""
+    if "anyup" not in [m.strip() for m in methods.split(",")]:
+        return
+    checkpoint = options.get("anyup", {}).get("checkpoint")
+    if checkpoint is None:
+        raise ValueError(ANYUP_WEIGHTS_HINT)
+    if not Path(checkpoint).is_file():
+        raise ValueError(f"AnyUp checkpoint not found: {checkpoint}; {ANYUP_WEIGHTS_HINT}")
+
+
 register_method("nearest", baselines.nearest)
 register_method("bilinear", baselines.bilinear)
 register_method("bicubic", baselines.bicubic)
 register_method("guided", baselines.guided)
 register_method("jbu", factory=_jbu_factory)
 register_method("ua3d", factory=_ua3d_factory)
+register_method("anyup", factory=_anyup_factory)
 
 # ----------------------------------------------------------------------------------------------------------
 # evaluation
@@ -496,6 +561,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="keyword option for one method, repeatable (e.g. guided.radius=8)",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument(
+        "--anyup-checkpoint",
+        default=None,
+        metavar="PATH",
+        help="local AnyUp weights for method anyup (anyup_paper.pth or anyup_multi_backbone.pth from the "
+        "wimmerth/anyup GitHub releases; never downloaded); same as --option anyup.checkpoint=PATH",
+    )
     return parser
 
 
@@ -504,6 +576,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        options = _parse_options(args.option)
+        if args.anyup_checkpoint is not None:
+            options.setdefault("anyup", {})["checkpoint"] = str(args.anyup_checkpoint)
+        _check_anyup_checkpoint(args.methods, options)
         evaluate(
             args.dataset,
             args.root,
@@ -513,7 +589,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             limit=args.limit,
             json_path=args.json_path,
             device=args.device,
-            options=_parse_options(args.option),
+            options=options,
             progress=not args.no_progress,
         )
     except (ValueError, ImportError) as err:
