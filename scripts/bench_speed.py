@@ -46,12 +46,14 @@ OPTION_CONFIGS: dict[str, dict] = {
     "default": {},
     "pixel_fraction=0.5": {"pixel_fraction": 0.5},
     "pixel_fraction=0.25": {"pixel_fraction": 0.25},
+    "pixel_fraction=0.1": {"pixel_fraction": 0.1},
     "adaptive_support=3": {"adaptive_support": 3.0},
     "coarse_to_fine=0.5": {"coarse_to_fine": 0.5, "fine_steps": 10},
     "steps=25": {"steps": 25},
     "radius=4": {"radius": 4.0},
     "pf=0.25+c2f=0.5": {"pixel_fraction": 0.25, "coarse_to_fine": 0.5, "fine_steps": 10},
     "pf=0.25+steps=30": {"pixel_fraction": 0.25, "steps": 30},
+    "pf=0.1+c2f=0.5": {"pixel_fraction": 0.1, "coarse_to_fine": 0.5, "fine_steps": 10},
 }
 #: the 4096 px depth case: fit mostly at 1024 px, finish with a random tenth of the pixels.
 DEPTH_4096_CONFIG = {"coarse_to_fine": 0.25, "fine_steps": 5, "pixel_fraction": 0.1}

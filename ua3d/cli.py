@@ -223,7 +223,13 @@ def cmd_view(args) -> int:
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)  # type: ignore[union-attr]
     argv = [args.file] + (["--png", args.png] if args.png else []) + list(getattr(args, "extra", None) or [])
-    return int(mod.main(argv) or 0)
+    if not args.quiet:
+        return int(mod.main(argv) or 0)
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):  # --quiet: the viewer's "wrote ..." line too
+        return int(mod.main(argv) or 0)
 
 
 def cmd_demo(args) -> int:
