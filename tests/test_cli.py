@@ -33,7 +33,7 @@ def files(tmp_path, scene):
 
 
 def test_upsample_writes_hr_features_inside_the_lr_range(files, capsys):
-    d, rgb, feats = files
+    d, _rgb, feats = files
     rc = main(["upsample", "--image", str(d / "rgb.png"), "--signal", str(d / "feats.npy"), "--layout", "chw",
                "--out", str(d / "hr.npy"), "--steps", "3", "--radius", "3", "--quiet"])
     assert rc == 0
@@ -59,7 +59,7 @@ def test_depth_sr_round_trips_16bit_png_in_mm(files, scene):
 
 
 def test_lift_writes_volume_and_point_cloud(files, scene):
-    d, _, feats = files
+    d, _, _feats = files
     out = d / "lift"
     rc = main(["lift", "--rgb", str(d / "rgb.png"), "--depth", str(d / "depth.png"), "--intrinsics",
                str(d / "K.json"), "--features", str(d / "feats.npy"), "--layout", "chw", "--bins", "6",

@@ -66,7 +66,7 @@ def test_nearest_anchor_matches_rounding_of_align_corners_false_coordinate():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_weights_sum_to_one_and_constant_in_constant_out(backend):
     params, guide, guide_lr = make_inputs(B=2, h=6, w=5, H=29, W=22)
-    w, flat, inside = kernel_weights_reference(params, guide, guide_lr, 3.0)
+    w, _flat, inside = kernel_weights_reference(params, guide, guide_lr, 3.0)
     torch.testing.assert_close(w.sum(1), torch.ones_like(w[:, 0]), rtol=0, atol=1e-12)
     assert (w[:, ~inside] == 0).all() if (~inside).any() else True
     const = torch.full((2, 4, 6, 5), 0.37, dtype=torch.float64)

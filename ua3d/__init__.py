@@ -8,4 +8,4 @@ from .api import Kernel, fit, upsample
 from .core.tto import FitConfig
 
 __version__ = "0.1.0"
-__all__ = ["Kernel", "FitConfig", "fit", "upsample", "__version__"]
+__all__ = ["FitConfig", "Kernel", "__version__", "fit", "upsample"]

@@ -18,11 +18,17 @@ import numpy as np
 import torch
 
 from .core.checks import as_guide, check_finite, check_size, check_tensor
-from .core.kernel import LOG_SIGMA_MAX, LOG_SIGMA_MIN, kernel_weights_reference, resample_guide, theta_from_raw
+from .core.kernel import (
+    LOG_SIGMA_MAX,
+    LOG_SIGMA_MIN,
+    kernel_weights_reference,
+    resample_guide,
+    theta_from_raw,
+)
 from .core.ops import available_memory_bytes, kernel_render
 from .core.tto import FitConfig, fit_params
 
-__all__ = ["Kernel", "fit", "upsample", "as_signal", "estimate_render_bytes", "available_memory_bytes"]
+__all__ = ["Kernel", "as_signal", "available_memory_bytes", "estimate_render_bytes", "fit", "upsample"]
 
 _FORMAT_VERSION = 1
 

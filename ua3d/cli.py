@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-__all__ = ["main", "build_parser", "UserError"]
+__all__ = ["UserError", "build_parser", "main"]
 
 
 class UserError(ValueError):
@@ -28,7 +28,7 @@ def _progress(args, total: int, desc: str):
 def _fit_config(args, **extra):
     from .core.tto import FitConfig
 
-    kw = dict(steps=args.steps, seed=args.seed)
+    kw = {"steps": args.steps, "seed": args.seed}
     if getattr(args, "radius", None) is not None:
         kw["radius"] = args.radius
     kw.update(extra)
@@ -321,14 +321,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     if argv[:1] == ["eval"]:
         args, rest = parser.parse_known_args(argv)
-        run = lambda: cmd_eval(args, rest)  # noqa: E731
+        run = lambda: cmd_eval(args, rest)
     elif argv[:1] == ["view"] and not ({"-h", "--help"} & set(argv)):
         args, rest = parser.parse_known_args(argv)
         args.extra = rest
-        run = lambda: args.func(args)  # noqa: E731
+        run = lambda: args.func(args)
     else:
         args = parser.parse_args(argv)
-        run = lambda: args.func(args)  # noqa: E731
+        run = lambda: args.func(args)
     debug = getattr(args, "debug", False) or "--debug" in argv
     try:
         return run()

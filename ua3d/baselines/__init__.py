@@ -2,4 +2,4 @@
 
 from .classic import bicubic, bilinear, jbu, nearest
 
-__all__ = ["bilinear", "bicubic", "nearest", "jbu"]
+__all__ = ["bicubic", "bilinear", "jbu", "nearest"]

@@ -16,7 +16,7 @@ from ..core.checks import as_guide
 from ..core.kernel import init_params, resample_guide
 from ..core.ops import kernel_render
 
-__all__ = ["bilinear", "bicubic", "nearest", "jbu"]
+__all__ = ["bicubic", "bilinear", "jbu", "nearest"]
 
 
 def _prep(guide, signal, output_size):

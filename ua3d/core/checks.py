@@ -14,10 +14,10 @@ import torch
 
 __all__ = [
     "as_guide",
-    "check_tensor",
     "check_finite",
-    "check_size",
     "check_same_batch",
+    "check_size",
+    "check_tensor",
 ]
 
 

@@ -58,21 +58,21 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "LOG_SIGMA_MIN",
     "LOG_SIGMA_MAX",
+    "LOG_SIGMA_MIN",
     "THETA_MAX",
-    "window_offsets",
+    "init_params",
+    "kernel_fit_loss_grad_reference",
+    "kernel_render_reference",
+    "kernel_weights_reference",
     "lr_centres",
     "nearest_anchor",
+    "pair_logits",
+    "resample_guide",
+    "row_chunks",
     "theta_from_raw",
     "theta_to_raw",
-    "init_params",
-    "pair_logits",
-    "kernel_weights_reference",
-    "kernel_render_reference",
-    "kernel_fit_loss_grad_reference",
-    "row_chunks",
-    "resample_guide",
+    "window_offsets",
 ]
 
 #: log-sigma values are clamped to this range inside the kernel (no inf*0 = NaN).
@@ -93,7 +93,7 @@ def window_offsets(radius: float, device: torch.device | str | None = None) -> t
     """
     if not (radius >= 0) or not math.isfinite(radius):
         raise ValueError(f"radius must be a finite number >= 0, got {radius!r}")
-    r = int(math.floor(radius))
+    r = math.floor(radius)
     rng = torch.arange(-r, r + 1)
     di, dj = torch.meshgrid(rng, rng, indexing="ij")
     keep = (di * di + dj * dj) <= radius * radius + 1e-9
@@ -222,7 +222,7 @@ def pair_logits(
     flat : ``[K, R, W]`` int64 flat LR index of each neighbour (clamped inside the grid)
     inside : ``[K, R, W]`` bool, neighbour inside the LR grid
     """
-    B, P, h, w = params.shape
+    _B, P, h, w = params.shape
     Cg, H, W = guide_hr.shape[1:]
     groups = (Cg,) if groups is None else tuple(groups)
     gidx = _group_index(groups, Cg)
@@ -297,7 +297,7 @@ def kernel_weights_reference(
 
 def _render_rows(logits, flat, signal, signal_mask):
     """``out [B, C, R, W]`` and ``support [B, 1, R, W]`` from the logits of a row chunk."""
-    B, C = signal.shape[:2]
+    _B, _C = signal.shape[:2]
     sf = signal.flatten(2)
     if signal_mask is None:
         wts = torch.softmax(logits, dim=1)  # [B, K, R, W]
@@ -383,7 +383,7 @@ def kernel_fit_loss_grad_reference(
     loss : scalar tensor (detached)
     grad : ``[B, 3 + G, h, w]``
     """
-    Cg, H, W = guide_hr.shape[1:]
+    Cg, H, _W = guide_hr.shape[1:]
     groups_t = (Cg,) if groups is None else tuple(groups)
     gidx = _group_index(groups_t, Cg)
     lam = torch.ones(Cg, dtype=params.dtype, device=params.device) if channel_weights is None else channel_weights

@@ -306,7 +306,7 @@ def _as_depth(depth_lr: object) -> torch.Tensor:
     if isinstance(depth_lr, np.ndarray):
         depth_lr = torch.from_numpy(np.ascontiguousarray(depth_lr))
     if not isinstance(depth_lr, torch.Tensor):
-        raise ValueError(  # noqa: TRY004 - the project reports every bad input as ValueError
+        raise ValueError(
             f"depth_lr must be a torch.Tensor or numpy array, got {type(depth_lr).__name__}"
         )
     d = depth_lr

@@ -111,7 +111,7 @@ def as_image_tensor(image: object, device: str | torch.device = "cpu") -> torch.
     if isinstance(image, np.ndarray):
         image = torch.from_numpy(np.ascontiguousarray(image))
     if not isinstance(image, torch.Tensor):
-        raise ValueError(f"image must be a numpy array or tensor [H, W, 3], got {type(image).__name__}")  # noqa: TRY004
+        raise ValueError(f"image must be a numpy array or tensor [H, W, 3], got {type(image).__name__}")
     if image.ndim != 3 or image.shape[-1] != 3 or image.shape[0] == 0 or image.shape[1] == 0:
         raise ValueError(f"image must be [H, W, 3] (RGB), got shape {tuple(image.shape)}")
     if image.dtype == torch.uint8:

@@ -160,7 +160,7 @@ def load_features(
             raise ValueError(f"{path}: features must be numeric, got dtype {obj.dtype}")
         obj = torch.from_numpy(np.ascontiguousarray(obj))
     if not isinstance(obj, torch.Tensor):
-        raise ValueError(f"{path}: expected an array or tensor, found a {type(obj).__name__}")  # noqa: TRY004
+        raise ValueError(f"{path}: expected an array or tensor, found a {type(obj).__name__}")
     if obj.is_complex():
         raise ValueError(f"{path}: features must be real, got dtype {obj.dtype}")
     if obj.numel() == 0:

@@ -98,7 +98,7 @@ def as_depth(depth: Any, depth_scale: float = 1.0, name: str = "depth") -> torch
             raise ValueError(f"{name} must be numeric, got numpy dtype {depth.dtype}")
         depth = torch.from_numpy(np.ascontiguousarray(depth))
     if not isinstance(depth, torch.Tensor):
-        raise ValueError(f"{name} must be a numpy array or torch.Tensor, got {type(depth).__name__}")  # noqa: TRY004
+        raise ValueError(f"{name} must be a numpy array or torch.Tensor, got {type(depth).__name__}")
     shape = tuple(depth.shape)
     if depth.ndim == 2:
         depth = depth[None, None]
@@ -381,7 +381,7 @@ class LiftedKernel:
 def _lift_config(config: FitConfig | None, n_rgb: int, depth_weight: float) -> FitConfig:
     cfg = config if config is not None else FitConfig()
     if not isinstance(cfg, FitConfig):
-        raise ValueError(f"config must be a FitConfig or None, got {type(cfg).__name__}")  # noqa: TRY004
+        raise ValueError(f"config must be a FitConfig or None, got {type(cfg).__name__}")
     sr = cfg.sigma_range
     if isinstance(sr, (int, float)):
         sr = (float(sr), float(sr))
@@ -443,7 +443,7 @@ def fit_rgbd(
     if not (depth_weight >= 0 and math.isfinite(depth_weight)):
         raise ValueError(f"depth_weight must be a finite number >= 0, got {depth_weight!r}")
     if not isinstance(camera, PinholeCamera):
-        raise ValueError(f"camera must be a PinholeCamera, got {type(camera).__name__}")  # noqa: TRY004
+        raise ValueError(f"camera must be a PinholeCamera, got {type(camera).__name__}")
     g = _as_rgb(rgb)
     z = as_depth(depth, depth_scale).to(device=g.device, dtype=g.dtype)
     H, W = g.shape[-2:]

@@ -377,7 +377,7 @@ def render_volume(
         bad features, bins, near/far, spacing, band or mass_mode; or the output does not fit.
     """
     if not isinstance(lifted, LiftedKernel):
-        raise ValueError(f"lifted must be a LiftedKernel, got {type(lifted).__name__}")  # noqa: TRY004
+        raise ValueError(f"lifted must be a LiftedKernel, got {type(lifted).__name__}")
     f = lifted.check_features(features)
     if not bool(torch.isfinite(f).all()):
         raise ValueError(f"features contain NaN/Inf (shape {tuple(f.shape)})")
