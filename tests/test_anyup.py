@@ -28,13 +28,7 @@ FIXTURE = SHARED / "fixtures" / "anyup_parity_v1.pt"
 N_PARAMS = 878_080
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Many tiny tiles: on 2 shared, busy cores two OpenMP threads mostly wait for each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

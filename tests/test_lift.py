@@ -20,13 +20,7 @@ from ua3d.rgbd.synthetic import make_scene
 CFG0 = FitConfig(steps=0, radius=2, backend="reference")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Small tensors: one thread avoids OpenMP oversubscription on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,14 +14,7 @@ from ua3d.rgbd.lift import fit_rgbd
 from ua3d.rgbd.synthetic import make_scene
 from ua3d.rgbd.volume import depth_to_bin, estimate_volume_bytes, make_bin_depths, render_volume
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Small tensors: one thread avoids OpenMP oversubscription on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
