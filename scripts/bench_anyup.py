@@ -24,13 +24,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _machine import machine_info
 
 
 def _make_guide(size: int, kind: str):
@@ -120,25 +121,6 @@ def _write_json(path: Path, info: dict, rows: list[dict]) -> None:
     path.write_text(json.dumps({"info": info, "results": rows}, indent=2))
 
 
-def machine_info(threads: int) -> dict:
-    import torch
-
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "machine": platform.machine(), "cpu": cpu, "logical_cpus": os.cpu_count(),
-        "load_average": os.getloadavg(), "threads": threads, "python": platform.python_version(),
-        "torch": torch.__version__, "platform": platform.platform(), "dtype": "float32",
-        "weights": "random (torch.manual_seed(0))",
-    }
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", default="64:1024,128:2048", help="comma list of LR:OUT square sizes")
@@ -163,9 +145,9 @@ def main() -> None:
         print(f"running {lr}x{lr} -> {out}x{out}, C={args.channels}, {reps} repeat(s) ...", file=sys.stderr)
         rows.append(run_case(lr, out, reps, args))
         if args.json is not None:  # after every case, so a long run that gets cut keeps its results
-            _write_json(args.json, machine_info(args.threads), rows)
+            _write_json(args.json, machine_info(args.threads, dtype="float32", weights="random (torch.manual_seed(0))"), rows)
 
-    info = machine_info(args.threads)
+    info = machine_info(args.threads, dtype="float32", weights="random (torch.manual_seed(0))")
     print(f"\nAnyUp (ua3d, fused encoders + tiled window attention), {info['cpu']}, {args.threads} threads, torch {info['torch']}, "
           f"float32, random weights, guide={args.guide}\n")
     print("| LR -> output | C | repeats | median wall (s) | median CPU (s) | peak RSS (GiB) "

@@ -20,13 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _machine import machine_info
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nyuv2-dkn-test" / "1000"
 SETTINGS = {
@@ -101,16 +102,6 @@ def worker(args: argparse.Namespace) -> None:
     print(json.dumps(rec))
 
 
-def _versions() -> dict:
-    import numba
-    import numpy
-    import torch
-
-    return {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": numpy.__version__,
-            "numba": numba.__version__, "platform": platform.platform(), "machine": platform.machine(),
-            "cpu_count": os.cpu_count()}
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--settings", default=",".join(SETTINGS),
@@ -151,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['peak_rss_bytes'] / 2**20:.0f} | "
               f"{r['loadavg_1min_before']:.1f} / {r['loadavg_1min_after']:.1f} |")
     out = {"case": f"640x480 x{args.scale}", "threads": args.threads, "repeats": args.repeats,
-           "versions": _versions(), "results": rows}
+           "versions": machine_info(args.threads), "results": rows}
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))

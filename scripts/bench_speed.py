@@ -33,13 +33,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _machine import machine_info
 
 #: speed options measured at 224 px (FitConfig overrides); "default" is the authors' recipe.
 OPTION_CONFIGS: dict[str, dict] = {
@@ -201,27 +202,6 @@ def run_case(spec: dict, threads: int) -> dict:
     return {**spec, **json.loads(proc.stdout.strip().splitlines()[-1]), "subprocess_wall_s": wall}
 
 
-def machine_info(threads: int) -> dict:
-    import numba
-    import numpy
-    import torch
-
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "machine": platform.machine(), "cpu": cpu, "logical_cpus": os.cpu_count(), "threads": threads,
-        "load_average": os.getloadavg(), "python": platform.python_version(), "torch": torch.__version__,
-        "numba": numba.__version__, "numpy": numpy.__version__, "platform": platform.platform(),
-        "dtype": "float32",
-    }
-
-
 def _fmt(v, nd=2) -> str:
     return "-" if v is None else f"{v:.{nd}f}"
 
@@ -308,7 +288,7 @@ def main() -> None:
     for spec in specs:
         print(f"running {spec['label']} {spec['size']} ...", file=sys.stderr, flush=True)
         results.append(run_case(spec, args.threads))
-    info = machine_info(args.threads)
+    info = machine_info(args.threads, dtype="float32")
     print_tables(results, info)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

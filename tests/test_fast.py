@@ -10,12 +10,12 @@ kernels (cached on disk afterwards).
 from __future__ import annotations
 
 import importlib
-import math
 import sys
 import warnings
 
 import pytest
 import torch
+from _helpers import random_params
 
 import ua3d
 from ua3d.core import ops
@@ -31,17 +31,6 @@ from ua3d.core.tto import FitConfig, fit_params
 pytestmark = pytest.mark.skipif(not fast_available(), reason="numba is not installed: no fast engine to test")
 
 F64 = torch.float64
-
-
-def random_params(B, h, w, H, W, G=1, seed=0, dtype=F64):
-    """Random but sane parameters: sigmas around the scale, any orientation, sigma_r around 0.1."""
-    g = torch.Generator().manual_seed(seed)
-    s = math.log(max(H / h, W / w))
-    p = torch.empty(B, 3 + G, h, w, dtype=dtype)
-    p[:, 0:2] = s + 0.6 * torch.randn(B, 2, h, w, generator=g, dtype=dtype)
-    p[:, 2] = 1.5 * torch.randn(B, h, w, generator=g, dtype=dtype)
-    p[:, 3:] = math.log(0.1) + 0.5 * torch.randn(B, G, h, w, generator=g, dtype=dtype)
-    return p
 
 
 def case(B=1, Cg=3, h=5, w=4, H=23, W=17, groups=None, masks=False, seed=0, dtype=F64):

@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from _helpers import random_params
 
 import ua3d
 from ua3d.baselines import jbu
@@ -25,17 +26,6 @@ from ua3d.core.kernel import (
 from ua3d.core.ops import fast_available, kernel_render
 
 BACKENDS = ["reference"] + (["fast"] if fast_available() else [])
-
-
-def random_params(B, h, w, H, W, G=1, seed=0, dtype=torch.float64):
-    """Random but sane parameters: sigmas around the scale, any orientation, sigma_r around 0.1."""
-    g = torch.Generator().manual_seed(seed)
-    s = math.log(max(H / h, W / w))
-    p = torch.empty(B, 3 + G, h, w, dtype=dtype)
-    p[:, 0:2] = s + 0.6 * torch.randn(B, 2, h, w, generator=g, dtype=dtype)
-    p[:, 2] = 1.5 * torch.randn(B, h, w, generator=g, dtype=dtype)
-    p[:, 3:] = math.log(0.1) + 0.5 * torch.randn(B, G, h, w, generator=g, dtype=dtype)
-    return p
 
 
 def make_inputs(B=1, Cg=3, h=5, w=4, H=23, W=17, seed=0, dtype=torch.float64):
