@@ -295,6 +295,19 @@ if AVAILABLE:
                 pv[g, p] = pv[g, 0]
 
     @njit(**_JIT)
+    def _block_scratch(glr, K, G, pmax):
+        """Per-thread scratch of the block kernels, dtype of ``glr``: the gathered neighbour list
+        (``nb_*``, length ``K``), the block's pixels (``px, py, pg, pv, pw``, length ``pmax``), the
+        logits/weights ``wl [K, pmax]`` and the per-pixel ``mx, tot, d``."""
+        Cg = glr.shape[1]
+        dt = glr.dtype
+        return (np.empty(K, dt), np.empty(K, dt), np.empty(K, dt), np.empty(K, dt), np.empty(K, dt),
+                np.empty(K, dt), np.empty((G, K), dt), np.empty((G, K), dt), np.empty((Cg, K), dt),
+                np.empty(K, np.int64), np.empty(pmax, dt), np.empty(pmax, dt), np.empty((Cg, pmax), dt),
+                np.empty((G, pmax), dt), np.empty((Cg, pmax), dt), np.empty((K, pmax), dt), np.empty(pmax, dt),
+                np.empty(pmax, dt), np.empty(pmax, dt))
+
+    @njit(**_JIT)
     def _fit_rows(bi0, bi1, ghr, glr, coef, vhr, vlr, pmask, lam, gstart, gch, offs, ry0, ry1, cx0, cx1, cyv,
                   cxv, cut, use_vhr, use_vlr, use_pm, r, pmax, rowbuf, rowloss):
         """Loss and gradient sums of the block rows ``bi0 <= b h + i < bi1`` into ``rowbuf[b h + i]``.
@@ -309,29 +322,12 @@ if AVAILABLE:
         K = offs.shape[0]
         dt = glr.dtype.type
         smask_dummy = np.zeros((1, 1, 1), np.uint8)
-        nb_cy = np.empty(K, glr.dtype)
-        nb_cx = np.empty(K, glr.dtype)
-        nb_c = np.empty(K, glr.dtype)
-        nb_s = np.empty(K, glr.dtype)
-        nb_a = np.empty(K, glr.dtype)
-        nb_b = np.empty(K, glr.dtype)
-        nb_r = np.empty((G, K), glr.dtype)
-        nb_v = np.empty((G, K), glr.dtype)
-        nb_g = np.empty((Cg, K), glr.dtype)
-        nb_k = np.empty(K, np.int64)
-        px = np.empty(pmax, glr.dtype)
-        py = np.empty(pmax, glr.dtype)
-        pg = np.empty((Cg, pmax), glr.dtype)
-        pv = np.empty((G, pmax), glr.dtype)
-        pw = np.empty((Cg, pmax), glr.dtype)
+        (nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b, nb_r, nb_v, nb_g, nb_k, px, py, pg, pv, pw, wl, mx, tot,
+         d) = _block_scratch(glr, K, G, pmax)
         ee = np.empty((Cg, pmax), glr.dtype)
         rec = np.empty((Cg, pmax), glr.dtype)
-        wl = np.empty((K, pmax), glr.dtype)
-        mx = np.empty(pmax, glr.dtype)
-        tot = np.empty(pmax, glr.dtype)
         sbar = np.empty(pmax, glr.dtype)
         tk = np.empty(pmax, glr.dtype)
-        d = np.empty(pmax, glr.dtype)
         for bi in range(bi0, bi1):
             b = bi // h
             i = bi - b * h
@@ -513,31 +509,14 @@ if AVAILABLE:
                       cut, use_vhr, use_vlr, use_sm, b, i0, ybase, pmax, out, sup):
         """Fused render of blocks ``t0 <= t < t1`` (block ``(i0 + t // w, t % w)``) of batch ``b``:
         ``out [C, rows, W]`` (rows from ``ybase``; NaN without support), ``sup [rows, W]`` uint8."""
-        Cg, w = glr.shape[1], glr.shape[3]
+        w = glr.shape[3]
         C = sig.shape[1]
         G = gstart.shape[0] - 1
         K = offs.shape[0]
         dt = glr.dtype.type
         half_neg = dt(0.5 * _NEG)
-        nb_cy = np.empty(K, glr.dtype)
-        nb_cx = np.empty(K, glr.dtype)
-        nb_c = np.empty(K, glr.dtype)
-        nb_s = np.empty(K, glr.dtype)
-        nb_a = np.empty(K, glr.dtype)
-        nb_b = np.empty(K, glr.dtype)
-        nb_r = np.empty((G, K), glr.dtype)
-        nb_v = np.empty((G, K), glr.dtype)
-        nb_g = np.empty((Cg, K), glr.dtype)
-        nb_k = np.empty(K, np.int64)
-        px = np.empty(pmax, glr.dtype)
-        py = np.empty(pmax, glr.dtype)
-        pg = np.empty((Cg, pmax), glr.dtype)
-        pv = np.empty((G, pmax), glr.dtype)
-        pw = np.empty((Cg, pmax), glr.dtype)
-        wl = np.empty((K, pmax), glr.dtype)
-        mx = np.empty(pmax, glr.dtype)
-        tot = np.empty(pmax, glr.dtype)
-        d = np.empty(pmax, glr.dtype)
+        (nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b, nb_r, nb_v, nb_g, nb_k, px, py, pg, pv, pw, wl, mx, tot,
+         d) = _block_scratch(glr, K, G, pmax)
         oc = np.empty((C, pmax), glr.dtype)
         for t in range(t0, t1):
             i = i0 + t // w
@@ -601,30 +580,13 @@ if AVAILABLE:
         """Dense normalised weights of blocks ``t0 <= t < t1`` (block ``(i0 + t // w, t % w)``):
         ``wmat [tiles, K, P]`` (window slot ``k``, pixel ``(y, x)`` at ``(y - ry0) bxm + x - cx0``;
         zero for padding, outside or masked cells), ``sup [tiles, P]`` uint8."""
-        Cg, w = glr.shape[1], glr.shape[3]
+        w = glr.shape[3]
         G = gstart.shape[0] - 1
         K = offs.shape[0]
         dt = glr.dtype.type
         half_neg = dt(0.5 * _NEG)
-        nb_cy = np.empty(K, glr.dtype)
-        nb_cx = np.empty(K, glr.dtype)
-        nb_c = np.empty(K, glr.dtype)
-        nb_s = np.empty(K, glr.dtype)
-        nb_a = np.empty(K, glr.dtype)
-        nb_b = np.empty(K, glr.dtype)
-        nb_r = np.empty((G, K), glr.dtype)
-        nb_v = np.empty((G, K), glr.dtype)
-        nb_g = np.empty((Cg, K), glr.dtype)
-        nb_k = np.empty(K, np.int64)
-        px = np.empty(pmax, glr.dtype)
-        py = np.empty(pmax, glr.dtype)
-        pg = np.empty((Cg, pmax), glr.dtype)
-        pv = np.empty((G, pmax), glr.dtype)
-        pw = np.empty((Cg, pmax), glr.dtype)
-        wl = np.empty((K, pmax), glr.dtype)
-        mx = np.empty(pmax, glr.dtype)
-        tot = np.empty(pmax, glr.dtype)
-        d = np.empty(pmax, glr.dtype)
+        (nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b, nb_r, nb_v, nb_g, nb_k, px, py, pg, pv, pw, wl, mx, tot,
+         d) = _block_scratch(glr, K, G, pmax)
         pidx = np.empty(pmax, np.int64)
         for t in range(t0, t1):
             i = i0 + t // w
