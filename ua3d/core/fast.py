@@ -106,6 +106,18 @@ if AVAILABLE:
 
         return sig, codegen
 
+    @intrinsic
+    def _wide_vectors(typingctx):
+        """Ask LLVM to vectorise the calling function with 512-bit vectors where the CPU has them
+        (a function attribute; ignored elsewhere)."""
+        sig = types.none()
+
+        def codegen(context, builder, signature, args):
+            set.add(builder.function.attributes, '"prefer-vector-width"="512"')
+            return context.get_dummy_value()
+
+        return sig, codegen
+
     def _fexp(x):  # pragma: no cover - replaced by the overload below inside numba
         return np.exp(x)
 
@@ -154,44 +166,61 @@ if AVAILABLE:
 
     @njit(**_JIT)
     def _gather_block(b, i, j, glr, coef, vlr, smask, offs, cyv, cxv, y0, y1, x0, x1, cut,
-                      use_vlr, use_smask, nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b, nb_r, nb_v, nb_g, nb_k):
+                      use_vlr, use_smask, rec, nb_v, nb_k):
         """Compact neighbour list of block ``(b, i, j)``: cells inside the grid (and valid in
-        ``smask``, and, with a support cut, whose 3-sigma box meets the block). Returns
-        ``(Kb, anchor position in the list or -1)``."""
+        ``smask``, and, with a support cut, whose 3-sigma box meets the block), as columns of
+        ``rec`` (:func:`_block_scratch`), their LR validity ``nb_v`` and window slots ``nb_k``.
+        Returns ``(Kb, anchor position in the list or -1)``. Plain scalar indexing, one copy loop
+        over the cell's contiguous record (no array views: each would cost reference counting)."""
         h, w = glr.shape[2], glr.shape[3]
         Cg = glr.shape[1]
-        G = nb_r.shape[0]
+        G = nb_v.shape[0]
+        nrec = 4 + G + Cg
+        dt = rec.dtype.type
+        fy0 = dt(y0)
+        fx0 = dt(x0)
         kb = 0
         kanc = -1
         for k in range(offs.shape[0]):
-            qi = i + offs[k, 0]
-            qj = j + offs[k, 1]
+            di = offs[k, 0]
+            dj = offs[k, 1]
+            qi = i + di
+            qj = j + dj
             if qi < 0 or qi >= h or qj < 0 or qj >= w:
                 continue
             if use_smask and smask[b, qi, qj] == 0:
                 continue
-            is_anchor = offs[k, 0] == 0 and offs[k, 1] == 0
+            is_anchor = di == 0 and dj == 0
             if cut > 0 and not is_anchor:
                 cy, cx = cyv[qi], cxv[qj]
                 ddx = max(0.0, max(x0 - cx, cx - (x1 - 1)))
                 ddy = max(0.0, max(y0 - cy, cy - (y1 - 1)))
-                if ddx > coef[b, 4 + G, qi, qj] or ddy > coef[b, 5 + G, qi, qj]:
+                if ddx > coef[b, qi, qj, nrec] or ddy > coef[b, qi, qj, nrec + 1]:
                     continue
             if is_anchor:
                 kanc = kb
-            nb_cy[kb] = cyv[qi] - y0  # block-local frame: small numbers, no cancellation
-            nb_cx[kb] = cxv[qj] - x0
-            nb_c[kb] = coef[b, 0, qi, qj]
-            nb_s[kb] = coef[b, 1, qi, qj]
-            nb_a[kb] = coef[b, 2, qi, qj]
-            nb_b[kb] = coef[b, 3, qi, qj]
-            for g in range(G):
-                nb_r[g, kb] = coef[b, 4 + g, qi, qj]
-                nb_v[g, kb] = 1.0 if (not use_vlr or vlr[b, g, qi, qj] != 0) else 0.0
-            for c in range(Cg):
-                nb_g[c, kb] = glr[b, c, qi, qj]
+            rec[0, kb] = cyv[qi] - fy0  # block-local frame: small numbers, no cancellation
+            rec[1, kb] = cxv[qj] - fx0
+            if nrec == 7:  # RGB guide, one range group: unrolled
+                rec[2, kb] = coef[b, qi, qj, 0]
+                rec[3, kb] = coef[b, qi, qj, 1]
+                rec[4, kb] = coef[b, qi, qj, 2]
+                rec[5, kb] = coef[b, qi, qj, 3]
+                rec[6, kb] = coef[b, qi, qj, 4]
+                rec[7, kb] = coef[b, qi, qj, 5]
+                rec[8, kb] = coef[b, qi, qj, 6]
+            else:
+                for c in range(nrec):
+                    rec[2 + c, kb] = coef[b, qi, qj, c]
+            if use_vlr:
+                for g in range(G):
+                    nb_v[g, kb] = dt(1.0) if vlr[b, g, qi, qj] != 0 else dt(0.0)
             nb_k[kb] = k
             kb += 1
+        if not use_vlr:
+            for g in range(G):
+                for q in range(kb):
+                    nb_v[g, q] = dt(1.0)
         return kb, kanc
 
     @njit(**_JIT)
@@ -225,6 +254,7 @@ if AVAILABLE:
         listed neighbours and the first ``n`` pixels (``px, py`` coordinates, ``pg [Cg, n]`` guide
         values, ``pv [G, n]`` range validity). ``mx[p]`` stays below ``_NEG / 2`` where a support
         cut left no neighbour."""
+        _wide_vectors()
         dt = wl.dtype.type
         G = gstart.shape[0] - 1
         lim = dt(-0.5 * cut * cut)
@@ -271,6 +301,7 @@ if AVAILABLE:
                        nb_v, nb_g, wl, mx, tot, d):
         """Unnormalised weights of one block: ``wl[k, p] = exp(logit_kp - mx[p])`` and ``tot[p] =
         sum_k wl[k, p]`` (see :func:`_block_logits`)."""
+        _wide_vectors()
         _block_logits(kb, kanc, n, px, py, pg, pv, gstart, cut, nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b, nb_r,
                       nb_v, nb_g, wl, mx, d)
         for p in range(n):
@@ -297,15 +328,211 @@ if AVAILABLE:
     @njit(**_JIT)
     def _block_scratch(glr, K, G, pmax):
         """Per-thread scratch of the block kernels, dtype of ``glr``: the gathered neighbour list
-        (``nb_*``, length ``K``), the block's pixels (``px, py, pg, pv, pw``, length ``pmax``), the
-        logits/weights ``wl [K, pmax]`` and the per-pixel ``mx, tot, d``."""
+        (one record ``rec [6 + G + Cg, K]`` whose rows are viewed as ``nb_cy, nb_cx, nb_c, nb_s,
+        nb_a, nb_b, nb_r [G], nb_g [Cg]``; ``nb_v``, ``nb_k``), the block's pixels (``px, py, pg,
+        pv, pw``, length ``pmax``), the logits/weights ``wl [K, pmax]`` and the per-pixel ``mx, tot,
+        d``."""
         Cg = glr.shape[1]
         dt = glr.dtype
-        return (np.empty(K, dt), np.empty(K, dt), np.empty(K, dt), np.empty(K, dt), np.empty(K, dt),
-                np.empty(K, dt), np.empty((G, K), dt), np.empty((G, K), dt), np.empty((Cg, K), dt),
-                np.empty(K, np.int64), np.empty(pmax, dt), np.empty(pmax, dt), np.empty((Cg, pmax), dt),
-                np.empty((G, pmax), dt), np.empty((Cg, pmax), dt), np.empty((K, pmax), dt), np.empty(pmax, dt),
-                np.empty(pmax, dt), np.empty(pmax, dt))
+        rec = np.empty((6 + G + Cg, K), dt)
+        return (rec, rec[0], rec[1], rec[2], rec[3], rec[4], rec[5], rec[6:6 + G], np.empty((G, K), dt),
+                rec[6 + G:], np.empty(K, np.int64), np.empty(pmax, dt), np.empty(pmax, dt),
+                np.empty((Cg, pmax), dt), np.empty((G, pmax), dt), np.empty((Cg, pmax), dt),
+                np.empty((K, pmax), dt), np.empty(pmax, dt), np.empty(pmax, dt), np.empty(pmax, dt))
+
+    @njit(**_JIT)
+    def _fit_block_rgb(kb, n, px, py, pg, pv, pw, use_vhr, nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b, nb_r, nb_v, nb_g,
+                       wl, mx, tot, recon, ee, sbar, ft, mom):
+        """Loss and gradient moments of one block, RGB guide (one range group of 3 channels, no
+        support cut), in *expanded* form: each logit is an affine function of ten per-pixel
+        features, ``ft [10, n]`` = ``x^2, y^2, x y, x, y, v |c|^2, v c_0, v c_1, v c_2, v``
+        (``x, y`` relative to the block centre, ``c`` the guide colour minus the block's mean
+        colour, ``v`` the range validity), and the gradient needs only the ten feature moments
+        ``sum_p t_kp ft[f, p]`` per neighbour, ``mom [kb, 10]`` (``t = dL/dlogit``). Centring
+        keeps the expansion free of cancellation (distances are translation invariant).
+        Returns the block's loss; the caller turns ``mom`` into the four gradient sums
+        (:func:`_rgb_moment_sums`)."""
+        _wide_vectors()
+        dt = wl.dtype.type
+        xc = dt(0.0)
+        yc = dt(0.0)
+        m0 = dt(0.0)
+        m1 = dt(0.0)
+        m2 = dt(0.0)
+        for p in range(n):
+            xc += px[p]
+            yc += py[p]
+            m0 += pg[0, p]
+            m1 += pg[1, p]
+            m2 += pg[2, p]
+        inv_n = dt(1.0) / dt(n)
+        xc *= inv_n
+        yc *= inv_n
+        m0 *= inv_n
+        m1 *= inv_n
+        m2 *= inv_n
+        for p in range(n):
+            x = px[p] - xc
+            y = py[p] - yc
+            c0 = pg[0, p] - m0
+            c1 = pg[1, p] - m1
+            c2 = pg[2, p] - m2
+            v = pv[0, p] if use_vhr else dt(1.0)
+            ft[0, p] = x * x
+            ft[1, p] = y * y
+            ft[2, p] = x * y
+            ft[3, p] = x
+            ft[4, p] = y
+            ft[5, p] = v * (c0 * c0 + c1 * c1 + c2 * c2)
+            ft[6, p] = v * c0
+            ft[7, p] = v * c1
+            ft[8, p] = v * c2
+            ft[9, p] = v
+        # logits and their max: v_kp = q_k . ft[:, p] + q0_k
+        for p in range(n):
+            mx[p] = dt(-3.0e38)
+        for k in range(kb):
+            ck, sk, ak, bk = nb_c[k], nb_s[k], nb_a[k], nb_b[k]
+            dx = nb_cx[k] - xc
+            dy = nb_cy[k] - yc
+            a0 = ck * dx + sk * dy
+            b0 = ck * dy - sk * dx
+            rv = nb_r[0, k] * nb_v[0, k]
+            g0 = nb_g[0, k] - m0
+            g1 = nb_g[1, k] - m1
+            g2 = nb_g[2, k] - m2
+            q0 = -(ak * ck * ck + bk * sk * sk)
+            q1 = -(ak * sk * sk + bk * ck * ck)
+            q2 = dt(-2.0) * ck * sk * (ak - bk)
+            q3 = dt(2.0) * (ak * a0 * ck - bk * b0 * sk)
+            q4 = dt(2.0) * (ak * a0 * sk + bk * b0 * ck)
+            q5 = -rv
+            q6 = dt(2.0) * rv * g0
+            q7 = dt(2.0) * rv * g1
+            q8 = dt(2.0) * rv * g2
+            q9 = -rv * (g0 * g0 + g1 * g1 + g2 * g2)
+            qc = -(ak * a0 * a0 + bk * b0 * b0)
+            row = wl[k]
+            if use_vhr:
+                for p in range(n):
+                    v = (qc + q0 * ft[0, p] + q1 * ft[1, p] + q2 * ft[2, p] + q3 * ft[3, p] + q4 * ft[4, p]
+                         + q5 * ft[5, p] + q6 * ft[6, p] + q7 * ft[7, p] + q8 * ft[8, p] + q9 * ft[9, p])
+                    row[p] = v
+                    mx[p] = max(mx[p], v)
+            else:
+                qc += q9
+                for p in range(n):
+                    v = (qc + q0 * ft[0, p] + q1 * ft[1, p] + q2 * ft[2, p] + q3 * ft[3, p] + q4 * ft[4, p]
+                         + q5 * ft[5, p] + q6 * ft[6, p] + q7 * ft[7, p] + q8 * ft[8, p])
+                    row[p] = v
+                    mx[p] = max(mx[p], v)
+        # weights (exp) fused with the reconstruction of the guide
+        for p in range(n):
+            tot[p] = 0.0
+            recon[0, p] = 0.0
+            recon[1, p] = 0.0
+            recon[2, p] = 0.0
+        for k in range(kb):
+            row = wl[k]
+            f0, f1, f2 = nb_g[0, k], nb_g[1, k], nb_g[2, k]
+            for p in range(n):
+                e = _fexp(row[p] - mx[p])
+                row[p] = e
+                tot[p] += e
+                recon[0, p] += e * f0
+                recon[1, p] += e * f1
+                recon[2, p] += e * f2
+        loss = dt(0.0)
+        for p in range(n):
+            inv = dt(1.0) / tot[p]
+            sb = dt(0.0)
+            for c in range(3):
+                rc = recon[c, p] * inv
+                diff = rc - pg[c, p]
+                loss += abs(diff) * pw[c, p]
+                e = np.sign(diff) * pw[c, p]
+                ee[c, p] = e * inv
+                sb += e * rc
+            sbar[p] = sb * inv
+        # dL/dlogit_kp = w_kp (sum_c e_cp f_ck - sbar_p), summed against the ten features
+        for k in range(kb):
+            row = wl[k]
+            f0, f1, f2 = nb_g[0, k], nb_g[1, k], nb_g[2, k]
+            s0 = dt(0.0)
+            s1 = dt(0.0)
+            s2 = dt(0.0)
+            s3 = dt(0.0)
+            s4 = dt(0.0)
+            s5 = dt(0.0)
+            s6 = dt(0.0)
+            s7 = dt(0.0)
+            s8 = dt(0.0)
+            s9 = dt(0.0)
+            st = dt(0.0)
+            if use_vhr:
+                for p in range(n):
+                    t = row[p] * (ee[0, p] * f0 + ee[1, p] * f1 + ee[2, p] * f2 - sbar[p])
+                    st += t
+                    s0 += t * ft[0, p]
+                    s1 += t * ft[1, p]
+                    s2 += t * ft[2, p]
+                    s3 += t * ft[3, p]
+                    s4 += t * ft[4, p]
+                    s5 += t * ft[5, p]
+                    s6 += t * ft[6, p]
+                    s7 += t * ft[7, p]
+                    s8 += t * ft[8, p]
+                    s9 += t * ft[9, p]
+            else:
+                for p in range(n):
+                    t = row[p] * (ee[0, p] * f0 + ee[1, p] * f1 + ee[2, p] * f2 - sbar[p])
+                    st += t
+                    s0 += t * ft[0, p]
+                    s1 += t * ft[1, p]
+                    s2 += t * ft[2, p]
+                    s3 += t * ft[3, p]
+                    s4 += t * ft[4, p]
+                    s5 += t * ft[5, p]
+                    s6 += t * ft[6, p]
+                    s7 += t * ft[7, p]
+                    s8 += t * ft[8, p]
+                s9 = st
+            mom[k, 0] = s0
+            mom[k, 1] = s1
+            mom[k, 2] = s2
+            mom[k, 3] = s3
+            mom[k, 4] = s4
+            mom[k, 5] = s5
+            mom[k, 6] = s6
+            mom[k, 7] = s7
+            mom[k, 8] = s8
+            mom[k, 9] = s9
+            mom[k, 10] = st
+        # moments -> sum t a^2, sum t b^2, sum t a b, sum t v |c - g|^2 (in mom[k, 0:4])
+        for k in range(kb):
+            ck, sk = nb_c[k], nb_s[k]
+            dx = nb_cx[k] - xc
+            dy = nb_cy[k] - yc
+            a0 = ck * dx + sk * dy
+            b0 = ck * dy - sk * dx
+            g0 = nb_g[0, k] - m0
+            g1 = nb_g[1, k] - m1
+            g2 = nb_g[2, k] - m2
+            txx, tyy, txy, tx, ty = mom[k, 0], mom[k, 1], mom[k, 2], mom[k, 3], mom[k, 4]
+            tt = mom[k, 10]
+            saa = ck * ck * txx + sk * sk * tyy + dt(2.0) * ck * sk * txy - dt(2.0) * a0 * (ck * tx + sk * ty) \
+                + a0 * a0 * tt
+            sbb = sk * sk * txx + ck * ck * tyy - dt(2.0) * ck * sk * txy - dt(2.0) * b0 * (ck * ty - sk * tx) \
+                + b0 * b0 * tt
+            sab = ck * sk * (tyy - txx) + (ck * ck - sk * sk) * txy + (a0 * sk - b0 * ck) * tx \
+                - (a0 * ck + b0 * sk) * ty + a0 * b0 * tt
+            sd = mom[k, 5] - dt(2.0) * (g0 * mom[k, 6] + g1 * mom[k, 7] + g2 * mom[k, 8]) \
+                + (g0 * g0 + g1 * g1 + g2 * g2) * mom[k, 9]
+            mom[k, 0] = saa
+            mom[k, 1] = sbb
+            mom[k, 2] = sab
+            mom[k, 3] = sd
+        return loss
 
     @njit(**_JIT)
     def _fit_rows(bi0, bi1, ghr, glr, coef, vhr, vlr, pmask, lam, gstart, gch, offs, ry0, ry1, cx0, cx1, cyv,
@@ -317,17 +544,21 @@ if AVAILABLE:
         with ``g = dL/dlogit`` summed over the block's pixels. ``rowloss [B h]`` gets the loss.
         ``pmax`` is the padded largest block size.
         """
+        _wide_vectors()
         Cg, h, w = glr.shape[1:]
         G = gstart.shape[0] - 1
         K = offs.shape[0]
         dt = glr.dtype.type
         smask_dummy = np.zeros((1, 1, 1), np.uint8)
-        (nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b, nb_r, nb_v, nb_g, nb_k, px, py, pg, pv, pw, wl, mx, tot,
+        (rec, nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b, nb_r, nb_v, nb_g, nb_k, px, py, pg, pv, pw, wl, mx, tot,
          d) = _block_scratch(glr, K, G, pmax)
         ee = np.empty((Cg, pmax), glr.dtype)
-        rec = np.empty((Cg, pmax), glr.dtype)
+        recon = np.empty((Cg, pmax), glr.dtype)
         sbar = np.empty(pmax, glr.dtype)
         tk = np.empty(pmax, glr.dtype)
+        ft = np.empty((10, pmax), glr.dtype)
+        mom = np.empty((K, 11), glr.dtype)
+        rgb = G == 1 and Cg == 3 and cut == 0
         for bi in range(bi0, bi1):
             b = bi // h
             i = bi - b * h
@@ -341,7 +572,17 @@ if AVAILABLE:
                     continue
                 # active pixels of the block (pixel mask, per-channel loss weights)
                 n = 0
-                for y in range(y0, y1):
+                if not use_pm:  # every pixel: plain copies (zero-weight pixels contribute zero)
+                    n = _block_pixels(b, y0, y1, x0, x1, ghr, vhr, use_vhr, px, py, pg, pv)
+                    for c in range(Cg):
+                        lc = lam[b, c]
+                        for p in range(n):
+                            pw[c, p] = lc
+                        if use_vhr:
+                            g = gch[c]
+                            for p in range(n):
+                                pw[c, p] *= pv[g, p]
+                for y in range(y0, y1 if use_pm else y0):
                     for x in range(x0, x1):
                         pm = pmask[b, y, x] if use_pm else dt(1.0)
                         if pm == 0:
@@ -366,8 +607,19 @@ if AVAILABLE:
                 npad = min(pmax, -(-n // 8) * 8)
                 _pad_pixels(n, npad, px, py, pg, pv, pw)
                 kb, kanc = _gather_block(b, i, j, glr, coef, vlr, smask_dummy, offs, cyv, cxv, y0, y1, x0, x1,
-                                         cut, use_vlr, False, nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b, nb_r, nb_v,
-                                         nb_g, nb_k)
+                                         cut, use_vlr, False, rec, nb_v, nb_k)
+                if rgb:
+                    loss_row += _fit_block_rgb(kb, npad, px, py, pg, pv, pw, use_vhr, nb_cy, nb_cx, nb_c, nb_s, nb_a,
+                                               nb_b, nb_r, nb_v, nb_g, wl, mx, tot, recon, ee, sbar, ft, mom)
+                    for k in range(kb):
+                        kk = nb_k[k]
+                        slot = offs[kk, 0] + r
+                        qj = j + offs[kk, 1]
+                        rowbuf[bi, slot, qj, 0] += mom[k, 0]
+                        rowbuf[bi, slot, qj, 1] += mom[k, 1]
+                        rowbuf[bi, slot, qj, 2] += mom[k, 2]
+                        rowbuf[bi, slot, qj, 3] += mom[k, 3] * nb_v[0, k]
+                    continue
                 _block_logits(kb, kanc, npad, px, py, pg, pv, gstart, cut, nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b,
                               nb_r, nb_v, nb_g, wl, mx, d)
                 # weights (exp) fused with the reconstruction of the guide
@@ -375,7 +627,7 @@ if AVAILABLE:
                     tot[p] = 0.0
                 for c in range(Cg):
                     for p in range(npad):
-                        rec[c, p] = 0.0
+                        recon[c, p] = 0.0
                 for k in range(kb):
                     row = wl[k]
                     if Cg == 3:
@@ -384,9 +636,9 @@ if AVAILABLE:
                             e = _fexp(row[p] - mx[p])
                             row[p] = e
                             tot[p] += e
-                            rec[0, p] += e * f0
-                            rec[1, p] += e * f1
-                            rec[2, p] += e * f2
+                            recon[0, p] += e * f0
+                            recon[1, p] += e * f1
+                            recon[2, p] += e * f2
                         continue
                     for p in range(npad):
                         e = _fexp(row[p] - mx[p])
@@ -395,12 +647,12 @@ if AVAILABLE:
                     for c in range(Cg):
                         f = nb_g[c, k]
                         for p in range(npad):
-                            rec[c, p] += row[p] * f
+                            recon[c, p] += row[p] * f
                 for p in range(npad):
                     inv = dt(1.0) / tot[p]
                     sb = dt(0.0)
                     for c in range(Cg):
-                        rc = rec[c, p] * inv
+                        rc = recon[c, p] * inv
                         diff = rc - pg[c, p]
                         loss_row += abs(diff) * pw[c, p]
                         e = np.sign(diff) * pw[c, p]
@@ -488,20 +740,29 @@ if AVAILABLE:
 
     @njit(**_JIT)
     def _block_pixels(b, y0, y1, x0, x1, ghr, vhr, use_vhr, px, py, pg, pv):
-        """All pixels of a block, row-major: coordinates, guide values, range validity. Returns n."""
+        """All pixels of a block, row-major: coordinates, guide values, range validity. Returns n.
+        (Channel-outer loops over contiguous row segments: vectorised copies.)"""
         dt = px.dtype.type
         Cg = pg.shape[0]
         G = pv.shape[0]
-        n = 0
-        for y in range(y0, y1):
-            for x in range(x0, x1):
-                px[n] = dt(x - x0)
-                py[n] = dt(y - y0)
-                for c in range(Cg):
-                    pg[c, n] = ghr[b, c, y, x]
-                for g in range(G):
-                    pv[g, n] = dt(1.0) if (not use_vhr or vhr[b, g, y, x] != 0) else dt(0.0)
-                n += 1
+        bw = x1 - x0
+        n = (y1 - y0) * bw
+        for y in range(y1 - y0):
+            for x in range(bw):
+                px[y * bw + x] = dt(x)
+                py[y * bw + x] = dt(y)
+        for c in range(Cg):
+            for y in range(y1 - y0):
+                for x in range(bw):
+                    pg[c, y * bw + x] = ghr[b, c, y0 + y, x0 + x]
+        for g in range(G):
+            if use_vhr:
+                for y in range(y1 - y0):
+                    for x in range(bw):
+                        pv[g, y * bw + x] = dt(1.0) if vhr[b, g, y0 + y, x0 + x] != 0 else dt(0.0)
+            else:
+                for p in range(n):
+                    pv[g, p] = dt(1.0)
         return n
 
     @njit(**_JIT)
@@ -509,13 +770,14 @@ if AVAILABLE:
                       cut, use_vhr, use_vlr, use_sm, b, i0, ybase, pmax, out, sup):
         """Fused render of blocks ``t0 <= t < t1`` (block ``(i0 + t // w, t % w)``) of batch ``b``:
         ``out [C, rows, W]`` (rows from ``ybase``; NaN without support), ``sup [rows, W]`` uint8."""
+        _wide_vectors()
         w = glr.shape[3]
         C = sig.shape[1]
         G = gstart.shape[0] - 1
         K = offs.shape[0]
         dt = glr.dtype.type
         half_neg = dt(0.5 * _NEG)
-        (nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b, nb_r, nb_v, nb_g, nb_k, px, py, pg, pv, pw, wl, mx, tot,
+        (rec, nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b, nb_r, nb_v, nb_g, nb_k, px, py, pg, pv, pw, wl, mx, tot,
          d) = _block_scratch(glr, K, G, pmax)
         oc = np.empty((C, pmax), glr.dtype)
         for t in range(t0, t1):
@@ -527,8 +789,7 @@ if AVAILABLE:
                 continue
             bw = x1 - x0
             kb, kanc = _gather_block(b, i, j, glr, coef, vlr, smask, offs, cyv, cxv, y0, y1, x0, x1, cut,
-                                     use_vlr, use_sm, nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b, nb_r, nb_v, nb_g,
-                                     nb_k)
+                                     use_vlr, use_sm, rec, nb_v, nb_k)
             if kb == 0:
                 for y in range(y0, y1):
                     for x in range(x0, x1):
@@ -580,12 +841,13 @@ if AVAILABLE:
         """Dense normalised weights of blocks ``t0 <= t < t1`` (block ``(i0 + t // w, t % w)``):
         ``wmat [tiles, K, P]`` (window slot ``k``, pixel ``(y, x)`` at ``(y - ry0) bxm + x - cx0``;
         zero for padding, outside or masked cells), ``sup [tiles, P]`` uint8."""
+        _wide_vectors()
         w = glr.shape[3]
         G = gstart.shape[0] - 1
         K = offs.shape[0]
         dt = glr.dtype.type
         half_neg = dt(0.5 * _NEG)
-        (nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b, nb_r, nb_v, nb_g, nb_k, px, py, pg, pv, pw, wl, mx, tot,
+        (rec, nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b, nb_r, nb_v, nb_g, nb_k, px, py, pg, pv, pw, wl, mx, tot,
          d) = _block_scratch(glr, K, G, pmax)
         pidx = np.empty(pmax, np.int64)
         for t in range(t0, t1):
@@ -598,8 +860,7 @@ if AVAILABLE:
             if y1 <= y0 or x1 <= x0:
                 continue
             kb, kanc = _gather_block(b, i, j, glr, coef, vlr, smask, offs, cyv, cxv, y0, y1, x0, x1, cut,
-                                     use_vlr, use_sm, nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b, nb_r, nb_v, nb_g,
-                                     nb_k)
+                                     use_vlr, use_sm, rec, nb_v, nb_k)
             if kb == 0:
                 continue
             n = _block_pixels(b, y0, y1, x0, x1, ghr, vhr, use_vhr, px, py, pg, pv)
@@ -729,9 +990,10 @@ def _mask_u8(m: torch.Tensor | None, shape: tuple[int, ...], name: str) -> tuple
     return _np(m != 0, torch.uint8) if m.dtype != torch.uint8 else _np(m), True
 
 
-def _coefficients(params: torch.Tensor, cdt: torch.dtype, cut: float) -> np.ndarray:
-    """Per-LR-cell coefficients ``[B, 4 + G (+2), h, w]``: ``cos, sin, 1/(2 sx^2), 1/(2 sy^2),
-    1/(2 sr_g^2)`` and, with a support cut, the half extents of the cut ellipse's box.
+def _coefficients(params: torch.Tensor, guide_lr: np.ndarray, cdt: torch.dtype, cut: float) -> np.ndarray:
+    """Per-LR-cell record ``[B, h, w, 4 + G + Cg (+2)]``, cell-major so that a neighbour's values
+    are one contiguous read: ``cos, sin, 1/(2 sx^2), 1/(2 sy^2), 1/(2 sr_g^2)``, the LR guide
+    values and, with a support cut, the half extents of the cut ellipse's box.
 
     numpy, not torch: these arrays are tiny and torch's threaded elementwise kernels can cost
     milliseconds each on a busy machine.
@@ -743,10 +1005,11 @@ def _coefficients(params: torch.Tensor, cdt: torch.dtype, cut: float) -> np.ndar
     c, s = np.cos(th), np.sin(th)
     parts = [c, s, 0.5 * np.exp(-2 * lsx), 0.5 * np.exp(-2 * lsy)]
     parts += [0.5 * np.exp(-2 * np.clip(p[:, 3 + g], LOG_SIGMA_MIN, LOG_SIGMA_MAX)) for g in range(p.shape[1] - 3)]
+    parts += list(guide_lr.transpose(1, 0, 2, 3))
     if cut > 0:
         vx, vy = np.exp(2 * lsx), np.exp(2 * lsy)
         parts += [cut * np.sqrt(c * c * vx + s * s * vy), cut * np.sqrt(s * s * vx + c * c * vy)]
-    return np.ascontiguousarray(np.stack(parts, 1), dtype=p.dtype)
+    return np.ascontiguousarray(np.stack(parts, -1), dtype=p.dtype)
 
 
 def _check_common(params, guide_hr, guide_lr, groups, valid_hr, valid_lr, radius):
@@ -869,9 +1132,9 @@ def kernel_fit_loss_grad(
     lam_n = (lam[None, :] / denom[:, None]).to(cdt).contiguous().numpy()  # [B, Cg]
     gch = np.repeat(np.arange(G, dtype=np.int64), gs)
 
-    coef = _coefficients(params, cdt, cut)
     ghr = _np(guide_hr, cdt)
     glr = _np(guide_lr, cdt)
+    coef = _coefficients(params, glr, cdt, cut)
     rowbuf = np.zeros((B * h, 2 * r + 1, w, 3 + G), np.float64)
     rowloss = np.zeros(B * h, np.float64)
     _parallel_for(_fit_rows, B * h, ghr, glr, coef, vhr, vlr, pm, lam_n, gstart, gch, offs, ry0, ry1, cx0, cx1, cyv,
@@ -965,9 +1228,9 @@ def kernel_render(
     sig_t = signal.detach().to(cdt)
     if use_sm:
         sig_t = torch.where(torch.from_numpy(sm).bool()[:, None], sig_t, torch.zeros((), dtype=cdt))
-    coef = _coefficients(params, cdt, cut)
     ghr = _np(guide_hr, cdt)
     glr = _np(guide_lr, cdt)
+    coef = _coefficients(params, glr, cdt, cut)
     out = torch.empty(B, C, H, W, dtype=odt)
     support = torch.empty(B, 1, H, W, dtype=torch.bool)
     budget = tile_bytes or TILE_BYTES

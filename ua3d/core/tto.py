@@ -165,6 +165,7 @@ def fit_params(
     stages = _stages(config, (H, W), (h, w))
     for size, n_steps in stages:
         g_hr, v_hr = _stage_guide(guide_hr, valid_hr, size)
+        g_hr = g_hr.contiguous()  # once per stage, not once per step (an HWC image's permute is not)
         shift = _sigma_shift(params, size, (H, W))
         with torch.no_grad():
             params[:, 0] += shift[0]
