@@ -41,9 +41,11 @@ second). ``AVAILABLE`` is False when numba cannot be imported.
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import math
 import os
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -881,6 +883,17 @@ if AVAILABLE:
                     dst[pidx[p]] = row[p] * tot[p]
 
 
+    @njit(**_JIT)
+    def _gather_signal(t0, t1, sig, flat, c0, dst):
+        """``dst[t, c, k] = sig[c0 + c, flat[t, k]]`` for blocks ``t0 <= t < t1`` (``sig [C, h w]``,
+        ``flat [blocks, K]`` cell of every window slot, ``dst [blocks, cc, K]``)."""
+        cc = dst.shape[1]
+        K = flat.shape[1]
+        for t in range(t0, t1):
+            for c in range(cc):
+                for k in range(K):
+                    dst[t, c, k] = sig[c0 + c, flat[t, k]]
+
 # =========================================================================== threading
 _POOL: ThreadPoolExecutor | None = None
 _POOL_KEY: tuple[int, int] = (0, 0)
@@ -969,6 +982,41 @@ def _padded_block(ry0: np.ndarray, ry1: np.ndarray, cx0: np.ndarray, cx1: np.nda
     """Largest block size (pixels sharing one anchor), rounded up to a multiple of 8."""
     n = int((ry1 - ry0).max()) * int((cx1 - cx0).max())
     return max(8, -(-n // 8) * 8)
+
+
+_MADV_HUGEPAGE = 14
+_HUGE = 2 << 20
+
+
+@lru_cache(maxsize=1)
+def _madvise():
+    """libc's ``madvise`` (Linux), or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)  # the process image: libc is linked in
+        fn = libc.madvise
+    except (OSError, AttributeError):  # pragma: no cover - exotic libc
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _empty_huge(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """``torch.empty``, with large buffers advised for transparent huge pages (Linux): the first
+    write to a fresh multi-GB output otherwise takes one page fault per 4 KiB (measured here: a
+    1.2 GB output filled in 0.41 s fresh, 0.18 s advised, 0.10 s already touched). Only advice:
+    the result is the same either way."""
+    t = torch.empty(shape, dtype=dtype)
+    n = t.numel() * t.element_size()
+    fn = _madvise() if n >= 16 * _HUGE else None
+    if fn is not None:
+        a = t.data_ptr()
+        s, e = (a + _HUGE - 1) & ~(_HUGE - 1), (a + n) & ~(_HUGE - 1)
+        if e > s:
+            fn(s, e - s, _MADV_HUGEPAGE)  # failure (e.g. THP disabled) leaves ordinary pages
+    return t
 
 
 def _compute_dtype(params: torch.Tensor) -> torch.dtype:
@@ -1231,7 +1279,7 @@ def kernel_render(
     ghr = _np(guide_hr, cdt)
     glr = _np(guide_lr, cdt)
     coef = _coefficients(params, glr, cdt, cut)
-    out = torch.empty(B, C, H, W, dtype=odt)
+    out = _empty_huge((B, C, H, W), odt)
     support = torch.empty(B, 1, H, W, dtype=torch.bool)
     budget = tile_bytes or TILE_BYTES
     common = (ghr, glr, coef, vhr, vlr, sm, gstart, offs, ry0, ry1, cx0, cx1, cyv, cxv, cut, use_vhr, use_vlr,
@@ -1281,29 +1329,37 @@ def _render_bmm(common, sig_t, out, support, budget, itemsize) -> None:
     ax = np.repeat(np.arange(w), bw)
     rowpos = torch.from_numpy(ay * bym + (np.arange(H) - ry0[ay]))  # row in the padded tile (+ i0 bym)
     colpos = torch.from_numpy(ax * bxm + (np.arange(W) - cx0[ax]))
+    # working buffers, allocated once: fresh multi-MB arrays per tile would page-fault every time
+    nbm = min(nrows, h) * w
+    dt = torch.float64 if glr.dtype == np.float64 else torch.float32
+    wbuf = _empty_huge((nbm, K, P), dt).numpy()
+    sbuf = _empty_huge((nbm * cc * K,), dt)
+    rbuf = _empty_huge((nbm * cc * P,), dt)
     for b in range(B):
-        sig_flat = sig_t[b].reshape(C, h * w)
+        sig_np = sig_t[b].reshape(C, h * w).contiguous().numpy()
         for i0 in range(0, h, nrows):
             i1 = min(h, i0 + nrows)
             ya, yb = int(ry0[i0]), int(ry1[i1 - 1])
             if yb <= ya:
                 continue
             ni, nb = i1 - i0, (i1 - i0) * w
-            wmat = np.empty((nb, K, P), glr.dtype)
+            wmat = wbuf[:nb]
             sup = np.empty((nb, P), np.uint8)
             _parallel_for(_render_weights, nb, ghr, glr, coef, vhr, vlr, sm, gstart, offs, ry0, ry1, cx0, cx1, cyv,
                           cxv, cut, use_vhr, use_vlr, use_sm, b, i0, bxm, pmax, wmat, sup)
             ii = np.arange(i0, i1)[:, None, None] + offs[None, None, :, 0]
             ok = (ii >= 0) & (ii < h) & col_ok[None]
-            flat = torch.from_numpy(np.where(ok, ii.clip(0, h - 1) * w + jj.clip(0, w - 1)[None], 0).reshape(-1))
+            flat = np.ascontiguousarray(np.where(ok, ii.clip(0, h - 1) * w + jj.clip(0, w - 1)[None], 0).reshape(nb, K))
             rows = rowpos[ya:yb] - i0 * bym
             wt = torch.from_numpy(wmat)
             sup_t = torch.from_numpy(sup).view(ni, w, bym, bxm).permute(0, 2, 1, 3).reshape(ni * bym, w * bxm)
             support[b, 0, ya:yb] = _untile(sup_t[None], rows, colpos, uniform)[0].bool()
             for c0 in range(0, C, cc):
                 c1 = min(C, c0 + cc)
-                s = sig_flat[c0:c1].index_select(1, flat).view(c1 - c0, nb, K).transpose(0, 1)  # [nb, cc, K]
-                res = torch.bmm(s, wt).view(ni, w, c1 - c0, bym, bxm).permute(2, 0, 3, 1, 4)
+                s = sbuf[:nb * (c1 - c0) * K].view(nb, c1 - c0, K)
+                _parallel_for(_gather_signal, nb, sig_np, flat, c0, s.numpy())
+                res = torch.bmm(s, wt, out=rbuf[:nb * (c1 - c0) * P].view(nb, c1 - c0, P))
+                res = res.view(ni, w, c1 - c0, bym, bxm).permute(2, 0, 3, 1, 4)
                 if uniform:
                     out[b, c0:c1, ya:yb].view(c1 - c0, ni, bym, w, bxm).copy_(res)
                 else:
