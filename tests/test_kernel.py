@@ -326,3 +326,28 @@ def test_init_params_uses_per_axis_scale():
     assert math.isclose(float(p[0, 0, 0, 0].exp()), 4.0, rel_tol=1e-6)  # sigma_x = W / w
     assert math.isclose(float(p[0, 1, 0, 0].exp()), 10.0, rel_tol=1e-6)  # sigma_y = H / h
     assert math.isclose(float(p[0, 3, 0, 0].exp()), 0.12, rel_tol=1e-6)
+
+
+def test_tto_adam_matches_torch_adam_with_exponential_lr():
+    """The TTO loop's written-out Adam is torch's Adam update (the single-tensor path that
+    ``torch.optim.Adam`` takes for CPU tensors) with ExponentialLR's multiplicative decay, step
+    for step. (The functional form: constructing ``torch.optim.Adam`` imports torch._dynamo and
+    triton, which segfaults in a process where Open3D's renderer has run, e.g. after test_cli.)"""
+    from torch.optim.adam import adam
+
+    from ua3d.core.tto import _Adam
+
+    g = torch.Generator().manual_seed(3)
+    p0 = torch.randn(2, 4, 5, 6, generator=g, dtype=torch.float64)
+    grads = [torch.randn(2, 4, 5, 6, generator=g, dtype=torch.float64) * 10.0 ** (-k % 4) for k in range(12)]
+    ref, m, v, step = p0.clone(), torch.zeros_like(p0), torch.zeros_like(p0), torch.tensor(0.0)
+    mine = p0.clone()
+    ours = _Adam(mine, 0.1, 0.9)
+    lr = 0.1
+    for gr in grads:
+        adam([ref], [gr], [m], [v], [], [step], foreach=False, capturable=False, differentiable=False, fused=None,
+             grad_scale=None, found_inf=None, has_complex=False, amsgrad=False, beta1=0.9, beta2=0.999, lr=lr,
+             weight_decay=0.0, eps=1e-8, maximize=False)
+        lr *= 0.9
+        ours.step(gr)
+        torch.testing.assert_close(mine, ref, rtol=0, atol=1e-15)

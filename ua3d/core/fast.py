@@ -350,7 +350,7 @@ if AVAILABLE:
         features, ``ft [10, n]`` = ``x^2, y^2, x y, x, y, v |c|^2, v c_0, v c_1, v c_2, v``
         (``x, y`` relative to the block centre, ``c`` the guide colour minus the block's mean
         colour, ``v`` the range validity), and the gradient needs only the ten feature moments
-        ``sum_p t_kp ft[f, p]`` per neighbour, ``mom [kb, 10]`` (``t = dL/dlogit``). Centring
+        ``sum_p t_kp ft[f, p]`` and ``sum_p t_kp`` per neighbour, ``mom [11, K]`` (``t = dL/dlogit``). Centring
         keeps the expansion free of cancellation (distances are translation invariant).
         Returns the block's loss; the caller turns ``mom`` into the four gradient sums
         (:func:`_rgb_moment_sums`)."""
@@ -390,9 +390,8 @@ if AVAILABLE:
             ft[7, p] = v * c1
             ft[8, p] = v * c2
             ft[9, p] = v
-        # logits and their max: v_kp = q_k . ft[:, p] + q0_k
-        for p in range(n):
-            mx[p] = dt(-3.0e38)
+        # logit coefficients of every neighbour (one loop over k, vectorised): v_kp = mom[:, k] . ft[:, p]
+        # + mom[10, k] (mom holds them until the gradient pass overwrites it)
         for k in range(kb):
             ck, sk, ak, bk = nb_c[k], nb_s[k], nb_a[k], nb_b[k]
             dx = nb_cx[k] - xc
@@ -403,17 +402,24 @@ if AVAILABLE:
             g0 = nb_g[0, k] - m0
             g1 = nb_g[1, k] - m1
             g2 = nb_g[2, k] - m2
-            q0 = -(ak * ck * ck + bk * sk * sk)
-            q1 = -(ak * sk * sk + bk * ck * ck)
-            q2 = dt(-2.0) * ck * sk * (ak - bk)
-            q3 = dt(2.0) * (ak * a0 * ck - bk * b0 * sk)
-            q4 = dt(2.0) * (ak * a0 * sk + bk * b0 * ck)
-            q5 = -rv
-            q6 = dt(2.0) * rv * g0
-            q7 = dt(2.0) * rv * g1
-            q8 = dt(2.0) * rv * g2
             q9 = -rv * (g0 * g0 + g1 * g1 + g2 * g2)
-            qc = -(ak * a0 * a0 + bk * b0 * b0)
+            mom[0, k] = -(ak * ck * ck + bk * sk * sk)
+            mom[1, k] = -(ak * sk * sk + bk * ck * ck)
+            mom[2, k] = dt(-2.0) * ck * sk * (ak - bk)
+            mom[3, k] = dt(2.0) * (ak * a0 * ck - bk * b0 * sk)
+            mom[4, k] = dt(2.0) * (ak * a0 * sk + bk * b0 * ck)
+            mom[5, k] = -rv
+            mom[6, k] = dt(2.0) * rv * g0
+            mom[7, k] = dt(2.0) * rv * g1
+            mom[8, k] = dt(2.0) * rv * g2
+            mom[9, k] = q9 if use_vhr else dt(0.0)
+            mom[10, k] = -(ak * a0 * a0 + bk * b0 * b0) + (dt(0.0) if use_vhr else q9)
+        # logits and their max
+        for p in range(n):
+            mx[p] = dt(-3.0e38)
+        for k in range(kb):
+            q0, q1, q2, q3, q4, q5 = mom[0, k], mom[1, k], mom[2, k], mom[3, k], mom[4, k], mom[5, k]
+            q6, q7, q8, q9, qc = mom[6, k], mom[7, k], mom[8, k], mom[9, k], mom[10, k]
             row = wl[k]
             if use_vhr:
                 for p in range(n):
@@ -422,7 +428,6 @@ if AVAILABLE:
                     row[p] = v
                     mx[p] = max(mx[p], v)
             else:
-                qc += q9
                 for p in range(n):
                     v = (qc + q0 * ft[0, p] + q1 * ft[1, p] + q2 * ft[2, p] + q3 * ft[3, p] + q4 * ft[4, p]
                          + q5 * ft[5, p] + q6 * ft[6, p] + q7 * ft[7, p] + q8 * ft[8, p])
@@ -499,18 +504,18 @@ if AVAILABLE:
                     s7 += t * ft[7, p]
                     s8 += t * ft[8, p]
                 s9 = st
-            mom[k, 0] = s0
-            mom[k, 1] = s1
-            mom[k, 2] = s2
-            mom[k, 3] = s3
-            mom[k, 4] = s4
-            mom[k, 5] = s5
-            mom[k, 6] = s6
-            mom[k, 7] = s7
-            mom[k, 8] = s8
-            mom[k, 9] = s9
-            mom[k, 10] = st
-        # moments -> sum t a^2, sum t b^2, sum t a b, sum t v |c - g|^2 (in mom[k, 0:4])
+            mom[0, k] = s0
+            mom[1, k] = s1
+            mom[2, k] = s2
+            mom[3, k] = s3
+            mom[4, k] = s4
+            mom[5, k] = s5
+            mom[6, k] = s6
+            mom[7, k] = s7
+            mom[8, k] = s8
+            mom[9, k] = s9
+            mom[10, k] = st
+        # moments -> sum t a^2, sum t b^2, sum t a b, sum t v |c - g|^2 (into mom[0:4, k])
         for k in range(kb):
             ck, sk = nb_c[k], nb_s[k]
             dx = nb_cx[k] - xc
@@ -520,20 +525,20 @@ if AVAILABLE:
             g0 = nb_g[0, k] - m0
             g1 = nb_g[1, k] - m1
             g2 = nb_g[2, k] - m2
-            txx, tyy, txy, tx, ty = mom[k, 0], mom[k, 1], mom[k, 2], mom[k, 3], mom[k, 4]
-            tt = mom[k, 10]
+            txx, tyy, txy, tx, ty = mom[0, k], mom[1, k], mom[2, k], mom[3, k], mom[4, k]
+            tt = mom[10, k]
             saa = ck * ck * txx + sk * sk * tyy + dt(2.0) * ck * sk * txy - dt(2.0) * a0 * (ck * tx + sk * ty) \
                 + a0 * a0 * tt
             sbb = sk * sk * txx + ck * ck * tyy - dt(2.0) * ck * sk * txy - dt(2.0) * b0 * (ck * ty - sk * tx) \
                 + b0 * b0 * tt
             sab = ck * sk * (tyy - txx) + (ck * ck - sk * sk) * txy + (a0 * sk - b0 * ck) * tx \
                 - (a0 * ck + b0 * sk) * ty + a0 * b0 * tt
-            sd = mom[k, 5] - dt(2.0) * (g0 * mom[k, 6] + g1 * mom[k, 7] + g2 * mom[k, 8]) \
-                + (g0 * g0 + g1 * g1 + g2 * g2) * mom[k, 9]
-            mom[k, 0] = saa
-            mom[k, 1] = sbb
-            mom[k, 2] = sab
-            mom[k, 3] = sd
+            sd = mom[5, k] - dt(2.0) * (g0 * mom[6, k] + g1 * mom[7, k] + g2 * mom[8, k]) \
+                + (g0 * g0 + g1 * g1 + g2 * g2) * mom[9, k]
+            mom[0, k] = saa
+            mom[1, k] = sbb
+            mom[2, k] = sab
+            mom[3, k] = sd
         return loss
 
     @njit(**_JIT)
@@ -559,7 +564,7 @@ if AVAILABLE:
         sbar = np.empty(pmax, glr.dtype)
         tk = np.empty(pmax, glr.dtype)
         ft = np.empty((10, pmax), glr.dtype)
-        mom = np.empty((K, 11), glr.dtype)
+        mom = np.empty((11, K), glr.dtype)
         rgb = G == 1 and Cg == 3 and cut == 0
         for bi in range(bi0, bi1):
             b = bi // h
@@ -617,10 +622,10 @@ if AVAILABLE:
                         kk = nb_k[k]
                         slot = offs[kk, 0] + r
                         qj = j + offs[kk, 1]
-                        rowbuf[bi, slot, qj, 0] += mom[k, 0]
-                        rowbuf[bi, slot, qj, 1] += mom[k, 1]
-                        rowbuf[bi, slot, qj, 2] += mom[k, 2]
-                        rowbuf[bi, slot, qj, 3] += mom[k, 3] * nb_v[0, k]
+                        rowbuf[bi, slot, qj, 0] += mom[0, k]
+                        rowbuf[bi, slot, qj, 1] += mom[1, k]
+                        rowbuf[bi, slot, qj, 2] += mom[2, k]
+                        rowbuf[bi, slot, qj, 3] += mom[3, k] * nb_v[0, k]
                     continue
                 _block_logits(kb, kanc, npad, px, py, pg, pv, gstart, cut, nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b,
                               nb_r, nb_v, nb_g, wl, mx, d)
@@ -884,15 +889,20 @@ if AVAILABLE:
 
 
     @njit(**_JIT)
-    def _gather_signal(t0, t1, sig, flat, c0, dst):
-        """``dst[t, c, k] = sig[c0 + c, flat[t, k]]`` for blocks ``t0 <= t < t1`` (``sig [C, h w]``,
-        ``flat [blocks, K]`` cell of every window slot, ``dst [blocks, cc, K]``)."""
-        cc = dst.shape[1]
-        K = flat.shape[1]
+    def _gather_signal(t0, t1, sigt, flat, c0, dst):
+        """``dst[t, k, :] = sigt[flat[t, k], c0:c0 + cc]`` (zeros where ``flat < 0``) for blocks
+        ``t0 <= t < t1``: the LR signal cell-major (``sigt [h w, C]``), so that every window slot
+        is one contiguous copy of ``cc`` channels (``dst [blocks, K, cc]``)."""
+        cc = dst.shape[2]
         for t in range(t0, t1):
-            for c in range(cc):
-                for k in range(K):
-                    dst[t, c, k] = sig[c0 + c, flat[t, k]]
+            for k in range(flat.shape[1]):
+                q = flat[t, k]
+                if q < 0:
+                    for c in range(cc):
+                        dst[t, k, c] = 0.0
+                else:
+                    for c in range(cc):
+                        dst[t, k, c] = sigt[q, c0 + c]
 
 # =========================================================================== threading
 _POOL: ThreadPoolExecutor | None = None
@@ -1166,18 +1176,18 @@ def kernel_fit_loss_grad(
     offs, ry0, ry1, cx0, cx1, cyv, cxv = _geometry(H, W, h, w, float(radius), np.dtype(ndt).name)
     r = math.floor(radius)
 
-    lam = torch.ones(Cg, dtype=torch.float64) if channel_weights is None else channel_weights.detach().double().cpu()
+    lam = np.ones(Cg) if channel_weights is None else channel_weights.detach().double().cpu().numpy()
     if lam.shape != (Cg,):
         raise ValueError(f"channel_weights must have shape ({Cg},), got {tuple(lam.shape)}")
     if pixel_mask is not None:
         if tuple(pixel_mask.shape) != (B, 1, H, W):
             raise ValueError(f"pixel_mask must have shape {(B, 1, H, W)}, got {tuple(pixel_mask.shape)}")
-        pm_t = pixel_mask.detach()[:, 0].to(cdt)
-        pm, use_pm = pm_t.contiguous().numpy(), True
+        # numpy, not torch: converting a bool mask with torch runs a threaded kernel per step
+        pm, use_pm = np.ascontiguousarray(pixel_mask.detach()[:, 0].cpu().numpy(), dtype=ndt), True
     else:
-        pm_t, pm, use_pm = None, np.ones((1, 1, 1), ndt), False
-    denom = _loss_denominator(B, Cg, H, W, gs, valid_hr, pm_t)
-    lam_n = (lam[None, :] / denom[:, None]).to(cdt).contiguous().numpy()  # [B, Cg]
+        pm, use_pm = np.ones((1, 1, 1), ndt), False
+    denom = _loss_denominator(B, Cg, H, W, gs, vhr, use_vhr, pm, use_pm)
+    lam_n = np.ascontiguousarray(lam[None, :] / denom[:, None], dtype=ndt)  # [B, Cg]
     gch = np.repeat(np.arange(G, dtype=np.int64), gs)
 
     ghr = _np(guide_hr, cdt)
@@ -1193,17 +1203,19 @@ def kernel_fit_loss_grad(
     return loss, grad.to(params.dtype)
 
 
-def _loss_denominator(B, Cg, H, W, gs, valid_hr, pm_t) -> torch.Tensor:
+def _loss_denominator(B, Cg, H, W, gs, vhr, use_vhr, pm, use_pm) -> np.ndarray:
     """Per-sample ``sum m_c(p)`` of the reference's loss mask ``[B]`` float64, without building
-    the mask (``Cg H W`` when there is no mask; at least 1)."""
-    if valid_hr is None and pm_t is None:
-        return torch.full((B,), float(Cg * H * W), dtype=torch.float64)
-    pm = pm_t.double() if pm_t is not None else torch.ones(B, H, W, dtype=torch.float64)
-    if valid_hr is None:
-        tot = Cg * pm.sum(dim=(1, 2))
+    the mask (``Cg H W`` when there is no mask; at least 1). numpy arrays: ``vhr [B, G, H, W]``
+    uint8, ``pm [B, H, W]``."""
+    if not use_vhr and not use_pm:
+        return np.full(B, float(Cg * H * W))
+    if not use_vhr:
+        tot = Cg * pm.sum(axis=(1, 2), dtype=np.float64)
+    elif not use_pm:
+        tot = sum(n * vhr[:, g].sum(axis=(1, 2), dtype=np.float64) for g, n in enumerate(gs))
     else:
-        tot = sum(n * (valid_hr[:, g].double() * pm).sum(dim=(1, 2)) for g, n in enumerate(gs))
-    return tot.clamp_min(1.0)
+        tot = sum(n * (vhr[:, g] * pm).sum(axis=(1, 2), dtype=np.float64) for g, n in enumerate(gs))
+    return np.maximum(tot, 1.0)
 
 
 def _chain_rule(params: torch.Tensor, sums: np.ndarray) -> torch.Tensor:
@@ -1336,7 +1348,7 @@ def _render_bmm(common, sig_t, out, support, budget, itemsize) -> None:
     sbuf = _empty_huge((nbm * cc * K,), dt)
     rbuf = _empty_huge((nbm * cc * P,), dt)
     for b in range(B):
-        sig_np = sig_t[b].reshape(C, h * w).contiguous().numpy()
+        sigt = sig_t[b].reshape(C, h * w).t().contiguous().numpy()  # [h w, C]: cell-major
         for i0 in range(0, h, nrows):
             i1 = min(h, i0 + nrows)
             ya, yb = int(ry0[i0]), int(ry1[i1 - 1])
@@ -1348,17 +1360,16 @@ def _render_bmm(common, sig_t, out, support, budget, itemsize) -> None:
             _parallel_for(_render_weights, nb, ghr, glr, coef, vhr, vlr, sm, gstart, offs, ry0, ry1, cx0, cx1, cyv,
                           cxv, cut, use_vhr, use_vlr, use_sm, b, i0, bxm, pmax, wmat, sup)
             ii = np.arange(i0, i1)[:, None, None] + offs[None, None, :, 0]
-            ok = (ii >= 0) & (ii < h) & col_ok[None]
-            flat = np.ascontiguousarray(np.where(ok, ii.clip(0, h - 1) * w + jj.clip(0, w - 1)[None], 0).reshape(nb, K))
+            flat = np.where((ii >= 0) & (ii < h) & col_ok[None], ii * w + jj[None], -1).reshape(nb, K)
             rows = rowpos[ya:yb] - i0 * bym
             wt = torch.from_numpy(wmat)
             sup_t = torch.from_numpy(sup).view(ni, w, bym, bxm).permute(0, 2, 1, 3).reshape(ni * bym, w * bxm)
             support[b, 0, ya:yb] = _untile(sup_t[None], rows, colpos, uniform)[0].bool()
             for c0 in range(0, C, cc):
                 c1 = min(C, c0 + cc)
-                s = sbuf[:nb * (c1 - c0) * K].view(nb, c1 - c0, K)
-                _parallel_for(_gather_signal, nb, sig_np, flat, c0, s.numpy())
-                res = torch.bmm(s, wt, out=rbuf[:nb * (c1 - c0) * P].view(nb, c1 - c0, P))
+                s = sbuf[:nb * K * (c1 - c0)].view(nb, K, c1 - c0)
+                _parallel_for(_gather_signal, nb, sigt, flat, c0, s.numpy())
+                res = torch.bmm(s.transpose(1, 2), wt, out=rbuf[:nb * (c1 - c0) * P].view(nb, c1 - c0, P))
                 res = res.view(ni, w, c1 - c0, bym, bxm).permute(2, 0, 3, 1, 4)
                 if uniform:
                     out[b, c0:c1, ya:yb].view(c1 - c0, ni, bym, w, bxm).copy_(res)

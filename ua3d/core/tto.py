@@ -17,6 +17,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .kernel import init_params, resample_guide
@@ -157,37 +158,56 @@ def fit_params(
         if len(config.channel_weights) != Cg:
             raise ValueError(f"channel_weights has {len(config.channel_weights)} values for {Cg} guide channels")
         lam = torch.tensor(config.channel_weights, dtype=guide_hr.dtype, device=guide_hr.device)
-    params = params.requires_grad_(True)
-    opt = torch.optim.Adam([params], lr=config.lr)
-    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=config.lr_decay)
-    gen = torch.Generator(device="cpu").manual_seed(int(config.seed))
+    params = params.detach().clone()
+    adam = _Adam(params, config.lr, config.lr_decay)
+    rng = np.random.default_rng(int(config.seed))
     losses: list[float] = []
     stages = _stages(config, (H, W), (h, w))
     for size, n_steps in stages:
         g_hr, v_hr = _stage_guide(guide_hr, valid_hr, size)
         g_hr = g_hr.contiguous()  # once per stage, not once per step (an HWC image's permute is not)
         shift = _sigma_shift(params, size, (H, W))
-        with torch.no_grad():
-            params[:, 0] += shift[0]
-            params[:, 1] += shift[1]
+        params[:, 0] += shift[0]
+        params[:, 1] += shift[1]
         for _ in range(n_steps):
             pmask = None
             if config.pixel_fraction < 1.0:
-                pmask = (torch.rand(B, 1, *size, generator=gen) < config.pixel_fraction).to(guide_hr.device)
+                pmask = torch.from_numpy(rng.random((B, 1, *size), dtype=np.float32) < config.pixel_fraction)
+                pmask = pmask.to(guide_hr.device)
             loss, grad = kernel_fit_loss_grad(
-                params.detach(), g_hr, guide_lr, config.radius, groups, v_hr, valid_lr, lam, pmask,
+                params, g_hr, guide_lr, config.radius, groups, v_hr, valid_lr, lam, pmask,
                 backend=config.backend, support_sigmas=config.adaptive_support,
             )
-            params.grad = grad.to(params.dtype)
-            opt.step()
-            sched.step()
+            adam.step(grad.to(params.dtype))
             losses.append(float(loss))
             if callback is not None:
-                callback(len(losses) - 1, float(loss))
-        with torch.no_grad():
-            params[:, 0] -= shift[0]
-            params[:, 1] -= shift[1]
-    return params.detach(), losses
+                callback(len(losses) - 1, losses[-1])
+        params[:, 0] -= shift[0]
+        params[:, 1] -= shift[1]
+    return params, losses
+
+
+class _Adam:
+    """Adam with an exponentially decaying learning rate, written out: the same update as
+    ``torch.optim.Adam`` (betas 0.9 / 0.999, eps 1e-8, bias-corrected, no weight decay) followed
+    by ``ExponentialLR.step()``, without the optimiser machinery, which costs more than the
+    update itself on these small parameter maps (~0.6 ms a step)."""
+
+    def __init__(self, params: torch.Tensor, lr: float, decay: float, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.p, self.lr, self.decay, self.b1, self.b2, self.eps = params, float(lr), float(decay), *betas, eps
+        self.m = torch.zeros_like(params)
+        self.v = torch.zeros_like(params)
+        self.t = 0
+
+    def step(self, grad: torch.Tensor) -> None:
+        self.t += 1
+        self.m.lerp_(grad, 1 - self.b1)
+        self.v.mul_(self.b2).addcmul_(grad, grad, value=1 - self.b2)
+        bc1 = 1 - self.b1 ** self.t
+        bc2 = 1 - self.b2 ** self.t
+        denom = (self.v.sqrt() / math.sqrt(bc2)).add_(self.eps)
+        self.p.addcdiv_(self.m, denom, value=-self.lr / bc1)
+        self.lr *= self.decay
 
 
 def _stages(config: FitConfig, out_size: tuple[int, int], lr_size: tuple[int, int]) -> list[tuple[tuple[int, int], int]]:
