@@ -54,7 +54,7 @@ def rel_err(a, b):
 
 
 # non-square, non-integer ratios, integer ratio (uniform blocks), batch 2, 1 / 3 / 7 guide channels,
-# two range groups with validity masks
+# two range groups with validity masks, RGB with validity masks
 CASES = {
     "3ch-23x17-from-5x4-r8": ({"B": 1, "Cg": 3, "h": 5, "w": 4, "H": 23, "W": 17}, 8.0),
     "1ch-batch2-37x50-from-6x7-r3": ({"B": 2, "Cg": 1, "h": 6, "w": 7, "H": 37, "W": 50, "seed": 1}, 3.0),
@@ -63,6 +63,9 @@ CASES = {
     "3ch-integer-ratio-32x24-from-4x3-r2.5": ({"B": 1, "Cg": 3, "h": 4, "w": 3, "H": 32, "W": 24, "seed": 3}, 2.5),
     "rgbd-groups-3-1-masks-30x40-r5": (
         {"B": 1, "Cg": 4, "h": 6, "w": 8, "H": 30, "W": 40, "groups": (3, 1), "masks": True, "seed": 4}, 5.0),
+    # the engine's expanded-form RGB path, with HR/LR validity masks
+    "3ch-masks-batch2-27x22-from-5x4-r6": (
+        {"B": 2, "Cg": 3, "h": 5, "w": 4, "H": 27, "W": 22, "masks": True, "seed": 5}, 6.0),
 }
 
 
@@ -172,11 +175,13 @@ def test_gradient_of_clamped_log_sigmas_is_zero_like_torch_clamp():
     assert rel_err(gf, gr) < 1e-4
 
 
-def test_float32_agrees_with_float64_reference():
-    kw, radius = CASES["7ch-two-groups-masks-31x29-r4"]
+@pytest.mark.parametrize("name", ["7ch-two-groups-masks-31x29-r4", "3ch-masks-batch2-27x22-from-5x4-r6"])
+def test_float32_agrees_with_float64_reference(name):
+    kw, radius = CASES[name]
+    B, h, w = kw["B"], kw["h"], kw["w"]
     c64 = case(**kw)
     c32 = {k: (v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in c64.items()}
-    sig = torch.randn(2, 30, 5, 6, generator=torch.Generator().manual_seed(11), dtype=F64)
+    sig = torch.randn(B, 30, h, w, generator=torch.Generator().manual_seed(11), dtype=F64)
     ref, _ = kernel_render_reference(c64["params"], c64["guide_hr"], c64["guide_lr"], sig, radius, c64["groups"],
                                      c64["valid_hr"], c64["valid_lr"])
     for C in (3, 30):

@@ -343,17 +343,15 @@ if AVAILABLE:
                 np.empty((K, pmax), dt), np.empty(pmax, dt), np.empty(pmax, dt), np.empty(pmax, dt))
 
     @njit(**_JIT)
-    def _fit_block_rgb(kb, n, px, py, pg, pv, pw, use_vhr, nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b, nb_r, nb_v, nb_g,
-                       wl, mx, tot, recon, ee, sbar, ft, mom):
-        """Loss and gradient moments of one block, RGB guide (one range group of 3 channels, no
-        support cut), in *expanded* form: each logit is an affine function of ten per-pixel
-        features, ``ft [10, n]`` = ``x^2, y^2, x y, x, y, v |c|^2, v c_0, v c_1, v c_2, v``
-        (``x, y`` relative to the block centre, ``c`` the guide colour minus the block's mean
-        colour, ``v`` the range validity), and the gradient needs only the ten feature moments
-        ``sum_p t_kp ft[f, p]`` and ``sum_p t_kp`` per neighbour, ``mom [11, K]`` (``t = dL/dlogit``). Centring
-        keeps the expansion free of cancellation (distances are translation invariant).
-        Returns the block's loss; the caller turns ``mom`` into the four gradient sums
-        (:func:`_rgb_moment_sums`)."""
+    def _rgb_logits(kb, n, px, py, pg, pv, use_vhr, nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b, nb_r, nb_v, nb_g, wl, mx,
+                    ft, mom):
+        """Logits ``wl[k, p]`` and their max ``mx[p]`` of one block, RGB guide (one range group of
+        3 channels, no support cut), in *expanded* form: each logit is an affine function of ten
+        per-pixel features, ``ft [10, n]`` = ``x^2, y^2, x y, x, y, v |c|^2, v c_0, v c_1, v c_2,
+        v`` (``x, y`` relative to the block's mean pixel, ``c`` the guide colour minus the block's
+        mean colour, ``v`` the range validity), with coefficients per neighbour in ``mom [11, K]``.
+        Centring keeps the expansion free of cancellation (distances are translation invariant).
+        Returns the centre ``(xc, yc, m0, m1, m2)``."""
         _wide_vectors()
         dt = wl.dtype.type
         xc = dt(0.0)
@@ -433,6 +431,19 @@ if AVAILABLE:
                          + q5 * ft[5, p] + q6 * ft[6, p] + q7 * ft[7, p] + q8 * ft[8, p])
                     row[p] = v
                     mx[p] = max(mx[p], v)
+        return xc, yc, m0, m1, m2
+
+    @njit(**_JIT)
+    def _fit_block_rgb(kb, n, px, py, pg, pv, pw, use_vhr, nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b, nb_r, nb_v, nb_g,
+                       wl, mx, tot, recon, ee, sbar, ft, mom):
+        """Loss and gradient moments of one block, RGB guide, in the expanded form of
+        :func:`_rgb_logits`: the gradient needs only the ten feature moments ``sum_p t_kp ft[f, p]``
+        and ``sum_p t_kp`` per neighbour (``t = dL/dlogit``), which are turned into the four
+        gradient sums ``mom[0:4, k]`` at the end. Returns the block's loss."""
+        _wide_vectors()
+        dt = wl.dtype.type
+        xc, yc, m0, m1, m2 = _rgb_logits(kb, n, px, py, pg, pv, use_vhr, nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b, nb_r,
+                                         nb_v, nb_g, wl, mx, ft, mom)
         # weights (exp) fused with the reconstruction of the guide
         for p in range(n):
             tot[p] = 0.0
@@ -857,30 +868,64 @@ if AVAILABLE:
         (rec, nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b, nb_r, nb_v, nb_g, nb_k, px, py, pg, pv, pw, wl, mx, tot,
          d) = _block_scratch(glr, K, G, pmax)
         pidx = np.empty(pmax, np.int64)
+        written = np.zeros(K, np.uint8)
+        ft = np.empty((10, pmax), glr.dtype)
+        mom = np.empty((11, K), glr.dtype)
+        rgb = G == 1 and glr.shape[1] == 3 and cut == 0
+        P = wmat.shape[2]
         for t in range(t0, t1):
             i = i0 + t // w
             j = t - (t // w) * w
             y0, y1 = ry0[i], ry1[i]
             x0, x1 = cx0[j], cx1[j]
-            wmat[t] = 0.0
-            sup[t] = 0
-            if y1 <= y0 or x1 <= x0:
-                continue
-            kb, kanc = _gather_block(b, i, j, glr, coef, vlr, smask, offs, cyv, cxv, y0, y1, x0, x1, cut,
-                                     use_vlr, use_sm, rec, nb_v, nb_k)
+            kb = 0
+            if y1 > y0 and x1 > x0:
+                kb, kanc = _gather_block(b, i, j, glr, coef, vlr, smask, offs, cyv, cxv, y0, y1, x0, x1, cut,
+                                         use_vlr, use_sm, rec, nb_v, nb_k)
             if kb == 0:
+                wmat[t] = 0.0
+                sup[t] = 0
                 continue
             n = _block_pixels(b, y0, y1, x0, x1, ghr, vhr, use_vhr, px, py, pg, pv)
             npad = min(pmax, -(-n // 8) * 8)
             _pad_pixels(n, npad, px, py, pg, pv, pw)
-            _block_weights(kb, kanc, npad, px, py, pg, pv, gstart, cut, nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b,
-                           nb_r, nb_v, nb_g, wl, mx, tot, d)
+            if rgb:
+                _rgb_logits(kb, npad, px, py, pg, pv, use_vhr, nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b, nb_r, nb_v,
+                            nb_g, wl, mx, ft, mom)
+                for p in range(npad):
+                    tot[p] = 0.0
+                for k in range(kb):
+                    row = wl[k]
+                    for p in range(npad):
+                        e = _fexp(row[p] - mx[p])
+                        row[p] = e
+                        tot[p] += e
+            else:
+                _block_weights(kb, kanc, npad, px, py, pg, pv, gstart, cut, nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b,
+                               nb_r, nb_v, nb_g, wl, mx, tot, d)
             bw = x1 - x0
             for p in range(n):
-                pidx[p] = (p // bw) * bxm + (p - (p // bw) * bw)
                 ok = mx[p] > half_neg
-                sup[t, pidx[p]] = 1 if ok else 0
                 tot[p] = dt(1.0) / tot[p] if ok else dt(0.0)
+            if n == P:  # a full-size block: pixel p is column p; rows written whole, only unused slots zeroed
+                for p in range(n):
+                    sup[t, p] = 1 if mx[p] > half_neg else 0
+                for k in range(kb):
+                    row = wl[k]
+                    dst = wmat[t, nb_k[k]]
+                    written[nb_k[k]] = 1
+                    for p in range(n):
+                        dst[p] = row[p] * tot[p]
+                for k in range(K):
+                    if written[k] == 0:
+                        wmat[t, k] = 0.0
+                    written[k] = 0
+                continue
+            wmat[t] = 0.0
+            sup[t] = 0
+            for p in range(n):
+                pidx[p] = (p // bw) * bxm + (p - (p // bw) * bw)
+                sup[t, pidx[p]] = 1 if mx[p] > half_neg else 0
             for k in range(kb):
                 row = wl[k]
                 dst = wmat[t, nb_k[k]]
