@@ -404,3 +404,16 @@ def test_missing_numba_falls_back_to_reference_with_one_warning(monkeypatch):
     assert k.params.shape == (1, 4, 5, 4)
     with pytest.raises(ValueError, match="backend='fast' needs CPU tensors and numba"):
         kernel_render(c["params"], c["guide_hr"], c["guide_lr"], sig, 2.0, backend="fast")
+
+
+def test_large_buffers_are_ordinary_tensors_with_huge_page_advice():
+    """``_empty_huge`` only advises the kernel: the result is a plain writable tensor of the asked
+    shape and dtype (the advice itself is Linux-only and may be ignored)."""
+    from ua3d.core import fast
+
+    t = fast._empty_huge((3, 1 << 22), torch.float32)  # 48 MiB: above the advice threshold
+    assert t.shape == (3, 1 << 22) and t.dtype == torch.float32 and t.is_contiguous()
+    t.fill_(2.5)
+    assert float(t.sum()) == 2.5 * 3 * (1 << 22)
+    small = fast._empty_huge((5, 7), torch.float64)
+    assert small.shape == (5, 7) and small.dtype == torch.float64

@@ -6,11 +6,18 @@ Numerically the same functions as the ``*_reference`` twins in :mod:`ua3d.core.k
 * **Blocks.** HR pixels that share the same nearest LR anchor ``(i, j)`` form a block
   (``P`` pixels, 16 x 16 for a ViT/16 grid); they share one neighbour list (the window
   offsets around the anchor, cells outside the grid dropped: ``K <= 197`` for radius 8).
-  Per LR cell the coefficients ``cos theta, sin theta, 1 / (2 sigma_x^2), 1 / (2 sigma_y^2),
-  1 / (2 sigma_r^2)`` are computed once per call; per block they are gathered once.
-  Inside a block the loops run over neighbours (outer) and pixels (inner, vectorised,
-  padded to a multiple of 8), in a block-local frame; ``exp`` is an own vectorisable
-  polynomial (:func:`_fexp`, < 1 ulp float32, ~1e-16 float64) with the max subtracted.
+  Per LR cell one contiguous record (``cos theta, sin theta, 1 / (2 sigma_x^2),
+  1 / (2 sigma_y^2), 1 / (2 sigma_r^2)``, the LR guide values) is computed once per call;
+  per block the neighbours' records are gathered once. Inside a block the loops run over
+  neighbours (outer) and pixels (inner, vectorised, padded to a multiple of 8), in a
+  block-local frame; ``exp`` is an own vectorisable polynomial (:func:`_fexp`, < 1 ulp
+  float32, ~1e-16 float64) with the max subtracted. The hot kernels ask LLVM for 512-bit
+  vectors (:func:`_wide_vectors`; LLVM's default on AVX-512 CPUs is 256).
+* **RGB guides** (one range group of three channels, the common case) take an *expanded*
+  form (:func:`_rgb_logits`): with pixel coordinates and colours centred on the block's
+  means, every logit is an affine function of ten per-pixel features (``x^2, y^2, x y, x, y,
+  |c|^2, c``, validity), so a logit costs ten multiply-adds, and the gradient needs ten
+  feature moments per neighbour instead of per-pixel offsets and distances.
 * **Fit.** Per block: logits and their max per pixel; ``exp`` fused with the reconstruction
   of the guide; then the hand-derived gradient of the L1 loss through the softmax,
 
@@ -23,12 +30,17 @@ Numerically the same functions as the ``*_reference`` twins in :mod:`ua3d.core.k
   parameter gradients (:func:`_chain_rule`). Nothing of size ``[K, H, W]`` is materialised.
   The sums go to a per-LR-row buffer ``[B h, 2 r + 1, w, 3 + G]`` (one writer per row: no
   races, and a fixed reduction order, so results do not depend on the thread count).
-  Pixels outside ``pixel_mask`` are skipped before any work.
+  Pixels outside ``pixel_mask`` are skipped before any work. Host-side work per call is
+  numpy on small arrays: torch's threaded kernels, called between the engine's own parallel
+  sections, leave OpenMP threads spinning against the engine's threads.
 * **Render.** Up to :data:`SMALL_C` channels (depth) the weighted sum is fused in numba.
-  For more, numba writes each block's normalised weights ``[K, P]`` and ``torch.bmm``
-  multiplies them with the gathered LR signal ``[C, K]``; the ``[blocks, C, P]`` result is
-  one permuted copy away from the output rows. Work is tiled over rows of blocks
-  (:data:`TILE_BYTES`) so that peak memory is the output plus a bounded working set.
+  For more, numba writes each block's normalised weights ``[K, P]`` and gathers the LR
+  signal ``[K, C]`` (cell-major: one contiguous copy per window slot); ``torch.bmm`` multiplies
+  them; the ``[blocks, C, P]`` result is one permuted copy away from the output rows. Work is
+  tiled over rows of blocks (:data:`TILE_BYTES`) so that peak memory is the output plus a
+  bounded working set; the working buffers are allocated once per call, and large buffers
+  are advised for transparent huge pages (:func:`_empty_huge`): page faults on fresh memory
+  were a third of the render's time.
 * **Threads.** The kernels are plain ``nogil`` numba functions over a range of block rows
   (or blocks); :func:`_parallel_for` runs chunks of that range on a thread pool of
   ``torch.get_num_threads()`` threads (no parfors: they tripled the compile time).
@@ -115,7 +127,10 @@ if AVAILABLE:
         sig = types.none()
 
         def codegen(context, builder, signature, args):
-            set.add(builder.function.attributes, '"prefer-vector-width"="512"')
+            try:  # a string attribute, which llvmlite's checked ``add`` does not know: add it to the set
+                set.add(builder.function.attributes, '"prefer-vector-width"="512"')
+            except Exception:  # noqa: BLE001  # pragma: no cover - another llvmlite: keep LLVM's default width
+                pass
             return context.get_dummy_value()
 
         return sig, codegen
