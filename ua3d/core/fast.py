@@ -53,6 +53,7 @@ second). ``AVAILABLE`` is False when numba cannot be imported.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import itertools
 import math
@@ -127,10 +128,10 @@ if AVAILABLE:
         sig = types.none()
 
         def codegen(context, builder, signature, args):
-            try:  # a string attribute, which llvmlite's checked ``add`` does not know: add it to the set
+            # a string attribute, which llvmlite's checked ``add`` does not know: add it to the set itself;
+            # with another llvmlite (no set underneath), keep LLVM's default width
+            with contextlib.suppress(Exception):
                 set.add(builder.function.attributes, '"prefer-vector-width"="512"')
-            except Exception:  # noqa: BLE001  # pragma: no cover - another llvmlite: keep LLVM's default width
-                pass
             return context.get_dummy_value()
 
         return sig, codegen
