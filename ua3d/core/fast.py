@@ -219,17 +219,8 @@ if AVAILABLE:
                 kanc = kb
             rec[0, kb] = cyv[qi] - fy0  # block-local frame: small numbers, no cancellation
             rec[1, kb] = cxv[qj] - fx0
-            if nrec == 7:  # RGB guide, one range group: unrolled
-                rec[2, kb] = coef[b, qi, qj, 0]
-                rec[3, kb] = coef[b, qi, qj, 1]
-                rec[4, kb] = coef[b, qi, qj, 2]
-                rec[5, kb] = coef[b, qi, qj, 3]
-                rec[6, kb] = coef[b, qi, qj, 4]
-                rec[7, kb] = coef[b, qi, qj, 5]
-                rec[8, kb] = coef[b, qi, qj, 6]
-            else:
-                for c in range(nrec):
-                    rec[2 + c, kb] = coef[b, qi, qj, c]
+            for c in range(nrec):
+                rec[2 + c, kb] = coef[b, qi, qj, c]
             if use_vlr:
                 for g in range(G):
                     nb_v[g, kb] = dt(1.0) if vlr[b, g, qi, qj] != 0 else dt(0.0)
@@ -435,18 +426,11 @@ if AVAILABLE:
             q0, q1, q2, q3, q4, q5 = mom[0, k], mom[1, k], mom[2, k], mom[3, k], mom[4, k], mom[5, k]
             q6, q7, q8, q9, qc = mom[6, k], mom[7, k], mom[8, k], mom[9, k], mom[10, k]
             row = wl[k]
-            if use_vhr:
-                for p in range(n):
-                    v = (qc + q0 * ft[0, p] + q1 * ft[1, p] + q2 * ft[2, p] + q3 * ft[3, p] + q4 * ft[4, p]
-                         + q5 * ft[5, p] + q6 * ft[6, p] + q7 * ft[7, p] + q8 * ft[8, p] + q9 * ft[9, p])
-                    row[p] = v
-                    mx[p] = max(mx[p], v)
-            else:
-                for p in range(n):
-                    v = (qc + q0 * ft[0, p] + q1 * ft[1, p] + q2 * ft[2, p] + q3 * ft[3, p] + q4 * ft[4, p]
-                         + q5 * ft[5, p] + q6 * ft[6, p] + q7 * ft[7, p] + q8 * ft[8, p])
-                    row[p] = v
-                    mx[p] = max(mx[p], v)
+            for p in range(n):  # without validity q9 = 0 (folded into qc) and ft[9] = 1: the term adds 0
+                v = (qc + q0 * ft[0, p] + q1 * ft[1, p] + q2 * ft[2, p] + q3 * ft[3, p] + q4 * ft[4, p]
+                     + q5 * ft[5, p] + q6 * ft[6, p] + q7 * ft[7, p] + q8 * ft[8, p] + q9 * ft[9, p])
+                row[p] = v
+                mx[p] = max(mx[p], v)
         return xc, yc, m0, m1, m2
 
     @njit(**_JIT)
@@ -503,34 +487,19 @@ if AVAILABLE:
             s8 = dt(0.0)
             s9 = dt(0.0)
             st = dt(0.0)
-            if use_vhr:
-                for p in range(n):
-                    t = row[p] * (ee[0, p] * f0 + ee[1, p] * f1 + ee[2, p] * f2 - sbar[p])
-                    st += t
-                    s0 += t * ft[0, p]
-                    s1 += t * ft[1, p]
-                    s2 += t * ft[2, p]
-                    s3 += t * ft[3, p]
-                    s4 += t * ft[4, p]
-                    s5 += t * ft[5, p]
-                    s6 += t * ft[6, p]
-                    s7 += t * ft[7, p]
-                    s8 += t * ft[8, p]
-                    s9 += t * ft[9, p]
-            else:
-                for p in range(n):
-                    t = row[p] * (ee[0, p] * f0 + ee[1, p] * f1 + ee[2, p] * f2 - sbar[p])
-                    st += t
-                    s0 += t * ft[0, p]
-                    s1 += t * ft[1, p]
-                    s2 += t * ft[2, p]
-                    s3 += t * ft[3, p]
-                    s4 += t * ft[4, p]
-                    s5 += t * ft[5, p]
-                    s6 += t * ft[6, p]
-                    s7 += t * ft[7, p]
-                    s8 += t * ft[8, p]
-                s9 = st
+            for p in range(n):  # ft[9] is the range validity (1 without masks: then s9 = st)
+                t = row[p] * (ee[0, p] * f0 + ee[1, p] * f1 + ee[2, p] * f2 - sbar[p])
+                st += t
+                s0 += t * ft[0, p]
+                s1 += t * ft[1, p]
+                s2 += t * ft[2, p]
+                s3 += t * ft[3, p]
+                s4 += t * ft[4, p]
+                s5 += t * ft[5, p]
+                s6 += t * ft[6, p]
+                s7 += t * ft[7, p]
+                s8 += t * ft[8, p]
+                s9 += t * ft[9, p]
             mom[0, k] = s0
             mom[1, k] = s1
             mom[2, k] = s2
@@ -1381,9 +1350,10 @@ def kernel_render(
 
 
 def _render_bmm(common, sig_t, out, support, budget, itemsize) -> None:
-    """Weights ``[blocks, K, P]`` from numba; the gathered signal ``[blocks, C, K]`` times them
-    (``torch.bmm``) gives ``[blocks, C, P]``, which is one permuted copy away from the output
-    rows (plus a row/column gather when the blocks differ in size: non-integer ratios)."""
+    """Weights ``[blocks, K, P]`` from numba; the gathered signal ``[blocks, K, C]`` (cell-major,
+    used transposed) times them (``torch.bmm``) gives ``[blocks, C, P]``, which is one permuted copy
+    away from the output rows (plus a row/column gather when the blocks differ in size:
+    non-integer ratios)."""
     ghr, glr, coef, vhr, vlr, sm, gstart, offs, ry0, ry1, cx0, cx1, cyv, cxv, cut, use_vhr, use_vlr, use_sm = common
     B, C, h, w = sig_t.shape
     H, W = out.shape[-2:]
