@@ -9,8 +9,6 @@
 
 from .backbones import (
     DINOV2_MODELS,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     MODEL_NAMES,
     CheckpointNotFoundError,
     extract_features,
@@ -18,6 +16,7 @@ from .backbones import (
     model_input_size,
 )
 from .files import load_features, save_features
+from .image import IMAGENET_MEAN, IMAGENET_STD, as_image_tensor
 from .random_net import random_features
 from .vit import CONFIGS, VisionTransformer, ViTConfig, dinov2_to_timm, timm_to_dinov2
 
@@ -30,6 +29,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "ViTConfig",
     "VisionTransformer",
+    "as_image_tensor",
     "dinov2_to_timm",
     "extract_features",
     "load_dinov2",

@@ -49,11 +49,11 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .image import IMAGENET_MEAN, IMAGENET_STD, as_image_tensor, model_input_size, preprocess
+from .random_net import random_features
 from .vit import CONFIGS, VisionTransformer, ViTConfig, detect_naming, timm_to_dinov2
 
 __all__ = [
@@ -73,8 +73,6 @@ __all__ = [
     "read_state_dict",
 ]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 _RELEASE_URL = "https://dl.fbaipublicfiles.com/dinov2"
 
 
@@ -103,79 +101,6 @@ DINOV2_MODELS: dict[str, DinoSpec] = {
     "dinov2_tiny": DinoSpec("tiny", "dinov2_tiny_pretrain.pth", None),  # test architecture
 }
 MODEL_NAMES = (*DINOV2_MODELS, "timm:<name>", "random")
-
-
-# --------------------------------------------------------------------------- image handling
-def as_image_tensor(image: object, device: str | torch.device = "cpu") -> torch.Tensor:
-    """RGB image ``[H, W, 3]`` (numpy or torch; uint8, or float in [0, 1]) -> float32 ``[1, 3, H, W]``."""
-    if isinstance(image, np.ndarray):
-        image = torch.from_numpy(np.ascontiguousarray(image))
-    if not isinstance(image, torch.Tensor):
-        raise ValueError(f"image must be a numpy array or tensor [H, W, 3], got {type(image).__name__}")
-    if image.ndim != 3 or image.shape[-1] != 3 or image.shape[0] == 0 or image.shape[1] == 0:
-        raise ValueError(f"image must be [H, W, 3] (RGB), got shape {tuple(image.shape)}")
-    if image.dtype == torch.uint8:
-        x = image.to(device=device, dtype=torch.float32) / 255.0
-    elif image.is_floating_point():
-        x = image.to(device=device, dtype=torch.float32)
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError(f"image contains NaN/Inf values (shape {tuple(image.shape)})")
-        lo, hi = float(x.min()), float(x.max())
-        if lo < -1e-3 or hi > 1 + 1e-3:
-            raise ValueError(f"a float image must be in [0, 1], got values in [{lo:.3g}, {hi:.3g}]")
-    else:
-        raise ValueError(f"image dtype must be uint8 or floating point, got {image.dtype}")
-    return x.permute(2, 0, 1)[None].contiguous()
-
-
-def model_input_size(
-    size: tuple[int, int], stride: int, image_size: int | tuple[int, int] | None = None
-) -> tuple[int, int]:
-    """Size ``(H', W')`` the model sees: each side a multiple of ``stride``.
-
-    Parameters
-    ----------
-    size : ``(H, W)`` of the original image.
-    stride : the model's patch size / output stride ``p``.
-    image_size : None: keep the resolution, each side rounded to the nearest multiple of ``p``.
-        int: scale so the longer side is ``image_size`` (aspect kept), then round each side.
-        ``(h, w)``: that size, each side rounded to the nearest multiple of ``p``.
-        Every side is at least ``p``.
-
-    >>> model_input_size((100, 150), 14), model_input_size((100, 150), 14, 224)
-    ((98, 154), (154, 224))
-    """
-    H, W = size
-    if stride <= 0:
-        raise ValueError(f"stride must be positive, got {stride}")
-    if image_size is None:
-        target = (float(H), float(W))
-    elif isinstance(image_size, (int, np.integer)) and not isinstance(image_size, bool):
-        if image_size <= 0:
-            raise ValueError(f"image_size must be positive, got {image_size}")
-        s = image_size / max(H, W)
-        target = (H * s, W * s)
-    else:
-        try:
-            th, tw = image_size  # type: ignore[misc]
-        except (TypeError, ValueError):
-            raise ValueError(f"image_size must be None, an int or an (h, w) pair, got {image_size!r}") from None
-        if th <= 0 or tw <= 0:
-            raise ValueError(f"image_size must be positive, got {image_size!r}")
-        target = (float(th), float(tw))
-    return tuple(max(1, round(t / stride)) * stride for t in target)  # type: ignore[return-value]
-
-
-def preprocess(
-    image: torch.Tensor, input_size: tuple[int, int], mean: tuple[float, ...], std: tuple[float, ...]
-) -> torch.Tensor:
-    """Resize ``[1, 3, H, W]`` in [0, 1] to ``input_size`` (bicubic, antialiased) and normalise."""
-    x = image
-    if tuple(x.shape[-2:]) != tuple(input_size):
-        x = F.interpolate(x, size=input_size, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
-    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    return (x - m) / s
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -462,8 +387,6 @@ def extract_features(
     x = as_image_tensor(image, device)
     H, W = x.shape[-2:]
     if model_name == "random":
-        from .random_net import random_features
-
         feats, description = random_features(image, device=device)
         h, w = feats.shape[-2:]
         info = {"model": "random", "checkpoint": None, "key_naming": None, "num_params": 0, "stride": None,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .backbones import IMAGENET_MEAN, IMAGENET_STD, as_image_tensor
+from .image import as_image_tensor, normalize_image
 
 __all__ = ["random_features"]
 
@@ -64,9 +64,7 @@ def random_features(
         device = image.device if isinstance(image, torch.Tensor) else "cpu"
     x = as_image_tensor(image, device)
     H, W = x.shape[-2:]
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    x = (x - mean) / std
+    x = normalize_image(x)
     (w1, b1), (w2, b2) = [(w.to(x.device), b.to(x.device)) for w, b in _weights(channels, seed)]
     with torch.no_grad():
         y = F.gelu(F.conv2d(x, w1, b1, padding=1))
