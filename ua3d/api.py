@@ -18,25 +18,14 @@ import numpy as np
 import torch
 
 from .core.checks import as_guide, check_finite, check_size, check_tensor
-from .core.kernel import (
-    LOG_SIGMA_MAX,
-    LOG_SIGMA_MIN,
-    kernel_weights_reference,
-    resample_guide,
-    theta_from_raw,
-)
-from .core.ops import available_memory_bytes, kernel_render
+from .core.kernel import kernel_weights_reference, resample_guide
+from .core.ops import available_memory_bytes, estimate_render_memory, kernel_render
+from .core.params import decode_params
 from .core.tto import FitConfig, fit_params
 
-__all__ = ["Kernel", "as_signal", "available_memory_bytes", "estimate_render_bytes", "fit", "upsample"]
+__all__ = ["Kernel", "as_signal", "available_memory_bytes", "fit", "upsample"]
 
 _FORMAT_VERSION = 1
-
-
-def estimate_render_bytes(batch: int, channels: int, out_size: tuple[int, int], dtype: torch.dtype) -> int:
-    """Bytes of the rendered output ``[B, C, H, W]`` (the engine's working memory is bounded separately)."""
-    H, W = out_size
-    return batch * channels * H * W * torch.empty((), dtype=dtype).element_size()
 
 
 def as_signal(signal: object, lr_size: tuple[int, int] | None = None, name: str = "signal") -> torch.Tensor:
@@ -127,15 +116,10 @@ class Kernel:
     # ------------------------------------------------------------------ physical parameters
     def sigmas(self) -> dict[str, torch.Tensor]:
         """Physical parameter maps ``[B, h, w]``: sigma_x, sigma_y (HR px), theta (rad), sigma_r (per group)."""
-        p = self.params
-        out = {
-            "sigma_x": p[:, 0].clamp(LOG_SIGMA_MIN, LOG_SIGMA_MAX).exp(),
-            "sigma_y": p[:, 1].clamp(LOG_SIGMA_MIN, LOG_SIGMA_MAX).exp(),
-            "theta": theta_from_raw(p[:, 2]),
-        }
-        for g in range(p.shape[1] - 3):
-            key = "sigma_r" if g == 0 else f"sigma_r{g}"
-            out[key] = p[:, 3 + g].clamp(LOG_SIGMA_MIN, LOG_SIGMA_MAX).exp()
+        d = decode_params(self.params)
+        out = {"sigma_x": d.log_sigma_x.exp(), "sigma_y": d.log_sigma_y.exp(), "theta": d.theta}
+        for g in range(d.log_sigma_r.shape[1]):
+            out["sigma_r" if g == 0 else f"sigma_r{g}"] = d.log_sigma_r[:, g].exp()
         return out
 
     # ------------------------------------------------------------------ rendering
@@ -180,7 +164,9 @@ class Kernel:
             sig = torch.where(mask, sig, torch.zeros((), dtype=sig.dtype, device=sig.device))
         else:
             check_finite(sig, "signal")
-        need = estimate_render_bytes(sig.shape[0], sig.shape[1], self.out_size, out_dtype or sig.dtype)
+        need = estimate_render_memory(
+            sig.shape[0], sig.shape[1], self.out_size, self.lr_size, self.radius, out_dtype or sig.dtype
+        )["output"]
         avail = available_memory_bytes()
         if sig.device.type == "cpu" and need > 0.8 * avail:
             raise ValueError(

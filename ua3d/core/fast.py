@@ -68,11 +68,11 @@ import numpy as np
 import torch
 
 from .kernel import LOG_SIGMA_MAX, LOG_SIGMA_MIN, THETA_MAX, lr_centres, nearest_anchor, window_offsets
+from .params import decode_params
 
 __all__ = [
     "AVAILABLE",
     "SMALL_C",
-    "fit_working_bytes",
     "kernel_fit_loss_grad",
     "kernel_render",
     "num_threads",
@@ -1087,12 +1087,10 @@ def _coefficients(params: torch.Tensor, guide_lr: np.ndarray, cdt: torch.dtype, 
     milliseconds each on a busy machine.
     """
     p = _np(params, cdt)
-    lsx = np.clip(p[:, 0], LOG_SIGMA_MIN, LOG_SIGMA_MAX)
-    lsy = np.clip(p[:, 1], LOG_SIGMA_MIN, LOG_SIGMA_MAX)
-    th = THETA_MAX * np.tanh(p[:, 2])
+    lsx, lsy, th, lsr = decode_params(p)
     c, s = np.cos(th), np.sin(th)
     parts = [c, s, 0.5 * np.exp(-2 * lsx), 0.5 * np.exp(-2 * lsy)]
-    parts += [0.5 * np.exp(-2 * np.clip(p[:, 3 + g], LOG_SIGMA_MIN, LOG_SIGMA_MAX)) for g in range(p.shape[1] - 3)]
+    parts += [0.5 * np.exp(-2 * lsr[:, g]) for g in range(lsr.shape[1])]
     parts += list(guide_lr.transpose(1, 0, 2, 3))
     if cut > 0:
         vx, vy = np.exp(2 * lsx), np.exp(2 * lsy)
@@ -1152,13 +1150,6 @@ def render_working_bytes(out_size: tuple[int, int], lr_size: tuple[int, int], ch
         return channels * by * W * itemsize * 2
     cc = min(channels, 128)
     return w * (by * bx * K + K * cc + 2 * by * bx * cc) * itemsize
-
-
-def fit_working_bytes(batch: int, lr_size: tuple[int, int], radius: float, n_groups: int) -> int:
-    """Working memory of one fit call (per-LR-row gradient buffers), excluding the inputs."""
-    h, w = lr_size
-    r = math.floor(radius)
-    return batch * h * (2 * r + 1) * w * (3 + n_groups) * 8 + batch * h * w * (3 + n_groups) * 8
 
 
 # =========================================================================== public entry points

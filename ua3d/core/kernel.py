@@ -29,6 +29,9 @@ index  meaning
 3+g    ``log sigma_r`` of range group ``g`` (guide units)
 ====== =========================================================
 
+Log-sigmas are clamped to ``[LOG_SIGMA_MIN, LOG_SIGMA_MAX]``; the one decoding rule is
+:func:`ua3d.core.params.decode_params`.
+
 The guide's channels are split into ``G`` consecutive *range groups* (``groups``,
 channel counts); by default one group holds every channel (RGB, or any channel
 count). The RGB-D lift uses a second group for (log) depth. Each group ``g`` has
@@ -57,6 +60,8 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from .params import LOG_SIGMA_MAX, LOG_SIGMA_MIN, THETA_MAX, decode_params, theta_from_raw, theta_to_raw
+
 __all__ = [
     "LOG_SIGMA_MAX",
     "LOG_SIGMA_MIN",
@@ -75,11 +80,6 @@ __all__ = [
     "window_offsets",
 ]
 
-#: log-sigma values are clamped to this range inside the kernel (no inf*0 = NaN).
-LOG_SIGMA_MIN = -7.0
-LOG_SIGMA_MAX = 9.0
-#: orientation bound: ``theta`` in ``(-pi/2, pi/2)`` covers every orientation.
-THETA_MAX = math.pi / 2
 
 
 # --------------------------------------------------------------------------- geometry
@@ -114,16 +114,6 @@ def nearest_anchor(n_hr: int, n_lr: int, device=None) -> torch.Tensor:
     """
     y = torch.arange(n_hr, device=device, dtype=torch.int64)
     return torch.div((2 * y + 1) * n_lr, 2 * n_hr, rounding_mode="floor").clamp_(0, n_lr - 1)
-
-
-def theta_from_raw(raw: torch.Tensor) -> torch.Tensor:
-    """Bounded orientation ``theta = (pi/2) tanh(raw)``."""
-    return THETA_MAX * torch.tanh(raw)
-
-
-def theta_to_raw(theta: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`theta_from_raw` (``theta`` strictly inside ``(-pi/2, pi/2)``)."""
-    return torch.atanh((theta / THETA_MAX).clamp(-1 + 1e-6, 1 - 1e-6))
 
 
 def init_params(
@@ -247,9 +237,7 @@ def pair_logits(
     dx = (xs[None, :] - lr_centres(w, W, dev, dtype)[nxc])[:, None, :]  # [K, 1, W]
 
     pf = params.flatten(2)[:, :, flat]  # [B, P, K, R, W]
-    lsx = pf[:, 0].clamp(LOG_SIGMA_MIN, LOG_SIGMA_MAX)
-    lsy = pf[:, 1].clamp(LOG_SIGMA_MIN, LOG_SIGMA_MAX)
-    th = theta_from_raw(pf[:, 2])
+    lsx, lsy, th, lsr_all = decode_params(pf)
     c, s = torch.cos(th), torch.sin(th)
     a = c * dx + s * dy
     b = c * dy - s * dx
@@ -260,8 +248,7 @@ def pair_logits(
         ghr = guide_hr[:, c0:c1, y0:y1][:, :, None]  # [B, cg, 1, R, W]
         gq = glr[:, c0:c1][:, :, flat]  # [B, cg, K, R, W]
         diff = ((ghr - gq) ** 2).sum(1)  # [B, K, R, W]
-        lsr = pf[:, 3 + g].clamp(LOG_SIGMA_MIN, LOG_SIGMA_MAX)
-        term = -0.5 * diff * torch.exp(-2 * lsr)
+        term = -0.5 * diff * torch.exp(-2 * lsr_all[:, g])
         pair_ok = None
         if valid_hr is not None:
             pair_ok = valid_hr[:, g, y0:y1][:, None]  # [B, 1, R, W]
