@@ -77,7 +77,6 @@ def _fit_with_progress(args, guide, lr_size, config):
 
 # --------------------------------------------------------------------------- subcommands
 def cmd_upsample(args) -> int:
-    import numpy as np
     import torch
 
     from .features.files import load_features, save_features
@@ -108,7 +107,6 @@ def cmd_upsample(args) -> int:
         )
         if not args.quiet:
             print(f"figure: {args.png}")
-    del np
     return 0
 
 
@@ -155,10 +153,9 @@ def cmd_depth_sr(args) -> int:
 
 
 def cmd_lift(args) -> int:
-    import numpy as np
     import torch
 
-    from .io.rgbd import read_color, read_depth, read_intrinsics, save_feature_points, save_volume
+    from .io.rgbd import read_color, read_depth, read_intrinsics, save_volume
     from .rgbd.lift import fit_rgbd
     from .rgbd.points import render_points
     from .rgbd.volume import render_volume
@@ -183,7 +180,6 @@ def cmd_lift(args) -> int:
     pc = render_points(lifted, feats.to(dev))
     pc.save(out / "points.ply")
     pc.save(out / "points.npz")
-    del np, save_feature_points
     if not args.quiet:
         print(f"features: {desc}\nvolume {tuple(vol.shape)} -> {out / 'volume.npz'}\npoints {pc.positions.shape[0]} -> {out / 'points.ply'}")
     return 0

@@ -69,7 +69,7 @@ def jbu(
     sigma_range : guide units (0.12 for an RGB guide in [0, 1]).
     radius : window radius in LR cells; default ``ceil(3 sigma_s / scale)`` (at least 1).
     range_centre : ``"bilinear"`` (``I(q)`` = the HR guide sampled at the LR cell centre, Kopf's
-        choice) or ``"area"`` (the antialiased LR guide, as the TTO kernel uses).
+        choice, and the TTO's default ``guide_downsample``) or ``"area"`` (the antialiased LR guide).
     mask : ``[B, 1, h, w]`` bool, False = invalid LR value (excluded, weights renormalised).
     """
     g, s, size = _prep(guide, signal, output_size)
