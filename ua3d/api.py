@@ -27,7 +27,7 @@ from .core.kernel import (
 )
 from .core.memory import available_memory_bytes
 from .core.ops import kernel_render
-from .core.tto import FitConfig, fit_params
+from .core.tto import FitConfig, check_fit_memory, fit_params
 
 __all__ = ["Kernel", "as_signal", "available_memory_bytes", "check_lr_size", "fit", "upsample"]
 
@@ -277,6 +277,7 @@ def fit(guide: object, lr_size: object, config: FitConfig | None = None, **overr
     g = as_guide(guide)
     cfg = _config(config, overrides)
     hw = check_lr_size(lr_size, tuple(g.shape[-2:]))
+    check_fit_memory(g, hw, cfg)  # before the LR guide is made (interpolating a strided guide copies it)
     g_lr = resample_guide(g, hw, cfg.guide_downsample)
     params, losses = fit_params(g, g_lr, cfg)
     return Kernel(params, g, g_lr, cfg.radius, config=cfg, losses=losses)

@@ -73,12 +73,20 @@ def check_tensor(x: object, name: str, ndim: int | Sequence[int] | None = None) 
     return x
 
 
+def _distinct(x: torch.Tensor) -> torch.Tensor:
+    """A view of ``x`` without its broadcast (stride-0) axes: the same values, each held once."""
+    for d in range(x.ndim):
+        if x.stride(d) == 0 and x.shape[d] > 1:
+            x = x.narrow(d, 0, 1)
+    return x
+
+
 def check_finite(x: torch.Tensor, name: str, mask: torch.Tensor | None = None) -> None:
     """Raise if ``x`` holds NaN or Inf (optionally only where ``mask`` is True)."""
     if not x.is_floating_point():
         return
     if mask is None:
-        lo, hi = torch.aminmax(x.detach())  # a reduction: no full-size temporary (NaN propagates)
+        lo, hi = torch.aminmax(_distinct(x.detach()))  # a reduction: no full-size temporary (NaN propagates)
         if math.isfinite(float(lo)) and math.isfinite(float(hi)):
             return
     bad = ~torch.isfinite(x)
@@ -176,9 +184,9 @@ def check_lr_size(lr_size: object, out_size: tuple[int, int], name: str = "lr_si
 
 
 def _check_magnitude(g: torch.Tensor, name: str) -> None:
-    lo, hi = (float(v) for v in torch.aminmax(g.detach()))
+    lo, hi = (float(v) for v in torch.aminmax(_distinct(g.detach())))
     if not (math.isfinite(lo) and math.isfinite(hi)):
-        check_finite(g, name)
+        check_finite(_distinct(g), name)
     big = max(abs(lo), abs(hi))
     if big > MAX_GUIDE_ABS:
         raise ValueError(

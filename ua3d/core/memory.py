@@ -112,8 +112,11 @@ def check_window(radius: float, lr_size: tuple[int, int], batch: int = 1, name: 
     Building the window costs ``(2 r + 1)^2`` offsets (24 bytes each); the per-row buffers of the
     engines scale with ``K`` and ``2 r + 1``. A radius beyond the LR grid's diagonal adds no neighbour.
     """
-    if isinstance(radius, bool) or not isinstance(radius, (int, float)) or not (radius >= 0) or not math.isfinite(
-        radius
+    if (
+        isinstance(radius, bool)
+        or not isinstance(radius, (int, float))
+        or not (radius >= 0)
+        or not math.isfinite(radius)
     ):
         raise ValueError(f"{name} must be a finite number >= 0, got {radius!r}")
     h, w = lr_size
@@ -124,7 +127,8 @@ def check_window(radius: float, lr_size: tuple[int, int], batch: int = 1, name: 
         pass  # small: not worth reading /proc/meminfo on every fit step
     elif r > cover:
         check_memory(
-            build, f"a window of {name}={radius:g} LR cells ({(2 * r + 1) ** 2:.3g} offsets)",
+            build,
+            f"a window of {name}={radius:g} LR cells ({(2 * r + 1) ** 2:.3g} offsets)",
             f"the LR grid is {h}x{w}, so {name}={cover} already covers all of it: pass {name} <= {cover}",
         )
     else:

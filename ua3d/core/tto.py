@@ -25,7 +25,7 @@ from .kernel import init_params, resample_guide
 from .memory import check_memory, check_window
 from .ops import BACKENDS, estimate_fit_memory, kernel_fit_loss_grad
 
-__all__ = ["FitConfig", "fit_params"]
+__all__ = ["FitConfig", "check_fit_memory", "fit_params"]
 
 
 @dataclass
@@ -138,6 +138,21 @@ class FitConfig:
         return dataclasses.asdict(self)
 
 
+def check_fit_memory(guide_hr: torch.Tensor, lr_size: tuple[int, int], config: FitConfig, n_groups: int = 1) -> None:
+    """Refuse (before allocating) a fit whose window or memory estimate does not fit; see
+    :func:`ua3d.core.ops.estimate_fit_memory`. Entry points call it before resampling the guide."""
+    B, Cg, H, W = guide_hr.shape
+    h, w = lr_size
+    check_window(config.radius, (h, w), B)
+    need = estimate_fit_memory(
+        B, Cg, (H, W), (h, w), config.radius, n_groups, guide_hr.dtype, contiguous=guide_hr.is_contiguous(),
+        pixel_fraction=config.pixel_fraction, backend=config.backend,
+    )
+    check_memory(need, f"fitting a kernel to a {Cg}-channel guide of {H}x{W} on a {h}x{w} grid",
+                 "use a smaller guide (resize it), a smaller radius, or coarse_to_fine < 1",
+                 device=guide_hr.device)
+
+
 def fit_params(
     guide_hr: torch.Tensor,
     guide_lr: torch.Tensor,
@@ -168,14 +183,7 @@ def fit_params(
     B, Cg, H, W = guide_hr.shape
     h, w = guide_lr.shape[-2:]
     n_groups = 1 if groups is None else len(groups)
-    check_window(config.radius, (h, w), B)
-    need = estimate_fit_memory(
-        B, Cg, (H, W), (h, w), config.radius, n_groups, guide_hr.dtype, contiguous=guide_hr.is_contiguous(),
-        pixel_fraction=config.pixel_fraction, backend=config.backend,
-    )
-    check_memory(need, f"fitting a kernel to a {Cg}-channel guide of {H}x{W} on a {h}x{w} grid",
-                 "use a smaller guide (resize it), a smaller radius, or coarse_to_fine < 1",
-                 device=guide_hr.device)
+    check_fit_memory(guide_hr, (h, w), config, n_groups)
     if init is None:
         sr = config.sigma_range
         if isinstance(sr, (int, float)):
