@@ -29,8 +29,10 @@ next run), so a rerun picks up exactly the items that are not done.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Iterable, Iterator
@@ -281,11 +283,14 @@ def _ray(task: Task, specs: list[dict[str, Any]], workers: int, threads: int, ad
         raise ValueError("engine 'ray' needs Ray: pip install 'ua3d[ray]'") from None
     started = False
     if not ray.is_initialized():
+        handler = signal.getsignal(signal.SIGTERM)
         if address is None:
             ray.init(num_cpus=workers * threads, include_dashboard=False, log_to_driver=False)
         else:
             ray.init(address=address, log_to_driver=False)
         started = True
+        if callable(handler) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, handler)  # Ray's core worker installs its own (it dumps and dies)
     remote = ray.remote(execute_item).options(num_cpus=threads, max_retries=1)
     cpus = int(ray.cluster_resources().get("CPU", workers * threads))
     window = max(2, 2 * max(1, cpus // threads))  # keep every slot busy, without flooding the object store
