@@ -80,7 +80,9 @@ def reference(data, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def ray_local():
-    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'ua3d[ray]'): Ray engine tests skipped")
+    ray = pytest.importorskip(
+        "ray", reason="Ray is not installed (pip install 'ua3d[ray]'): Ray engine tests skipped"
+    )
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
@@ -94,8 +96,13 @@ def test_globs_pair_files_by_their_wildcard_key(tmp_path):
         (tmp_path / "lr").mkdir(exist_ok=True)
         (tmp_path / "lr" / f"{sub}_x.png").write_bytes(b"1")
     (tmp_path / "rgb" / "a" / ".hidden_color.png").write_bytes(b"1")
-    items = discover({"rgb": str(tmp_path / "rgb/*/*_color.png"), "depth": str(tmp_path / "lr/*_*.png"),
-                      "intrinsics": str(tmp_path / "K.json")})
+    items = discover(
+        {
+            "rgb": str(tmp_path / "rgb/*/*_color.png"),
+            "depth": str(tmp_path / "lr/*_*.png"),
+            "intrinsics": str(tmp_path / "K.json"),
+        }
+    )
     assert [it.id for it in items] == ["a/x", "b/x"]
     assert items[0].inputs["depth"] == str(tmp_path / "lr" / "a_x.png")
     assert items[1].inputs["intrinsics"] == str(tmp_path / "K.json")  # no wildcard: shared by every item
@@ -108,11 +115,16 @@ def test_globs_pair_files_by_their_wildcard_key(tmp_path):
 def test_manifest_csv_and_jsonl_resolve_paths_and_options(tmp_path):
     (tmp_path / "m.csv").write_text("id,rgb,depth,steps\na,c/a.png,d/a.png,3\nb,/abs/b.png,d/b.png,\n")
     items = read_manifest(tmp_path / "m.csv", ("rgb", "depth", "gt"))
-    assert items[0] == Item("a", {"rgb": str(tmp_path / "c/a.png"), "depth": str(tmp_path / "d/a.png")},
-                            {"steps": "3"}, f"{tmp_path / 'm.csv'}:2")
+    assert items[0] == Item(
+        "a",
+        {"rgb": str(tmp_path / "c/a.png"), "depth": str(tmp_path / "d/a.png")},
+        {"steps": "3"},
+        f"{tmp_path / 'm.csv'}:2",
+    )
     assert items[1].inputs["rgb"] == "/abs/b.png" and items[1].options == {}  # empty cell: unset
-    (tmp_path / "m.jsonl").write_text('{"rgb": "x.png", "depth": "y.png", "options": {"fill_holes": true}}\n\n'
-                                      '{"id": "x", "rgb": "z.png"}\n')
+    (tmp_path / "m.jsonl").write_text(
+        '{"rgb": "x.png", "depth": "y.png", "options": {"fill_holes": true}}\n\n{"id": "x", "rgb": "z.png"}\n'
+    )
     with pytest.raises(ValueError, match=r"m.jsonl:3: duplicate item id 'x'"):
         read_manifest(tmp_path / "m.jsonl", ("rgb", "depth"))
     (tmp_path / "bad.jsonl").write_text("[1, 2]\n")
@@ -131,7 +143,9 @@ def test_rerun_skips_done_items_and_force_redoes_them(data, reference, tmp_path)
     side = read_sidecar(out / "f00.json")
     pred, gt = read_depth(out / "f00.png"), read_depth(data / "f00_gt.png")
     rmse = float(np.sqrt(np.mean((pred - gt) ** 2)))  # from the written 16-bit file: within its 1 mm steps
-    assert side["metrics"]["rmse"] == pytest.approx(rmse, abs=1e-3) and side["inputs"]["gt"]["path"].endswith("f00_gt.png")
+    assert side["metrics"]["rmse"] == pytest.approx(rmse, abs=1e-3) and side["inputs"]["gt"]["path"].endswith(
+        "f00_gt.png"
+    )
     assert set(side["timings"]) == {"compute_s", "task_s", "total_s"} and side["versions"]["ua3d"]
 
 
@@ -147,7 +161,10 @@ def test_config_change_invalidates_the_sidecar(data, reference, tmp_path):
     after = read_sidecar(out / "f00.json")
     assert after["config_hash"] != before and after["options"]["steps"] == 3
     # dropping the ground truth changes the inputs, hence the hash, too
-    assert sorted(run("depth-sr", _globs(data), out=out, workers=0, options={"steps": 3}, dry_run=True).planned) == IDS
+    assert (
+        sorted(run("depth-sr", _globs(data), out=out, workers=0, options={"steps": 3}, dry_run=True).planned)
+        == IDS
+    )
 
 
 def test_half_written_outputs_are_never_taken_as_done(data, reference, tmp_path):
@@ -168,7 +185,9 @@ def test_half_written_outputs_are_never_taken_as_done(data, reference, tmp_path)
 @pytest.mark.parametrize("engine", ["local", "ray"])
 def test_sigterm_mid_run_then_rerun_does_each_item_once(engine, tmp_path, request):
     if engine == "ray":
-        request.getfixturevalue("ray_local")  # the rerun uses the module's Ray instance; the killed run its own
+        request.getfixturevalue(
+            "ray_local"
+        )  # the rerun uses the module's Ray instance; the killed run its own
     n = 16
     data = _make_dataset(tmp_path / "data", n, h=96, w=128)  # bigger frames: the run lasts a few seconds
     ref = tmp_path / "ref"
@@ -176,9 +195,28 @@ def test_sigterm_mid_run_then_rerun_does_each_item_once(engine, tmp_path, reques
     ids = sorted(s.done)
     assert len(ids) == n
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "ua3d.cli", "batch", "depth-sr", "--rgb", str(data / "*_color.png"), "--depth",
-           str(data / "*_depth.png"), "--out", str(out), "--workers", "1", "--threads", "1", "--steps", "2",
-           "--engine", engine, "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ua3d.cli",
+        "batch",
+        "depth-sr",
+        "--rgb",
+        str(data / "*_color.png"),
+        "--depth",
+        str(data / "*_depth.png"),
+        "--out",
+        str(out),
+        "--workers",
+        "1",
+        "--threads",
+        "1",
+        "--steps",
+        "2",
+        "--engine",
+        engine,
+        "--quiet",
+    ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 120
@@ -211,15 +249,35 @@ def test_corrupted_and_mismatched_frames_fail_alone(data, reference, tmp_path, c
     out = tmp_path / "out"
     (out / "f02.png").parent.mkdir(parents=True)
     (out / "f02.png").write_bytes(b"old result")  # already written: a failure must not touch it
-    rc = main(["batch", "depth-sr", "--rgb", str(bad / "*_color.png"), "--depth", str(bad / "*_depth.png"),
-               "--out", str(out), "--workers", "2", "--steps", "2", "--quiet"])
+    rc = main(
+        [
+            "batch",
+            "depth-sr",
+            "--rgb",
+            str(bad / "*_color.png"),
+            "--depth",
+            str(bad / "*_depth.png"),
+            "--out",
+            str(out),
+            "--workers",
+            "2",
+            "--steps",
+            "2",
+            "--quiet",
+        ]
+    )
     assert rc == 1
     err = capsys.readouterr().err
     summary = json.loads((out / "_batch_summary.json").read_text())
     failed = {f["id"]: f for f in summary["failed"]}
     assert sorted(failed) == ["f02", "f04", "f05"] and sorted(summary["done"]) == ["f00", "f01", "f03"]
-    assert failed["f02"]["path"] == str(bad / "f02_color.png") and "could not read colour image" in failed["f02"]["error"]
-    assert failed["f04"]["path"].endswith("f04_color.png") and "smaller than depth_lr" in failed["f04"]["error"]
+    assert (
+        failed["f02"]["path"] == str(bad / "f02_color.png")
+        and "could not read colour image" in failed["f02"]["error"]
+    )
+    assert (
+        failed["f04"]["path"].endswith("f04_color.png") and "smaller than depth_lr" in failed["f04"]["error"]
+    )
     assert "no depth input" in failed["f05"]["error"]
     assert f"FAILED f02: {bad / 'f02_color.png'}" in err
     assert (out / "f02.png").read_bytes() == b"old result" and not (out / "f02.json").exists()
@@ -227,44 +285,68 @@ def test_corrupted_and_mismatched_frames_fail_alone(data, reference, tmp_path, c
 
 
 def test_bad_per_item_option_fails_that_item_only(data, tmp_path):
-    rows = [{"id": "a", "rgb": str(data / "f00_color.png"), "depth": str(data / "f00_depth.png"), "steps": "two"},
-            {"id": "b", "rgb": str(data / "f01_color.png"), "depth": str(data / "f01_depth.png"), "colour": 1},
-            {"id": "c", "rgb": str(data / "f02_color.png"), "depth": str(data / "f02_depth.png"), "steps": 1}]
+    rows = [
+        {"id": "a", "rgb": str(data / "f00_color.png"), "depth": str(data / "f00_depth.png"), "steps": "two"},
+        {"id": "b", "rgb": str(data / "f01_color.png"), "depth": str(data / "f01_depth.png"), "colour": 1},
+        {"id": "c", "rgb": str(data / "f02_color.png"), "depth": str(data / "f02_depth.png"), "steps": 1},
+    ]
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     s = run("depth-sr", tmp_path / "m.jsonl", out=tmp_path / "out", workers=0)
     assert s.done == ["c"] and not s.ok
     errors = {f["id"]: f["error"] for f in s.failed}
-    assert errors == {"a": "option 'steps' must be int, got 'two'",
-                      "b": "unknown option 'colour' for task 'depth-sr'; known: depth_scale, fill_holes, steps, "
-                           "preset, scale, seed, device"}
+    assert errors == {
+        "a": "option 'steps' must be int, got 'two'",
+        "b": "unknown option 'colour' for task 'depth-sr'; known: depth_scale, fill_holes, steps, "
+        "preset, scale, seed, device",
+    }
     assert read_sidecar(tmp_path / "out" / "c.json")["options"]["steps"] == 1
 
 
 # ------------------------------------------------------------------------------------------ engines
 def test_local_pool_and_ray_give_identical_outputs(data, reference, tmp_path, ray_local):
     local = run("depth-sr", _globs(data, gt=True), out=tmp_path / "local", workers=2, options=OPTS)
-    ray_run = run("depth-sr", _globs(data, gt=True), out=tmp_path / "ray", engine="ray", workers=2, options=OPTS)
+    ray_run = run(
+        "depth-sr", _globs(data, gt=True), out=tmp_path / "ray", engine="ray", workers=2, options=OPTS
+    )
     assert local.ok and ray_run.ok and sorted(local.done) == sorted(ray_run.done) == IDS
     assert local.threads == ray_run.threads == 1  # 2 workers x 1 thread on a 2-core budget
     assert _bytes(tmp_path / "local", IDS) == _bytes(tmp_path / "ray", IDS) == _bytes(reference, IDS)
     sides = [read_sidecar(tmp_path / e / "f00.json") for e in ("local", "ray")]
-    assert [d["engine"] for d in sides] == ["local", "ray"] and sides[0]["config_hash"] == sides[1]["config_hash"]
+    assert [d["engine"] for d in sides] == ["local", "ray"] and sides[0]["config_hash"] == sides[1][
+        "config_hash"
+    ]
     assert ray_local.is_initialized()  # run() used the test's instance and left it running
-    again = run("depth-sr", _globs(data, gt=True), out=tmp_path / "local", engine="ray", workers=2, options=OPTS)
+    again = run(
+        "depth-sr", _globs(data, gt=True), out=tmp_path / "local", engine="ray", workers=2, options=OPTS
+    )
     assert sorted(again.skipped) == IDS  # same resume rules whichever engine wrote the outputs
 
 
 # ------------------------------------------------------------------------------------------ other tasks
 def test_upsample_and_lift_write_their_outputs(data, tmp_path):
-    s = run("upsample", {"image": str(data / "f0[01]_color.png"), "signal": str(data / "f0[01]_feat.npy")},
-            out=tmp_path / "up", workers=0, options={"steps": 2})
+    s = run(
+        "upsample",
+        {"image": str(data / "f0[01]_color.png"), "signal": str(data / "f0[01]_feat.npy")},
+        out=tmp_path / "up",
+        workers=0,
+        options={"steps": 2},
+    )
     assert s.ok and sorted(s.done) == ["0", "1"]  # the key is what the wildcard matched
     hr = np.load(tmp_path / "up" / "0.npy")
     lr = np.load(data / "f00_feat.npy")
     assert hr.shape == (3, H, W) and hr.min() >= lr.min() - 1e-5 and hr.max() <= lr.max() + 1e-5
-    s = run("lift", {"rgb": str(data / "f0[0]_color.png"), "depth": str(data / "f0[0]_gt.png"),
-                     "features": str(data / "f0[0]_feat.npy")}, shared_inputs={"intrinsics": str(data / "K.json")},
-            out=tmp_path / "lift", workers=0, options={"steps": 2, "bins": 4})
+    s = run(
+        "lift",
+        {
+            "rgb": str(data / "f0[0]_color.png"),
+            "depth": str(data / "f0[0]_gt.png"),
+            "features": str(data / "f0[0]_feat.npy"),
+        },
+        shared_inputs={"intrinsics": str(data / "K.json")},
+        out=tmp_path / "lift",
+        workers=0,
+        options={"steps": 2, "bins": 4},
+    )
     assert s.ok, s.failed
     item = s.done[0]
     with np.load(tmp_path / "lift" / item / "volume.npz") as z:
@@ -276,18 +358,39 @@ def test_fuse_frames_applies_each_frame_pose(data, tmp_path):
     t = np.eye(4)
     t[:3, 3] = [1.0, -2.0, 0.5]
     traj = tmp_path / "traj.log"
-    traj.write_text("".join(f"{i} {i} {i + 1}\n" + "\n".join(" ".join(map(str, r)) for r in (np.eye(4) if i == 0 else t))
-                            + "\n" for i in range(2)))
-    globs = {"rgb": str(data / "f0[0]_color.png"), "depth": str(data / "f0[0]_gt.png"),
-             "features": str(data / "f0[0]_feat.npy"), "intrinsics": str(data / "K.json")}
+    traj.write_text(
+        "".join(
+            f"{i} {i} {i + 1}\n"
+            + "\n".join(" ".join(map(str, r)) for r in (np.eye(4) if i == 0 else t))
+            + "\n"
+            for i in range(2)
+        )
+    )
+    globs = {
+        "rgb": str(data / "f0[0]_color.png"),
+        "depth": str(data / "f0[0]_gt.png"),
+        "features": str(data / "f0[0]_feat.npy"),
+        "intrinsics": str(data / "K.json"),
+    }
     # the same frame twice, as trajectory entries 0 (identity) and 1 (translation t)
-    items = [Item(n, {k: discover(globs)[0].inputs[k] for k in globs}, {"frame": i}) for i, n in enumerate(["a", "b"])]
-    s = run("fuse-frames", items, out=tmp_path / "f", workers=0, shared_inputs={"trajectory": str(traj)},
-            options={"steps": 2})
+    items = [
+        Item(n, {k: discover(globs)[0].inputs[k] for k in globs}, {"frame": i})
+        for i, n in enumerate(["a", "b"])
+    ]
+    s = run(
+        "fuse-frames",
+        items,
+        out=tmp_path / "f",
+        workers=0,
+        shared_inputs={"trajectory": str(traj)},
+        options={"steps": 2},
+    )
     assert s.ok, s.failed
     frames = frame_outputs(tmp_path / "f")
     assert [f["id"] for f in frames] == ["a", "b"] and frames[1]["pose"] == t.tolist()
     a, b = (np.load(f["points"]) for f in frames)
-    assert int(a["world_frame"]) == 1 and a["positions"].shape[0] == (read_depth(data / "f00_gt.png") > 0).sum()
+    assert (
+        int(a["world_frame"]) == 1 and a["positions"].shape[0] == (read_depth(data / "f00_gt.png") > 0).sum()
+    )
     np.testing.assert_allclose(b["positions"], a["positions"] + t[:3, 3], atol=1e-5)
     np.testing.assert_array_equal(a["features"], b["features"])

@@ -62,6 +62,13 @@ def frame_outputs(out: str | Path) -> list[dict[str, Any]]:
         if not pts.is_file():
             continue
         info = d.get("info") or {}
-        frames.append({"id": d["id"], "points": str(pts), "pose": info.get("pose"), "camera": info.get("camera"),
-                       "frame": (d.get("options") or {}).get("frame")})
+        frames.append(
+            {
+                "id": d["id"],
+                "points": str(pts),
+                "pose": info.get("pose"),
+                "camera": info.get("camera"),
+                "frame": (d.get("options") or {}).get("frame"),
+            }
+        )
     return sorted(frames, key=lambda f: f["id"])

@@ -39,36 +39,66 @@ def _add_option(p: argparse.ArgumentParser, o: Option) -> None:
     if o.type is bool:
         p.add_argument(_flag(o.name), action="store_const", const=True, help=o.help + default, **kw)
     else:
-        p.add_argument(_flag(o.name), type=o.type, choices=o.choices, metavar=o.name.upper(), help=o.help + default,
-                       **kw)
+        p.add_argument(
+            _flag(o.name), type=o.type, choices=o.choices, metavar=o.name.upper(), help=o.help + default, **kw
+        )
 
 
 def add_parser(subparsers, parents=()) -> argparse.ArgumentParser:
     """Register ``batch`` under ``subparsers`` (the ``ua3d`` sub-command action); ``parents``: common options."""
     b = subparsers.add_parser(
-        "batch", help="run a task over a folder or a manifest (resumable; local pool or Ray)",
-        description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        "batch",
+        help="run a task over a folder or a manifest (resumable; local pool or Ray)",
+        description=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
     )
     tasks = b.add_subparsers(dest="batch_task", required=True, metavar="TASK")
     for name in sorted(TASKS):
         task = TASKS[name]
-        p = tasks.add_parser(name, parents=list(parents), help=task.help, description=task.help, epilog=EPILOG,
-                             formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = tasks.add_parser(
+            name,
+            parents=list(parents),
+            help=task.help,
+            description=task.help,
+            epilog=EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         src = p.add_argument_group("items (a glob per input kind, or --manifest)")
         for kind in task.input_kinds:
             opt = " (optional)" if kind in task.optional_inputs else ""
-            src.add_argument(_flag(kind), dest=f"in_{kind}", default=None, metavar="GLOB|PATH",
-                             help=task.input_help.get(kind, kind) + opt)
+            src.add_argument(
+                _flag(kind),
+                dest=f"in_{kind}",
+                default=None,
+                metavar="GLOB|PATH",
+                help=task.input_help.get(kind, kind) + opt,
+            )
         src.add_argument("--manifest", default=None, help="CSV or JSON-lines file: one row per item (README)")
         run = p.add_argument_group("run")
-        run.add_argument("--out", required=True, help="output folder (one output + <id>.json sidecar per item)")
-        run.add_argument("--engine", default="local", choices=("local", "ray"), help="default local (process pool)")
-        run.add_argument("--workers", type=int, default=None,
-                         help="items in parallel (default: the usable cores; 0 = in this process, local only)")
-        run.add_argument("--threads", type=int, default=None,
-                         help="torch threads per item (default cores // workers, so workers x threads <= cores)")
-        run.add_argument("--address", default=None,
-                         help="ray: 'auto' or HOST:PORT of a running cluster (default: start a local instance)")
+        run.add_argument(
+            "--out", required=True, help="output folder (one output + <id>.json sidecar per item)"
+        )
+        run.add_argument(
+            "--engine", default="local", choices=("local", "ray"), help="default local (process pool)"
+        )
+        run.add_argument(
+            "--workers",
+            type=int,
+            default=None,
+            help="items in parallel (default: the usable cores; 0 = in this process, local only)",
+        )
+        run.add_argument(
+            "--threads",
+            type=int,
+            default=None,
+            help="torch threads per item (default cores // workers, so workers x threads <= cores)",
+        )
+        run.add_argument(
+            "--address",
+            default=None,
+            help="ray: 'auto' or HOST:PORT of a running cluster (default: start a local instance)",
+        )
         run.add_argument("--force", action="store_true", help="redo items that are already done")
         run.add_argument("--dry-run", action="store_true", help="list what would run, run nothing")
         run.add_argument("--verbose", action="store_true", help="one line per finished item")
@@ -97,15 +127,29 @@ def cmd_batch(args) -> int:
         items, shared = args.manifest, globs
     else:
         if not globs:
-            raise ValueError(f"give the items: a glob per input kind ({', '.join(_flag(k) for k in task.inputs)}) "
-                             f"or --manifest")
+            raise ValueError(
+                f"give the items: a glob per input kind ({', '.join(_flag(k) for k in task.inputs)}) "
+                f"or --manifest"
+            )
         items, shared = globs, {}
     quiet = getattr(args, "quiet", False)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        summary = run(task, items, out=args.out, engine=args.engine, workers=args.workers, threads=args.threads,
-                      address=args.address, options=options, shared_inputs=shared, force=args.force,
-                      dry_run=args.dry_run, progress=not quiet, verbose=args.verbose and not quiet)
+        summary = run(
+            task,
+            items,
+            out=args.out,
+            engine=args.engine,
+            workers=args.workers,
+            threads=args.threads,
+            address=args.address,
+            options=options,
+            shared_inputs=shared,
+            force=args.force,
+            dry_run=args.dry_run,
+            progress=not quiet,
+            verbose=args.verbose and not quiet,
+        )
     finally:
         signal.signal(signal.SIGTERM, previous)
     if args.json:

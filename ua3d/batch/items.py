@@ -143,7 +143,9 @@ def discover(patterns: dict[str, str]) -> list[Item]:
                 continue
             key = _key(m) or Path(path).stem
             if kind in found.setdefault(key, {}):
-                raise ValueError(f"--{kind} {pattern!r}: files {found[key][kind]} and {path} give the same key {key!r}")
+                raise ValueError(
+                    f"--{kind} {pattern!r}: files {found[key][kind]} and {path} give the same key {key!r}"
+                )
             found[key][kind] = path
             hits += 1
         if not hits:
@@ -190,7 +192,12 @@ def read_manifest(path: str | os.PathLike, input_kinds: tuple[str, ...]) -> list
             for i, row in enumerate(reader, start=2):
                 if None in row:
                     raise ValueError(f"manifest {p} line {i}: more cells than header columns")
-                rows.append((f"{p}:{i}", {k.strip(): v.strip() for k, v in row.items() if v is not None and v.strip()}))
+                rows.append(
+                    (
+                        f"{p}:{i}",
+                        {k.strip(): v.strip() for k, v in row.items() if v is not None and v.strip()},
+                    )
+                )
     elif suffix in (".jsonl", ".ndjson", ".json"):
         for i, line in enumerate(p.read_text().splitlines(), start=1):
             if not line.strip() or line.lstrip().startswith("#"):

@@ -82,10 +82,19 @@ class BatchSummary:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "task": self.task, "out": self.out, "engine": self.engine, "workers": self.workers,
-            "threads": self.threads, "done": self.done, "skipped": self.skipped, "failed": self.failed,
-            "planned": self.planned, "wall_s": self.wall_s, "dry_run": self.dry_run,
-            "interrupted": self.interrupted, "results": self.results,
+            "task": self.task,
+            "out": self.out,
+            "engine": self.engine,
+            "workers": self.workers,
+            "threads": self.threads,
+            "done": self.done,
+            "skipped": self.skipped,
+            "failed": self.failed,
+            "planned": self.planned,
+            "wall_s": self.wall_s,
+            "dry_run": self.dry_run,
+            "interrupted": self.interrupted,
+            "results": self.results,
             "counts": {"done": len(self.done), "skipped": len(self.skipped), "failed": len(self.failed)},
         }
 
@@ -163,28 +172,57 @@ def execute_item(task: Task, spec: dict[str, Any]) -> dict[str, Any]:
             t_written = time.perf_counter()
             outputs = {}
             for k, tmp in tmps.items():
-                outputs[k] = {"path": str(finals[k]), "bytes": tmp.stat().st_size, "sha256": store.file_sha256(tmp)}
+                outputs[k] = {
+                    "path": str(finals[k]),
+                    "bytes": tmp.stat().st_size,
+                    "sha256": store.file_sha256(tmp),
+                }
                 os.replace(tmp, finals[k])
         finally:
             for tmp in tmps.values():
                 tmp.unlink(missing_ok=True)
         total = time.perf_counter() - t_start
         record = {
-            "status": "done", "task": task.name, "task_version": task.version, "id": item_id,
-            "config_hash": spec["config_hash"], "options": spec["options"], "inputs": spec["fingerprints"],
-            "outputs": outputs, "metrics": res.get("metrics"), "info": res.get("info"),
+            "status": "done",
+            "task": task.name,
+            "task_version": task.version,
+            "id": item_id,
+            "config_hash": spec["config_hash"],
+            "options": spec["options"],
+            "inputs": spec["fingerprints"],
+            "outputs": outputs,
+            "metrics": res.get("metrics"),
+            "info": res.get("info"),
             "timings": {"compute_s": res.get("compute_s"), "task_s": t_written - t_start, "total_s": total},
-            "versions": store.versions(), "threads": spec["threads"], "engine": spec["engine"],
-            "host": socket.gethostname(), "pid": os.getpid(), "started_at": wall_start, "finished_at": time.time(),
+            "versions": store.versions(),
+            "threads": spec["threads"],
+            "engine": spec["engine"],
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started_at": wall_start,
+            "finished_at": time.time(),
         }
         store.write_json_atomic(spec["sidecar"], record)
-        return {"id": item_id, "status": "done", "seconds": time.perf_counter() - t_start,
-                "compute_s": res.get("compute_s"), "metrics": res.get("metrics"), "pid": os.getpid(),
-                "finished_at": time.time()}
+        return {
+            "id": item_id,
+            "status": "done",
+            "seconds": time.perf_counter() - t_start,
+            "compute_s": res.get("compute_s"),
+            "metrics": res.get("metrics"),
+            "pid": os.getpid(),
+            "finished_at": time.time(),
+        }
     except Exception as e:  # noqa: BLE001 - one bad item must not stop the run: its error is the result
-        return {"id": item_id, "status": "failed", "path": _error_path(e, inputs),
-                "error": f"{type(e).__name__}: {e}".splitlines()[0], "seconds": time.perf_counter() - t_start,
-                "traceback": traceback.format_exc(limit=6), "pid": os.getpid(), "finished_at": time.time()}
+        return {
+            "id": item_id,
+            "status": "failed",
+            "path": _error_path(e, inputs),
+            "error": f"{type(e).__name__}: {e}".splitlines()[0],
+            "seconds": time.perf_counter() - t_start,
+            "traceback": traceback.format_exc(limit=6),
+            "pid": os.getpid(),
+            "finished_at": time.time(),
+        }
 
 
 # ---------------------------------------------------------------------------------------------- planning
@@ -204,16 +242,29 @@ def _as_items(task: Task, items: Any) -> list[Item]:
     return items
 
 
-def plan(task: Task, items: list[Item], out: Path, options: dict[str, Any], shared_inputs: dict[str, str],
-         force: bool, threads: int, engine: str) -> tuple[list[dict[str, Any]], list[str], list[dict[str, str]]]:
+def plan(
+    task: Task,
+    items: list[Item],
+    out: Path,
+    options: dict[str, Any],
+    shared_inputs: dict[str, str],
+    force: bool,
+    threads: int,
+    engine: str,
+) -> tuple[list[dict[str, Any]], list[str], list[dict[str, str]]]:
     """Split items into (specs to run, ids already done, failures found before running)."""
     todo, skipped, failed = [], [], []
     for it in items:
-        inputs = {**{k: v for k, v in shared_inputs.items() if v}, **{k: v for k, v in it.inputs.items() if v}}
+        inputs = {
+            **{k: v for k, v in shared_inputs.items() if v},
+            **{k: v for k, v in it.inputs.items() if v},
+        }
         try:
             unknown = sorted(set(inputs) - set(task.input_kinds))
             if unknown:
-                raise ValueError(f"unknown input kind(s) {unknown} for task {task.name!r}; known: {task.input_kinds}")
+                raise ValueError(
+                    f"unknown input kind(s) {unknown} for task {task.name!r}; known: {task.input_kinds}"
+                )
             missing = [k for k in task.inputs if k not in inputs]
             if missing:
                 raise ValueError(f"no {' / '.join(missing)} input for this item ({it.source or 'item'})")
@@ -232,11 +283,19 @@ def plan(task: Task, items: list[Item], out: Path, options: dict[str, Any], shar
         if not force and store.is_done(sidecar, chash, {k: str(p) for k, p in outputs.items()}):
             skipped.append(it.id)
             continue
-        todo.append({
-            "id": it.id, "inputs": {k: str(Path(p).resolve()) for k, p in inputs.items()}, "options": opts,
-            "fingerprints": prints, "outputs": {k: str(p.resolve()) for k, p in outputs.items()},
-            "sidecar": str(sidecar.resolve()), "config_hash": chash, "threads": threads, "engine": engine,
-        })
+        todo.append(
+            {
+                "id": it.id,
+                "inputs": {k: str(Path(p).resolve()) for k, p in inputs.items()},
+                "options": opts,
+                "fingerprints": prints,
+                "outputs": {k: str(p.resolve()) for k, p in outputs.items()},
+                "sidecar": str(sidecar.resolve()),
+                "config_hash": chash,
+                "threads": threads,
+                "engine": engine,
+            }
+        )
     return todo, skipped, failed
 
 
@@ -246,8 +305,12 @@ def _local(task: Task, specs: list[dict[str, Any]], workers: int, threads: int) 
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
 
-    ex = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                             initializer=_init_local_worker, initargs=(threads,))
+    ex = ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=mp.get_context("spawn"),
+        initializer=_init_local_worker,
+        initargs=(threads,),
+    )
     futures = {ex.submit(execute_item, task, s): s for s in specs}
     clean = False
     try:
@@ -259,8 +322,13 @@ def _local(task: Task, specs: list[dict[str, Any]], workers: int, threads: int) 
                     yield f.result()
                 except BrokenProcessPool as e:
                     s = futures[f]
-                    yield {"id": s["id"], "status": "failed", "path": next(iter(s["inputs"].values()), ""),
-                           "error": f"worker process died ({type(e).__name__}); rerun to retry", "seconds": 0.0}
+                    yield {
+                        "id": s["id"],
+                        "status": "failed",
+                        "path": next(iter(s["inputs"].values()), ""),
+                        "error": f"worker process died ({type(e).__name__}); rerun to retry",
+                        "seconds": 0.0,
+                    }
         clean = True
     finally:
         if clean:
@@ -275,8 +343,9 @@ def _local(task: Task, specs: list[dict[str, Any]], workers: int, threads: int) 
                 p.join(timeout=5)
 
 
-def _ray(task: Task, specs: list[dict[str, Any]], workers: int, threads: int, address: str | None
-         ) -> Iterator[dict[str, Any]]:
+def _ray(
+    task: Task, specs: list[dict[str, Any]], workers: int, threads: int, address: str | None
+) -> Iterator[dict[str, Any]]:
     try:
         import ray
     except ImportError:
@@ -311,8 +380,13 @@ def _ray(task: Task, specs: list[dict[str, Any]], workers: int, threads: int, ad
                 try:
                     yield ray.get(ref)
                 except Exception as e:  # noqa: BLE001 - a worker that died: the item failed, the run goes on
-                    yield {"id": s["id"], "status": "failed", "path": next(iter(s["inputs"].values()), ""),
-                           "error": f"Ray task failed: {type(e).__name__}: {str(e).splitlines()[0]}", "seconds": 0.0}
+                    yield {
+                        "id": s["id"],
+                        "status": "failed",
+                        "path": next(iter(s["inputs"].values()), ""),
+                        "error": f"Ray task failed: {type(e).__name__}: {str(e).splitlines()[0]}",
+                        "seconds": 0.0,
+                    }
         clean = True
     finally:
         if not clean:
@@ -395,8 +469,9 @@ def run(
     if t.prepare is not None:
         item_list = t.prepare(item_list)
     summary = BatchSummary(t.name, str(out), engine, workers, threads, dry_run=dry_run)
-    specs, summary.skipped, summary.failed = plan(t, item_list, out, dict(options or {}), dict(shared_inputs or {}),
-                                                  force, threads, engine)
+    specs, summary.skipped, summary.failed = plan(
+        t, item_list, out, dict(options or {}), dict(shared_inputs or {}), force, threads, engine
+    )
     summary.planned = [s["id"] for s in specs]
     for f in summary.failed:
         summary.results[f["id"]] = {"status": "failed", **f}
@@ -424,11 +499,15 @@ def run(
                 summary.done.append(res["id"])
                 times.append(res["seconds"])
             else:
-                summary.failed.append({"id": res["id"], "path": res.get("path", ""), "error": res.get("error", "")})
+                summary.failed.append(
+                    {"id": res["id"], "path": res.get("path", ""), "error": res.get("error", "")}
+                )
                 bar.write(f"FAILED {res['id']}: {res.get('path', '')}: {res.get('error', '')}", file=log)
             if verbose:
                 bar.write(f"{res['status']:6s} {res['id']}  {res['seconds']:.2f} s", file=log)
-            bar.set_postfix_str(f"last {res['seconds']:.2f}s mean {sum(times) / max(1, len(times)):.2f}s/item")
+            bar.set_postfix_str(
+                f"last {res['seconds']:.2f}s mean {sum(times) / max(1, len(times)):.2f}s/item"
+            )
             bar.update(1)
     except (KeyboardInterrupt, SystemExit):
         summary.interrupted = True

@@ -61,14 +61,15 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON to ``path`` atomically (temp file, fsync, ``os.replace``)."""
+    """Write ``obj`` as indented JSON to ``path`` atomically (temp file, then ``os.replace``).
+
+    No fsync: after a power loss a sidecar may be empty or an output short, and both read as not done
+    (:func:`is_done` checks the sizes), so the item is redone.
+    """
     path = Path(path)
-    with atomic_path(path) as tmp:
-        with open(tmp, "w") as fh:
-            json.dump(obj, fh, indent=1, sort_keys=True, default=str)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+    with atomic_path(path) as tmp, open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=1, sort_keys=True, default=str)
+        fh.write("\n")
     return path
 
 
@@ -96,7 +97,9 @@ def config_hash(task: str, version: int, options: dict[str, Any], inputs: dict[s
     """SHA-256 (hex, first 16 bytes) of the canonical JSON of the task, its version, options and inputs."""
     blob = json.dumps(
         {"task": task, "version": version, "options": options, "inputs": inputs},
-        sort_keys=True, separators=(",", ":"), default=str,
+        sort_keys=True,
+        separators=(",", ":"),
+        default=str,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
@@ -145,7 +148,9 @@ def versions() -> dict[str, str | None]:
     import ua3d
 
     out: dict[str, str | None] = {
-        "ua3d": ua3d.__version__, "python": platform.python_version(), "torch": torch.__version__,
+        "ua3d": ua3d.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
         "numpy": numpy.__version__,
     }
     for mod in ("numba", "cv2"):

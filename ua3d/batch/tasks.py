@@ -201,19 +201,27 @@ def run_depth_sr(inputs: dict[str, str], opts: dict[str, Any], outputs: dict[str
 
     t0 = time.perf_counter()
     d = torch.from_numpy(depth_lr)[None, None].to(dev)
-    out = upsample_depth(d, _guide(rgb, dev), config=cfg, scale=opts["scale"], fill_holes=opts["fill_holes"], **extra)
+    out = upsample_depth(
+        d, _guide(rgb, dev), config=cfg, scale=opts["scale"], fill_holes=opts["fill_holes"], **extra
+    )
     hr = out[0, 0].cpu().numpy()
     compute_s = time.perf_counter() - t0
     write_depth(outputs["depth"], np.nan_to_num(hr, nan=0.0), depth_scale=opts["depth_scale"])
-    info = {"lr_size": list(depth_lr.shape), "hr_size": list(hr.shape), "support": float(np.isfinite(hr).mean())}
+    info = {
+        "lr_size": list(depth_lr.shape),
+        "hr_size": list(hr.shape),
+        "support": float(np.isfinite(hr).mean()),
+    }
     metrics = None
     if inputs.get("gt"):
         from ua3d.depth.metrics import compute_metrics
 
         gt = read_depth(inputs["gt"], depth_scale=opts["depth_scale"])
         if gt.shape != hr.shape:
-            raise ValueError(f"{inputs['gt']}: ground truth {gt.shape[1]}x{gt.shape[0]} does not match the "
-                             f"output {hr.shape[1]}x{hr.shape[0]}")
+            raise ValueError(
+                f"{inputs['gt']}: ground truth {gt.shape[1]}x{gt.shape[0]} does not match the "
+                f"output {hr.shape[1]}x{hr.shape[0]}"
+            )
         metrics = compute_metrics(hr, np.where(gt > 0, gt, np.nan).astype(np.float32))
     return {"metrics": metrics, "info": info, "compute_s": compute_s}
 
@@ -234,8 +242,11 @@ DEPTH_SR = Task(
     outputs={"depth": "{id}.png"},
     fn=run_depth_sr,
     help="RGB + LR depth (16-bit PNG) -> HR depth (16-bit PNG)",
-    input_help={"rgb": "HR colour images", "depth": "LR depth, 16-bit PNG (0 = hole)",
-                "gt": "optional HR ground-truth depth, 16-bit PNG in the same units (adds metrics)"},
+    input_help={
+        "rgb": "HR colour images",
+        "depth": "LR depth, 16-bit PNG (0 = hole)",
+        "gt": "optional HR ground-truth depth, 16-bit PNG in the same units (adds metrics)",
+    },
 )
 
 
@@ -256,14 +267,23 @@ def run_upsample(inputs: dict[str, str], opts: dict[str, Any], outputs: dict[str
     out = k.render(feats.to(dev), out_dtype=torch.float16 if opts["half"] else None)
     compute_s = time.perf_counter() - t0
     save_features(outputs["signal"], out[0].cpu())
-    return {"info": {"lr_shape": list(feats.shape[1:]), "hr_shape": list(out.shape[1:])}, "compute_s": compute_s}
+    return {
+        "info": {"lr_shape": list(feats.shape[1:]), "hr_shape": list(out.shape[1:])},
+        "compute_s": compute_s,
+    }
 
 
 UPSAMPLE = Task(
     name="upsample",
     inputs=("image", "signal"),
-    options=(_STEPS, _RADIUS, _LAYOUT, Option("half", bool, False, "render in float16 (saved as float32)"),
-             _SEED, _DEVICE),
+    options=(
+        _STEPS,
+        _RADIUS,
+        _LAYOUT,
+        Option("half", bool, False, "render in float16 (saved as float32)"),
+        _SEED,
+        _DEVICE,
+    ),
     outputs={"signal": "{id}.npy"},
     fn=run_upsample,
     help="guide image + LR signal (.npy/.pt/.npz) -> HR signal (.npy)",
@@ -285,11 +305,14 @@ def _lifted(inputs: dict[str, str], opts: dict[str, Any], pose=None):
         cam = cam.with_pose(pose)
     feats, _ = load_features(inputs["features"], layout=opts["layout"])
     if depth.shape != rgb.shape[:2]:
-        raise ValueError(f"{inputs['depth']}: depth {depth.shape[1]}x{depth.shape[0]} does not match the colour "
-                         f"image {rgb.shape[1]}x{rgb.shape[0]}")
+        raise ValueError(
+            f"{inputs['depth']}: depth {depth.shape[1]}x{depth.shape[0]} does not match the colour "
+            f"image {rgb.shape[1]}x{rgb.shape[0]}"
+        )
     t0 = time.perf_counter()
-    lifted = fit_rgbd(_guide(rgb, dev), depth, cam, tuple(feats.shape[-2:]), _fit_config(opts),
-                      depth_max=opts["depth_max"])
+    lifted = fit_rgbd(
+        _guide(rgb, dev), depth, cam, tuple(feats.shape[-2:]), _fit_config(opts), depth_max=opts["depth_max"]
+    )
     return lifted, feats.to(dev), t0
 
 
@@ -302,11 +325,14 @@ def run_lift(inputs: dict[str, str], opts: dict[str, Any], outputs: dict[str, Pa
     from ua3d.rgbd.volume import render_volume
 
     lifted, feats, t0 = _lifted(inputs, opts)
-    vol, mass, bins = render_volume(lifted, feats, bins=opts["bins"],
-                                    out_dtype=torch.float16 if opts["half"] else None)
+    vol, mass, bins = render_volume(
+        lifted, feats, bins=opts["bins"], out_dtype=torch.float16 if opts["half"] else None
+    )
     pc = render_points(lifted, feats)
     compute_s = time.perf_counter() - t0
-    save_volume(outputs["volume"], vol.float().cpu().numpy(), mass.cpu().numpy(), bins.cpu().numpy(), lifted.camera)
+    save_volume(
+        outputs["volume"], vol.float().cpu().numpy(), mass.cpu().numpy(), bins.cpu().numpy(), lifted.camera
+    )
     pc.save(outputs["points"])
     return {"info": {"volume_shape": list(vol.shape), "points": len(pc)}, "compute_s": compute_s}
 
@@ -324,13 +350,20 @@ _LIFT_OPTIONS = (
 LIFT = Task(
     name="lift",
     inputs=("rgb", "depth", "intrinsics", "features"),
-    options=(*_LIFT_OPTIONS, Option("bins", int, 32, "depth bins of the volume"),
-             Option("half", bool, False, "float16 volume render")),
+    options=(
+        *_LIFT_OPTIONS,
+        Option("bins", int, 32, "depth bins of the volume"),
+        Option("half", bool, False, "float16 volume render"),
+    ),
     outputs={"volume": "{id}/volume.npz", "points": "{id}/points.npz"},
     fn=run_lift,
     help="RGB-D + intrinsics + LR features -> feature volume and point cloud",
-    input_help={"rgb": "colour images", "depth": "depth, 16-bit PNG", "intrinsics": "Open3D intrinsics JSON "
-                "(one file for all, or a glob)", "features": "LR feature files (.npy/.pt/.npz)"},
+    input_help={
+        "rgb": "colour images",
+        "depth": "depth, 16-bit PNG",
+        "intrinsics": "Open3D intrinsics JSON (one file for all, or a glob)",
+        "features": "LR feature files (.npy/.pt/.npz)",
+    },
 )
 
 
@@ -361,7 +394,9 @@ def frame_pose(inputs: dict[str, str], opts: dict[str, Any]):
         poses = read_trajectory_log(inputs["trajectory"])
         i = opts["frame"]
         if i is None or not 0 <= i < len(poses):
-            raise ValueError(f"frame index {i} is outside the trajectory {inputs['trajectory']} ({len(poses)} poses)")
+            raise ValueError(
+                f"frame index {i} is outside the trajectory {inputs['trajectory']} ({len(poses)} poses)"
+            )
         return poses[i]
     raise ValueError("no pose: give a per-frame --pose file or a --trajectory (Redwood .log)")
 
@@ -391,8 +426,12 @@ def run_fuse_frames(inputs: dict[str, str], opts: dict[str, Any], outputs: dict[
     compute_s = time.perf_counter() - t0
     pc.save(outputs["points"])
     return {
-        "info": {"points": len(pc), "pose": lifted.camera.camera_to_world.tolist(),
-                 "camera": lifted.camera.to_dict(), "channels": int(pc.features.shape[1])},
+        "info": {
+            "points": len(pc),
+            "pose": lifted.camera.camera_to_world.tolist(),
+            "camera": lifted.camera.to_dict(),
+            "channels": int(pc.features.shape[1]),
+        },
         "compute_s": compute_s,
     }
 
@@ -401,15 +440,23 @@ FUSE_FRAMES = Task(
     name="fuse-frames",
     inputs=("rgb", "depth", "intrinsics", "features"),
     optional_inputs=("pose", "trajectory"),
-    options=(*_LIFT_OPTIONS, Option("colors", str, "rgb", "point colours", ("rgb", "pca")),
-             Option("frame", int, None, "entry of --trajectory (default: the item's position in id order)")),
+    options=(
+        *_LIFT_OPTIONS,
+        Option("colors", str, "rgb", "point colours", ("rgb", "pca")),
+        Option("frame", int, None, "entry of --trajectory (default: the item's position in id order)"),
+    ),
     outputs={"points": "{id}.npz"},
     fn=run_fuse_frames,
     help="per-frame world-space feature point clouds (pose applied) for a later fusion step",
     prepare=_index_frames,
-    input_help={"rgb": "colour images", "depth": "depth, 16-bit PNG", "intrinsics": "Open3D intrinsics JSON",
-                "features": "LR feature files", "pose": "per-frame 4x4 camera-to-world (.npy or text)",
-                "trajectory": "one Redwood .log for all frames (entry = frame index)"},
+    input_help={
+        "rgb": "colour images",
+        "depth": "depth, 16-bit PNG",
+        "intrinsics": "Open3D intrinsics JSON",
+        "features": "LR feature files",
+        "pose": "per-frame 4x4 camera-to-world (.npy or text)",
+        "trajectory": "one Redwood .log for all frames (entry = frame index)",
+    },
 )
 
 for _t in (DEPTH_SR, UPSAMPLE, LIFT, FUSE_FRAMES):
