@@ -146,7 +146,7 @@ def test_rerun_skips_done_items_and_force_redoes_them(data, reference, tmp_path)
     assert side["metrics"]["rmse"] == pytest.approx(rmse, abs=1e-3) and side["inputs"]["gt"]["path"].endswith(
         "f00_gt.png"
     )
-    assert set(side["timings"]) == {"compute_s", "task_s", "total_s"} and side["versions"]["ua3d"]
+    assert set(side["timings"]) == {"compute_s", "task_s", "total_s", "cpu_s"} and side["versions"]["ua3d"]
 
 
 def test_config_change_invalidates_the_sidecar(data, reference, tmp_path):

@@ -65,7 +65,7 @@ class BatchSummary:
     task: str
     out: str
     engine: str
-    workers: int
+    workers: int | None
     threads: int
     done: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
@@ -104,7 +104,7 @@ class BatchSummary:
             return f"dry run: {len(self.planned)} to run, {len(self.skipped)} already done, {len(self.failed)} invalid"
         lines = [
             f"{self.task}: {len(self.done)} done, {len(self.skipped)} skipped (already done), "
-            f"{len(self.failed)} failed in {self.wall_s:.1f} s ({self.engine}, {self.workers} worker(s) x "
+            f"{len(self.failed)} failed in {self.wall_s:.1f} s ({self.engine}, {self.workers or 'cluster'} worker(s) x "
             f"{self.threads} thread(s))" + (" -- interrupted" if self.interrupted else "")
         ]
         lines += [f"  FAILED {f['id']}: {f['path']}: {f['error']}" for f in self.failed]
@@ -153,6 +153,7 @@ def execute_item(task: Task, spec: dict[str, Any]) -> dict[str, Any]:
     ``sidecar``, ``config_hash``, ``threads`` and ``engine``.
     """
     t_start = time.perf_counter()
+    cpu_start = time.process_time()
     wall_start = time.time()
     item_id, inputs = spec["id"], spec["inputs"]
     try:
@@ -193,7 +194,12 @@ def execute_item(task: Task, spec: dict[str, Any]) -> dict[str, Any]:
             "outputs": outputs,
             "metrics": res.get("metrics"),
             "info": res.get("info"),
-            "timings": {"compute_s": res.get("compute_s"), "task_s": t_written - t_start, "total_s": total},
+            "timings": {
+                "compute_s": res.get("compute_s"),
+                "task_s": t_written - t_start,
+                "total_s": total,
+                "cpu_s": time.process_time() - cpu_start,  # all threads of this process
+            },
             "versions": store.versions(),
             "threads": spec["threads"],
             "engine": spec["engine"],
@@ -344,7 +350,7 @@ def _local(task: Task, specs: list[dict[str, Any]], workers: int, threads: int) 
 
 
 def _ray(
-    task: Task, specs: list[dict[str, Any]], workers: int, threads: int, address: str | None
+    task: Task, specs: list[dict[str, Any]], workers: int | None, threads: int, address: str | None
 ) -> Iterator[dict[str, Any]]:
     try:
         import ray
@@ -354,17 +360,17 @@ def _ray(
     if not ray.is_initialized():
         handler = signal.getsignal(signal.SIGTERM)
         if address is None:
-            ray.init(num_cpus=workers * threads, include_dashboard=False, log_to_driver=False)
+            ray.init(num_cpus=(workers or 1) * threads, include_dashboard=False, log_to_driver=False)
         else:
             ray.init(address=address, log_to_driver=False)
         started = True
         if callable(handler) and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, handler)  # Ray's core worker installs its own (it dumps and dies)
     remote = ray.remote(execute_item).options(num_cpus=threads, max_retries=1)
-    cpus = int(ray.cluster_resources().get("CPU", workers * threads))
-    window = max(2, 2 * max(1, cpus // threads))  # keep every slot busy, without flooding the object store
-    if address is not None and workers:
-        window = max(2, 2 * workers)
+    slots = max(1, int(ray.cluster_resources().get("CPU", threads)) // threads)
+    # Up to two tasks per slot in flight keeps every slot busy without flooding the object store; asked for
+    # fewer workers than the cluster has slots, exactly ``workers`` tasks are in flight at any time.
+    window = workers if workers is not None and workers < slots else 2 * slots
     task_ref = ray.put(task)
     queue = list(specs)
     pending: dict[Any, dict[str, Any]] = {}
@@ -428,7 +434,8 @@ def run(
     items : a list of :class:`Item`, a manifest path (CSV / JSON lines) or ``{input kind: glob}``.
     out : output folder (created).
     engine : ``"local"`` (process pool) or ``"ray"``.
-    workers : parallel items (default: the usable cores). ``0`` runs the items in this process, one by one.
+    workers : parallel items (default: the usable cores; on a Ray cluster: as many as its CPUs allow).
+        ``0`` runs the items in this process, one by one (local only).
     threads : torch threads per item (default ``max(1, cores // workers)``; 1 when joining a Ray cluster).
     address : Ray only: ``None`` (start a local instance), ``"auto"`` or ``"HOST:PORT"``.
     options : run-wide task options (``{"steps": 3}``); per-item options override them.
@@ -452,14 +459,15 @@ def run(
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     cores = available_cores()
-    if workers is None:
+    on_cluster = engine == "ray" and address is not None
+    if workers is None and not on_cluster:
         workers = cores
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
         raise ValueError(f"workers must be an integer >= 0, got {workers!r}")
     if engine == "ray" and workers == 0:
         raise ValueError("workers=0 (in-process) applies to engine 'local' only")
     if threads is None:
-        threads = 1 if (engine == "ray" and address is not None) else max(1, cores // max(1, workers))
+        threads = 1 if on_cluster else max(1, cores // max(1, workers or 1))
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
     if address is not None and engine != "ray":
