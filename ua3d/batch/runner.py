@@ -13,7 +13,8 @@ Flow of :func:`run`
 3. **Engines** (no scheduler of our own: the engine schedules):
    * ``local``: :class:`concurrent.futures.ProcessPoolExecutor` (``spawn``) with ``workers``
      processes of ``threads`` torch threads each (default ``threads = cores // workers``, so
-     ``workers x threads <= cores``); results are taken as they complete.
+     ``workers x threads <= cores``); results are taken as they complete. As with any ``spawn`` pool,
+     a script calling :func:`run` needs the ``if __name__ == "__main__":`` guard.
    * ``ray``: the same function as a Ray remote task with ``num_cpus = threads``; results are
      streamed back with ``ray.wait`` as they finish. ``address=None`` starts a local instance with
      ``workers x threads`` CPUs; ``"auto"`` or ``"HOST:PORT"`` joins a running cluster (where the
