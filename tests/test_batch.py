@@ -17,7 +17,7 @@ import pytest
 from ua3d.batch import Item, discover, frame_outputs, read_manifest, run
 from ua3d.batch.store import TMP_MARK, is_done, read_sidecar
 from ua3d.cli import main
-from ua3d.io.rgbd import read_depth, write_color, write_depth, write_intrinsics
+from ua3d.io.rgbd import read_depth, write_color, write_depth, write_intrinsics, write_trajectory_log
 from ua3d.rgbd.camera import PinholeCamera
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -394,3 +394,36 @@ def test_fuse_frames_applies_each_frame_pose(data, tmp_path):
     )
     np.testing.assert_allclose(b["positions"], a["positions"] + t[:3, 3], atol=1e-5)
     np.testing.assert_array_equal(a["features"], b["features"])
+
+
+def count_points(inputs, opts, outputs):
+    """A reduction task over one sequence's fuse-frames folder (how a real fuse task plugs in)."""
+    frames = frame_outputs(inputs["frames"])
+    n = sum(int(np.load(f["points"])["positions"].shape[0]) for f in frames)
+    Path(outputs["total"]).write_text(f"{len(frames)} {n}\n")
+    return {"metrics": {"frames": len(frames), "points": n}}
+
+
+def test_a_registered_task_consumes_a_folder_of_frames(data, tmp_path):
+    from ua3d.batch import Option, Task, register_task
+
+    task = register_task(
+        Task("count-points", ("frames",), (Option("seed", int, 0),), {"total": "{id}.txt"}, count_points),
+        replace=True,
+    )
+    frames = tmp_path / "frames"
+    globs = {
+        "rgb": str(data / "f0[01]_color.png"),
+        "depth": str(data / "f0[01]_gt.png"),
+        "features": str(data / "f0[01]_feat.npy"),
+        "intrinsics": str(data / "K.json"),
+    }
+    write_trajectory_log(tmp_path / "traj.log", np.stack([np.eye(4)] * 2))
+    shared = {"trajectory": str(tmp_path / "traj.log")}
+    assert run("fuse-frames", globs, out=frames, workers=0, options={"steps": 1}, shared_inputs=shared).ok
+    seq = [Item("seq", {"frames": str(frames)})]
+    s = run(task, seq, out=tmp_path / "fused", workers=0)
+    assert s.ok and (tmp_path / "fused" / "seq.txt").read_text() == f"2 {2 * H * W}\n"
+    assert run(task, seq, out=tmp_path / "fused", workers=0).skipped == ["seq"]
+    (frames / "0.npz").unlink()  # a frame went missing from the folder: the fused item is stale
+    assert run(task, seq, out=tmp_path / "fused", workers=0).done == ["seq"]

@@ -278,7 +278,7 @@ def plan(
             opts = task.resolve_options(options, it.options)
             prints = {}
             for k, p in inputs.items():
-                if not Path(p).is_file():
+                if not Path(p).exists():
                     raise FileNotFoundError(f"{k} file not found: {p}")
                 prints[k] = store.input_fingerprint(p)
         except (ValueError, FileNotFoundError) as e:

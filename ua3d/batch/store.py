@@ -87,8 +87,21 @@ def remove_stale_temps(folder: str | os.PathLike) -> int:
 
 
 def input_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
-    """``{"path", "size", "mtime_ns"}`` of an input file (absolute path)."""
+    """``{"path", "size", "mtime_ns"}`` of an input file (absolute path).
+
+    A folder input (e.g. the per-frame outputs a fusion item consumes) gets ``files`` (count), the total
+    ``size`` and the newest ``mtime_ns`` of the files below it (hidden files ignored).
+    """
     p = Path(path).resolve()
+    if p.is_dir():
+        files = [f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")]
+        stats = [f.stat() for f in files]
+        return {
+            "path": str(p),
+            "files": len(files),
+            "size": sum(st.st_size for st in stats),
+            "mtime_ns": max((st.st_mtime_ns for st in stats), default=0),
+        }
     st = p.stat()
     return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 

@@ -7,9 +7,11 @@ each output to the path it is given -- a temporary path: the runner moves it int
 (:mod:`ua3d.batch.store`), so a task never has to care about atomicity or resuming.
 
 Built-in tasks: ``depth-sr``, ``upsample``, ``lift`` and ``fuse-frames`` (per-frame world-space
-feature point clouds for a later fusion step). New tasks (e.g. a fusion that consumes the
-``fuse-frames`` outputs) are added with :func:`register_task`; they must be importable module-level
-functions so that worker processes (local pool or Ray) can unpickle them.
+feature point clouds for a later fusion step). New tasks are added with :func:`register_task`; their
+functions must be importable module-level functions so that worker processes (local pool or Ray) can
+unpickle them. A fusion task fits the same mould with one item per *sequence*: an input kind whose path
+is the ``fuse-frames`` output folder of that sequence (a folder input is fingerprinted by its files, so
+new frames invalidate the fused result), read with :func:`ua3d.batch.frame_outputs`.
 """
 
 from __future__ import annotations
@@ -406,7 +408,7 @@ def _index_frames(items: list[Item]) -> list[Item]:
     out = []
     for i, it in enumerate(sorted(items, key=lambda x: x.id)):
         opts = dict(it.options)
-        if "trajectory" in it.inputs and "pose" not in it.inputs:
+        if "pose" not in it.inputs:  # the trajectory may also come as a shared input of the run
             opts.setdefault("frame", i)
         out.append(Item(it.id, dict(it.inputs), opts, it.source))
     return out
