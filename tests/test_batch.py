@@ -427,3 +427,34 @@ def test_a_registered_task_consumes_a_folder_of_frames(data, tmp_path):
     assert run(task, seq, out=tmp_path / "fused", workers=0).skipped == ["seq"]
     (frames / "0.npz").unlink()  # a frame went missing from the folder: the fused item is stale
     assert run(task, seq, out=tmp_path / "fused", workers=0).done == ["seq"]
+
+
+def test_cli_dry_run_lists_items_and_writes_nothing(data, reference, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    (out / "f03.json").unlink()
+    before = sorted(p.name for p in out.iterdir())
+    rc = main(
+        [
+            "batch",
+            "depth-sr",
+            "--rgb",
+            str(data / "*_color.png"),
+            "--depth",
+            str(data / "*_depth.png"),
+            "--gt",
+            str(data / "*_gt.png"),
+            "--out",
+            str(out),
+            "--steps",
+            "2",
+            "--dry-run",
+            "--quiet",
+        ]
+    )
+    assert rc == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "run   f03" in lines and "skip  f00 (done)" in lines and len(lines) == N_ITEMS
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert main(["batch", "depth-sr", "--out", str(out), "--quiet"]) == 2  # no items given: one-line error
+    assert "ua3d: error: give the items" in capsys.readouterr().err
