@@ -143,12 +143,12 @@ def test_comparison_figures(tmp_path: Path) -> None:
     assert (tmp_path / "cmp.png").is_file() and out.ndim == 3 and out.std() > 10
     no_gt = comparison_figure(guide, lr, bil, bil)
     assert no_gt.shape[1] < out.shape[1]  # fewer panels
-    with pytest.raises(ValueError, match=r"ours has shape \(4, 32, 32\); expected \[C=8, H, W\]"):
+    with pytest.raises(ValueError, match=r"ua3d has shape \(4, 32, 32\); expected \[C=8, H, W\]"):
         comparison_figure(guide, lr, bil, gt[:4])
     d_gt = np.random.default_rng(0).uniform(1, 3, (32, 32))
     d_gt[0, 0] = 0
     d_lr = d_gt[::4, ::4]
-    out = depth_sr_figure(guide, d_lr, d_gt + 0.1, d_gt, gt=d_gt, path=tmp_path / "dsr.png", unit=" m")
+    out = depth_sr_figure(guide, d_lr, d_gt + 0.1, d_gt, gt=d_gt, path=tmp_path / "dsr.png", unit="m")
     assert (tmp_path / "dsr.png").is_file() and out.std() > 10
-    with pytest.raises(ValueError, match=r"ours has shape \(16, 16\), expected \(32, 32\) like bicubic"):
+    with pytest.raises(ValueError, match=r"ua3d has shape \(16, 16\), expected \(32, 32\) like bicubic"):
         depth_sr_figure(guide, d_lr, d_gt, d_gt[:16, :16])
