@@ -9,8 +9,8 @@ Feature point cloud formats (:func:`write_point_cloud` / :func:`read_point_cloud
       the guide image, ``pca`` = a PCA of the features) and the frame. Depth bins are not stored.
     * ``.npz`` (lossless): ``positions [N, 3]`` float32, ``colors [N, 3]`` float32 in [0, 1],
       ``features [N, C]`` (their dtype), optional ``pixels [N, 2]`` int64 ``(row, column)``, ``bins
-      [N]`` int64 and ``bin_depths [D]``, ``world_frame`` uint8 0/1 and ``color_mode`` (``"rgb"`` or
-      ``"pca"``). Open3D's ``t.io.read_point_cloud`` reads it too (every array becomes an attribute).
+      [N]`` int64 and ``bin_depths [D]``, ``world_frame`` uint8 0/1 and ``pca_colors`` uint8 (1: the
+      colours are a PCA of the features, 0: the guide image's). Open3D's ``t.io.read_point_cloud`` reads it too (every array becomes an attribute).
     * ``.pcd`` (binary, for PCL users): ``x y z`` float32, ``rgb`` packed uint32 and ``features``
       (one field, ``COUNT C``, float32). It drops the pixel indices, the depth bins, the frame and
       the colour-mode note, and stores the features as float32.
@@ -76,8 +76,10 @@ def read_npz(path: str | os.PathLike, kind: str, required: tuple[str, ...]) -> d
     missing = [k for k in required if k not in data]
     if missing:
         other = [name for name, keys in _KINDS.items() if name != kind and all(k in data for k in keys)]
-        what = f"a ua3d {other[0]}" if other else f"an .npz with the arrays {sorted(data)}"
-        raise ValueError(f"{p} is {what}, not a {kind}: {expected}")
+        if other:
+            raise ValueError(f"{p} is a ua3d {other[0]}, not a {kind}: {expected}")
+        names = ", ".join(repr(k) for k in missing)
+        raise ValueError(f"{p} has no {names} array: not a ua3d {kind} (it holds {sorted(data)}; {expected})")
     return data
 
 
@@ -151,7 +153,7 @@ def write_point_cloud(
     if fmt == "npz":
         arrays: dict[str, np.ndarray] = {
             "positions": pos, "colors": _colors01(cols), "features": feats,
-            "world_frame": np.array(int(frame == "world"), dtype=np.uint8), "color_mode": np.array(color_mode),
+            "world_frame": np.array(int(frame == "world"), dtype=np.uint8), "pca_colors": np.array(int(color_mode == "pca"), dtype=np.uint8),
         }
         for name, a, dt in (("pixels", pixels, np.int64), ("bins", bins, np.int64), ("bin_depths", bin_depths, np.float64)):
             if a is not None:
@@ -299,7 +301,7 @@ def read_point_cloud(path: str | os.PathLike) -> dict[str, Any]:
         d: dict[str, Any] = {
             "positions": z["positions"].astype(np.float32), "features": z["features"],
             "colors": None if "colors" not in z else _colors01(z["colors"]),
-            "color_mode": str(z["color_mode"]) if "color_mode" in z else "rgb",
+            "color_mode": "pca" if "pca_colors" in z and int(z["pca_colors"]) else "rgb",
             "frame": "world" if "world_frame" in z and int(z["world_frame"]) else "camera",
         }
         for k in ("pixels", "bins", "bin_depths"):

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """View a lifted feature volume as depth slices in 3D (Open3D).
 
 Input: a ``.npz`` written by :func:`ua3d.io.rgbd.save_volume` (``volume [C, D, H, W]``,
@@ -10,9 +9,11 @@ depth ``bin_depths[d]`` (one flat square per voxel), coloured by one PCA of all 
 
 Usage::
 
-    python viewers/volume_slices.py volume.npz                  # interactive window
-    python viewers/volume_slices.py volume.npz --png out.png    # headless picture
-    python viewers/volume_slices.py --demo --png out.png        # synthetic demo volume
+    ua3d view volume volume.npz                  # interactive window
+    ua3d view volume volume.npz --png out.png    # headless picture (slice depths labelled)
+    ua3d view volume --demo --png out.png        # synthetic demo volume
+
+(``python -m ua3d.viz.volume_slices`` and ``python viewers/volume_slices.py`` take the same options.)
 
 Keys in the window: N / P next / previous slice, A all slices / one slice, R toggle the RGB-D
 point cloud, Q quit. The window has no transparency, so there each slice is blended with the
@@ -27,18 +28,22 @@ import math
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from ua3d.io.rgbd import check_volume, load_volume
-from ua3d.rgbd.camera import PinholeCamera, backproject, transform_points, unproject
+from ua3d.rgbd.camera import PinholeCamera, backproject, project, transform_points, unproject
 from ua3d.viz import o3d_render as r3d
 from ua3d.viz.pca import PCABasis
 
 __all__ = [
     "SliceLayer",
+    "add_arguments",
+    "render_png",
+    "run",
     "auto_stride",
     "downsample_volume",
     "main",
@@ -345,80 +350,161 @@ def make_demo_volume(
     }
 
 
-def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+def _slice_label_points(layers: Sequence[SliceLayer], camera: PinholeCamera, min_alpha: float) -> list:
+    """A 3D anchor per slice (its top-left drawn voxel), world frame, for the depth labels."""
+    out = []
+    for L in layers:
+        v, u = np.nonzero(L.alpha >= min_alpha)
+        if len(u) == 0:
+            out.append(None)
+            continue
+        k = int(np.argmin(v * 10_000 + u))
+        p = unproject(torch.tensor([int(u[k])]), torch.tensor([int(v[k])]), torch.tensor([L.depth]), camera)
+        out.append(transform_points(p, camera.pose) if camera.pose is not None else p)
+    return out
+
+
+def render_png(
+    data: Any,
+    png: Any,
+    *,
+    slices: Sequence[int] | None = None,
+    show_rgbd: bool = False,
+    stride: int = 0,
+    width: int = 800,
+    height: int = 600,
+    yaw: float = 35.0,
+    pitch: float = 20.0,
+    alpha_max: float = 0.85,
+    min_alpha: float = 0.02,
+    background: Sequence[float] = (1.0, 1.0, 1.0),
+    max_labels: int = 8,
+) -> dict[str, Any]:
+    """Write a headless picture of a feature volume (a path or the dict of :func:`load_volume`) to ``png``,
+    with a title and the depth of (up to ``max_labels``) slices written beside them.
+
+    Returns ``{"path", "slices", "stride", "seconds", "rgbd"}``.
+    """
+    from ua3d.viz.figures import annotated_render
+
+    t0 = time.perf_counter()
+    d = load_volume(data) if not isinstance(data, dict) else data
+    full_cam = d["camera"]
+    s = stride or auto_stride(full_cam.height, full_cam.width)
+    volume, mass, cam = downsample_volume(d["volume"], d["mass"], full_cam, s, d["normalized"])
+    layers, _ = slice_layers(volume, mass, d["bin_depths"], cam, d["normalized"], alpha_max=alpha_max)
+    if slices:
+        bad = [k for k in slices if not 0 <= k < len(layers)]
+        if bad:
+            raise ValueError(f"--slice indices {bad} out of range 0..{len(layers) - 1}")
+        layers = [layers[k] for k in slices]
+    cloud = None
+    if show_rgbd:
+        if d.get("rgb") is None or d.get("depth") is None:
+            raise ValueError("--show-rgbd: the volume file stores no rgb/depth (write it with ua3d lift or ua3d demo)")
+        cloud = rgbd_cloud(d["rgb"], d["depth"], full_cam)
+    img, view = render_volume(layers, cam, cloud, width, height, yaw, pitch, background, min_alpha)
+    labels = []
+    anchors = _slice_label_points(layers, cam, min_alpha)
+    step = max(1, math.ceil(len(layers) / max_labels))
+    for i in list(range(0, len(layers), step)) + ([len(layers) - 1] if (len(layers) - 1) % step else []):
+        if anchors[i] is None:
+            continue
+        uv, z = project(anchors[i].to(torch.float64), view, frame="world")
+        x, y = (float(t) for t in uv[0])
+        if float(z[0]) > 0 and 0 <= x < width and 0 <= y < height:
+            labels.append((x, y, f"z = {layers[i].depth:.2f} m"))
+    D, C = len(layers), d["volume"].shape[0]
+    H, W = full_cam.height, full_cam.width
+    annotated_render(
+        img, png,
+        title=f"ua3d feature volume: {D} depth slices {layers[0].depth:.2f}-{layers[-1].depth:.2f} m, "
+        f"{C} channels, {W}x{H} (shown at stride {s})",
+        labels=labels,
+        note="colour = PCA of the voxel features (no units); opacity = weight mass at that depth; "
+        f"view {yaw:g} deg right, {pitch:g} deg above the camera",
     )
-    p.add_argument("volume", nargs="?", help=".npz written by ua3d.io.rgbd.save_volume")
+    return {"path": str(png), "slices": D, "stride": s, "seconds": time.perf_counter() - t0, "rgbd": cloud is not None}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The viewer's options (shared by ``ua3d view volume`` and ``python -m ua3d.viz.volume_slices``)."""
+    p.add_argument("volume", nargs="?", help="feature volume .npz written by ua3d lift / ua3d demo")
     p.add_argument("--demo", action="store_true", help="use a synthetic demo volume instead of a file")
     p.add_argument("--png", help="render headless to this PNG instead of opening a window")
     p.add_argument("--slice", type=int, nargs="+", help="only these slice indices (default: all)")
-    p.add_argument("--show-rgbd", action="store_true", help="add the guide RGB-D point cloud (if stored)")
-    p.add_argument(
-        "--stride",
-        type=int,
-        default=0,
-        help="pool s x s voxel blocks for display (default 0: auto, <= 20k per slice)",
-    )
-    p.add_argument("--width", type=int, default=800)
-    p.add_argument("--height", type=int, default=600)
-    p.add_argument("--yaw", type=float, default=35.0, help="degrees, orbit right of the volume camera")
-    p.add_argument("--pitch", type=float, default=20.0, help="degrees, orbit above the volume camera")
-    p.add_argument("--alpha-max", type=float, default=0.85)
-    p.add_argument("--min-alpha", type=float, default=0.02)
-    p.add_argument("--background", type=float, nargs=3, default=(1.0, 1.0, 1.0))
-    args = p.parse_args(argv)
+    p.add_argument("--show-rgbd", action="store_true", help="add the guide RGB-D point cloud (stored by lift and demo)")
+    p.add_argument("--stride", type=int, default=0,
+                   help="pool s x s voxel blocks for display (default 0: auto, <= 20k per slice)")
+    p.add_argument("--width", type=int, default=800, help="picture width in pixels (default 800)")
+    p.add_argument("--height", type=int, default=600, help="picture height in pixels (default 600)")
+    p.add_argument("--yaw", type=float, default=35.0, help="degrees, orbit right of the volume camera (default 35)")
+    p.add_argument("--pitch", type=float, default=20.0, help="degrees, orbit above the volume camera (default 20)")
+    p.add_argument("--alpha-max", type=float, default=0.85, help="opacity of the heaviest voxels (default 0.85)")
+    p.add_argument("--min-alpha", type=float, default=0.02, help="voxels below this opacity are not drawn")
+    p.add_argument("--background", type=float, nargs=3, default=(1.0, 1.0, 1.0), help="RGB in [0, 1]")
+    if not any("--quiet" in a.option_strings for a in p._actions):
+        p.add_argument("--quiet", action="store_true", help="no 'wrote ...' line")
+    return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Validate the options before any work (ValueError naming the option)."""
     if not args.demo and not args.volume:
-        p.error("give a volume .npz or --demo")
-    return args
+        raise ValueError("give a feature volume .npz or --demo")
+    if args.width < 16 or args.height < 16:
+        raise ValueError(f"--width/--height must be >= 16, got {args.width}x{args.height}")
+    if args.stride < 0:
+        raise ValueError(f"--stride must be >= 0, got {args.stride}")
+    if not 0 < args.alpha_max <= 1:
+        raise ValueError(f"--alpha-max must be in (0, 1], got {args.alpha_max}")
+    if args.png and Path(args.png).suffix.lower() != ".png":
+        raise ValueError(f"--png must name a .png file, got {args.png!r}")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parse(argv)
+def run(args: argparse.Namespace) -> int:
+    """Run the viewer on parsed options; errors raise (``ValueError``, ``RenderingUnavailable``)."""
+    check_args(args)
     data = make_demo_volume() if args.demo else load_volume(args.volume)
+    if args.png:
+        info = render_png(
+            data, args.png, slices=args.slice, show_rgbd=args.show_rgbd, stride=args.stride, width=args.width,
+            height=args.height, yaw=args.yaw, pitch=args.pitch, alpha_max=args.alpha_max,
+            min_alpha=args.min_alpha, background=args.background,
+        )
+        if not getattr(args, "quiet", False):
+            print(f"wrote {args.png} ({args.width}x{args.height}, {info['slices']} slices, stride {info['stride']}, "
+                  f"{info['seconds']:.2f} s)")
+        return 0
     full_cam = data["camera"]
     stride = args.stride or auto_stride(full_cam.height, full_cam.width)
     volume, mass, cam = downsample_volume(data["volume"], data["mass"], full_cam, stride, data["normalized"])
-    layers, _ = slice_layers(
-        volume, mass, data["bin_depths"], cam, data["normalized"], alpha_max=args.alpha_max
-    )
+    layers, _ = slice_layers(volume, mass, data["bin_depths"], cam, data["normalized"], alpha_max=args.alpha_max)
     if args.slice:
         bad = [k for k in args.slice if not 0 <= k < len(layers)]
         if bad:
-            raise SystemExit(f"--slice indices {bad} out of range 0..{len(layers) - 1}")
+            raise ValueError(f"--slice indices {bad} out of range 0..{len(layers) - 1}")
         layers = [layers[k] for k in args.slice]
     cloud = None
-    if args.show_rgbd or not args.png:
-        if data.get("rgb") is not None and data.get("depth") is not None:
-            cloud = rgbd_cloud(data["rgb"], data["depth"], full_cam)
-        elif args.show_rgbd:
-            print("note: the volume file stores no rgb/depth; no RGB-D cloud to show", file=sys.stderr)
-    try:
-        if args.png:
-            t0 = time.perf_counter()
-            img, _ = render_volume(
-                layers,
-                cam,
-                cloud if args.show_rgbd else None,
-                args.width,
-                args.height,
-                args.yaw,
-                args.pitch,
-                args.background,
-                args.min_alpha,
-            )
-            r3d.save_png(args.png, img)
-            print(
-                f"wrote {args.png} ({args.width}x{args.height}, {len(layers)} slices of "
-                f"{cam.height}x{cam.width} (stride {stride}), "
-                f"{time.perf_counter() - t0:.2f} s)"
-            )
-        else:
-            run_interactive(layers, cam, cloud, background=args.background, min_alpha=args.min_alpha)
-    except r3d.RenderingUnavailable as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if data.get("rgb") is not None and data.get("depth") is not None:
+        cloud = rgbd_cloud(data["rgb"], data["depth"], full_cam)
+    elif args.show_rgbd:
+        raise ValueError("--show-rgbd: the volume file stores no rgb/depth (write it with ua3d lift or ua3d demo)")
+    run_interactive(layers, cam, cloud, background=args.background, min_alpha=args.min_alpha)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Standalone entry point: ``python -m ua3d.viz.volume_slices``; errors are ``ua3d: error: ...``, exit 2."""
+    p = argparse.ArgumentParser(
+        prog="ua3d view volume", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    args = add_arguments(p).parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError, r3d.RenderingUnavailable) as e:
+        print(f"ua3d: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
