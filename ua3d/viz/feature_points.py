@@ -225,7 +225,7 @@ def render_png(
     c = np.asarray(feats).shape[1]
     annotated_render(
         img, png, title or f"ua3d feature point cloud: {len(pos)} points, {c} channels; colour = {what}",
-        colorbar=bar, note=note or f"camera frame ({d.get('frame', 'camera')}); view yaw {yaw:g}, pitch {pitch:g} deg",
+        colorbar=bar, note=note or f"{d.get('frame', 'camera')} frame; view yaw {yaw:g}, pitch {pitch:g} deg",
     )
     return {"path": str(png), "points": len(pos), "query": query_index, "seconds": time.perf_counter() - t0}
 
