@@ -31,7 +31,7 @@ def _ua3d(*args, cwd=None, env_path=None, timeout=300):
     """Run the real ``ua3d`` command (``python -m ua3d.cli``) in a subprocess."""
     env = {**os.environ, "PYTHONPATH": str(env_path or ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "ua3d.cli", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def _open3d_renders():
@@ -416,7 +416,7 @@ def test_version_and_fast_start(capsys):
             "    try: c.main(['--help'])\n    except SystemExit: pass\n"
             "print(sorted(m for m in ('torch', 'numpy', 'matplotlib', 'open3d') if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)},
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
 
@@ -454,7 +454,7 @@ def test_demo_from_a_built_wheel_outside_the_tree(tmp_path):
     o3d = pytest.importorskip("open3d")
     wheels = tmp_path / "wheels"
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                        str(wheels), str(ROOT)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+                        str(wheels), str(ROOT)], capture_output=True, text=True, timeout=300, cwd=tmp_path, check=False)
     assert r.returncode == 0, r.stderr[-2000:]
     whl = next(wheels.glob("ua3d-*.whl"))
     with zipfile.ZipFile(whl) as z:
@@ -482,6 +482,8 @@ def test_demo_from_a_built_wheel_outside_the_tree(tmp_path):
         assert z["volume"].dtype == np.float16
     pcd = o3d.io.read_point_cloud(str(out / "points.ply"))
     cols = np.asarray(pcd.colors)
-    assert len(cols) > 1000 and cols.max() > 0.9  # the image's colours, up to 1.0
+    rgb = cv2.imread(str(ROOT / "ua3d" / "sample_data" / "rgb.png"))[..., ::-1] / 255.0
+    assert len(cols) > 1000 and cols.max() > 0.5  # the image's colours (up to 1.0), not 1/255-steps
+    np.testing.assert_allclose(cols.mean(0), rgb.reshape(-1, 3).mean(0), atol=0.05)
     img = cv2.imread(str(out / "features.png"))
     assert img is not None and img.std() > 5

@@ -19,9 +19,8 @@ pytest.importorskip("open3d")
 
 from ua3d.io.rgbd import load_feature_points, load_volume, read_color, save_feature_points, save_volume
 from ua3d.rgbd.camera import PinholeCamera, backproject, look_at, project
-from ua3d.viz import o3d_render as r3d
-
 from ua3d.viz import feature_points as fp
+from ua3d.viz import o3d_render as r3d
 from ua3d.viz import volume_slices as vs
 
 TOL = 2.5 / 255  # 8-bit framebuffer

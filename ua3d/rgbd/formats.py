@@ -27,8 +27,8 @@ import numpy as np
 
 __all__ = [
     "COLOR_MODES",
-    "POINT_FORMATS",
     "PCD_DROPS",
+    "POINT_FORMATS",
     "point_format",
     "read_npz",
     "read_point_cloud",
@@ -44,8 +44,14 @@ _KINDS = {
     "feature volume": ("volume", "mass", "bin_depths"),
     "feature point cloud": ("positions", "features"),
 }
-_MAGIC = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"ply\n": "a PLY file",
-          b"# .P": "a PCD file", b"VERS": "a PCD file", b"\x93NUM": "a .npy array (not an .npz archive)"}
+_MAGIC = {
+    b"\x89PNG": "a PNG image",
+    b"\xff\xd8\xff": "a JPEG image",
+    b"ply\n": "a PLY file",
+    b"# .P": "a PCD file",
+    b"VERS": "a PCD file",
+    b"\x93NUM": "a .npy array (not an .npz archive)",
+}
 
 
 def _describe(path: Path) -> str:
@@ -72,7 +78,9 @@ def read_npz(path: str | os.PathLike, kind: str, required: tuple[str, ...]) -> d
         with np.load(p, allow_pickle=False) as z:
             data = {k: z[k] for k in z.files}
     except (OSError, ValueError) as e:
-        raise ValueError(f"{p} could not be read as a {kind} ({str(e).splitlines()[0]}): {expected}") from None
+        raise ValueError(
+            f"{p} could not be read as a {kind} ({str(e).splitlines()[0]}): {expected}"
+        ) from None
     missing = [k for k in required if k not in data]
     if missing:
         other = [name for name, keys in _KINDS.items() if name != kind and all(k in data for k in keys)]
@@ -152,10 +160,17 @@ def write_point_cloud(
     n, c = feats.shape
     if fmt == "npz":
         arrays: dict[str, np.ndarray] = {
-            "positions": pos, "colors": _colors01(cols), "features": feats,
-            "world_frame": np.array(int(frame == "world"), dtype=np.uint8), "pca_colors": np.array(int(color_mode == "pca"), dtype=np.uint8),
+            "positions": pos,
+            "colors": _colors01(cols),
+            "features": feats,
+            "world_frame": np.array(int(frame == "world"), dtype=np.uint8),
+            "pca_colors": np.array(int(color_mode == "pca"), dtype=np.uint8),
         }
-        for name, a, dt in (("pixels", pixels, np.int64), ("bins", bins, np.int64), ("bin_depths", bin_depths, np.float64)):
+        for name, a, dt in (
+            ("pixels", pixels, np.int64),
+            ("bins", bins, np.int64),
+            ("bin_depths", bin_depths, np.float64),
+        ):
             if a is not None:
                 arrays[name] = np.asarray(a, dtype=dt)
         (np.savez_compressed if compressed else np.savez)(p, **arrays)
@@ -166,8 +181,11 @@ def write_point_cloud(
         pix = None if pixels is None else np.asarray(pixels)
         pix = pix if pix is not None and pix.shape == (n, 2) and pix.min() >= 0 else None
         extra = [] if pix is None else [("pixel_row", "<i4"), ("pixel_col", "<i4")]
-        dt = np.dtype([("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("red", "u1"), ("green", "u1"), ("blue", "u1")]
-                      + [(f"features_{i}", "<f4") for i in range(c)] + extra)
+        dt = np.dtype(
+            [("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("red", "u1"), ("green", "u1"), ("blue", "u1")]
+            + [(f"features_{i}", "<f4") for i in range(c)]
+            + extra
+        )
         rec = np.empty(n, dt)
         rec["x"], rec["y"], rec["z"] = pos.T
         rec["red"], rec["green"], rec["blue"] = u8.T
@@ -175,14 +193,28 @@ def write_point_cloud(
             rec[f"features_{i}"] = f32[:, i]
         if pix is not None:
             rec["pixel_row"], rec["pixel_col"] = pix.T
-        header = "\n".join(
-            ["ply", "format binary_little_endian 1.0", "comment ua3d feature point cloud",
-             f"comment ua3d colors {color_mode}", f"comment ua3d frame {frame}", f"element vertex {n}",
-             "property float x", "property float y", "property float z",
-             "property uchar red", "property uchar green", "property uchar blue"]
-            + [f"property float features_{i}" for i in range(c)]
-            + ([] if pix is None else ["property int pixel_row", "property int pixel_col"]) + ["end_header"]
-        ) + "\n"
+        header = (
+            "\n".join(
+                [
+                    "ply",
+                    "format binary_little_endian 1.0",
+                    "comment ua3d feature point cloud",
+                    f"comment ua3d colors {color_mode}",
+                    f"comment ua3d frame {frame}",
+                    f"element vertex {n}",
+                    "property float x",
+                    "property float y",
+                    "property float z",
+                    "property uchar red",
+                    "property uchar green",
+                    "property uchar blue",
+                ]
+                + [f"property float features_{i}" for i in range(c)]
+                + ([] if pix is None else ["property int pixel_row", "property int pixel_col"])
+                + ["end_header"]
+            )
+            + "\n"
+        )
     else:  # pcd
         dt = np.dtype([("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("rgb", "<u4"), ("features", "<f4", (c,))])
         rec = np.empty(n, dt)
@@ -201,9 +233,24 @@ def write_point_cloud(
     return p
 
 
-_PLY_TYPES = {"char": "i1", "int8": "i1", "uchar": "u1", "uint8": "u1", "short": "i2", "int16": "i2",
-              "ushort": "u2", "uint16": "u2", "int": "i4", "int32": "i4", "uint": "u4", "uint32": "u4",
-              "float": "f4", "float32": "f4", "double": "f8", "float64": "f8"}
+_PLY_TYPES = {
+    "char": "i1",
+    "int8": "i1",
+    "uchar": "u1",
+    "uint8": "u1",
+    "short": "i2",
+    "int16": "i2",
+    "ushort": "u2",
+    "uint16": "u2",
+    "int": "i4",
+    "int32": "i4",
+    "uint": "u4",
+    "uint32": "u4",
+    "float": "f4",
+    "float32": "f4",
+    "double": "f8",
+    "float64": "f8",
+}
 
 
 def _read_header(fh, p: Path, end: bytes) -> list[str]:
@@ -251,8 +298,11 @@ def _read_ply(p: Path) -> dict[str, Any]:
         "positions": np.stack([rec["x"], rec["y"], rec["z"]], 1).astype(np.float32),
         "colors": None if cols is None else _colors01(cols.astype(np.uint8)),
         "features": np.stack([rec[k] for k in feat], 1).astype(np.float32),
-        "color_mode": mode, "frame": frame,
-        "pixels": np.stack([rec["pixel_row"], rec["pixel_col"]], 1).astype(np.int64) if "pixel_row" in names else None,
+        "color_mode": mode,
+        "frame": frame,
+        "pixels": np.stack([rec["pixel_row"], rec["pixel_col"]], 1).astype(np.int64)
+        if "pixel_row" in names
+        else None,
     }
 
 
@@ -264,8 +314,12 @@ def _read_pcd(p: Path) -> dict[str, Any]:
             raise ValueError(f"{p}: ua3d reads binary PCD (as it writes), got DATA {head.get('DATA')}")
         kinds = {("F", "4"): "<f4", ("F", "8"): "<f8", ("U", "4"): "<u4", ("U", "1"): "u1", ("I", "4"): "<i4"}
         try:
-            dt = np.dtype([(f, kinds[(t, s)], (int(c),)) for f, s, t, c in
-                           zip(head["FIELDS"], head["SIZE"], head["TYPE"], head["COUNT"])])
+            dt = np.dtype(
+                [
+                    (f, kinds[(t, s)], (int(c),))
+                    for f, s, t, c in zip(head["FIELDS"], head["SIZE"], head["TYPE"], head["COUNT"])
+                ]
+            )
             n = int(head["POINTS"][0])
         except KeyError as e:
             raise ValueError(f"{p}: unsupported PCD header ({e})") from None
@@ -279,7 +333,9 @@ def _read_pcd(p: Path) -> dict[str, Any]:
     return {
         "positions": np.concatenate([rec["x"], rec["y"], rec["z"]], 1).astype(np.float32),
         "colors": None if cols is None else _colors01(cols),
-        "features": rec["features"].astype(np.float32), "color_mode": "rgb", "frame": "camera",
+        "features": rec["features"].astype(np.float32),
+        "color_mode": "rgb",
+        "frame": "camera",
     }
 
 
@@ -299,7 +355,8 @@ def read_point_cloud(path: str | os.PathLike) -> dict[str, Any]:
     if fmt == "npz":
         z = read_npz(p, "feature point cloud", ("positions", "features"))
         d: dict[str, Any] = {
-            "positions": z["positions"].astype(np.float32), "features": z["features"],
+            "positions": z["positions"].astype(np.float32),
+            "features": z["features"],
             "colors": None if "colors" not in z else _colors01(z["colors"]),
             "color_mode": "pca" if "pca_colors" in z and int(z["pca_colors"]) else "rgb",
             "frame": "world" if "world_frame" in z and int(z["world_frame"]) else "camera",

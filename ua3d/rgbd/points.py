@@ -120,7 +120,7 @@ class FeaturePointCloud:
         """Read a file written by :meth:`save` (``.ply``/``.pcd`` come back without pixel indices: ``pixels = -1``)."""
         d = read_point_cloud(path)
         n = d["positions"].shape[0]
-        t = lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
+        t = lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(a))
         pixels = t(d["pixels"]) if d["pixels"] is not None else torch.full((n, 2), -1, dtype=torch.int64)
         return cls(
             t(d["positions"]), t(d["colors"]), t(d["features"]), pixels, t(d["bins"]), t(d["bin_depths"]),

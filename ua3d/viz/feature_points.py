@@ -40,12 +40,12 @@ __all__ = [
     "add_arguments",
     "cosine_similarity_to",
     "main",
-    "pixel_to_index",
-    "render_png",
-    "run",
     "make_demo_points",
     "pca_colors",
+    "pixel_to_index",
+    "render_png",
     "render_points",
+    "run",
     "similarity_colors",
 ]
 

@@ -42,14 +42,14 @@ from ua3d.viz.pca import PCABasis
 __all__ = [
     "SliceLayer",
     "add_arguments",
-    "render_png",
-    "run",
     "auto_stride",
     "downsample_volume",
     "main",
     "make_demo_volume",
+    "render_png",
     "render_volume",
     "rgbd_cloud",
+    "run",
     "slice_layers",
     "volume_features",
 ]
