@@ -292,3 +292,36 @@ def test_downsample_volume_pools_blocks_and_keeps_geometry() -> None:
     assert vs.auto_stride(480, 640) == 4 and vs.auto_stride(120, 160) == 1
     with pytest.raises(ValueError, match="stride 7 is larger than the volume grid 6x9"):
         vs.downsample_volume(vol, mass, cam, 7)
+
+
+# ---------------------------------------------------------------------- readable pictures (issue 20.13)
+def test_render_png_pictures_have_titles_depth_labels_and_colour_bars(tmp_path: Path, monkeypatch) -> None:
+    """The slice picture labels slice depths and has a title; the similarity picture has a colour bar."""
+    import ua3d.viz.figures as figures
+
+    seen: list[dict] = []
+    real = figures.annotated_render
+
+    def spy(image, path=None, title="", colorbar=None, labels=(), note="", dpi=100):
+        seen.append({"title": title, "colorbar": colorbar, "labels": list(labels), "note": note})
+        return real(image, path, title, colorbar, labels, note, dpi)
+
+    monkeypatch.setattr(figures, "annotated_render", spy)
+    vol, mass, bins, cam = _staircase_volume()
+    p = save_volume(tmp_path / "v.npz", vol, mass, bins, cam)
+    info = vs.render_png(p, tmp_path / "v.png", width=160, height=120, stride=1)
+    assert info["slices"] == 3 and (tmp_path / "v.png").is_file()
+    v = seen[-1]
+    assert v["title"].startswith("ua3d feature volume: 3 depth slices 1.00-2.00 m")
+    assert sorted(t for _, _, t in v["labels"]) == ["z = 1.00 m", "z = 1.50 m", "z = 2.00 m"]
+    assert all(0 <= x < 160 and 0 <= y < 120 for x, y, _ in v["labels"])
+    _, pts, feats, colors, pix = _cloud()
+    d = {"positions": pts, "features": feats, "colors": colors, "pixels": pix}
+    fp.render_png(d, tmp_path / "q.png", query_pixel=(20, 30), width=160, height=120)
+    q = seen[-1]
+    assert q["colorbar"] == ("turbo", 0.0, 1.0, "cosine similarity to the query")
+    assert "pixel (u=20, v=30)" in q["title"] and "16800 points" in q["title"]
+    fp.render_png(d, tmp_path / "pca.png", width=160, height=120)
+    assert seen[-1]["colorbar"] is None and "PCA" in seen[-1]["title"]
+    img = read_color(tmp_path / "q.png")
+    assert img.shape[1] > 160 and img.std() > 5

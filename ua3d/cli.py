@@ -272,7 +272,8 @@ def cmd_depth_sr(args) -> int:
     guide = _guide_tensor(rgb, dev)
     d = torch.from_numpy(np.nan_to_num(depth_lr, nan=0.0)).float()[None, None].to(dev)
     opts = {} if args.steps is None else {"fit_steps": args.steps}
-    out = upsample_depth(d, guide, mask_lr=d > 0, fill_holes=args.fill_holes, **opts)
+    with _Stage(args, "depth-sr: fit and render", 1):
+        out = upsample_depth(d, guide, mask_lr=d > 0, fill_holes=args.fill_holes, **opts)
     hr = out[0, 0].cpu().numpy()
     write_depth(args.out, np.nan_to_num(hr, nan=0.0), depth_scale=args.depth_scale)
     if not args.quiet:

@@ -230,7 +230,7 @@ def depth_sr_figure(
             sig = colorize_signed(np.nan_to_num(diff, nan=0.0), vmax=dmax)
             sig[~valid] = 0.5
             images.append(sig)
-            titles.append(f"|{names[1]}-GT| - |{names[0]}-GT| (blue: {names[1]} closer)")
+            titles.append(f"error {names[1]} - {names[0]} (blue: {names[1]} closer)")
             bars.append(("RdBu_r", -dmax, dmax, f"error difference{u}"))
     ncols = 4 if len(images) != 5 else 5
     return image_grid(
