@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Write the bundled synthetic RGB-D sample to ``sample_data/`` (deterministic).
+"""Write the bundled synthetic RGB-D sample to ``ua3d/sample_data/`` (package data) (deterministic).
 
-Usage: ``python scripts/make_sample_data.py [--out sample_data] [--seed 0] [--width 640 --height 480]``
+Usage: ``python scripts/make_sample_data.py [--out ua3d/sample_data] [--seed 0] [--width 640 --height 480]``
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ SHA-256 of the images (for checking a regeneration):
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "sample_data"))
+    p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "ua3d" / "sample_data"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--width", type=int, default=640)
     p.add_argument("--height", type=int, default=480)

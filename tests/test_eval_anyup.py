@@ -106,7 +106,7 @@ def test_missing_checkpoint_is_a_one_line_error(dataset, capsys):
     code = main(_argv(dataset, "--methods", "bicubic,anyup"))
     err = capsys.readouterr().err
     assert code == 2
-    assert err.count("\n") == 1 and err.startswith("error: method 'anyup' needs AnyUp weights")
+    assert err.count("\n") == 1 and err.startswith("ua3d: error: method 'anyup' needs AnyUp weights")
     for needle in ("anyup_paper.pth", "anyup_multi_backbone.pth", "wimmerth/anyup", "--anyup-checkpoint"):
         assert needle in err
 

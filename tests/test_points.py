@@ -107,14 +107,16 @@ def test_open3d_and_file_round_trips(lifted, feats, tmp_path):
     assert torch.equal(a.positions, pc.positions) and torch.equal(a.colors, pc.colors)
     b = FeaturePointCloud.load(pc.save(tmp_path / "pc.ply"))
     assert torch.equal(b.features, pc.features.float()) and torch.equal(b.positions, pc.positions)
-    torch.testing.assert_close(b.colors, pc.colors)
-    header = (tmp_path / "pc.ply").read_bytes()[:600].decode("latin-1")
+    torch.testing.assert_close(b.colors, pc.colors, atol=0.5 / 255, rtol=0)  # uchar colours in the PLY
+    assert torch.equal(b.pixels, pc.pixels) and b.color_mode == pc.color_mode == "rgb"
+    header = (tmp_path / "pc.ply").read_bytes()[:900].decode("latin-1")
     assert "property float features_0" in header and "property float features_4" in header
+    assert "property uchar red" in header and "comment ua3d colors rgb" in header
     # the .npz is also what Open3D's own reader and ua3d.io read
     r = o3d.t.io.read_point_cloud(str(tmp_path / "pc.npz"))
     assert tuple(r.point.features.shape) == (len(pc), 5)
-    with pytest.raises(ValueError, match="must end in .npz or .ply"):
-        pc.save(tmp_path / "pc.pcd")
+    with pytest.raises(ValueError, match=r"must end in .ply, .npz or .pcd"):
+        pc.save(tmp_path / "pc.xyz")
 
 
 def test_bad_arguments(lifted, feats):

@@ -22,7 +22,7 @@ from ua3d.rgbd.synthetic import (
     surface_distance,
 )
 
-SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
+SAMPLE = Path(__file__).resolve().parents[1] / "ua3d" / "sample_data"
 
 
 @pytest.fixture(scope="module")

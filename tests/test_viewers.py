@@ -7,10 +7,8 @@ Never calls draw_geometries/draw (they block without a display).
 from __future__ import annotations
 
 import builtins
-import importlib.util
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import matplotlib
 import numpy as np
@@ -21,22 +19,11 @@ pytest.importorskip("open3d")
 
 from ua3d.io.rgbd import load_feature_points, load_volume, read_color, save_feature_points, save_volume
 from ua3d.rgbd.camera import PinholeCamera, backproject, look_at, project
+from ua3d.viz import feature_points as fp
 from ua3d.viz import o3d_render as r3d
+from ua3d.viz import volume_slices as vs
 
-ROOT = Path(__file__).resolve().parents[1]
 TOL = 2.5 / 255  # 8-bit framebuffer
-
-
-def _load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"viewer_{name}", ROOT / "viewers" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-vs = _load("volume_slices")
-fp = _load("feature_points")
 
 
 def _at(img: np.ndarray, cam: PinholeCamera, point: np.ndarray) -> np.ndarray:
@@ -164,7 +151,7 @@ def test_volume_file_roundtrip_and_errors(tmp_path: Path) -> None:
     with np.load(p) as z:
         arrays = {k: z[k] for k in z.files if k != "mass"}
     np.savez(tmp_path / "nomass.npz", **arrays)
-    with pytest.raises(ValueError, match=r"volume file .*nomass.npz has no 'mass' array"):
+    with pytest.raises(ValueError, match=r"nomass.npz has no 'mass' array: not a ua3d feature volume"):
         load_volume(tmp_path / "nomass.npz")
     with pytest.raises(
         ValueError, match=r"mass is required: a feature volume needs its weight mass \[D, H, W\]"
@@ -200,8 +187,8 @@ def test_volume_viewer_cli_png(tmp_path: Path) -> None:
     p = save_volume(tmp_path / "v.npz", vol, mass, bins, cam)
     out = tmp_path / "v.png"
     assert vs.main([str(p), "--png", str(out), "--width", "120", "--height", "90", "--stride", "3"]) == 0
-    img = read_color(out)
-    assert img.shape == (90, 120, 3) and img.std() > 5
+    img = read_color(out)  # the 120x90 view plus a title strip
+    assert img.shape[1] == 120 and img.shape[0] > 90 and img.std() > 5
 
 
 # ---------------------------------------------------------------------- feature points
@@ -265,8 +252,8 @@ def test_feature_points_errors_and_cli(tmp_path: Path) -> None:
     np.testing.assert_allclose(data["colors"], c8 / 255.0, atol=1e-7)
     out = tmp_path / "q.png"
     assert fp.main([str(p), "--png", str(out), "--query-index", "5", "--width", "100", "--height", "80"]) == 0
-    img = read_color(out)
-    assert img.shape == (80, 100, 3) and img.std() > 5
+    img = read_color(out)  # the 100x80 view plus a title and the similarity colour bar
+    assert img.shape[1] > 100 and img.shape[0] > 80 and img.std() > 5
 
 
 def test_interactive_mode_without_display_fails_fast(
@@ -305,3 +292,36 @@ def test_downsample_volume_pools_blocks_and_keeps_geometry() -> None:
     assert vs.auto_stride(480, 640) == 4 and vs.auto_stride(120, 160) == 1
     with pytest.raises(ValueError, match="stride 7 is larger than the volume grid 6x9"):
         vs.downsample_volume(vol, mass, cam, 7)
+
+
+# ---------------------------------------------------------------------- readable pictures (issue 20.13)
+def test_render_png_pictures_have_titles_depth_labels_and_colour_bars(tmp_path: Path, monkeypatch) -> None:
+    """The slice picture labels slice depths and has a title; the similarity picture has a colour bar."""
+    import ua3d.viz.figures as figures
+
+    seen: list[dict] = []
+    real = figures.annotated_render
+
+    def spy(image, path=None, title="", colorbar=None, labels=(), note="", dpi=100):
+        seen.append({"title": title, "colorbar": colorbar, "labels": list(labels), "note": note})
+        return real(image, path, title, colorbar, labels, note, dpi)
+
+    monkeypatch.setattr(figures, "annotated_render", spy)
+    vol, mass, bins, cam = _staircase_volume()
+    p = save_volume(tmp_path / "v.npz", vol, mass, bins, cam)
+    info = vs.render_png(p, tmp_path / "v.png", width=160, height=120, stride=1)
+    assert info["slices"] == 3 and (tmp_path / "v.png").is_file()
+    v = seen[-1]
+    assert v["title"].startswith("ua3d feature volume: 3 depth slices 1.00-2.00 m")
+    assert sorted(t for _, _, t in v["labels"]) == ["z = 1.00 m", "z = 1.50 m", "z = 2.00 m"]
+    assert all(0 <= x < 160 and 0 <= y < 120 for x, y, _ in v["labels"])
+    _, pts, feats, colors, pix = _cloud()
+    d = {"positions": pts, "features": feats, "colors": colors, "pixels": pix}
+    fp.render_png(d, tmp_path / "q.png", query_pixel=(20, 30), width=160, height=120)
+    q = seen[-1]
+    assert q["colorbar"] == ("turbo", 0.0, 1.0, "cosine similarity to the query")
+    assert "pixel (u=20, v=30)" in q["title"] and "16800 points" in q["title"]
+    fp.render_png(d, tmp_path / "pca.png", width=160, height=120)
+    assert seen[-1]["colorbar"] is None and "PCA" in seen[-1]["title"]
+    img = read_color(tmp_path / "q.png")
+    assert img.shape[1] > 160 and img.std() > 5

@@ -143,12 +143,36 @@ def test_comparison_figures(tmp_path: Path) -> None:
     assert (tmp_path / "cmp.png").is_file() and out.ndim == 3 and out.std() > 10
     no_gt = comparison_figure(guide, lr, bil, bil)
     assert no_gt.shape[1] < out.shape[1]  # fewer panels
-    with pytest.raises(ValueError, match=r"ours has shape \(4, 32, 32\); expected \[C=8, H, W\]"):
+    with pytest.raises(ValueError, match=r"ua3d has shape \(4, 32, 32\); expected \[C=8, H, W\]"):
         comparison_figure(guide, lr, bil, gt[:4])
     d_gt = np.random.default_rng(0).uniform(1, 3, (32, 32))
     d_gt[0, 0] = 0
     d_lr = d_gt[::4, ::4]
-    out = depth_sr_figure(guide, d_lr, d_gt + 0.1, d_gt, gt=d_gt, path=tmp_path / "dsr.png", unit=" m")
+    out = depth_sr_figure(guide, d_lr, d_gt + 0.1, d_gt, gt=d_gt, path=tmp_path / "dsr.png", unit="m")
     assert (tmp_path / "dsr.png").is_file() and out.std() > 10
-    with pytest.raises(ValueError, match=r"ours has shape \(16, 16\), expected \(32, 32\) like bicubic"):
+    with pytest.raises(ValueError, match=r"ua3d has shape \(16, 16\), expected \(32, 32\) like bicubic"):
         depth_sr_figure(guide, d_lr, d_gt, d_gt[:16, :16])
+
+
+def test_depth_sr_figure_has_colour_bars_units_and_no_empty_panels(monkeypatch) -> None:
+    """Issue 20.13: full rows (8 panels with GT, 4 without), a depth colour bar in metres on each depth map,
+    error bars, and the method named "ua3d"."""
+    import ua3d.viz.figures as figures
+
+    calls = []
+    real = figures.image_grid
+
+    def spy(images, titles=None, path=None, ncols=None, **kw):
+        calls.append({"n": len(images), "titles": list(titles), "ncols": ncols, "bars": kw.get("colorbars")})
+        return real(images, titles, path, ncols, **kw)
+
+    monkeypatch.setattr(figures, "image_grid", spy)
+    d_gt = np.random.default_rng(0).uniform(1, 3, (32, 32))
+    guide = np.zeros((32, 32, 3), np.uint8)
+    figures.depth_sr_figure(guide, d_gt[::4, ::4], d_gt + 0.1, d_gt, gt=d_gt)
+    figures.depth_sr_figure(guide, d_gt[::4, ::4], d_gt + 0.1, d_gt)
+    with_gt, no_gt = calls
+    assert with_gt["n"] == 8 and with_gt["ncols"] == 4 and no_gt["n"] == 4 and no_gt["ncols"] == 4
+    labels = [b[3] for b in with_gt["bars"] if b is not None]
+    assert labels.count("depth (m)") == 4 and "abs. error (m)" in labels
+    assert any(t.startswith("ua3d (RMSE") for t in with_gt["titles"]) and not any("ours" in t for t in with_gt["titles"])

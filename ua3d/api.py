@@ -250,7 +250,9 @@ def _config(config: FitConfig | None, overrides: dict) -> FitConfig:
     return (config or FitConfig()).replace(**overrides) if overrides else (config or FitConfig())
 
 
-def fit(guide: object, lr_size: object, config: FitConfig | None = None, **overrides) -> Kernel:
+def fit(
+    guide: object, lr_size: object, config: FitConfig | None = None, *, callback=None, **overrides
+) -> Kernel:
     """Fit a kernel to ``guide`` for signals living on an ``lr_size`` grid.
 
     Parameters
@@ -259,6 +261,7 @@ def fit(guide: object, lr_size: object, config: FitConfig | None = None, **overr
         uint8 image (divided by 255).
     lr_size : ``(h, w)`` of the LR grid, e.g. the feature map's size; any ratio to ``(H, W)``.
     config : :class:`FitConfig`; keyword overrides (``steps=20``, ``radius=4``...) are applied on top.
+    callback : optional ``callback(step, loss)`` called after every TTO step (e.g. a progress bar).
 
     Returns
     -------
@@ -269,7 +272,7 @@ def fit(guide: object, lr_size: object, config: FitConfig | None = None, **overr
     hw = check_lr_size(lr_size, tuple(g.shape[-2:]))
     check_fit_memory(g, hw, cfg)  # before the LR guide is made (interpolating a strided guide copies it)
     g_lr = resample_guide(g, hw, cfg.guide_downsample)
-    params, losses = fit_params(g, g_lr, cfg)
+    params, losses = fit_params(g, g_lr, cfg, callback=callback)
     return Kernel(params, g, g_lr, cfg.radius, config=cfg, losses=losses)
 
 

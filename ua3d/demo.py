@@ -2,13 +2,18 @@
 
 Steps (each timed and summarised in ``summary.txt`` / ``summary.json``):
 
-1. load ``sample_data/`` (RGB, depth in mm, object ids, intrinsics);
+1. load the sample scene bundled with the package (``ua3d/sample_data/``: RGB, depth in mm, object ids,
+   intrinsics);
 2. LR "features": a fixed-seed RANDOM conv net (honest but meaningless features, labelled as such) and
    the one-hot object ids area-pooled to the same grid (a class-probability map);
 3. 2D kernel (Upsample Anything TTO on RGB) -> guide reconstruction PSNR vs bicubic, label accuracy;
-4. lifted RGB-D kernel -> depth-aware label accuracy, a feature volume over depth bins, a feature point cloud;
+4. lifted RGB-D kernel -> depth-aware label accuracy, a feature volume over depth bins (float16, a band of
+   bins around the surface, compressed: the file the slice viewer shows) and a feature point cloud (PLY
+   with the image's colours and the features);
 5. guided depth super-resolution of the depth downsampled x8 (protocol B), RMSE vs bicubic;
 6. pictures: comparison figures and, when Open3D can render headless, the two viewers' pictures.
+
+Each stage's progress bar names the stage while it runs; the summary lists every file with its size.
 """
 
 from __future__ import annotations
@@ -21,11 +26,28 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["default_data_dir", "run_demo"]
+__all__ = ["SAMPLE_FILES", "check_data", "default_data_dir", "run_demo"]
+
+SAMPLE_FILES = ("rgb.png", "depth.png", "depth_holes.png", "ids.png", "intrinsics.json")
 
 
 def default_data_dir() -> Path:
-    return Path(__file__).resolve().parents[1] / "sample_data"
+    """The sample scene shipped inside the package (package data, so a wheel install has it)."""
+    return Path(__file__).resolve().parent / "sample_data"
+
+
+def check_data(data: Path | None) -> Path:
+    """The sample folder, or a ``ValueError`` naming the files it lacks (checked before any work)."""
+    d = default_data_dir() if data is None else Path(data)
+    missing = [f for f in SAMPLE_FILES if not (d / f).is_file()]
+    if missing:
+        hint = "" if data is not None else " (the package data is missing: reinstall ua3d)"
+        raise ValueError(f"--data {d}: missing {', '.join(missing)}{hint}")
+    return d
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 2**10:.0f} kB"
 
 
 def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -61,11 +83,17 @@ def run_demo(
     seed: int = 0,
     quiet: bool = False,
     tiny: bool = False,
-    bins: int = 32,
+    bins: int = 16,
     device: str = "cpu",
+    band: int | None = 2,
+    max_volume_gib: float = 4.0,
 ) -> dict:
-    """Run the demo and write PNGs, a ``.ply``/``.npz`` point cloud, a volume and a summary to ``out``."""
-    from tqdm.auto import tqdm
+    """Run the demo and write PNGs, a ``.ply`` point cloud, a volume and a summary to ``out``.
+
+    ``bins`` depth bins, of which ``band`` (None: all) on each side of a pixel's depth are computed; the
+    volume is refused before any work when it would exceed ``max_volume_gib``.
+    """
+    from tqdm import tqdm
 
     import ua3d
     from ua3d.baselines import bicubic, bilinear
@@ -74,24 +102,42 @@ def run_demo(
     from ua3d.io.rgbd import read_color, read_depth, read_ids, read_intrinsics, save_volume
     from ua3d.rgbd.lift import fit_rgbd
     from ua3d.rgbd.points import render_points
-    from ua3d.rgbd.volume import render_volume
+    from ua3d.rgbd.volume import estimate_volume_bytes, render_volume
     from ua3d.viz.figures import comparison_figure, depth_sr_figure
 
+    for name, v in (("steps", steps), ("bins", bins)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    if band is not None and (isinstance(band, bool) or not isinstance(band, int) or band < 0):
+        raise ValueError(f"band must be None or an integer >= 0, got {band!r}")
     torch.manual_seed(seed)
-    data = Path(data) if data is not None else default_data_dir()
+    data = check_data(data)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out {out} is a file; give a folder")
     dev = torch.device(device)
     log: dict = {"data": str(data), "steps": steps, "seed": seed, "tiny": tiny, "timings_s": {}}
     t_all = time.perf_counter()
-    bar = tqdm(total=6, desc="demo", disable=quiet, leave=False)
+    names = ["load", "features", "fit-2d", "lift", "depth-sr", "pictures"]
+    bar = tqdm(total=len(names), desc="demo", disable=quiet, leave=False, file=__import__("sys").stderr)
+    clock = {"t0": time.perf_counter()}
 
-    def stage(name, t0):
-        log["timings_s"][name] = round(time.perf_counter() - t0, 3)
+    def begin(name):  # the bar names the stage that is running now
+        bar.set_description_str(f"demo: {name}")
+        clock["t0"] = time.perf_counter()
+
+    def stage(name, _t0=None):
+        log["timings_s"][name] = round(time.perf_counter() - clock["t0"], 3)
         bar.update(1)
-        bar.set_postfix_str(name)
+
+    def say(text):
+        if not quiet:
+            bar.clear()
+            print(text, flush=True)
+            bar.refresh()
 
     # 1. data --------------------------------------------------------------------------------------
+    begin("load")
     t0 = time.perf_counter()
     rgb = read_color(data / "rgb.png")
     depth = read_depth(data / "depth_holes.png", depth_scale=1000.0)
@@ -111,11 +157,22 @@ def run_demo(
     stride = 16
     h, w = H // stride, W // stride
     guide = torch.from_numpy(rgb).permute(2, 0, 1)[None].float().div(255).to(dev)
+    C = 32
+    est = estimate_volume_bytes(C, bins, (H, W), torch.float16, band=band, lr_size=(H // 16, W // 16))
+    log["volume_estimate"] = {"ram_bytes": est.memory, "volume_bytes": est.volume}
+    say(f"feature volume {C} channels x {bins} bins x {W}x{H} float16"
+        f"{'' if band is None else f' (band of {min(bins, 2 * band + 1)} bins)'}: {est.memory / 2**30:.2f} GiB of RAM, "
+        f"file up to {est.volume / 2**30:.2f} GiB before compression")
+    if est.volume > max_volume_gib * 2**30:
+        raise ValueError(f"the feature volume would need {est.volume / 2**30:.2f} GiB, over max_volume_gib "
+                         f"{max_volume_gib:g}: use fewer bins or a band")
+    out.mkdir(parents=True, exist_ok=True)
     stage("load", t0)
 
     # 2. LR signals --------------------------------------------------------------------------------
+    begin("features (random conv net)")
     t0 = time.perf_counter()
-    feats, desc = random_features(rgb, stride=stride, channels=32, seed=seed, device=dev)
+    feats, desc = random_features(rgb, stride=stride, channels=C, seed=seed, device=dev)
     if tuple(feats.shape[-2:]) != (h, w):
         feats = F.interpolate(feats, size=(h, w), mode="area")
     n_cls = int(ids.max()) + 1
@@ -128,6 +185,7 @@ def run_demo(
     stage("features", t0)
 
     # 3. 2D kernel ----------------------------------------------------------------------------------
+    begin(f"fit-2d ({steps} TTO steps)")
     t0 = time.perf_counter()
     k2d = ua3d.fit(guide, (h, w), steps=steps, seed=seed)
     rec = k2d.render(k2d.guide_lr)
@@ -137,6 +195,7 @@ def run_demo(
     stage("fit-2d", t0)
 
     # 4. lifted RGB-D kernel ------------------------------------------------------------------------
+    begin(f"lift (RGB-D fit, {steps} steps, volume, points)")
     t0 = time.perf_counter()
     lifted = fit_rgbd(rgb, depth, cam, (h, w), ua3d.FitConfig(steps=steps, seed=seed))
     probs_3d = lifted.render_2d(probs_lr)
@@ -155,17 +214,19 @@ def run_demo(
             "ua3d_rgbd": _accuracy(probs_3d, ids_t, edges),
         },
     }
-    vol, mass, bin_depths = render_volume(lifted, feats, bins=bins)
-    save_volume(out / "volume.npz", vol.float().cpu().numpy(), mass.float().cpu().numpy(),
-                bin_depths.cpu().numpy(), cam, rgb=rgb, depth=depth)
-    pts = render_points(lifted, feats)
+    vol, mass, bin_depths = render_volume(lifted, feats, bins=bins, band=band, out_dtype=torch.float16)
+    save_volume(out / "volume.npz", vol.cpu().numpy(), mass.float().cpu().numpy(),
+                bin_depths.cpu().numpy(), cam, rgb=rgb, depth=depth, compressed=True)
+    pts = render_points(lifted, feats, colors="rgb")
     pts.save(out / "points.ply")
-    pts.save(out / "points.npz")
-    log["volume"] = {"shape": list(vol.shape), "bins_m": [float(bin_depths[0]), float(bin_depths[-1])]}
+    log["volume"] = {"shape": list(vol.shape), "bins_m": [float(bin_depths[0]), float(bin_depths[-1])],
+                     "dtype": "float16", "band": band}
     log["points"] = int(pts.positions.shape[0])
+    del vol, mass
     stage("lift", t0)
 
     # 5. depth super-resolution ---------------------------------------------------------------------
+    begin("depth-sr (x8, protocol B)")
     t0 = time.perf_counter()
     s = 8
     from ua3d.depth.protocols import make_lr
@@ -184,6 +245,7 @@ def run_demo(
     stage("depth-sr", t0)
 
     # 6. pictures ----------------------------------------------------------------------------------
+    begin("pictures")
     t0 = time.perf_counter()
     comparison_figure(
         guide=rgb, lr=feats[0].cpu(), bilinear=bilinear(guide, feats)[0].cpu(), ours=feats_2d[0].cpu(),
@@ -195,21 +257,21 @@ def run_demo(
         names=("bicubic", "ua3d"), unit="m",
     )
     pictures = ["features.png", "depth_sr.png"]
-    try:
-        from ua3d.viz.o3d_render import RenderingUnavailable  # noqa: F401
+    try:  # headless Open3D pictures are optional (no EGL: skipped, and the summary says why)
+        from ua3d.viz import feature_points, volume_slices
 
-        for kind, src, png in (("volume", "volume.npz", "volume_slices.png"), ("points", "points.npz", "points.png")):
-            from ua3d.cli import main as cli_main
-
-            args = ["view", kind, str(out / src), "--png", str(out / png)] + (["--quiet"] if quiet else [])
-            if cli_main(args) == 0:
-                pictures.append(png)
-    except Exception as e:  # noqa: BLE001  # headless rendering is optional for the demo
-        log["viewer_pictures_skipped"] = str(e).splitlines()[0]
+        volume_slices.render_png(out / "volume.npz", out / "volume_slices.png")
+        pictures.append("volume_slices.png")
+        feature_points.render_png(out / "points.ply", out / "points.png", mode="rgb")
+        pictures.append("points.png")
+    except Exception as e:  # noqa: BLE001
+        log["viewer_pictures_skipped"] = str(e).splitlines()[0] if str(e) else type(e).__name__
     log["pictures"] = pictures
     stage("pictures", t0)
     bar.close()
     log["timings_s"]["total"] = round(time.perf_counter() - t_all, 3)
+    files = sorted(f for f in out.iterdir() if f.is_file() and not f.name.startswith("summary."))
+    log["files_bytes"] = {f.name: f.stat().st_size for f in files}
     _write_summary(out, log, quiet)
     return log
 
@@ -230,11 +292,16 @@ def _write_summary(out: Path, log: dict, quiet: bool) -> None:
         "  within 3 px of depth edges:  bilinear {bilinear:.4f}  ua3d-2d {ua3d_2d:.4f}  ua3d-rgbd {ua3d_rgbd:.4f}".format(
             **acc["within_3px_of_depth_edges"]
         ),
-        (f"feature volume {log['volume']['shape']} over {log['volume']['bins_m'][0]:.2f}-"
-        f"{log['volume']['bins_m'][1]:.2f} m -> volume.npz"),
-        f"feature point cloud: {log['points']} points -> points.ply, points.npz",
+        (f"feature volume {log['volume']['shape']} [C, D, H, W] float16 over {log['volume']['bins_m'][0]:.2f}-"
+        f"{log['volume']['bins_m'][1]:.2f} m"
+        + ("" if log["volume"]["band"] is None else f", {2 * log['volume']['band'] + 1}-bin band around the surface")
+        + " -> volume.npz (compressed)"),
+        f"feature point cloud: {log['points']} points (image colours + features) -> points.ply",
         "depth SR x8 (protocol B) RMSE: bicubic {bicubic:.1f} mm, ua3d {ua3d:.1f} mm".format(**log["depth_sr_x8_rmse_mm"]),
-        f"pictures: {', '.join(log['pictures'])}",
+        f"pictures: {', '.join(log['pictures'])}"
+        + (f" (viewer pictures skipped: {log['viewer_pictures_skipped']})" if "viewer_pictures_skipped" in log else ""),
+        "files: " + ", ".join(f"{k} {_mb(v)}" for k, v in log["files_bytes"].items())
+        + f"; total {_mb(sum(log['files_bytes'].values()))}",
         "timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in log["timings_s"].items()),
     ]
     text = "\n".join(lines) + "\n"

@@ -536,6 +536,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ua3d eval depth-sr", description="Evaluate guided depth super-resolution methods on a dataset."
     )
+    return add_arguments(parser)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of ``ua3d eval depth-sr`` (added to ``parser``, which is returned)."""
     parser.add_argument("--dataset", required=True, choices=sorted(DATASETS), help="dataset registry name")
     parser.add_argument("--root", default=None, help="dataset folder (not needed for motorcycle)")
     parser.add_argument("--scales", type=int, nargs="+", default=[4, 8, 16], help="upsampling factors")
@@ -571,28 +576,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run(args: argparse.Namespace) -> int:
+    """Run the evaluation on parsed options (:func:`add_arguments`); bad input raises ``ValueError``."""
+    options = _parse_options(args.option)
+    if args.anyup_checkpoint is not None:
+        options.setdefault("anyup", {})["checkpoint"] = str(args.anyup_checkpoint)
+    _check_anyup_checkpoint(args.methods, options)
+    evaluate(
+        args.dataset,
+        args.root,
+        args.scales,
+        args.protocol,
+        args.methods,
+        limit=args.limit,
+        json_path=args.json_path,
+        device=args.device,
+        options=options,
+        progress=not args.no_progress,
+    )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the process exit code (0 on success, 2 on bad arguments or data)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
-        options = _parse_options(args.option)
-        if args.anyup_checkpoint is not None:
-            options.setdefault("anyup", {})["checkpoint"] = str(args.anyup_checkpoint)
-        _check_anyup_checkpoint(args.methods, options)
-        evaluate(
-            args.dataset,
-            args.root,
-            args.scales,
-            args.protocol,
-            args.methods,
-            limit=args.limit,
-            json_path=args.json_path,
-            device=args.device,
-            options=options,
-            progress=not args.no_progress,
-        )
+        return run(args)
     except (ValueError, ImportError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"ua3d: error: {err}", file=sys.stderr)
         return 2
-    return 0

@@ -8,21 +8,22 @@ Formats
 * intrinsics: Open3D JSON ``{"width", "height", "intrinsic_matrix": 9 numbers, column-major}``.
 * trajectory: Redwood ``.log``: per frame one line ``i j n`` and four lines of the 4x4
   camera-to-world pose.
-* feature volume (``.npz``, :func:`save_volume`): ``volume [C, D, H, W]`` float32,
+* feature volume (``.npz``, :func:`save_volume`): ``volume [C, D, H, W]`` float32 (or float16),
   ``mass [D, H, W]`` float32 (weight mass per voxel), ``bin_depths [D]`` metres (strictly
   increasing), ``K [3, 3]`` and ``image_size [2] = (H, W)`` of the volume grid, optional ``pose
   [4, 4]`` (camera-to-world), ``normalized`` (1 if ``volume`` already holds mass-normalised
   features, 0 if it holds weighted sums), optional ``rgb [Hr, Wr, 3]`` uint8 and ``depth [Hr, Wr]``
   metres of the guiding RGB-D frame (its camera is the volume camera resized to ``Wr x Hr``).
-* feature point cloud (``.npz``, :func:`save_feature_points`): ``positions [N, 3]`` float32,
-  ``colors [N, 3]`` float32 in [0, 1], ``features [N, C]`` float32.
+* feature point cloud (``.ply`` / ``.npz`` / ``.pcd``, :func:`save_feature_points`): the one format of
+  :mod:`ua3d.rgbd.formats` (PLY with uchar RGB and ``features_i`` properties; lossless ``.npz``).
+
+Every ``.npz`` reader refuses a file of the wrong kind with one clear message (:func:`ua3d.rgbd.formats.read_npz`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ import numpy as np
 from ua3d.core.checks import check_number
 from ua3d.core.memory import check_memory
 from ua3d.rgbd.camera import PinholeCamera, check_rigid
+from ua3d.rgbd.formats import read_npz, read_point_cloud, write_point_cloud
 
 PathLike = str | os.PathLike
 
@@ -357,8 +359,10 @@ def save_volume(
 
     ``camera`` holds the intrinsics of the ``W x H`` volume grid (and optionally its pose);
     ``rgb`` uint8 ``[Hr, Wr, 3]`` and ``depth`` ``[Hr, Wr]`` metres are the optional guide frame.
+    A float16 volume stays float16 (half the file); other dtypes are stored as float32.
     """
-    vol = _np(volume).astype(np.float32)
+    vol = _np(volume)
+    vol = vol if vol.dtype == np.float16 else vol.astype(np.float32)
     m = _np(mass).astype(np.float32)
     bins = _np(bin_depths).astype(np.float64)
     check_volume(vol, m, bins, camera)
@@ -407,13 +411,9 @@ def load_volume(path: PathLike) -> dict[str, Any]:
     float64, ``camera`` (:class:`PinholeCamera` of the volume grid), ``normalized`` (bool), and
     ``rgb`` / ``depth`` (arrays or None).
     """
-    p = _existing(path, "volume")
-    try:
-        with np.load(p, allow_pickle=False) as z:
-            data = {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise ValueError(f"could not read volume file {p}: {e}") from None
-    for key in ("volume", "mass", "bin_depths", "K", "image_size"):
+    p = Path(path)
+    data = read_npz(p, "feature volume", ("volume", "mass", "bin_depths"))
+    for key in ("K", "image_size"):
         if key not in data:
             raise ValueError(f"volume file {p} has no '{key}' array (keys: {sorted(data)})")
     h, w = (int(x) for x in data["image_size"])
@@ -433,58 +433,22 @@ def load_volume(path: PathLike) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- feature point clouds
-def _check_points(positions: np.ndarray, colors: np.ndarray | None, features: np.ndarray) -> None:
-    if positions.ndim != 2 or positions.shape[1] != 3 or positions.shape[0] == 0:
-        raise ValueError(f"positions must have shape [N, 3] with N > 0, got {positions.shape}")
-    n = positions.shape[0]
-    if features.ndim != 2 or features.shape[0] != n:
-        raise ValueError(f"features must have shape [N, C] with N = {n}, got {features.shape}")
-    if features.shape[1] == 0:
-        raise ValueError(f"features must have at least one channel, got shape {features.shape}")
-    if colors is not None and colors.shape != (n, 3):
-        raise ValueError(f"colors must have shape [N, 3] = ({n}, 3), got {colors.shape}")
-    if not (np.all(np.isfinite(positions)) and np.all(np.isfinite(features))):
-        raise ValueError("positions and features must be finite (no NaN/Inf)")
-
-
-def _colors01(colors: np.ndarray) -> np.ndarray:
-    c = np.asarray(colors)
-    if c.dtype == np.uint8:
-        return c.astype(np.float32) / 255.0
-    return np.clip(c.astype(np.float32), 0.0, 1.0)
-
-
 def save_feature_points(
-    path: PathLike, positions: Any, features: Any, colors: Any | None = None, compressed: bool = False
+    path: PathLike, positions: Any, features: Any, colors: Any | None = None, compressed: bool = False,
+    color_mode: str = "rgb",
 ) -> Path:
-    """Save a feature point cloud: ``positions [N, 3]``, ``features [N, C]``, ``colors [N, 3]``.
-
-    ``colors`` may be uint8 or float in [0, 1]; it defaults to mid grey.
-    """
-    pos = _np(positions).astype(np.float32)
-    feats = _np(features).astype(np.float32)
+    """Save a feature point cloud ``positions [N, 3]``, ``features [N, C]``, ``colors [N, 3]`` (uint8 or
+    float in [0, 1], default mid grey) as ``.ply``, ``.npz`` or ``.pcd`` (:mod:`ua3d.rgbd.formats`)."""
     cols = None if colors is None else _np(colors)
-    _check_points(pos, cols, feats)
-    cols = np.full((len(pos), 3), 0.5, np.float32) if cols is None else _colors01(cols)
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    (np.savez_compressed if compressed else np.savez)(p, positions=pos, colors=cols, features=feats)
-    return p
+    return write_point_cloud(
+        path, _np(positions).astype(np.float32), cols, _np(features).astype(np.float32),
+        color_mode=color_mode, compressed=compressed,
+    )
 
 
 def load_feature_points(path: PathLike) -> dict[str, np.ndarray]:
-    """Load a feature point cloud ``.npz``: dict with ``positions``, ``colors`` (float [0, 1]), ``features``."""
-    p = _existing(path, "feature point cloud")
-    try:
-        with np.load(p, allow_pickle=False) as z:
-            data = {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise ValueError(f"could not read feature point cloud {p}: {e}") from None
-    for key in ("positions", "features"):
-        if key not in data:
-            raise ValueError(f"feature point cloud {p} has no '{key}' array (keys: {sorted(data)})")
-    pos, feats = data["positions"].astype(np.float32), data["features"].astype(np.float32)
-    cols = data.get("colors")
-    _check_points(pos, cols, feats)
-    cols = np.full((len(pos), 3), 0.5, np.float32) if cols is None else _colors01(cols)
-    return {"positions": pos, "colors": cols, "features": feats}
+    """Load a feature point cloud (``.ply``/``.npz``/``.pcd``): dict with ``positions``, ``colors``
+    (float [0, 1]), ``features`` (float32), ``color_mode``."""
+    d = read_point_cloud(path)
+    return {"positions": d["positions"], "colors": d["colors"], "features": np.asarray(d["features"], np.float32),
+            "color_mode": d["color_mode"]}

@@ -407,6 +407,7 @@ def fit_rgbd(
     depth_max: float | None = None,
     depth_mode: str = "relative",
     depth_weight: float = 10.0,
+    callback: Any = None,
 ) -> LiftedKernel:
     """Fit the lifted kernel to one RGB-D frame for features on an ``lr_size`` grid.
 
@@ -427,6 +428,7 @@ def fit_rgbd(
         20 steps, radius 2): 3 -> 10 moved the synthetic means from 0.866 to 0.881 (192x144, 4 seeds)
         and 0.928 to 0.934 (256x192), and the Redwood depth-segment mean from 0.926 to 0.941 (3
         frames; bilinear 0.935, so only the heavier depth term beats it there).
+    callback : optional ``callback(step, loss)`` after every TTO step (progress bars).
 
     Returns
     -------
@@ -473,7 +475,9 @@ def fit_rgbd(
     valid_hr = torch.cat([torch.ones_like(valid), valid], 1)
     valid_lr = torch.cat([torch.ones_like(v_lr), v_lr], 1)
     groups = (g.shape[1], 1)
-    params, losses = fit_params(guide_hr, guide_lr, cfg, groups=groups, valid_hr=valid_hr, valid_lr=valid_lr)
+    params, losses = fit_params(
+        guide_hr, guide_lr, cfg, groups=groups, valid_hr=valid_hr, valid_lr=valid_lr, callback=callback
+    )
     kernel = Kernel(
         params, guide_hr, guide_lr, cfg.radius, groups=groups, valid_hr=valid_hr, valid_lr=valid_lr,
         config=cfg, losses=losses,

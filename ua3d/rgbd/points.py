@@ -10,17 +10,12 @@ Two ways to turn LR features into 3D points:
   ``mass_threshold`` becomes a point at the bin depth along the pixel's ray, carrying the
   volume's feature (holes included: the volume is defined at every pixel).
 
-Colours are the guide's RGB at the point's pixel, or a PCA of the features (the first three
-principal components, each mapped to [0, 1] by its 1st-99th percentile range).
+Colours are the guide's RGB at the point's pixel (default), or a PCA of the features (the first three
+principal components, :class:`ua3d.core.pca.PCABasis`, the same PCA as every ua3d figure).
 
-File formats (:meth:`FeaturePointCloud.save`)
-    * ``.npz``: ``positions [N, 3]`` float32, ``colors [N, 3]`` float32 in [0, 1], ``features
-      [N, C]`` (lossless, in their dtype), ``pixels [N, 2]`` int64 ``(row, column)``, and in voxel
-      mode ``bins [N]`` int64 plus ``bin_depths [D]``, and ``world_frame`` (uint8 0/1). The first
-      three keys are what :func:`ua3d.io.rgbd.load_feature_points` reads; Open3D's
-      ``t.io.read_point_cloud`` reads the file too (every array becomes an attribute).
-    * ``.ply`` (binary, through Open3D): positions, float colours, and the feature channels as
-      float32 scalar properties ``features_0 .. features_{C-1}`` (pixel indices are not stored).
+File formats (:meth:`FeaturePointCloud.save`, :meth:`FeaturePointCloud.load`): ``.ply`` (uchar RGB plus
+``features_i`` properties, what other tools open), ``.npz`` (lossless) and ``.pcd``; the one
+reader/writer and its format description live in :mod:`ua3d.rgbd.formats`.
 """
 
 from __future__ import annotations
@@ -33,7 +28,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ua3d.core.pca import PCABasis
 from ua3d.rgbd.camera import backproject, transform_points, unproject
+from ua3d.rgbd.formats import read_point_cloud, write_point_cloud
 from ua3d.rgbd.lift import LiftedKernel
 from ua3d.rgbd.volume import render_volume
 
@@ -41,7 +38,7 @@ __all__ = ["COLOR_MODES", "FRAMES", "POINT_MODES", "FeaturePointCloud", "pca_col
 
 POINT_MODES = ("pixels", "voxels")
 FRAMES = ("camera", "world")
-COLOR_MODES = ("pca", "rgb")
+COLOR_MODES = ("rgb", "pca")
 
 
 @dataclass
@@ -52,6 +49,7 @@ class FeaturePointCloud:
     ----------
     positions : ``[N, 3]`` float32 metres (camera or world frame, see ``frame``).
     colors : ``[N, 3]`` float32 in [0, 1].
+    color_mode : what ``colors`` are: ``"rgb"`` (the guide image) or ``"pca"`` (of the features).
     features : ``[N, C]``.
     pixels : ``[N, 2]`` int64 ``(row, column)`` of each point's HR pixel.
     bins : ``[N]`` int64 depth-bin index (voxel mode) or None.
@@ -66,6 +64,7 @@ class FeaturePointCloud:
     bins: torch.Tensor | None = None
     bin_depths: torch.Tensor | None = None
     frame: str = "camera"
+    color_mode: str = "rgb"
 
     def __post_init__(self) -> None:
         n = self.positions.shape[0]
@@ -101,71 +100,32 @@ class FeaturePointCloud:
         return pcd
 
     # ------------------------------------------------------------------ files
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write ``.npz`` (lossless) or ``.ply`` (through Open3D); see the module docstring."""
-        path = Path(path)
-        if path.suffix not in (".npz", ".ply"):
-            raise ValueError(f"path must end in .npz or .ply, got {str(path)!r}")
+    def save(self, path: str | os.PathLike, format: str | None = None, compressed: bool = False) -> Path:
+        """Write ``.ply`` (uchar colours + features), ``.npz`` (lossless) or ``.pcd`` (see :mod:`ua3d.rgbd.formats`).
+
+        ``format`` (``"ply"``, ``"npz"``, ``"pcd"``) defaults to the suffix and must match it.
+        """
         if len(self) == 0:
             raise ValueError("cannot save an empty point cloud")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.suffix == ".npz":
-            arrays = {
-                "positions": _np(self.positions, np.float32),
-                "colors": _np(self.colors, np.float32),
-                "features": _np(self.features),
-                "pixels": _np(self.pixels, np.int64),
-                "world_frame": np.array(int(self.frame == "world"), dtype=np.uint8),
-            }
-            if self.bins is not None:
-                arrays["bins"] = _np(self.bins, np.int64)
-            if self.bin_depths is not None:
-                arrays["bin_depths"] = _np(self.bin_depths, np.float64)
-            np.savez(path, **arrays)
-            return path
-        import open3d as o3d
-
-        if not o3d.t.io.write_point_cloud(str(path), self.to_open3d()):
-            raise ValueError(f"Open3D could not write {str(path)!r}")
-        return path
+        return write_point_cloud(
+            path, _np(self.positions, np.float32), _np(self.colors, np.float32), _np(self.features),
+            format=format, color_mode=self.color_mode, pixels=_np(self.pixels, np.int64),
+            bins=None if self.bins is None else _np(self.bins, np.int64),
+            bin_depths=None if self.bin_depths is None else _np(self.bin_depths, np.float64),
+            frame=self.frame, compressed=compressed,
+        )
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> FeaturePointCloud:
-        """Read a file written by :meth:`save` (``.ply`` comes back without pixel indices: ``pixels = -1``)."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no point cloud file at {str(path)!r}")
-        if path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as z:
-                missing = {"positions", "colors", "features"} - set(z.files)
-                if missing:
-                    raise ValueError(f"{str(path)!r} lacks the arrays {sorted(missing)} (has {z.files})")
-                d = {k: torch.from_numpy(z[k]) for k in z.files if k != "world_frame"}
-                frame = "world" if "world_frame" in z.files and int(z["world_frame"]) else "camera"
-            n = d["positions"].shape[0]
-            pixels = d.get("pixels", torch.full((n, 2), -1, dtype=torch.int64))
-            return cls(d["positions"], d["colors"], d["features"], pixels, d.get("bins"), d.get("bin_depths"), frame)
-        if path.suffix == ".ply":
-            return cls._load_ply(path)
-        raise ValueError(f"path must end in .npz or .ply, got {str(path)!r}")
-
-    @classmethod
-    def _load_ply(cls, path: Path) -> FeaturePointCloud:
-        import open3d as o3d
-
-        pcd = o3d.t.io.read_point_cloud(str(path))
-        names = list(pcd.point)
-        if "positions" not in names:
-            raise ValueError(f"{str(path)!r} holds no points")
-        pos = torch.from_numpy(pcd.point.positions.numpy().copy())
-        n = pos.shape[0]
-        cols = pcd.point.colors.numpy().copy() if "colors" in names else np.full((n, 3), 0.5, np.float32)
-        feat_names = sorted((k for k in names if k.startswith("features_")), key=lambda k: int(k.split("_")[1]))
-        if not feat_names:
-            raise ValueError(f"{str(path)!r} has no features_0.. properties")
-        feats = np.concatenate([pcd.point[k].numpy().reshape(n, 1) for k in feat_names], axis=1)
-        pixels = torch.full((n, 2), -1, dtype=torch.int64)
-        return cls(pos, torch.from_numpy(cols.astype(np.float32)), torch.from_numpy(feats), pixels)
+        """Read a file written by :meth:`save` (``.ply``/``.pcd`` come back without pixel indices: ``pixels = -1``)."""
+        d = read_point_cloud(path)
+        n = d["positions"].shape[0]
+        t = lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(a))
+        pixels = t(d["pixels"]) if d["pixels"] is not None else torch.full((n, 2), -1, dtype=torch.int64)
+        return cls(
+            t(d["positions"]), t(d["colors"]), t(d["features"]), pixels, t(d["bins"]), t(d["bin_depths"]),
+            d["frame"], d["color_mode"],
+        )
 
 
 def _np(t: Any, dtype=None) -> np.ndarray:
@@ -174,28 +134,13 @@ def _np(t: Any, dtype=None) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------- colours
-def pca_colors(features: torch.Tensor) -> torch.Tensor:
-    """RGB in [0, 1] from the first three principal components of ``features [N, C]``.
-
-    Each component is mapped linearly from its 1st-99th percentile range to [0, 1] and clipped;
-    missing components (``C < 3`` or rank-deficient features) are 0.5. Returns ``[N, 3]`` float32.
-    """
+def pca_colors(features: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """RGB ``[N, 3]`` float32 in [0, 1] from the first three principal components of ``features [N, C]``
+    (:class:`ua3d.core.pca.PCABasis`: 1st-99th percentile range per component; missing ones are 0.5)."""
     if features.ndim != 2 or features.shape[0] == 0:
         raise ValueError(f"features must be [N, C] with N > 0, got {tuple(features.shape)}")
-    x = features.to(torch.float32)
-    x = x - x.mean(0, keepdim=True)
-    n = x.shape[0]
-    sub = x[:: max(1, n // 200_000)]  # the basis from a subsample; projection of every point
-    _, s, vt = torch.linalg.svd(sub, full_matrices=False)
-    k = int(min(3, vt.shape[0], int((s > s[0] * 1e-6).sum()) if s.numel() else 0))
-    out = torch.full((n, 3), 0.5, dtype=torch.float32)
-    if k == 0:
-        return out
-    proj = x @ vt[:k].T  # [N, k]
-    q = torch.quantile(proj[:: max(1, n // 200_000)], torch.tensor([0.01, 0.99]), dim=0)  # [2, k]
-    span = (q[1] - q[0]).clamp_min(1e-12)
-    out[:, :k] = ((proj - q[0]) / span).clamp(0.0, 1.0)
-    return out
+    x = features.detach().to(torch.float32).cpu()
+    return PCABasis.fit(x, seed=seed).transform(x).to(torch.float32)
 
 
 def _colors(lifted: LiftedKernel, mode: str, feats: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
@@ -213,7 +158,7 @@ def render_points(
     features: Any,
     mode: str = "pixels",
     frame: str = "camera",
-    colors: str = "pca",
+    colors: str = "rgb",
     mass_threshold: float | None = None,
     **volume_kwargs: Any,
 ) -> FeaturePointCloud:
@@ -226,7 +171,7 @@ def render_points(
     mode : ``"pixels"`` (valid HR pixels at their observed depth) or ``"voxels"`` (volume voxels
         selected by their mass, see ``mass_threshold``).
     frame : ``"camera"`` or ``"world"`` (applies ``lifted.camera.pose``; identity when None).
-    colors : ``"pca"`` (of the features) or ``"rgb"`` (the guide's colour at the point's pixel).
+    colors : ``"rgb"`` (the guide's colour at the point's pixel, default) or ``"pca"`` (of the features).
     mass_threshold : voxel mode only. None (default): one voxel per pixel, at the bin where its mass
         peaks (the volume's depth estimate). A number: every voxel whose mass (of :func:`render_volume`,
         by default normalised per pixel over the bins) is ``>= mass_threshold``.
@@ -258,7 +203,7 @@ def render_points(
     else:
         cols = _colors(lifted, colors, feats, pixels)
     return FeaturePointCloud(
-        pos.to(torch.float32).cpu(), cols, feats.cpu(), pixels.cpu(), bins, bin_depths, frame
+        pos.to(torch.float32).cpu(), cols, feats.cpu(), pixels.cpu(), bins, bin_depths, frame, colors
     )
 
 

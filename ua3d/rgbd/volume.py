@@ -348,6 +348,7 @@ def render_volume(
     channel_chunk: int | None = None,
     budget_bytes: int = _DEFAULT_BUDGET,
     verbose: bool = False,
+    progress: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Render LR features into a dense feature volume over depth bins.
 
@@ -365,6 +366,7 @@ def render_volume(
     channel_chunk : channels rendered per pass (default: all, capped at 64).
     budget_bytes : size of the streaming buffers (default 256 MiB).
     verbose : print the memory estimate before allocating.
+    progress : optional ``progress(rows_done, rows_total)`` called as HR rows are finished (progress bars).
 
     Returns
     -------
@@ -417,7 +419,7 @@ def render_volume(
     d0, n_bins = _band_start(lifted, bin_depths, spacing, band)
     volume, mm = _allocate((C, D, H, W), out_dtype, out_path, n_bins < D, dev)
     log_mass = torch.full((D, H, W), float("-inf"), dtype=torch.float32, device=dev)
-    _stream(lifted, f.to(device=dev, dtype=work), terms, phi_bins, d0, n_bins, est, volume, log_mass)
+    _stream(lifted, f.to(device=dev, dtype=work), terms, phi_bins, d0, n_bins, est, volume, log_mass, progress)
     if mm is not None:
         mm.flush()
     if mass_mode == "normalized":
@@ -457,7 +459,7 @@ def _block_weights(base, centre, prec, phi_b):
     return lg, (mx + tot.log()).squeeze(-1)
 
 
-def _stream(lifted, f, terms, phi_bins, d0, n_bins, est: VolumeEstimate, volume, log_mass) -> None:
+def _stream(lifted, f, terms, phi_bins, d0, n_bins, est: VolumeEstimate, volume, log_mass, progress=None) -> None:
     """Fill ``volume [C, D, H, W]`` and ``log_mass [D, H, W]``.
 
     Rows are processed in chunks inside one LR anchor row; inside a chunk the pixels of one anchor
@@ -514,3 +516,5 @@ def _stream(lifted, f, terms, phi_bins, d0, n_bins, est: VolumeEstimate, volume,
                         volume[c0:c1, :, y0:y1, xs:xe] = o
                     else:
                         volume[(slice(c0, c1), *sel)] = o
+        if progress is not None:
+            progress(ye, H)

@@ -17,10 +17,12 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ua3d.rgbd.camera import depth_validity
-from ua3d.viz.colormaps import colorize_depth, colorize_error, depth_range
+from ua3d.viz.colormaps import colorize_depth, colorize_error, colorize_signed, depth_range
 from ua3d.viz.pca import PCABasis
 
-__all__ = ["comparison_figure", "depth_sr_figure", "image_grid", "to_display_image"]
+__all__ = ["annotated_render", "comparison_figure", "depth_sr_figure", "image_grid", "to_display_image"]
+
+METHOD = "ua3d"  # the one name of the method in every figure
 
 
 def _np(x: Any) -> np.ndarray:
@@ -47,6 +49,7 @@ def image_grid(
     panel_size: float = 3.0,
     dpi: int = 100,
     suptitle: str | None = None,
+    colorbars: Sequence[tuple[str, float, float, str] | None] | None = None,
 ) -> np.ndarray:
     """Lay out images in a grid (nearest-neighbour display, so low-res inputs stay blocky).
 
@@ -57,6 +60,7 @@ def image_grid(
     titles : one per image, optional
     path : output file, optional
     ncols : columns (default: all in one row up to 4, then ``ceil(sqrt(n))``)
+    colorbars : per image ``(cmap, vmin, vmax, label)`` or None: a colour bar (label with units) beside it
 
     Returns
     -------
@@ -77,12 +81,22 @@ def image_grid(
         figsize=(panel_size * ncols, panel_size * aspect * nrows + (0.4 if suptitle else 0.0)), dpi=dpi
     )
     canvas = FigureCanvasAgg(fig)
+    if colorbars is not None and len(colorbars) != len(imgs):
+        raise ValueError(f"colorbars has {len(colorbars)} entries for {len(imgs)} images")
     for i, im in enumerate(imgs):
         ax = fig.add_subplot(nrows, ncols, i + 1)
         ax.imshow(im, interpolation="nearest", cmap="gray" if im.ndim == 2 else None)
         ax.set_axis_off()
         if titles is not None:
             ax.set_title(titles[i], fontsize=9)
+        if colorbars is not None and colorbars[i] is not None:
+            import matplotlib
+
+            cmap, vmin, vmax, label = colorbars[i]
+            sm = matplotlib.cm.ScalarMappable(norm=matplotlib.colors.Normalize(vmin, vmax), cmap=cmap)
+            cb = fig.colorbar(sm, ax=ax, fraction=0.046, pad=0.02)
+            cb.set_label(label, fontsize=8)
+            cb.ax.tick_params(labelsize=7)
     if suptitle:
         fig.suptitle(suptitle)
     fig.tight_layout()
@@ -110,9 +124,9 @@ def comparison_figure(
     errors: bool = True,
     path: str | Path | None = None,
     pca: PCABasis | None = None,
-    names: tuple[str, str] = ("bilinear", "ours"),
+    names: tuple[str, str] = ("bilinear", METHOD),
 ) -> np.ndarray:
-    """Feature-upsampling comparison: guide, LR, bilinear, ours (and GT), coloured by one PCA.
+    """Feature-upsampling comparison: guide, LR, bilinear, ua3d (and GT), coloured by one PCA.
 
     Parameters
     ----------
@@ -136,14 +150,20 @@ def comparison_figure(
             )
     basis = pca or PCABasis.fit(feats["LR"])
     images = [to_display_image(guide, "guide")] + [basis.transform(f).numpy() for f in feats.values()]
-    titles = ["guide"] + list(feats)
+    titles = ["guide"] + [f"{k} {v.shape[2]}x{v.shape[1]}" for k, v in feats.items()]
+    bars: list = [None] * len(images)
     if errors and gt is not None:
         errs = {k: 1 - torch.nn.functional.cosine_similarity(feats[k], feats["GT"], dim=0) for k in names}
         vmax = max(float(torch.quantile(e.flatten(), 0.99)) for e in errs.values()) or 1.0
         for k, e in errs.items():
             images.append(colorize_error(e, vmax=vmax))
             titles.append(f"1-cos {k} (mean {float(e.mean()):.3f})")
-    return image_grid(images, titles, path, ncols=len(feats) + 1)
+            bars.append(("inferno", 0.0, vmax, "1 - cosine similarity"))
+    c = feats["LR"].shape[0]
+    return image_grid(
+        images, titles, path, ncols=len(feats) + 1, colorbars=bars,
+        suptitle=f"{c}-channel features coloured by one PCA (top 3 components, fitted on LR); size WxH",
+    )
 
 
 def _hw(x: Any, name: str) -> np.ndarray:
@@ -163,18 +183,22 @@ def depth_sr_figure(
     gt: Any | None = None,
     errors: bool = True,
     path: str | Path | None = None,
-    names: tuple[str, str] = ("bicubic", "ours"),
-    unit: str = "",
+    names: tuple[str, str] = ("bicubic", METHOD),
+    unit: str = "m",
 ) -> np.ndarray:
-    """Guided depth super-resolution comparison with one depth colour scale (holes black).
+    """Guided depth super-resolution comparison with one depth colour scale (holes black) and colour bars.
 
     Parameters
     ----------
     guide : RGB ``[H, W, 3]`` or ``[3, H, W]``
     lr : ``[h, w]`` low-resolution depth
     bicubic, ours : ``[H, W]`` upsampled depth
-    gt : ``[H, W]`` reference; with ``errors`` adds ``|pred - gt|`` maps (shared scale) and the
-        RMSE over valid GT pixels in the titles (in the depth's own unit, labelled ``unit``)
+    gt : ``[H, W]`` reference; with ``errors`` adds ``|pred - gt|`` maps (shared scale), the map of
+        ``|ours - gt| - |bicubic - gt|`` (blue: ours is closer) and the RMSE over valid GT pixels in the
+        titles
+    unit : the depth's unit, for the colour bars and the RMSE (default metres)
+
+    Layout: one row (guide, LR, bicubic, ours) without ``gt``; two full rows of four with it.
     """
     maps = {"LR": _hw(lr, "lr"), names[0]: _hw(bicubic, "bicubic"), names[1]: _hw(ours, "ours")}
     if gt is not None:
@@ -184,17 +208,81 @@ def depth_sr_figure(
         if maps[k].shape != shape:
             raise ValueError(f"{k} has shape {maps[k].shape}, expected {shape} like {names[0]}")
     vmin, vmax = depth_range(maps.get("GT", maps["LR"]))
+    u = f" ({unit})" if unit else ""
+    depth_bar = ("turbo", vmin, vmax, f"depth{u}")
     images = [to_display_image(guide, "guide")] + [colorize_depth(m, vmin, vmax) for m in maps.values()]
-    titles = ["guide"] + list(maps)
+    titles = ["guide"] + [f"{k} {m.shape[1]}x{m.shape[0]}" for k, m in maps.items()]
+    bars: list = [None] + [depth_bar] * len(maps)
     if gt is not None:
         valid = depth_validity(maps["GT"])
         errs = {k: np.where(valid, np.abs(maps[k] - maps["GT"]), np.nan) for k in names}
         for k in names:
             rmse = float(np.sqrt(np.nanmean(errs[k] ** 2)))
-            titles[titles.index(k)] = f"{k} (RMSE {rmse:.4g}{unit})"
+            titles[titles.index(next(t for t in titles if t.startswith(k + " ")))] = f"{k} (RMSE {rmse:.4g} {unit})"
         if errors:
             emax = max(float(np.nanpercentile(e, 99)) for e in errs.values()) or 1.0
             for k, e in errs.items():
                 images.append(colorize_error(e, vmax=emax, valid=valid))
                 titles.append(f"|{k} - GT|")
-    return image_grid(images, titles, path, ncols=len(maps) + 1)
+                bars.append(("inferno", 0.0, emax, f"abs. error{u}"))
+            diff = errs[names[1]] - errs[names[0]]
+            dmax = float(np.nanpercentile(np.abs(diff), 99)) or 1.0
+            sig = colorize_signed(np.nan_to_num(diff, nan=0.0), vmax=dmax)
+            sig[~valid] = 0.5
+            images.append(sig)
+            titles.append(f"error {names[1]} - {names[0]} (blue: {names[1]} closer)")
+            bars.append(("RdBu_r", -dmax, dmax, f"error difference{u}"))
+    ncols = 4 if len(images) != 5 else 5
+    return image_grid(
+        images, titles, path, ncols=ncols, colorbars=bars, panel_size=3.2,
+        suptitle="guided depth super-resolution (holes black; size WxH)",
+    )
+
+
+def annotated_render(
+    image: Any,
+    path: str | Path | None = None,
+    title: str = "",
+    colorbar: tuple[str, float, float, str] | None = None,
+    labels: Sequence[tuple[float, float, str]] = (),
+    note: str = "",
+    dpi: int = 100,
+) -> np.ndarray:
+    """A rendered picture (e.g. an Open3D view) with a title, text labels and an optional colour bar.
+
+    Parameters
+    ----------
+    image : ``[H, W, 3]`` RGB (uint8 or float in [0, 1]).
+    title : figure title.
+    colorbar : ``(cmap, vmin, vmax, label)`` for a colour bar on the right (label with units).
+    labels : ``(x, y, text)`` in image pixels, drawn on the picture (e.g. slice depths).
+    note : a small line under the picture (e.g. what the colours mean).
+    """
+    import matplotlib
+
+    img = to_display_image(image, "image")
+    h, w = img.shape[:2]
+    extra = 1.4 if colorbar else 0.0
+    fig = Figure(figsize=(w / dpi + extra, h / dpi + 0.8), dpi=dpi)
+    canvas = FigureCanvasAgg(fig)
+    ax = fig.add_axes((0.0, 0.35 / (h / dpi + 0.8), w / dpi / (w / dpi + extra), h / (h + 0.8 * dpi)))
+    ax.imshow(img, interpolation="nearest")
+    ax.set_axis_off()
+    for x, y, text in labels:
+        ax.annotate(text, (x, y), fontsize=8, color="black", ha="left", va="center",
+                    bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "0.5", "alpha": 0.8})
+    if title:
+        fig.suptitle(title, fontsize=10, y=0.99)
+    if note:
+        fig.text(0.01, 0.01, note, fontsize=7, color="0.25")
+    if colorbar:
+        cmap, vmin, vmax, label = colorbar
+        cax = fig.add_axes((1 - 0.9 / (w / dpi + extra), 0.15, 0.15 / (w / dpi + extra), 0.7))
+        sm = matplotlib.cm.ScalarMappable(norm=matplotlib.colors.Normalize(vmin, vmax), cmap=cmap)
+        fig.colorbar(sm, cax=cax, label=label)
+    canvas.draw()
+    out = np.asarray(canvas.buffer_rgba())[..., :3].copy()
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(str(path), dpi=dpi)
+    return out
