@@ -21,17 +21,15 @@ import os
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-import ua3d  # noqa: E402
-from ua3d.baselines import classic  # noqa: E402
-from ua3d.core.checks import MAX_GUIDE_ABS, as_guide, check_size  # noqa: E402
-from ua3d.core.tto import FitConfig  # noqa: E402
-from ua3d.rgbd.camera import PinholeCamera  # noqa: E402
-from ua3d.rgbd.lift import fit_rgbd  # noqa: E402
+import ua3d
+from ua3d.baselines import classic
+from ua3d.core.checks import MAX_GUIDE_ABS, as_guide, check_size
+from ua3d.core.tto import FitConfig
+from ua3d.rgbd.camera import PinholeCamera
+from ua3d.rgbd.lift import fit_rgbd
 
 _COMMON = {"deadline": None, "database": None, "suppress_health_check": [HealthCheck.too_slow]}
 settings.register_profile("ua3d-ci", max_examples=20, derandomize=True, **_COMMON)
@@ -110,14 +108,20 @@ def _expect_error(g: torch.Tensor, sig: torch.Tensor, mask) -> bool:
 
 # ---------------------------------------------------------------------- fit + render
 @PROFILE
-@given(data=st.data(), dtype=st.sampled_from(DTYPES), steps=st.integers(0, 2),
-       radius=st.sampled_from([1.0, 1.5, 2.0, 3.0]))
+@given(
+    data=st.data(),
+    dtype=st.sampled_from(DTYPES),
+    steps=st.integers(0, 2),
+    radius=st.sampled_from([1.0, 1.5, 2.0, 3.0]),
+)
 def test_fit_render_error_or_convex_result(data, dtype, steps, radius):
     g64, lr, kind = data.draw(guides())
     s64, mask = data.draw(signals(1, lr))
     g, s = g64.to(dtype), s64.to(dtype)
     if _expect_error(g.double(), s.double(), mask):
-        with pytest.raises(ValueError, match=r"guide values must be of a sane magnitude|guide contains|signal contains"):
+        with pytest.raises(
+            ValueError, match=r"guide values must be of a sane magnitude|guide contains|signal contains"
+        ):
             ua3d.fit(g, lr, steps=steps, radius=radius).render(s, mask)
         return
     k = ua3d.fit(g, lr, steps=steps, radius=radius)
@@ -132,7 +136,7 @@ def test_fit_render_error_or_convex_result(data, dtype, steps, radius):
 @PROFILE
 @given(data=st.data())
 def test_holes_never_leak(data):
-    g, lr, kind = data.draw(guides())
+    g, lr, _ = data.draw(guides())
     assume(float(g.abs().max()) <= MAX_GUIDE_ABS)
     s, _ = data.draw(signals(1, lr))
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 99)))
@@ -165,8 +169,11 @@ def test_seeded_fit_is_reproducible_and_thread_independent(data, fraction):
 
 # ---------------------------------------------------------------------- baselines
 @PROFILE
-@given(data=st.data(), method=st.sampled_from(["bilinear", "nearest", "jbu", "bicubic"]),
-       dtype=st.sampled_from(DTYPES))
+@given(
+    data=st.data(),
+    method=st.sampled_from(["bilinear", "nearest", "jbu", "bicubic"]),
+    dtype=st.sampled_from(DTYPES),
+)
 def test_baselines_error_or_bounded(data, method, dtype):
     g, lr, _ = data.draw(guides())
     s, _ = data.draw(signals(1, lr))
@@ -174,7 +181,9 @@ def test_baselines_error_or_bounded(data, method, dtype):
     fn = getattr(classic, method)
     gd, sd = g.to(dtype), s.to(dtype)
     if _expect_error(gd.double(), sd.double(), None):
-        with pytest.raises(ValueError, match=r"guide values must be of a sane magnitude|guide contains|signal contains"):
+        with pytest.raises(
+            ValueError, match=r"guide values must be of a sane magnitude|guide contains|signal contains"
+        ):
             fn(gd, sd, size)
         return
     out = fn(gd, sd, size)
@@ -187,11 +196,20 @@ def test_baselines_error_or_bounded(data, method, dtype):
 
 
 # ---------------------------------------------------------------------- sizes and layouts
-_SIZE_ITEMS = st.one_of(st.integers(-3, 40), st.floats(-3, 40), st.just(math.nan), st.just(math.inf), st.booleans(), st.text(max_size=3))
+_SIZE_ITEMS = st.one_of(
+    st.integers(-3, 40),
+    st.floats(-3, 40),
+    st.just(math.nan),
+    st.just(math.inf),
+    st.booleans(),
+    st.text(max_size=3),
+)
 
 
 @PROFILE
-@given(size=st.one_of(_SIZE_ITEMS, st.tuples(_SIZE_ITEMS, _SIZE_ITEMS), st.lists(st.integers(1, 9), max_size=3)))
+@given(
+    size=st.one_of(_SIZE_ITEMS, st.tuples(_SIZE_ITEMS, _SIZE_ITEMS), st.lists(st.integers(1, 9), max_size=3))
+)
 def test_check_size_returns_exact_positive_ints_or_raises(size):
     try:
         h, w = check_size(size, "output_size")
@@ -205,8 +223,10 @@ def test_check_size_returns_exact_positive_ints_or_raises(size):
 
 
 @PROFILE
-@given(shape=st.lists(st.integers(1, 9), min_size=1, max_size=5),
-       kind=st.sampled_from(["torch32", "torch16", "torchint", "np8", "np16", "npf"]))
+@given(
+    shape=st.lists(st.integers(1, 9), min_size=1, max_size=5),
+    kind=st.sampled_from(["torch32", "torch16", "torchint", "np8", "np16", "npf"]),
+)
 def test_as_guide_layout_is_never_guessed(shape, kind):
     x = torch.rand(*shape)
     if kind == "torch16":
@@ -275,4 +295,7 @@ def test_depth_sr_plain_render_stays_in_the_valid_range(data):
     fin = torch.isfinite(out)
     assert bool(fin.any())
     tol = 1e-5 * float(valid.max())
-    assert float(out[fin].min()) >= float(valid.min()) - tol and float(out[fin].max()) <= float(valid.max()) + tol
+    assert (
+        float(out[fin].min()) >= float(valid.min()) - tol
+        and float(out[fin].max()) <= float(valid.max()) + tol
+    )
