@@ -32,8 +32,8 @@ from ua3d.rgbd.camera import PinholeCamera
 from ua3d.rgbd.lift import fit_rgbd
 
 _COMMON = {"deadline": None, "database": None, "suppress_health_check": [HealthCheck.too_slow]}
-settings.register_profile("ua3d-ci", max_examples=20, derandomize=True, **_COMMON)
-settings.register_profile("ua3d-large", max_examples=400, **_COMMON)
+settings.register_profile("ua3d-ci", max_examples=50, derandomize=True, **_COMMON)
+settings.register_profile("ua3d-large", max_examples=1000, **_COMMON)
 PROFILE = settings.get_profile("ua3d-" + os.environ.get("UA3D_HYPOTHESIS_PROFILE", "ci"))
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -156,15 +156,19 @@ def test_seeded_fit_is_reproducible_and_thread_independent(data, fraction):
     cfg = FitConfig(steps=2, radius=2.0, pixel_fraction=fraction, seed=data.draw(st.integers(0, 1000)))
     threads = torch.get_num_threads()
     try:
+        sig = torch.randn(1, 9, *lr, generator=torch.Generator().manual_seed(1))  # 9 > 8: the blocked render
         torch.set_num_threads(1)
-        a = ua3d.fit(g.float(), lr, cfg).params
+        ka = ua3d.fit(g.float(), lr, cfg)
+        a, ra = ka.params, ka.render(sig)
         b = ua3d.fit(g.float(), lr, cfg).params
         torch.set_num_threads(2)
-        c = ua3d.fit(g.float(), lr, cfg).params
+        kc = ua3d.fit(g.float(), lr, cfg)
+        c, rc = kc.params, kc.render(sig)
     finally:
         torch.set_num_threads(threads)
     torch.testing.assert_close(a, b, rtol=0, atol=0)  # same seed, same result
     torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)  # the thread count only reorders sums
+    torch.testing.assert_close(ra, rc, rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------- baselines
@@ -278,6 +282,22 @@ def test_lift_renders_inside_the_valid_range_and_ignores_holes(data):
 
 
 # ---------------------------------------------------------------------- depth SR
+@pytest.mark.xfail(
+    strict=False, reason="the depth SR output bound is issue 19 (depth SR owner); remove on merge"
+)
+@PROFILE
+@given(data=st.data())
+def test_depth_sr_default_is_never_negative(data):
+    from ua3d.depth.sr import upsample_depth
+
+    h, w = data.draw(st.integers(2, 9)), data.draw(st.integers(2, 9))
+    s = data.draw(st.sampled_from([2, 4, 5.5]))
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    d = 1.0 + torch.rand(1, 1, h, w, generator=gen)
+    out = upsample_depth(d, torch.rand(1, 3, round(h * s), round(w * s), generator=gen))
+    assert float(out[torch.isfinite(out)].min()) >= 0.0
+
+
 @PROFILE
 @given(data=st.data())
 def test_depth_sr_plain_render_stays_in_the_valid_range(data):
