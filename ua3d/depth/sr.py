@@ -108,7 +108,7 @@ class DepthSRConfig:
     def __post_init__(self) -> None:
         for name in ("sigma_spatial", "sigma_range", "fit_lr"):
             v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
+            if isinstance(v, bool) or not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
                 raise ValueError(f"{name} must be a positive finite number, got {v!r}")
         check_number(self.radius, "radius", low=0)
         check_number(self.fit_rgb_weight, "fit_rgb_weight", low=0)
