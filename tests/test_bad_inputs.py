@@ -15,7 +15,6 @@ import ua3d
 from ua3d.baselines import classic
 from ua3d.core.memory import MemoryEstimateError
 from ua3d.core.tto import FitConfig
-from ua3d.depth.sr import DepthSRConfig
 from ua3d.io import rgbd as io
 from ua3d.rgbd.camera import PinholeCamera, depth_to_metres
 from ua3d.rgbd.lift import as_depth, fit_rgbd
@@ -64,8 +63,6 @@ S = torch.rand(1, 2, 4, 4)
         ),
         (lambda: FitConfig(sigma_range="0.1"), r"sigma_range must be a number, got str"),
         (lambda: FitConfig(channel_weights=(1, "x")), r"channel_weights must be a number, got str 'x'"),
-        (lambda: DepthSRConfig(radius="2"), r"radius must be a number, got str '2'"),
-        (lambda: DepthSRConfig(sigma_range=True), r"sigma_range must be a positive finite number, got True"),
         (
             lambda: as_depth(np.ones((4, 4)), depth_scale=float("inf")),
             r"depth_scale must be a positive finite number, got inf",
