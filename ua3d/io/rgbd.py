@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -414,7 +413,7 @@ def load_volume(path: PathLike) -> dict[str, Any]:
     try:
         with np.load(p, allow_pickle=False) as z:
             data = {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    except (OSError, ValueError) as e:
         raise ValueError(f"could not read volume file {p}: {e}") from None
     for key in ("volume", "mass", "bin_depths", "K", "image_size"):
         if key not in data:
@@ -481,7 +480,7 @@ def load_feature_points(path: PathLike) -> dict[str, np.ndarray]:
     try:
         with np.load(p, allow_pickle=False) as z:
             data = {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    except (OSError, ValueError) as e:
         raise ValueError(f"could not read feature point cloud {p}: {e}") from None
     for key in ("positions", "features"):
         if key not in data:
