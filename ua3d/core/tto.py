@@ -125,7 +125,8 @@ def _check_types(cfg: FitConfig) -> None:
         if isinstance(ss, (list, tuple)):
             if len(ss) != 2:
                 raise ValueError(f"sigma_spatial must be None, a number or an (x, y) pair, got {ss!r}")
-            cfg.sigma_spatial = tuple(check_number(v, "sigma_spatial", low=0, low_open=True) for v in ss)
+            sx, sy = (check_number(v, "sigma_spatial", low=0, low_open=True) for v in ss)
+            cfg.sigma_spatial = (sx, sy)
         else:
             check_number(ss, "sigma_spatial", low=0, low_open=True)
     sr = cfg.sigma_range
