@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -152,12 +153,15 @@ def check_size(size: object, name: str) -> tuple[int, int]:
         size = size.tolist()
     if _is_int(size):
         size = (size, size)
+    items: tuple[Any, ...]
     try:
-        h, w = size  # type: ignore[misc]
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be an int or a (height, width) pair, got {size!r}") from None
+        items = tuple(size)  # type: ignore[arg-type]
+    except TypeError:
+        items = ()
+    if len(items) != 2:
+        raise ValueError(f"{name} must be an int or a (height, width) pair, got {size!r}")
     out = []
-    for v in (h, w):
+    for v in items:
         if _is_int(v) or (isinstance(v, float) and math.isfinite(v) and v.is_integer()):
             out.append(int(v))
         else:
@@ -174,7 +178,7 @@ def check_same_batch(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str)
         )
 
 
-def check_lr_size(lr_size: object, out_size: tuple[int, int], name: str = "lr_size") -> tuple[int, int]:
+def check_lr_size(lr_size: object, out_size: tuple[int, ...], name: str = "lr_size") -> tuple[int, int]:
     """Validate an LR grid size against the HR output size."""
     h, w = check_size(lr_size, name)
     H, W = out_size
@@ -306,6 +310,9 @@ def depth_valid_mask(depth, name: str = "depth", mask=None, depth_max: float | N
         check_number(depth_max, "depth_max", low=0, low_open=True)
     if negative not in ("error", "hole"):
         raise ValueError(f"negative must be 'error' or 'hole', got {negative!r}")
+    d: Any
+    valid: Any
+    neg: Any
     if isinstance(depth, torch.Tensor):
         d = depth if depth.is_floating_point() else depth.to(torch.float64)
         finite = torch.isfinite(d)

@@ -106,7 +106,7 @@ def window_size(radius: float) -> int:
     return int((2 * half + 1).sum())
 
 
-def check_window(radius: float, lr_size: tuple[int, int], batch: int = 1, name: str = "radius") -> int:
+def check_window(radius: float, lr_size: tuple[int, ...], batch: int = 1, name: str = "radius") -> int:
     """Check that the window of ``radius`` LR cells can be built and return ``K`` (its size).
 
     Building the window costs ``(2 r + 1)^2`` offsets (24 bytes each); the per-row buffers of the

@@ -95,7 +95,15 @@ def estimate_render_memory(
     if backend == "fast" and fast_available():
         from . import fast
 
-        working = min(fast.render_working_bytes(out_size, lr_size, channels, radius), fast.TILE_BYTES)
+        h, w = lr_size
+        by, bx = -(-H // h) + 1, -(-W // w) + 1  # largest block (HR pixels sharing an anchor), bounded
+        isz = 8 if out_dtype == torch.float64 else 4
+        if channels <= fast.SMALL_C:  # tiles of whole block rows: [C, rows, W] + support
+            per_row = channels * by * W * isz + by * W
+        else:  # weights [w, K, P], gathered signal [w, K, cc] and products [w, cc, P] per block row
+            K, cc = window_size(radius), min(channels, 128)
+            per_row = w * (by * bx * K + K * cc + 3 * by * bx * cc) * isz + w * by * bx
+        working = min(h, max(1, fast.TILE_BYTES // per_row)) * per_row
     else:  # row chunks of 256 MiB, at least one row of pairs
         working = max(256 << 20, batch * window_size(radius) * W * (channels + 16) * 4)
     return {"output": int(output), "working": int(working), "total": int(output + working)}

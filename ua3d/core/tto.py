@@ -25,7 +25,7 @@ from .kernel import init_params, resample_guide
 from .memory import check_memory, check_window
 from .ops import BACKENDS, estimate_fit_memory, kernel_fit_loss_grad
 
-__all__ = ["FitConfig", "check_fit_memory", "fit_params"]
+__all__ = ["FitConfig", "fit_params"]
 
 
 @dataclass
@@ -78,47 +78,23 @@ class FitConfig:
     fine_steps: int = 10
 
     def __post_init__(self) -> None:
+        _check_types(self)  # a wrong type (lr="0.1", seed=-1, sigma_spatial=(1,)) fails here, by name
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
             raise ValueError(f"steps must be an integer >= 0, got {self.steps!r}")
-        for name in ("lr", "lr_decay", "radius", "theta", "pixel_fraction", "coarse_to_fine"):
-            check_number(getattr(self, name), name, finite=False)  # types first: a string fails here, by name
         if not (self.lr > 0) or not math.isfinite(self.lr):
             raise ValueError(f"lr must be positive, got {self.lr!r}")
         if not (0 < self.lr_decay <= 1):
             raise ValueError(f"lr_decay must be in (0, 1], got {self.lr_decay!r}")
         if not (self.radius >= 0) or not math.isfinite(self.radius):
             raise ValueError(f"radius must be >= 0, got {self.radius!r}")
-        check_number(self.theta, "theta")
-        if self.sigma_spatial is not None:
-            ss = self.sigma_spatial
-            if isinstance(ss, (list, tuple)):
-                if len(ss) != 2:
-                    raise ValueError(f"sigma_spatial must be None, a number or an (x, y) pair, got {ss!r}")
-                self.sigma_spatial = tuple(check_number(v, "sigma_spatial", low=0, low_open=True) for v in ss)
-            else:
-                check_number(ss, "sigma_spatial", low=0, low_open=True)
-        sr = self.sigma_range
-        if isinstance(sr, (list, tuple)):
-            if len(sr) == 0:
-                raise ValueError("sigma_range must be a number or a non-empty tuple of numbers, got ()")
-            self.sigma_range = tuple(check_number(v, "sigma_range", low=0, low_open=True) for v in sr)
-        else:
-            check_number(sr, "sigma_range", low=0, low_open=True)
         if not (0 < self.pixel_fraction <= 1):
             raise ValueError(f"pixel_fraction must be in (0, 1], got {self.pixel_fraction!r}")
-        check_int(self.seed, "seed", low=0)
         if self.guide_downsample not in ("area", "bilinear"):
             raise ValueError(f"guide_downsample must be 'area' or 'bilinear', got {self.guide_downsample!r}")
-        if not isinstance(self.backend, str) or self.backend not in BACKENDS:
+        if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        if self.channel_weights is not None:
-            cw = self.channel_weights
-            if isinstance(cw, (str, bytes)) or not isinstance(cw, (list, tuple)) or len(cw) == 0:
-                raise ValueError(f"channel_weights must be None or a non-empty tuple of numbers, got {cw!r}")
-            self.channel_weights = tuple(check_number(v, "channel_weights", low=0) for v in cw)
         if self.adaptive_support is not None and (
-            not _is_number(self.adaptive_support) or not (self.adaptive_support > 0)
-            or not math.isfinite(self.adaptive_support)
+            not (self.adaptive_support > 0) or not math.isfinite(self.adaptive_support)
         ):
             raise ValueError(f"adaptive_support must be None or a positive number of sigmas, got {self.adaptive_support!r}")
         if not (0 < self.coarse_to_fine <= 1):
@@ -136,6 +112,41 @@ class FitConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _check_types(cfg: FitConfig) -> None:
+    """Types (and tuple forms) of the config's fields; the value ranges are checked by ``__post_init__``."""
+    for name in ("lr", "lr_decay", "radius", "theta", "pixel_fraction", "coarse_to_fine"):
+        check_number(getattr(cfg, name), name, finite=False)
+    check_number(cfg.theta, "theta")
+    check_int(cfg.seed, "seed", low=0)
+    if cfg.sigma_spatial is not None:
+        ss = cfg.sigma_spatial
+        if isinstance(ss, (list, tuple)):
+            if len(ss) != 2:
+                raise ValueError(f"sigma_spatial must be None, a number or an (x, y) pair, got {ss!r}")
+            sx, sy = (check_number(v, "sigma_spatial", low=0, low_open=True) for v in ss)
+            cfg.sigma_spatial = (sx, sy)
+        else:
+            check_number(ss, "sigma_spatial", low=0, low_open=True)
+    sr = cfg.sigma_range
+    if isinstance(sr, (list, tuple)):
+        if len(sr) == 0:
+            raise ValueError("sigma_range must be a number or a non-empty tuple of numbers, got ()")
+        cfg.sigma_range = tuple(check_number(v, "sigma_range", low=0, low_open=True) for v in sr)
+    else:
+        check_number(sr, "sigma_range", low=0, low_open=True)
+    if cfg.channel_weights is not None:
+        cw = cfg.channel_weights
+        if isinstance(cw, (str, bytes)) or not isinstance(cw, (list, tuple)) or len(cw) == 0:
+            raise ValueError(f"channel_weights must be None or a non-empty tuple of numbers, got {cw!r}")
+        cfg.channel_weights = tuple(check_number(v, "channel_weights", low=0) for v in cw)
+    if cfg.adaptive_support is not None:
+        check_number(cfg.adaptive_support, "adaptive_support", finite=False)
+    for name in ("guide_downsample", "backend"):
+        v = getattr(cfg, name)
+        if not isinstance(v, str):
+            raise ValueError(f"{name} must be a string, got {type(v).__name__} {v!r}")
 
 
 def check_fit_memory(guide_hr: torch.Tensor, lr_size: tuple[int, int], config: FitConfig, n_groups: int = 1) -> None:
@@ -228,10 +239,6 @@ def fit_params(
         params[:, 0] -= shift[0]
         params[:, 1] -= shift[1]
     return params, losses
-
-
-def _is_number(v: object) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
 
 
 class _Adam:

@@ -243,7 +243,7 @@ def nearest(
     Parameters
     ----------
     depth_lr : torch.Tensor
-        ``[B, 1, h, w]`` depth, any units; invalid = NaN, ``<= 0`` or ``mask_lr`` False.
+        ``[B, 1, h, w]`` depth, any units; invalid = 0, NaN, Inf or ``mask_lr`` False (negative raises).
     guide_hr : torch.Tensor
         ``[B, 3, H, W]`` (only its size is used).
     mask_lr : torch.Tensor, optional
@@ -452,7 +452,7 @@ def guided(
     Parameters
     ----------
     depth_lr : torch.Tensor
-        ``[B, 1, h, w]`` depth, any units; invalid = NaN, ``<= 0`` or ``mask_lr`` False.
+        ``[B, 1, h, w]`` depth, any units; invalid = 0, NaN, Inf or ``mask_lr`` False (negative raises).
     guide_hr : torch.Tensor
         ``[B, 3, H, W]`` RGB in ``[0, 1]`` (or ``[B, 1, H, W]`` grey).
     mask_lr : torch.Tensor, optional

@@ -86,7 +86,8 @@ def _header(p: Path, what: str) -> tuple[int, int, int, str]:
     """``(width, height, bytes per pixel, format)`` from the file's header, without decoding it."""
     from PIL import Image, UnidentifiedImageError
 
-    Image.MAX_IMAGE_PIXELS = None  # our own limit applies (PIL's warns at 89 M, refuses at 179 M)
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # only the header is read here; our own limit applies (PIL's is restored)
     try:
         with Image.open(p) as im:
             w, h = im.size
@@ -97,6 +98,8 @@ def _header(p: Path, what: str) -> tuple[int, int, int, str]:
         return 0, 0, 0, ""  # a format PIL does not know: let OpenCV try
     except (OSError, ValueError, SyntaxError) as e:
         raise ValueError(f"could not read {what} image {p}: corrupted header ({e})") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
 
 
 def _check_complete(p: Path, fmt: str, what: str) -> None:

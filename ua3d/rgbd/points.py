@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ua3d.core.memory import check_memory
 from ua3d.core.pca import PCABasis
 from ua3d.rgbd.camera import backproject, transform_points, unproject
 from ua3d.rgbd.formats import read_point_cloud, write_point_cloud
@@ -208,6 +209,12 @@ def render_points(
 
 
 def _pixel_points(lifted: LiftedKernel, f: torch.Tensor):
+    H, W = lifted.out_size
+    n = int(lifted.depth_valid.sum())
+    check_memory(  # the HR render, the gathered features and the positions / pixels / colours
+        f.shape[1] * (H * W + n) * f.element_size() + n * (3 * 8 + 2 * 8 + 3 * 4 + 3 * 4),
+        f"lifting {f.shape[1]} channels to {n} points", "lift fewer channels at a time", device=f.device,
+    )
     z = lifted.depth[0, 0]
     pos, pixels = backproject(z, lifted.camera, mask=lifted.depth_valid[0, 0])
     hr = lifted.render_2d(f)[0]  # [C, H, W] in the features' dtype
@@ -229,6 +236,13 @@ def _voxel_points(lifted: LiftedKernel, f: torch.Tensor, mass_threshold: float |
         raise ValueError(
             f"no voxel has mass >= mass_threshold={mass_threshold} (max mass {float(mass.max()):.3g}); lower it"
         )
+    n = int(keep.sum())
+    check_memory(
+        n * (volume.shape[0] * volume.element_size() + 3 * 8 + 3 * 8 + 2 * 8 + 3 * 4),
+        f"extracting {n} voxel points of {volume.shape[0]} channels",
+        "raise mass_threshold (or None: one point per pixel), or use fewer bins or channels",
+        device=volume.device,
+    )
     idx = torch.nonzero(keep)  # [N, 3] (d, v, u), bin-major
     d, v, u = idx[:, 0], idx[:, 1], idx[:, 2]
     pos = unproject(u, v, bin_depths[d], lifted.camera)
