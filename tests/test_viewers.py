@@ -297,7 +297,7 @@ def test_downsample_volume_pools_blocks_and_keeps_geometry() -> None:
 # ---------------------------------------------------------------------- readable pictures (issue 20.13)
 def test_render_png_pictures_have_titles_depth_labels_and_colour_bars(tmp_path: Path, monkeypatch) -> None:
     """The slice picture labels slice depths and has a title; the similarity picture has a colour bar."""
-    import ua3d.viz.figures as figures
+    from ua3d.viz import figures
 
     seen: list[dict] = []
     real = figures.annotated_render

@@ -157,7 +157,7 @@ def test_comparison_figures(tmp_path: Path) -> None:
 def test_depth_sr_figure_has_colour_bars_units_and_no_empty_panels(monkeypatch) -> None:
     """Issue 20.13: full rows (8 panels with GT, 4 without), a depth colour bar in metres on each depth map,
     error bars, and the method named "ua3d"."""
-    import ua3d.viz.figures as figures
+    from ua3d.viz import figures
 
     calls = []
     real = figures.image_grid
