@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,8 @@ _MAGIC = {
 
 
 def _describe(path: Path) -> str:
-    head = path.read_bytes()[:8] if path.stat().st_size else b""
+    with open(path, "rb") as f:
+        head = f.read(8)
     for magic, what in _MAGIC.items():
         if head.startswith(magic):
             return what
@@ -72,12 +74,14 @@ def read_npz(path: str | os.PathLike, kind: str, required: tuple[str, ...]) -> d
     if not p.is_file():
         raise FileNotFoundError(f"{kind} file not found: {p}")
     expected = f"expected a ua3d {kind} .npz with the arrays {list(required)}"
-    if not p.read_bytes()[:4].startswith(b"PK"):
+    with open(p, "rb") as f:
+        magic = f.read(4)
+    if not magic.startswith(b"PK"):
         raise ValueError(f"{p} is {_describe(p)}: {expected}")
     try:
         with np.load(p, allow_pickle=False) as z:
             data = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise ValueError(
             f"{p} could not be read as a {kind} ({str(e).splitlines()[0]}): {expected}"
         ) from None
