@@ -415,7 +415,7 @@ def kernel_fit_loss_grad_reference(
         loss = (err.sum(dim=(1, 2, 3)) / denom).sum()
         loss.backward()
         total = total + loss.detach()
-    return total, p.grad.detach()
+    return total, p.grad.detach()  # type: ignore[union-attr]  # set by backward()
 
 
 def _loss_mask(guide_hr, gidx, valid_hr, pixel_mask):

@@ -152,7 +152,7 @@ def kernel_render(
     _check_cut(support_sigmas)
     if params.device.type == "cpu":
         need = estimate_render_memory(
-            params.shape[0], signal.shape[1], tuple(guide_hr.shape[-2:]), tuple(params.shape[-2:]), radius,
+            params.shape[0], signal.shape[1], (guide_hr.shape[-2], guide_hr.shape[-1]), (params.shape[-2], params.shape[-1]), radius,
             out_dtype or signal.dtype, which,
         )
         _check_memory(need, f"rendering {signal.shape[1]} channels at {tuple(guide_hr.shape[-2:])}")
