@@ -159,8 +159,10 @@ def test_pixel_rays_give_z_depth_parameter() -> None:
 
 
 def test_depth_validity_and_units() -> None:
-    d = np.array([0.0, np.nan, np.inf, -1.0, 1.0, 6.0], dtype=np.float32)
+    d = np.array([0.0, np.nan, np.inf, -np.inf, 1.0, 6.0], dtype=np.float32)
     assert depth_validity(d).tolist() == [False, False, False, False, True, True]
+    with pytest.raises(ValueError, match=r"depth has 1 negative value\(s\) \(min -1, shape \(2,\)\)"):
+        depth_validity(np.array([-1.0, 1.0]))  # the one depth rule: negative is an error, not a hole
     assert depth_validity(d, depth_max=5.0).tolist() == [False, False, False, False, True, False]
     t = depth_validity(torch.from_numpy(d))
     assert isinstance(t, torch.Tensor) and t.tolist() == [False, False, False, False, True, True]
@@ -196,7 +198,7 @@ def test_bad_input_errors() -> None:
     cam = _cam()
     with pytest.raises(ValueError, match=r"depth has size 5x8 \(HxW\) but the camera intrinsics are for 6x8"):
         backproject(torch.ones(5, 8), cam)
-    with pytest.raises(ValueError, match="depth has negative values"):
+    with pytest.raises(ValueError, match=r"depth has 48 negative value\(s\)"):
         backproject(-torch.ones(6, 8), cam)
     with pytest.raises(ValueError, match=r"depth of shape \(6, 8\) has no valid pixel \(all holes\)"):
         backproject(torch.zeros(6, 8), cam)

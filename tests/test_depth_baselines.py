@@ -144,10 +144,14 @@ def test_guided_sharpens_a_step_that_the_guide_sees():
 
 
 def test_lr_valid_mask():
-    d = torch.tensor([[[[1.0, 0.0], [math.nan, -2.0]]]])
+    d = torch.tensor([[[[1.0, 0.0], [math.nan, math.inf]]]])
     assert lr_valid_mask(d).tolist() == [[[[True, False], [False, False]]]]
     m = torch.tensor([[[[False, True], [True, True]]]])
     assert not lr_valid_mask(d, m).any()
+    neg = torch.tensor([[[[1.0, -2.0]]]])  # the one depth rule: negative depth is an error ...
+    with pytest.raises(ValueError, match=r"depth_lr has 1 negative value\(s\) \(min -2"):
+        lr_valid_mask(neg)
+    assert lr_valid_mask(neg, torch.tensor([[[[True, False]]]])).tolist() == [[[[True, False]]]]  # ... unless masked
 
 
 def test_input_errors():

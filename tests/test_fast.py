@@ -18,7 +18,7 @@ import torch
 from _helpers import random_params
 
 import ua3d
-from ua3d.core import ops
+from ua3d.core import memory, ops
 from ua3d.core.kernel import (
     init_params,
     kernel_fit_loss_grad_reference,
@@ -310,7 +310,7 @@ def test_memory_estimate_refuses_renders_that_do_not_fit(monkeypatch):
     half = ops.estimate_render_memory(1, 384, (2048, 2048), (128, 128), 8.0, torch.float16)
     assert half["output"] < 0.51 * need["output"]
     c = case()
-    monkeypatch.setattr(ops, "available_memory_bytes", lambda: 1 << 10)
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda: 1 << 10)
     with pytest.raises(ValueError, match=r"rendering 64 channels at \(23, 17\) needs about .* GiB .* only 0.00 GiB"):
         kernel_render(c["params"], c["guide_hr"], c["guide_lr"], torch.zeros(1, 64, 5, 4, dtype=F64), 2.0)
 

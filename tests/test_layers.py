@@ -54,13 +54,7 @@ KNOWN_CYCLES: set[frozenset[str]] = {
     frozenset({"ua3d.cli", "ua3d.demo"}),  # demo calls cli.main(["view", ...]) (issue 14 item 1, cli branch)
 }
 KNOWN_UPWARD: set[tuple[str, str]] = set()
-KNOWN_API_HELPERS: set[tuple[str, str]] = {  # validation / memory helpers to come from ua3d.core (issue 15)
-    ("ua3d.baselines.classic", "as_signal"),
-    ("ua3d.baselines.classic", "check_lr_size"),
-    ("ua3d.rgbd.lift", "as_signal"),
-    ("ua3d.rgbd.lift", "check_lr_size"),
-    ("ua3d.rgbd.volume", "available_memory_bytes"),
-}
+KNOWN_API_HELPERS: set[tuple[str, str]] = set()  # validation / memory helpers come from ua3d.core
 
 
 def _module_name(path: Path) -> str:

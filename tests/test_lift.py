@@ -45,7 +45,7 @@ def test_bad_inputs_raise_clear_errors(scene):
         fit_rgbd(rgb, depth, cam, (6, 8), CFG0, depth_max=0.1)
     neg = depth.copy()
     neg[3, 4] = -1.0
-    with pytest.raises(ValueError, match=r"depth has negative values \(min -1"):
+    with pytest.raises(ValueError, match=r"depth has 1 negative value\(s\) \(min -1"):
         fit_rgbd(rgb, neg, cam, (6, 8), CFG0)
     with pytest.raises(ValueError, match=r"depth has size \(47, 64\) \(HxW\) but rgb has size \(48, 64\)"):
         fit_rgbd(rgb, depth[:-1], cam, (6, 8), CFG0)

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from ua3d.core import memory
 from ua3d.core.kernel import LOG_SIGMA_MAX, LOG_SIGMA_MIN, kernel_render_reference, lr_centres, pair_logits
 from ua3d.core.tto import FitConfig
-from ua3d.rgbd import volume as vol_mod
 from ua3d.rgbd.lift import fit_rgbd
 from ua3d.rgbd.synthetic import make_scene
 from ua3d.rgbd.volume import depth_to_bin, estimate_volume_bytes, make_bin_depths, render_volume
@@ -150,8 +150,8 @@ def test_estimate_and_refusal(lifted, feats, monkeypatch, capsys):
     assert estimate_volume_bytes(8, 64, (480, 640), band=3).volume == 8 * 64 * 480 * 640 * 4
     render_volume(lifted, feats, bins=4, verbose=True)
     assert "render_volume: C=4 D=4 H=36 W=48: volume 0.00 GiB in memory" in capsys.readouterr().out
-    monkeypatch.setattr(vol_mod, "available_memory_bytes", lambda: 1 << 20)
-    with pytest.raises(ValueError, match=r"render_volume needs 0\.\d+ GiB of RAM .* but only 0\.00 GiB is available"):
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda: 1 << 20)
+    with pytest.raises(ValueError, match=r"render_volume \(volume .*\) needs about 0\.\d+ GiB but only 0\.00 GiB is available"):
         render_volume(lifted, feats, bins=64)
 
 

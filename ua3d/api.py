@@ -17,40 +17,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .core.checks import as_guide, check_finite, check_size, check_tensor
+from .core.checks import as_guide, as_signal, check_finite, check_lr_size
 from .core.kernel import kernel_weights_reference, resample_guide
-from .core.ops import available_memory_bytes, estimate_render_memory, kernel_render
+from .core.memory import available_memory_bytes
+from .core.ops import kernel_render
 from .core.params import decode_params
-from .core.tto import FitConfig, fit_params
+from .core.tto import FitConfig, check_fit_memory, fit_params
 
-__all__ = ["Kernel", "as_signal", "available_memory_bytes", "fit", "upsample"]
+__all__ = ["Kernel", "as_signal", "available_memory_bytes", "check_lr_size", "fit", "upsample"]
 
 _FORMAT_VERSION = 1
-
-
-def as_signal(signal: object, lr_size: tuple[int, int] | None = None, name: str = "signal") -> torch.Tensor:
-    """Convert an LR signal to a floating tensor ``[B, C, h, w]``.
-
-    Accepts a tensor ``[B, C, h, w]``, ``[C, h, w]`` or ``[h, w]``, or a numpy array of the
-    same layouts (``[h, w]`` becomes one channel). Integer inputs (labels, one-hot) become float32.
-    """
-    if isinstance(signal, np.ndarray):
-        signal = torch.from_numpy(np.ascontiguousarray(signal))
-    if not isinstance(signal, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor or numpy array, got {type(signal).__name__}")
-    if signal.ndim == 2:
-        signal = signal[None, None]
-    elif signal.ndim == 3:
-        signal = signal[None]
-    check_tensor(signal, name, ndim=4)
-    if not signal.is_floating_point():
-        signal = signal.to(torch.float32)
-    if lr_size is not None and tuple(signal.shape[-2:]) != tuple(lr_size):
-        raise ValueError(
-            f"{name} grid {tuple(signal.shape[-2:])} does not match the kernel's LR grid {tuple(lr_size)} "
-            f"(signal shape {tuple(signal.shape)})"
-        )
-    return signal
 
 
 class Kernel:
@@ -164,16 +140,6 @@ class Kernel:
             sig = torch.where(mask, sig, torch.zeros((), dtype=sig.dtype, device=sig.device))
         else:
             check_finite(sig, "signal")
-        need = estimate_render_memory(
-            sig.shape[0], sig.shape[1], self.out_size, self.lr_size, self.radius, out_dtype or sig.dtype
-        )["output"]
-        avail = available_memory_bytes()
-        if sig.device.type == "cpu" and need > 0.8 * avail:
-            raise ValueError(
-                f"rendering {sig.shape[1]} channels at {self.out_size} needs {need / 2**30:.1f} GiB for the "
-                f"output alone but only {avail / 2**30:.1f} GiB is available: render fewer channels at a time "
-                f"or pass out_dtype=torch.float16"
-            )
         sig = sig.to(device=self.device)
         work_dtype = self.params.dtype
         out, support = kernel_render(
@@ -244,43 +210,44 @@ class Kernel:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no kernel file at {str(path)!r}")
-        if path.suffix == ".pt":
-            d = torch.load(path, map_location=map_location, weights_only=True)
-        elif path.suffix == ".npz":
-            import json
-
-            with np.load(path) as z:
-                d = json.loads(str(z["meta"]))
-                for k in z.files:
-                    if k != "meta":
-                        d[k] = torch.from_numpy(z[k]).to(map_location)
-        else:
+        if path.suffix not in (".pt", ".npz"):
             raise ValueError(f"path must end in .pt or .npz, got {str(path)!r}")
-        if d.get("format_version") != _FORMAT_VERSION:
-            raise ValueError(f"{str(path)!r}: unsupported kernel format version {d.get('format_version')!r}")
-        cfg = dict(d["config"])
-        for k in ("sigma_spatial", "sigma_range", "channel_weights"):
-            if isinstance(cfg.get(k), list):
-                cfg[k] = tuple(cfg[k])
-        return cls(
-            d["params"], d["guide_hr"], d["guide_lr"], d["radius"], groups=d["groups"] or None,
-            valid_hr=d.get("valid_hr"), valid_lr=d.get("valid_lr"), config=FitConfig(**cfg), losses=d["losses"],
-        )
+        try:
+            if path.suffix == ".pt":
+                d = torch.load(path, map_location=map_location, weights_only=True)
+            else:
+                import json
+
+                with np.load(path, allow_pickle=False) as z:
+                    d = json.loads(str(z["meta"]))
+                    for k in z.files:
+                        if k != "meta":
+                            d[k] = torch.from_numpy(z[k]).to(map_location)
+        except Exception as exc:  # noqa: BLE001 - zip/pickle/json readers raise many types on a bad file
+            raise ValueError(
+                f"{str(path)!r}: cannot read it as a kernel {path.suffix} file ({type(exc).__name__}: {exc})"
+            ) from None
+        if not isinstance(d, dict) or d.get("format_version") != _FORMAT_VERSION:
+            found = d.get("format_version") if isinstance(d, dict) else type(d).__name__
+            raise ValueError(f"{str(path)!r}: unsupported kernel format version {found!r}")
+        try:
+            cfg = dict(d["config"])
+            for k in ("sigma_spatial", "sigma_range", "channel_weights"):
+                if isinstance(cfg.get(k), list):
+                    cfg[k] = tuple(cfg[k])
+            return cls(
+                d["params"], d["guide_hr"], d["guide_lr"], d["radius"], groups=d["groups"] or None,
+                valid_hr=d.get("valid_hr"), valid_lr=d.get("valid_lr"), config=FitConfig(**cfg),
+                losses=d["losses"],
+            )
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"{str(path)!r}: incomplete kernel file ({type(exc).__name__}: {exc})") from None
 
 
 def _config(config: FitConfig | None, overrides: dict) -> FitConfig:
     if config is not None and not isinstance(config, FitConfig):
         raise ValueError(f"config must be a FitConfig or None, got {type(config).__name__}")
     return (config or FitConfig()).replace(**overrides) if overrides else (config or FitConfig())
-
-
-def check_lr_size(lr_size: object, out_size: tuple[int, int]) -> tuple[int, int]:
-    """Validate an LR grid size against the HR output size."""
-    h, w = check_size(lr_size, "lr_size")
-    H, W = out_size
-    if h > H or w > W:
-        raise ValueError(f"lr_size {(h, w)} is larger than the guide/output size {(H, W)}")
-    return h, w
 
 
 def fit(guide: object, lr_size: object, config: FitConfig | None = None, **overrides) -> Kernel:
@@ -300,6 +267,7 @@ def fit(guide: object, lr_size: object, config: FitConfig | None = None, **overr
     g = as_guide(guide)
     cfg = _config(config, overrides)
     hw = check_lr_size(lr_size, (g.shape[-2], g.shape[-1]))
+    check_fit_memory(g, hw, cfg)  # before the LR guide is made (interpolating a strided guide copies it)
     g_lr = resample_guide(g, hw, cfg.guide_downsample)
     params, losses = fit_params(g, g_lr, cfg)
     return Kernel(params, g, g_lr, cfg.radius, config=cfg, losses=losses)

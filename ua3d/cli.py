@@ -309,6 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("file", help="volume .npz or point cloud .npz")
     v.add_argument("--png", default=None, help="render headless to this PNG instead of opening a window")
     v.set_defaults(func=cmd_view)
+
+    from .batch.cli import add_parser as add_batch_parser  # `ua3d batch ...` (issue 18): arguments live there
+
+    add_batch_parser(sub, parents=[common])
     return p
 
 

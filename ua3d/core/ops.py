@@ -17,16 +17,17 @@ Before a large allocation the render checks a memory estimate
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from collections.abc import Sequence
 
 import torch
 
 from . import kernel as _ref
+from .memory import available_memory_bytes, check_memory, check_window, window_size
 
 __all__ = [
     "available_memory_bytes",
+    "estimate_fit_memory",
     "estimate_render_memory",
     "fast_available",
     "kernel_fit_loss_grad",
@@ -36,8 +37,6 @@ __all__ = [
 
 _WARNED = False
 BACKENDS = ("auto", "fast", "reference")
-#: fraction of the available memory a render may plan to use
-MEMORY_FRACTION = 0.85
 
 
 def fast_available() -> bool:
@@ -75,21 +74,6 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 # --------------------------------------------------------------------------- memory
-def available_memory_bytes() -> int:
-    """Physical memory available to this process (best effort; Linux ``/proc/meminfo``)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:  # pragma: no cover
-        pass
-    try:  # pragma: no cover
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # pragma: no cover
-        return 1 << 40
-
-
 def estimate_render_memory(
     batch: int,
     channels: int,
@@ -112,19 +96,54 @@ def estimate_render_memory(
         from . import fast
 
         working = min(fast.render_working_bytes(out_size, lr_size, channels, radius), fast.TILE_BYTES)
-    else:
-        working = 256 << 20
+    else:  # row chunks of 256 MiB, at least one row of pairs
+        working = max(256 << 20, batch * window_size(radius) * W * (channels + 16) * 4)
     return {"output": int(output), "working": int(working), "total": int(output + working)}
 
 
+def estimate_fit_memory(
+    batch: int,
+    guide_channels: int,
+    out_size: tuple[int, int],
+    lr_size: tuple[int, int],
+    radius: float,
+    n_groups: int = 1,
+    dtype: torch.dtype = torch.float32,
+    *,
+    contiguous: bool = True,
+    pixel_fraction: float = 1.0,
+    backend: str = "fast",
+) -> dict[str, int]:
+    """Planned memory of a TTO fit in bytes, before anything is allocated: ``{"guide copy", "working", "total"}``.
+
+    ``guide copy``: a strided guide (e.g. broadcast-expanded) is made contiguous once (``B Cg H W``);
+    ``working``: parameters, gradient and Adam moments (``4 B (3 + G) h w``), the fast engine's per-LR-row
+    gradient buffers (``B h (2 r + 1) w (3 + G)`` float64) and per-thread block scratch (``K`` x the padded
+    block), or the reference's row chunks (256 MiB, at least one row of pairs); per-step pixel subsets.
+    """
+    B, Cg, G = int(batch), int(guide_channels), int(n_groups)
+    H, W = out_size
+    h, w = lr_size
+    item = torch.empty((), dtype=dtype).element_size()
+    r = math.floor(radius)
+    K = window_size(radius)
+    params = 4 * B * (3 + G) * h * w * item
+    if backend != "reference" and fast_available():
+        from . import fast
+
+        pmax = (-(-H // h) + 1) * (-(-W // w) + 1)
+        per_thread = (K * (pmax + 2 * (6 + 2 * G + Cg) + 11) + pmax * (4 * Cg + G + 16)) * item
+        engine = B * h * (2 * r + 1) * w * (3 + G) * 8 * 2 + fast.num_threads() * per_thread
+    else:
+        engine = max(256 << 20, B * K * W * (Cg * 6 + 24 + 16) * item * 2)
+    pixels = B * H * W * (4 + 1 + item) if pixel_fraction < 1 else 0
+    copy = 0 if contiguous else B * Cg * H * W * item
+    working = params + engine + pixels
+    return {"guide copy": int(copy), "working": int(working), "total": int(copy + working)}
+
+
 def _check_memory(need: dict[str, int], what: str) -> None:
-    avail = available_memory_bytes()
-    if need["total"] > MEMORY_FRACTION * avail:
-        raise ValueError(
-            f"{what} needs about {need['total'] / 2**30:.2f} GiB (output {need['output'] / 2**30:.2f} GiB + "
-            f"working {need['working'] / 2**30:.2f} GiB) but only {avail / 2**30:.2f} GiB is available: "
-            f"render fewer channels at a time or use out_dtype=torch.float16"
-        )
+    check_memory(need, what, "render fewer channels at a time or use out_dtype=torch.float16")
 
 
 # --------------------------------------------------------------------------- dispatch
@@ -150,11 +169,15 @@ def kernel_render(
     """
     which = resolve_backend(backend, params.device)
     _check_cut(support_sigmas)
+    check_window(radius, (params.shape[-2], params.shape[-1]), params.shape[0])
     if params.device.type == "cpu":
         need = estimate_render_memory(
             params.shape[0], signal.shape[1], (guide_hr.shape[-2], guide_hr.shape[-1]), (params.shape[-2], params.shape[-1]), radius,
             out_dtype or signal.dtype, which,
         )
+        if not guide_hr.is_contiguous():  # the engines copy a strided (e.g. broadcast-expanded) guide
+            need["guide copy"] = guide_hr.numel() * params.element_size()
+            need["total"] += need["guide copy"]
         _check_memory(need, f"rendering {signal.shape[1]} channels at {tuple(guide_hr.shape[-2:])}")
     if which == "fast":
         from . import fast
@@ -198,6 +221,7 @@ def kernel_fit_loss_grad(
     """
     which = resolve_backend(backend, params.device)
     _check_cut(support_sigmas)
+    check_window(radius, (params.shape[-2], params.shape[-1]), params.shape[0])
     if which == "fast":
         from . import fast
 

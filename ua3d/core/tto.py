@@ -20,10 +20,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .checks import check_int, check_number
 from .kernel import init_params, resample_guide
-from .ops import BACKENDS, kernel_fit_loss_grad
+from .memory import check_memory, check_window
+from .ops import BACKENDS, estimate_fit_memory, kernel_fit_loss_grad
 
-__all__ = ["FitConfig", "fit_params"]
+__all__ = ["FitConfig", "check_fit_memory", "fit_params"]
 
 
 @dataclass
@@ -78,20 +80,45 @@ class FitConfig:
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
             raise ValueError(f"steps must be an integer >= 0, got {self.steps!r}")
+        for name in ("lr", "lr_decay", "radius", "theta", "pixel_fraction", "coarse_to_fine"):
+            check_number(getattr(self, name), name, finite=False)  # types first: a string fails here, by name
         if not (self.lr > 0) or not math.isfinite(self.lr):
             raise ValueError(f"lr must be positive, got {self.lr!r}")
         if not (0 < self.lr_decay <= 1):
             raise ValueError(f"lr_decay must be in (0, 1], got {self.lr_decay!r}")
         if not (self.radius >= 0) or not math.isfinite(self.radius):
             raise ValueError(f"radius must be >= 0, got {self.radius!r}")
+        check_number(self.theta, "theta")
+        if self.sigma_spatial is not None:
+            ss = self.sigma_spatial
+            if isinstance(ss, (list, tuple)):
+                if len(ss) != 2:
+                    raise ValueError(f"sigma_spatial must be None, a number or an (x, y) pair, got {ss!r}")
+                self.sigma_spatial = tuple(check_number(v, "sigma_spatial", low=0, low_open=True) for v in ss)  # type: ignore[assignment]  # len 2, checked above
+            else:
+                check_number(ss, "sigma_spatial", low=0, low_open=True)
+        sr = self.sigma_range
+        if isinstance(sr, (list, tuple)):
+            if len(sr) == 0:
+                raise ValueError("sigma_range must be a number or a non-empty tuple of numbers, got ()")
+            self.sigma_range = tuple(check_number(v, "sigma_range", low=0, low_open=True) for v in sr)
+        else:
+            check_number(sr, "sigma_range", low=0, low_open=True)
         if not (0 < self.pixel_fraction <= 1):
             raise ValueError(f"pixel_fraction must be in (0, 1], got {self.pixel_fraction!r}")
+        check_int(self.seed, "seed", low=0)
         if self.guide_downsample not in ("area", "bilinear"):
             raise ValueError(f"guide_downsample must be 'area' or 'bilinear', got {self.guide_downsample!r}")
-        if self.backend not in BACKENDS:
+        if not isinstance(self.backend, str) or self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.channel_weights is not None:
+            cw = self.channel_weights
+            if isinstance(cw, (str, bytes)) or not isinstance(cw, (list, tuple)) or len(cw) == 0:
+                raise ValueError(f"channel_weights must be None or a non-empty tuple of numbers, got {cw!r}")
+            self.channel_weights = tuple(check_number(v, "channel_weights", low=0) for v in cw)
         if self.adaptive_support is not None and (
-            not (self.adaptive_support > 0) or not math.isfinite(self.adaptive_support)
+            not _is_number(self.adaptive_support) or not (self.adaptive_support > 0)
+            or not math.isfinite(self.adaptive_support)
         ):
             raise ValueError(f"adaptive_support must be None or a positive number of sigmas, got {self.adaptive_support!r}")
         if not (0 < self.coarse_to_fine <= 1):
@@ -109,6 +136,21 @@ class FitConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def check_fit_memory(guide_hr: torch.Tensor, lr_size: tuple[int, int], config: FitConfig, n_groups: int = 1) -> None:
+    """Refuse (before allocating) a fit whose window or memory estimate does not fit; see
+    :func:`ua3d.core.ops.estimate_fit_memory`. Entry points call it before resampling the guide."""
+    B, Cg, H, W = guide_hr.shape
+    h, w = lr_size
+    check_window(config.radius, (h, w), B)
+    need = estimate_fit_memory(
+        B, Cg, (H, W), (h, w), config.radius, n_groups, guide_hr.dtype, contiguous=guide_hr.is_contiguous(),
+        pixel_fraction=config.pixel_fraction, backend=config.backend,
+    )
+    check_memory(need, f"fitting a kernel to a {Cg}-channel guide of {H}x{W} on a {h}x{w} grid",
+                 "use a smaller guide (resize it), a smaller radius, or coarse_to_fine < 1",
+                 device=guide_hr.device)
 
 
 def fit_params(
@@ -141,6 +183,7 @@ def fit_params(
     B, Cg, H, W = guide_hr.shape
     h, w = guide_lr.shape[-2:]
     n_groups = 1 if groups is None else len(groups)
+    check_fit_memory(guide_hr, (h, w), config, n_groups)
     if init is None:
         sr = config.sigma_range
         if isinstance(sr, (int, float)):
@@ -185,6 +228,10 @@ def fit_params(
         params[:, 0] -= shift[0]
         params[:, 1] -= shift[1]
     return params, losses
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
 
 
 class _Adam:

@@ -38,6 +38,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from ua3d.core.checks import depth_valid_mask
+
 __all__ = [
     "bicubic",
     "bilinear",
@@ -175,7 +177,7 @@ def _check_inputs(depth_lr: torch.Tensor, guide_hr: torch.Tensor, mask_lr: torch
 
 
 def lr_valid_mask(depth_lr: torch.Tensor, mask_lr: torch.Tensor | None = None) -> torch.Tensor:
-    """Valid LR pixels: finite, ``> 0`` and ``mask_lr`` (if given).
+    """Valid LR pixels: finite, ``> 0`` and ``mask_lr`` (if given); negative unmasked depth raises.
 
     Parameters
     ----------
@@ -189,10 +191,8 @@ def lr_valid_mask(depth_lr: torch.Tensor, mask_lr: torch.Tensor | None = None) -
     torch.Tensor
         ``[B, 1, h, w]`` bool.
     """
-    valid = torch.isfinite(depth_lr) & (depth_lr > 0)
-    if mask_lr is not None:
-        valid &= mask_lr.to(device=depth_lr.device, dtype=torch.bool)
-    return valid
+    m = None if mask_lr is None else mask_lr.to(device=depth_lr.device, dtype=torch.bool)
+    return depth_valid_mask(depth_lr, "depth_lr", mask=m)  # the one depth rule: negative raises
 
 
 def output_valid_mask(depth_hr: torch.Tensor) -> torch.Tensor:

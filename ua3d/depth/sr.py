@@ -50,7 +50,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..core.checks import as_guide
+from ..core.checks import as_guide, check_number
 from ..core.kernel import init_params, resample_guide
 from ..core.ops import BACKENDS, kernel_render
 from ..core.tto import FitConfig, fit_params
@@ -110,6 +110,8 @@ class DepthSRConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
                 raise ValueError(f"{name} must be a positive finite number, got {v!r}")
+        check_number(self.radius, "radius", low=0)
+        check_number(self.fit_rgb_weight, "fit_rgb_weight", low=0)
         if not (self.radius >= 0 and math.isfinite(self.radius)):
             raise ValueError(f"radius must be a finite number >= 0, got {self.radius!r}")
         for name in ("iters", "fit_steps"):

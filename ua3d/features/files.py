@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..core.memory import check_memory
+
 __all__ = ["FEATURE_SUFFIXES", "LAYOUTS", "guess_layout", "load_features", "save_features"]
 
 LAYOUTS = ("auto", "chw", "hwc")
@@ -67,12 +69,30 @@ def _pick(items: dict, key: str | None, path: Path) -> object:
     raise ValueError(f"{path}: holds several arrays {sorted(map(str, arrays))}; pass key=NAME (--key NAME)")
 
 
+def _check_npy_size(path: Path) -> None:
+    """Refuse a ``.npy`` whose header declares more data than the file holds or than memory allows."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        if version not in ((1, 0), (2, 0)):
+            return  # np.load checks the rest
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(f)
+        offset = f.tell()
+    nbytes = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+    size = path.stat().st_size
+    if nbytes > size - offset:
+        raise ValueError(f"{path}: truncated .npy file: its header declares {shape} {dtype} ({nbytes} bytes) "
+                         f"but the file holds {size - offset} bytes of data")
+    check_memory(nbytes * 2, f"{path}: loading features of shape {shape}", "use a smaller feature file")
+
+
 def _read(path: Path, key: str | None) -> object:
     suffix = path.suffix.lower()
     try:
         if suffix == ".npy":
             if key is not None:
                 raise ValueError(f"{path}: key={key!r} applies to .npz and .pt files only, not .npy")
+            _check_npy_size(path)
             return np.load(path, allow_pickle=False)
         if suffix == ".npz":
             with np.load(path, allow_pickle=False) as z:

@@ -22,15 +22,22 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 
-from ua3d.rgbd.camera import PinholeCamera
+from ua3d.core.checks import check_number
+from ua3d.core.memory import check_memory
+from ua3d.rgbd.camera import PinholeCamera, check_rigid
 
 PathLike = str | os.PathLike
+
+#: largest decoded image the readers accept by default (pixels); override per call with
+#: ``max_pixels=`` or for the process with the ``UA3D_MAX_IMAGE_PIXELS`` environment variable
+MAX_IMAGE_PIXELS = 1 << 27  # 134 M pixels, e.g. 16384 x 8192
 
 __all__ = [
     "check_volume",
@@ -59,11 +66,64 @@ def _existing(path: PathLike, what: str) -> Path:
     return p
 
 
-def _imread(path: PathLike, what: str) -> np.ndarray:
+def _max_pixels(max_pixels: int | None) -> int:
+    if max_pixels is None:
+        env = os.environ.get("UA3D_MAX_IMAGE_PIXELS")
+        if not env:
+            return MAX_IMAGE_PIXELS
+        try:
+            return int(float(env))
+        except ValueError:
+            raise ValueError(f"UA3D_MAX_IMAGE_PIXELS must be a number of pixels, got {env!r}") from None
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, np.integer)) or max_pixels <= 0:
+        raise ValueError(f"max_pixels must be a positive integer or None, got {max_pixels!r}")
+    return int(max_pixels)
+
+
+def _header(p: Path, what: str) -> tuple[int, int, int, str]:
+    """``(width, height, bytes per pixel, format)`` from the file's header, without decoding it."""
+    from PIL import Image, UnidentifiedImageError
+
+    Image.MAX_IMAGE_PIXELS = None  # our own limit applies (PIL's warns at 89 M, refuses at 179 M)
+    try:
+        with Image.open(p) as im:
+            w, h = im.size
+            bands = len(im.getbands())
+            depth = 2 if im.mode in ("I;16", "I;16B", "I;16L", "I", "F") else 1
+            return int(w), int(h), bands * depth, str(im.format)
+    except UnidentifiedImageError:
+        return 0, 0, 0, ""  # a format PIL does not know: let OpenCV try
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ValueError(f"could not read {what} image {p}: corrupted header ({e})") from None
+
+
+def _check_complete(p: Path, fmt: str, what: str) -> None:
+    """Refuse a truncated JPEG (OpenCV decodes it silently, grey rows for the missing part)."""
+    if fmt != "JPEG":
+        return
+    data = p.read_bytes()
+    if data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda"):  # no end-of-image marker after the last scan
+        raise ValueError(
+            f"could not read {what} image {p}: truncated JPEG (no end-of-image marker after the last scan; "
+            f"{len(data)} bytes)"
+        )
+
+
+def _imread(path: PathLike, what: str, max_pixels: int | None = None) -> np.ndarray:
     p = _existing(path, what)
+    w, h, bpp, fmt = _header(p, what)
+    limit = _max_pixels(max_pixels)
+    if w * h > limit:
+        raise ValueError(
+            f"{what} image {p} decodes to {w}x{h} = {w * h / 1e6:.0f} M pixels ({w * h * bpp / 2**30:.2f} GiB), "
+            f"above the limit of {limit / 1e6:.0f} M pixels: pass max_pixels={w * h} (or set "
+            f"UA3D_MAX_IMAGE_PIXELS) if the image is trusted"
+        )
+    check_memory(w * h * max(bpp, 1) * 2, f"decoding {what} image {p} ({w}x{h})", "use a smaller image")
+    _check_complete(p, fmt, what)
     img = cv2.imread(str(p), cv2.IMREAD_UNCHANGED)
     if img is None:
-        raise ValueError(f"could not read {what} image {p} (not an image or unsupported format)")
+        raise ValueError(f"could not read {what} image {p} (not an image, corrupted or unsupported format)")
     return img
 
 
@@ -76,9 +136,13 @@ def _imwrite(path: PathLike, img: np.ndarray) -> Path:
 
 
 # ---------------------------------------------------------------------- colour
-def read_color(path: PathLike) -> np.ndarray:
-    """Read an 8-bit colour image as uint8 RGB ``[H, W, 3]`` (grey is replicated, alpha dropped)."""
-    img = _imread(path, "colour")
+def read_color(path: PathLike, max_pixels: int | None = None) -> np.ndarray:
+    """Read an 8-bit colour image as uint8 RGB ``[H, W, 3]`` (grey is replicated, alpha dropped).
+
+    ``max_pixels``: refuse images that decode to more pixels (default :data:`MAX_IMAGE_PIXELS`).
+    Truncated or corrupted files raise ``ValueError`` naming the file.
+    """
+    img = _imread(path, "colour", max_pixels)
     if img.dtype != np.uint8:
         raise ValueError(f"colour image {path} must be 8-bit, got dtype {img.dtype}")
     if img.ndim == 2:
@@ -103,9 +167,9 @@ def write_color(path: PathLike, rgb: np.ndarray) -> Path:
 
 
 # ---------------------------------------------------------------------- depth
-def read_depth_raw(path: PathLike) -> np.ndarray:
-    """Read a single-channel 16-bit depth PNG unchanged: uint16 ``[H, W]``."""
-    img = _imread(path, "depth")
+def read_depth_raw(path: PathLike, max_pixels: int | None = None) -> np.ndarray:
+    """Read a single-channel 16-bit depth PNG unchanged: uint16 ``[H, W]`` (``max_pixels``: see :func:`read_color`)."""
+    img = _imread(path, "depth", max_pixels)
     if img.ndim != 2 or img.dtype != np.uint16:
         raise ValueError(
             f"depth image {path} must be single-channel 16-bit, got dtype {img.dtype} and shape {img.shape}"
@@ -113,11 +177,10 @@ def read_depth_raw(path: PathLike) -> np.ndarray:
     return img
 
 
-def read_depth(path: PathLike, depth_scale: float = 1000.0) -> np.ndarray:
+def read_depth(path: PathLike, depth_scale: float = 1000.0, max_pixels: int | None = None) -> np.ndarray:
     """Read a 16-bit depth PNG as float32 metres ``[H, W]`` (raw / ``depth_scale``; holes stay 0)."""
-    if not depth_scale > 0:
-        raise ValueError(f"depth_scale must be positive, got {depth_scale}")
-    return read_depth_raw(path).astype(np.float32) / np.float32(depth_scale)
+    check_number(depth_scale, "depth_scale", low=0, low_open=True)
+    return read_depth_raw(path, max_pixels).astype(np.float32) / np.float32(depth_scale)
 
 
 def write_depth(path: PathLike, depth: np.ndarray, depth_scale: float = 1000.0) -> Path:
@@ -129,8 +192,7 @@ def write_depth(path: PathLike, depth: np.ndarray, depth_scale: float = 1000.0) 
     d = np.asarray(depth, dtype=np.float64)
     if d.ndim != 2 or d.size == 0:
         raise ValueError(f"depth must have shape [H, W], got {d.shape}")
-    if not depth_scale > 0:
-        raise ValueError(f"depth_scale must be positive, got {depth_scale}")
+    check_number(depth_scale, "depth_scale", low=0, low_open=True)
     finite = np.isfinite(d)
     if np.any(d[finite] < 0):
         raise ValueError(f"depth has negative values (min {d[finite].min():g})")
@@ -175,7 +237,17 @@ def read_intrinsics(path: PathLike) -> PinholeCamera:
         raise ValueError(f"could not parse Open3D intrinsics JSON {p}: {e!r}") from None
     if m.size != 9:
         raise ValueError(f"intrinsic_matrix in {p} must have 9 entries, got {m.size}")
-    return PinholeCamera.from_K(m.reshape(3, 3).T, width, height)
+    K = m.reshape(3, 3).T  # Open3D stores it column-major: [fx, 0, 0, 0, fy, 0, cx, cy, 1]
+    if (K[2, 0] or K[2, 1]) and not (K[0, 2] or K[1, 2]):
+        raise ValueError(
+            f"intrinsic_matrix in {p} is row-major ([fx, 0, cx, 0, fy, cy, 0, 0, 1]: the principal point "
+            f"({K[2, 0]:g}, {K[2, 1]:g}) is in the slots of the last row); Open3D's JSON is column-major: write "
+            f"[fx, 0, 0, 0, fy, 0, cx, cy, 1] (e.g. with ua3d.io.rgbd.write_intrinsics)"
+        )
+    try:
+        return PinholeCamera.from_K(K, width, height)
+    except ValueError as e:
+        raise ValueError(f"bad intrinsics in {p}: {e}") from None
 
 
 def write_intrinsics(path: PathLike, camera: PinholeCamera) -> Path:
@@ -209,6 +281,15 @@ def read_trajectory_log(path: PathLike, return_metadata: bool = False) -> Any:
         raise ValueError(f"could not parse trajectory {p}: {e}") from None
     if meta.ndim != 2 or meta.shape[1] != 3 or poses.shape[1:] != (4, 4):
         raise ValueError(f"trajectory {p} entries must be a line 'i j n' then a 4x4 matrix")
+    for n, T in enumerate(poses):
+        if not np.all(np.isfinite(T)):
+            raise ValueError(f"trajectory {p}: pose {n} (frame {int(meta[n, 0])}) has NaN/Inf entries")
+        if not np.allclose(T[3], [0.0, 0.0, 0.0, 1.0]):
+            raise ValueError(f"trajectory {p}: pose {n} last row must be [0, 0, 0, 1], got {T[3].tolist()}")
+        try:
+            check_rigid(T[:3, :3], f"pose {n}")
+        except ValueError as e:
+            raise ValueError(f"trajectory {p}: {e}") from None
     return (poses, meta) if return_metadata else poses
 
 
@@ -330,7 +411,7 @@ def load_volume(path: PathLike) -> dict[str, Any]:
     try:
         with np.load(p, allow_pickle=False) as z:
             data = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise ValueError(f"could not read volume file {p}: {e}") from None
     for key in ("volume", "mass", "bin_depths", "K", "image_size"):
         if key not in data:
@@ -397,7 +478,7 @@ def load_feature_points(path: PathLike) -> dict[str, np.ndarray]:
     try:
         with np.load(p, allow_pickle=False) as z:
             data = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise ValueError(f"could not read feature point cloud {p}: {e}") from None
     for key in ("positions", "features"):
         if key not in data:

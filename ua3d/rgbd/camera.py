@@ -27,11 +27,14 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from ua3d.core.checks import check_number, depth_valid_mask
+
 ArrayLike = torch.Tensor | np.ndarray
 
 __all__ = [
     "PinholeCamera",
     "backproject",
+    "check_rigid",
     "depth_to_metres",
     "depth_validity",
     "look_at",
@@ -52,7 +55,19 @@ def _check_pose(pose: Any) -> np.ndarray | None:
         raise ValueError("pose must be finite, got NaN/Inf entries")
     if not np.allclose(p[3], [0.0, 0.0, 0.0, 1.0]):
         raise ValueError(f"pose last row must be [0, 0, 0, 1], got {p[3].tolist()}")
+    check_rigid(p[:3, :3], "pose")
     return p
+
+
+def check_rigid(R: np.ndarray, name: str = "pose", atol: float = 1e-4) -> None:
+    """Raise unless ``R [3, 3]`` is a rotation (``R^T R = I`` within ``atol``, ``det R = +1``)."""
+    err = float(np.abs(R.T @ R - np.eye(3)).max())
+    det = float(np.linalg.det(R))
+    if err > atol or det <= 0:
+        raise ValueError(
+            f"{name} must be a rigid camera-to-world transform: its 3x3 block is not a rotation "
+            f"(max |R^T R - I| = {err:.3g}, det = {det:.3g}); scale, shear or reflection are not supported"
+        )
 
 
 @dataclass(frozen=True, eq=False)
@@ -80,15 +95,21 @@ class PinholeCamera:
     pose: np.ndarray | None = field(default=None)
 
     def __post_init__(self) -> None:
-        vals = {k: float(getattr(self, k)) for k in ("fx", "fy", "cx", "cy")}
-        for k, v in vals.items():
+        vals = {}
+        for k in ("fx", "fy", "cx", "cy"):
+            v = check_number(getattr(self, k), k, finite=False)
             if not np.isfinite(v):
                 raise ValueError(f"{k} must be finite, got {v}")
+            vals[k] = v
             object.__setattr__(self, k, v)
         if vals["fx"] <= 0 or vals["fy"] <= 0:
             raise ValueError(f"fx and fy must be positive, got fx={vals['fx']}, fy={vals['fy']}")
         for k in ("width", "height"):
             v = getattr(self, k)
+            if isinstance(v, (bool, str, bytes)) or not isinstance(v, (int, float, np.integer, np.floating)) or (
+                not np.isfinite(v)
+            ):
+                raise ValueError(f"{k} must be a positive integer, got {type(v).__name__} {v!r}")
             if int(v) != v or int(v) <= 0:
                 raise ValueError(f"{k} must be a positive integer, got {v}")
             object.__setattr__(self, k, int(v))
@@ -101,6 +122,19 @@ class PinholeCamera:
         k = np.asarray(K.detach().cpu() if isinstance(K, torch.Tensor) else K, dtype=np.float64)
         if k.shape != (3, 3):
             raise ValueError(f"K must have shape (3, 3), got {tuple(k.shape)}")
+        if not np.all(np.isfinite(k)):
+            raise ValueError(f"K must be finite, got {k.tolist()}")
+        if k[2, 0] != 0 or k[2, 1] != 0 or k[2, 2] != 1:
+            hint = (" (it looks transposed: the principal point is in the last row; an Open3D JSON stores "
+                    "intrinsic_matrix column-major)") if (k[2, 0] or k[2, 1]) and not (k[0, 2] or k[1, 2]) else ""
+            raise ValueError(f"K must have last row [0, 0, 1], got {k[2].tolist()}{hint}")
+        if k[1, 0] != 0:
+            raise ValueError(f"K must be upper triangular (K[1, 0] = 0), got {k.tolist()}")
+        if abs(k[0, 1]) > 1e-9 * max(abs(k[0, 0]), 1.0):
+            raise ValueError(
+                f"K has skew K[0, 1] = {k[0, 1]:g}; PinholeCamera models zero skew only (an Open3D pinhole): "
+                f"rectify the images or set the skew to 0 if it is negligible"
+            )
         return cls(k[0, 0], k[1, 1], k[0, 2], k[1, 2], width, height, pose)
 
     @classmethod
@@ -223,7 +257,9 @@ class PinholeCamera:
 
 # ---------------------------------------------------------------------- depth helpers
 def depth_validity(depth: ArrayLike, depth_max: float | None = None) -> ArrayLike:
-    """Mask of valid depth pixels; 0, negative, NaN, Inf and values above ``depth_max`` are holes.
+    """Mask of valid depth pixels: the one rule of :func:`ua3d.core.checks.depth_valid_mask`.
+
+    0, NaN, Inf and values above ``depth_max`` are holes; a negative finite value raises ``ValueError``.
 
     Parameters
     ----------
@@ -235,21 +271,7 @@ def depth_validity(depth: ArrayLike, depth_max: float | None = None) -> ArrayLik
     -------
     bool mask of the same shape and kind (torch in -> torch out, numpy in -> numpy out).
     """
-    if isinstance(depth, torch.Tensor):
-        d = depth if depth.is_floating_point() else depth.to(torch.float64)
-        valid = torch.isfinite(d) & (d > 0)
-    else:
-        d = np.asarray(depth)
-        if d.dtype.kind not in "fiub":
-            raise ValueError(f"depth must be numeric, got dtype {d.dtype}")
-        d = d if d.dtype.kind == "f" else d.astype(np.float64)
-        with np.errstate(invalid="ignore"):
-            valid = np.isfinite(d) & (d > 0)
-    if depth_max is not None:
-        if not depth_max > 0:
-            raise ValueError(f"depth_max must be positive, got {depth_max}")
-        valid = valid & (d <= depth_max)
-    return valid
+    return depth_valid_mask(depth, "depth", depth_max=depth_max)
 
 
 def depth_to_metres(raw: ArrayLike, depth_scale: float = 1000.0, dtype: Any = None) -> ArrayLike:
@@ -267,8 +289,7 @@ def depth_to_metres(raw: ArrayLike, depth_scale: float = 1000.0, dtype: Any = No
     -------
     metres of the same shape and kind as ``raw``; holes (0) stay 0.
     """
-    if not (depth_scale > 0 and np.isfinite(depth_scale)):
-        raise ValueError(f"depth_scale must be positive and finite, got {depth_scale}")
+    check_number(depth_scale, "depth_scale", low=0, low_open=True)
     if isinstance(raw, torch.Tensor):
         out_dtype = dtype or (raw.dtype if raw.is_floating_point() else torch.float32)
         return raw.to(out_dtype) / depth_scale
@@ -370,11 +391,7 @@ def backproject(
     camera.check_image(d.shape[-2], d.shape[-1], "depth")
     if frame not in ("camera", "world"):
         raise ValueError(f"frame must be 'camera' or 'world', got {frame!r}")
-    if bool((d < 0).any()):
-        raise ValueError(
-            f"depth has negative values (min {float(d.nan_to_num().min()):g}); holes must be 0 or NaN"
-        )
-    valid = depth_validity(d, depth_max)
+    valid = depth_valid_mask(d, "depth", depth_max=depth_max)
     if mask is not None:
         m = _as_tensor(mask, "mask").to(device=d.device)
         if m.shape != d.shape:

@@ -56,11 +56,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ua3d.api import Kernel, as_signal, check_lr_size
-from ua3d.core.checks import as_guide
+from ua3d.api import Kernel
+from ua3d.core.checks import as_guide, as_signal, check_lr_size, check_number, depth_valid_mask
 from ua3d.core.kernel import LOG_SIGMA_MAX, LOG_SIGMA_MIN, nearest_anchor, resample_guide
 from ua3d.core.tto import FitConfig, fit_params
-from ua3d.rgbd.camera import PinholeCamera, depth_validity
+from ua3d.rgbd.camera import PinholeCamera
 
 __all__ = [
     "DEPTH_MODES",
@@ -91,7 +91,9 @@ def as_depth(depth: Any, depth_scale: float = 1.0, name: str = "depth") -> torch
     ValueError
         bad rank, empty, a batch other than 1, non-positive ``depth_scale`` or negative depth.
     """
-    if not (isinstance(depth_scale, (int, float)) and depth_scale > 0 and math.isfinite(depth_scale)):
+    if isinstance(depth_scale, bool) or not (
+        isinstance(depth_scale, (int, float, np.integer, np.floating)) and depth_scale > 0 and math.isfinite(depth_scale)
+    ):
         raise ValueError(f"depth_scale must be a positive finite number, got {depth_scale!r}")
     if isinstance(depth, np.ndarray):
         if depth.dtype.kind not in "fiu":
@@ -110,12 +112,10 @@ def as_depth(depth: Any, depth_scale: float = 1.0, name: str = "depth") -> torch
         raise ValueError(f"{name} is empty: shape {shape}")
     if not depth.is_floating_point():
         depth = depth.to(torch.float32)
+    if depth.dtype in (torch.float16, torch.bfloat16):
+        depth = depth.to(torch.float32)
     depth = depth / depth_scale if depth_scale != 1 else depth
-    if bool((depth < 0).any()):
-        raise ValueError(
-            f"{name} has negative values (min {float(depth.nan_to_num().min()):g}, shape {shape}); "
-            f"holes must be 0, NaN or Inf"
-        )
+    depth_valid_mask(depth, name)  # the one depth rule: raises on negative values
     return depth
 
 
@@ -440,8 +440,7 @@ def fit_rgbd(
     """
     if depth_mode not in DEPTH_MODES:
         raise ValueError(f"depth_mode must be one of {DEPTH_MODES}, got {depth_mode!r}")
-    if not (depth_weight >= 0 and math.isfinite(depth_weight)):
-        raise ValueError(f"depth_weight must be a finite number >= 0, got {depth_weight!r}")
+    check_number(depth_weight, "depth_weight", low=0)
     if not isinstance(camera, PinholeCamera):
         raise ValueError(f"camera must be a PinholeCamera, got {type(camera).__name__}")
     g = _as_rgb(rgb)
@@ -452,7 +451,7 @@ def fit_rgbd(
             f"depth has size {tuple(z.shape[-2:])} (HxW) but rgb has size {(H, W)}; they must match pixel for pixel"
         )
     camera.check_image(H, W, "rgb/depth")
-    valid = depth_validity(z, depth_max)
+    valid = depth_valid_mask(z, "depth", depth_max=depth_max)
     if not bool(valid.any()):
         raise ValueError(
             f"depth of shape {tuple(z.shape[-2:])} has no valid pixel (all holes: 0, NaN, Inf"

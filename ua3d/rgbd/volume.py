@@ -65,7 +65,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ua3d.api import available_memory_bytes
+from ua3d.core.checks import check_number
 from ua3d.core.kernel import (
     LOG_SIGMA_MAX,
     LOG_SIGMA_MIN,
@@ -74,6 +74,7 @@ from ua3d.core.kernel import (
     theta_from_raw,
     window_offsets,
 )
+from ua3d.core.memory import check_memory, check_window
 from ua3d.rgbd.lift import LiftedKernel
 
 __all__ = [
@@ -100,6 +101,8 @@ def _check_bins(bins: int, near: float, far: float, spacing: str) -> None:
         raise ValueError(f"bins must be an integer >= 1, got {bins!r}")
     if spacing not in SPACINGS:
         raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
+    check_number(near, "near", finite=False)
+    check_number(far, "far", finite=False)
     if not (near > 0 and math.isfinite(near) and math.isfinite(far)):
         raise ValueError(f"near must be positive and near/far finite, got near={near!r}, far={far!r}")
     if not (far > near) and bins > 1:
@@ -210,7 +213,7 @@ def estimate_volume_bytes(
     """
     H, W = out_size
     n_bins = bins if band is None else min(bins, 2 * int(band) + 1)
-    K = int(window_offsets(radius).shape[0])
+    K = check_window(radius, lr_size or (H, W))
     cc = max(1, min(channels, 64 if channel_chunk is None else int(channel_chunk)))
     fsize = torch.empty((), dtype=work_dtype).element_size()
     block_w = W if lr_size is None else -(-W // lr_size[1]) + 1
@@ -229,13 +232,11 @@ def estimate_volume_bytes(
 
 
 def _check_fits(est: VolumeEstimate, out: Path | None, device: torch.device) -> None:
-    avail = available_memory_bytes()
-    if device.type == "cpu" and est.memory > 0.8 * avail:
-        hint = "" if est.on_disk else ", pass out='volume.npy' (memmap)"
-        raise ValueError(
-            f"render_volume needs {est.memory / 2**30:.2f} GiB of RAM ({est}) but only {avail / 2**30:.2f} GiB "
-            f"is available: use fewer bins or channels, a band{hint}, or out_dtype=torch.float16"
-        )
+    hint = "" if est.on_disk else ", pass out='volume.npy' (memmap)"
+    check_memory(
+        est.memory, f"render_volume ({est})",
+        f"use fewer bins or channels, a band{hint}, or out_dtype=torch.float16", device=device,
+    )
     if out is not None:
         free = shutil.disk_usage(out.parent).free
         if est.volume > 0.95 * free:

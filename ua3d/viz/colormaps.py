@@ -10,7 +10,7 @@ from typing import Any
 import matplotlib
 import numpy as np
 
-from ua3d.rgbd.camera import depth_validity
+from ua3d.core.checks import depth_valid_mask
 
 __all__ = ["apply_cmap", "colorize_depth", "colorize_error", "colorize_signed", "depth_range"]
 
@@ -39,7 +39,7 @@ def apply_cmap(values: Any, vmin: float, vmax: float, cmap: str = "turbo") -> np
 
 def depth_range(*depths: Any, percentiles: tuple[float, float] = (1.0, 99.0)) -> tuple[float, float]:
     """Robust common ``(vmin, vmax)`` of the valid pixels of one or more depth maps."""
-    vals = [d[depth_validity(d)] for d in (_np(x, "depth") for x in depths)]
+    vals = [d[depth_valid_mask(d, negative="hole")] for d in (_np(x, "depth") for x in depths)]
     vals = [v for v in vals if v.size]
     if not vals:
         raise ValueError("depth maps have no valid pixel (all holes)")
@@ -60,7 +60,7 @@ def colorize_depth(
     the valid pixels (pass the same values to colour several maps identically).
     """
     d = _np(depth, "depth")
-    valid = depth_validity(d)
+    valid = depth_valid_mask(d, negative="hole")  # a display paints negative pixels as holes
     if vmin is None or vmax is None:
         if not valid.any():
             rgb = np.empty(d.shape + (3,), np.float32)
