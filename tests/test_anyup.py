@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,8 +22,6 @@ from ua3d.baselines.anyup import (
     window_bounds,
 )
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-FIXTURE = SHARED / "fixtures" / "anyup_parity_v1.pt"
 N_PARAMS = 878_080
 
 
@@ -32,10 +29,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def fixture() -> dict:
-    if not FIXTURE.is_file():
-        pytest.skip(f"AnyUp parity fixture not found at {FIXTURE} (needs ../shared beside the checkout)")
-    return torch.load(FIXTURE, weights_only=True)
+def fixture(anyup_parity) -> dict:
+    return anyup_parity
 
 
 @pytest.fixture(scope="module")

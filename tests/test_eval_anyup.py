@@ -17,20 +17,14 @@ from PIL import Image
 import ua3d.baselines.anyup as anyup_module
 from ua3d.depth.evaluate import evaluate, main
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-FIXTURE = SHARED / "fixtures" / "anyup_parity_v1.pt"
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
+def checkpoint(tmp_path_factory, anyup_parity) -> Path:
     """The parity fixture's weights saved as a bare state dict, like the released ``anyup_*.pth``."""
-    if not FIXTURE.is_file():
-        pytest.skip(f"AnyUp parity fixture not found at {FIXTURE} (needs ../shared beside the checkout)")
     path = tmp_path_factory.mktemp("weights") / "anyup_fixture.pth"
-    torch.save(torch.load(FIXTURE, weights_only=True)["state_dict"], path)
+    torch.save(anyup_parity["state_dict"], path)
     return path
 
 
