@@ -26,12 +26,12 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from _machine import machine_info
+from _worker import report, run_worker
 
 
 def _make_guide(size: int, kind: str):
@@ -69,7 +69,8 @@ def worker(args: argparse.Namespace) -> None:
         y = anyup(guide, feats, model=model)
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
-        assert y.shape == (1, args.channels, out, out)
+        if y.shape != (1, args.channels, out, out):
+            raise RuntimeError(f"anyup returned {tuple(y.shape)}, expected {(1, args.channels, out, out)}")
         del y
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     stages = {}
@@ -84,24 +85,21 @@ def worker(args: argparse.Namespace) -> None:
             model._attend_projected(qp, k, feats, None, None)
             c2 = time.process_time()
         stages = {"encode_cpu_s": c1 - c0, "attention_cpu_s": c2 - c1}
-    print(json.dumps({"times_s": times, "cpu_s": cpu, "peak_rss_bytes": peak, "rss_before_forward_bytes": rss_before,
-                      **stages}))
+    report({"times_s": times, "cpu_s": cpu, "peak_rss_bytes": peak, "rss_before_forward_bytes": rss_before, **stages})
 
 
 def run_case(lr: int, out: int, repeats: int, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--worker", str(lr), str(out), "--repeats", str(repeats),
+    cmd = [str(lr), str(out), "--repeats", str(repeats),
            "--channels", str(args.channels), "--threads", str(args.threads), "--guide", args.guide]
     if args.budget_mib is not None:
         cmd += ["--budget-mib", str(args.budget_mib)]
     if args.stages:
         cmd += ["--stages"]
     load_before = os.getloadavg()
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(f"case {lr}->{out} failed:\n{proc.stderr[-3000:]}")
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    done = run_worker(__file__, cmd)
+    if not done.ok:
+        raise RuntimeError(f"case {lr}->{out} failed:\n{done.stderr[-3000:]}")
+    res, wall = done.record, done.wall_s
     out_bytes = 4 * args.channels * out * out
     return {
         "lr": lr, "out": out, "channels": args.channels, "repeats": repeats,

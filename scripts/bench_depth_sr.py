@@ -22,12 +22,11 @@ import json
 import os
 import resource
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 from _machine import machine_info
+from _worker import report, run_worker
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nyuv2-dkn-test" / "1000"
 SETTINGS = {
@@ -99,7 +98,7 @@ def worker(args: argparse.Namespace) -> None:
         "rss_before_bytes": rss_before,
         "backend_fast": __import__("ua3d.core.ops", fromlist=["fast_available"]).fast_available(),
     }
-    print(json.dumps(rec))
+    report(rec)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,12 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in names:
         load0 = os.getloadavg()[0]
-        cmd = [sys.executable, __file__, "--worker", name, "--scale", str(args.scale), "--repeats",
-               str(args.repeats), "--threads", str(args.threads)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            raise SystemExit(f"setting {name} failed:\n{proc.stderr[-3000:]}")
-        rec = json.loads(proc.stdout.strip().splitlines()[-1])
+        done = run_worker(__file__, [name, "--scale", str(args.scale), "--repeats", str(args.repeats),
+                                     "--threads", str(args.threads)])
+        if not done.ok:
+            raise SystemExit(f"setting {name} failed:\n{done.stderr[-3000:]}")
+        rec = done.record
         rec["loadavg_1min_before"], rec["loadavg_1min_after"] = load0, os.getloadavg()[0]
         rows.append(rec)
     print(f"upsample_depth, {rows[0]['hr_shape'][1]}x{rows[0]['hr_shape'][0]} at x{args.scale} "

@@ -35,12 +35,12 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from _machine import machine_info
+from _worker import report, run_worker
 
 #: speed options measured at 224 px (FitConfig overrides); "default" is the authors' recipe.
 OPTION_CONFIGS: dict[str, dict] = {
@@ -125,7 +125,8 @@ def work_kernel(spec: dict) -> dict:
     if spec["repeats_render"] > 1:
         kernel.render(feats, out_dtype=out_dtype)  # warm-up
     rw, rc, out = _timed(lambda: kernel.render(feats, out_dtype=out_dtype), spec["repeats_render"])
-    assert out.shape == (1, Cr, size, size)
+    if out.shape != (1, Cr, size, size):
+        raise RuntimeError(f"render returned {tuple(out.shape)}, expected {(1, Cr, size, size)}")
     del out
     rscale = C / Cr
     return {
@@ -193,13 +194,10 @@ WORKERS = {"kernel": work_kernel, "bilinear": work_bilinear, "options": work_opt
 # --------------------------------------------------------------------------- driver side
 def run_case(spec: dict, threads: int) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), NUMBA_NUM_THREADS=str(threads))
-    cmd = [sys.executable, __file__, "--worker", json.dumps(spec), "--threads", str(threads)]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        return {**spec, "error": proc.stderr[-2000:], "subprocess_wall_s": wall}
-    return {**spec, **json.loads(proc.stdout.strip().splitlines()[-1]), "subprocess_wall_s": wall}
+    done = run_worker(__file__, [json.dumps(spec), "--threads", str(threads)], env=env)
+    if not done.ok:
+        return {**spec, "error": done.stderr[-2000:], "subprocess_wall_s": done.wall_s}
+    return {**spec, **done.record, "subprocess_wall_s": done.wall_s}
 
 
 def _fmt(v, nd=2) -> str:
@@ -263,7 +261,7 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
         spec = json.loads(args.worker)
-        print(json.dumps(WORKERS[spec["kind"]](spec)))
+        report(WORKERS[spec["kind"]](spec))
         return
 
     sizes = [int(s) for s in args.sizes.split(",") if s]

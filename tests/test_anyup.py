@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,8 +22,6 @@ from ua3d.baselines.anyup import (
     window_bounds,
 )
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-FIXTURE = SHARED / "fixtures" / "anyup_parity_v1.pt"
 N_PARAMS = 878_080
 
 
@@ -32,10 +29,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def fixture() -> dict:
-    if not FIXTURE.is_file():
-        pytest.skip(f"AnyUp parity fixture not found at {FIXTURE} (needs ../shared beside the checkout)")
-    return torch.load(FIXTURE, weights_only=True)
+def fixture(anyup_parity) -> dict:
+    return anyup_parity
 
 
 @pytest.fixture(scope="module")
@@ -468,6 +463,15 @@ def test_anyup_depth_excludes_holes_and_is_unit_free():
     masked = anyup_depth(depth, rgb, model=model, mask_lr=mask)
     assert bool(torch.isnan(masked[..., :, :4]).all())
     assert bool(torch.isfinite(masked[..., :, 24:]).all())
+    # values under the mask do not matter: anything there (even NaN or huge) gives the same output,
+    # which is the output with those cells made holes
+    junk = depth.clone()
+    junk[..., :, :5] = torch.linspace(-1e6, 1e6, 40).view(1, 1, 8, 5)
+    junk[0, 0, 3, 1] = float("nan")
+    torch.testing.assert_close(anyup_depth(junk, rgb, model=model, mask_lr=mask), masked, equal_nan=True)
+    holed = torch.where(mask, depth, torch.zeros_like(depth))
+    torch.testing.assert_close(anyup_depth(holed, rgb, model=model), masked, rtol=0, atol=0, equal_nan=True)
+    assert not torch.allclose(masked[..., :, 24:], out[..., :, 24:])  # and the mask did change the output
 
 
 def test_anyup_depth_input_errors():

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,22 +15,16 @@ import torch
 from PIL import Image
 
 import ua3d.baselines.anyup as anyup_module
-from ua3d.depth.evaluate import available_methods, evaluate, main
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-FIXTURE = SHARED / "fixtures" / "anyup_parity_v1.pt"
-
+from ua3d.depth.evaluate import evaluate, main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
+def checkpoint(tmp_path_factory, anyup_parity) -> Path:
     """The parity fixture's weights saved as a bare state dict, like the released ``anyup_*.pth``."""
-    if not FIXTURE.is_file():
-        pytest.skip(f"AnyUp parity fixture not found at {FIXTURE} (needs ../shared beside the checkout)")
     path = tmp_path_factory.mktemp("weights") / "anyup_fixture.pth"
-    torch.save(torch.load(FIXTURE, weights_only=True)["state_dict"], path)
+    torch.save(anyup_parity["state_dict"], path)
     return path
 
 
@@ -55,7 +52,28 @@ def _argv(dataset: Path, *extra: str) -> list[str]:
 
 
 def test_anyup_is_a_registered_lazy_method():
-    assert "anyup" in available_methods()
+    """Registered but not imported: a fresh interpreter lists ``anyup`` without importing the AnyUp
+    package; resolving it imports the package and gives a method that refuses to run without weights."""
+    code = (
+        "import sys\n"
+        "from ua3d.depth.evaluate import ANYUP_WEIGHTS_HINT, available_methods, get_method\n"
+        "assert 'anyup' in available_methods(), available_methods()\n"
+        "assert 'ua3d.baselines.anyup' not in sys.modules, 'anyup imported eagerly'\n"
+        "method = get_method('anyup')\n"
+        "assert 'ua3d.baselines.anyup' in sys.modules\n"
+        "import torch\n"
+        "try:\n"
+        "    method(torch.ones(1, 1, 4, 4), torch.zeros(1, 3, 16, 16))\n"
+        "except ValueError as err:\n"
+        "    assert str(err) == ANYUP_WEIGHTS_HINT, err\n"
+        "else:\n"
+        "    raise AssertionError('ran without a checkpoint')\n"
+        "print('ok')\n"
+    )
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 
 
 def test_cli_runs_anyup_with_a_local_checkpoint(dataset, checkpoint, tmp_path, monkeypatch, capsys):

@@ -406,14 +406,30 @@ def test_missing_numba_falls_back_to_reference_with_one_warning(monkeypatch):
         kernel_render(c["params"], c["guide_hr"], c["guide_lr"], sig, 2.0, backend="fast")
 
 
-def test_large_buffers_are_ordinary_tensors_with_huge_page_advice():
+def test_large_buffers_are_ordinary_tensors_with_huge_page_advice(monkeypatch):
     """``_empty_huge`` only advises the kernel: the result is a plain writable tensor of the asked
     shape and dtype (the advice itself is Linux-only and may be ignored)."""
     from ua3d.core import fast
 
+    calls = []
+
+    def advise(start, length, advice):
+        calls.append((start, length, advice))
+        return -1  # refused (e.g. THP disabled): the buffer must still be usable
+
+    monkeypatch.setattr(fast, "_madvise", lambda: advise)
     t = fast._empty_huge((3, 1 << 22), torch.float32)  # 48 MiB: above the advice threshold
     assert t.shape == (3, 1 << 22) and t.dtype == torch.float32 and t.is_contiguous()
+    # one advice call, for the 2 MiB-aligned pages inside the buffer, asking for huge pages
+    assert len(calls) == 1
+    start, length, advice = calls[0]
+    n, huge = t.numel() * t.element_size(), 2 << 20
+    assert advice == 14 and start % huge == 0 and length % huge == 0
+    assert t.data_ptr() <= start < t.data_ptr() + huge and n - 2 * huge < length <= n
+    assert start + length <= t.data_ptr() + n
     t.fill_(2.5)
     assert float(t.sum()) == 2.5 * 3 * (1 << 22)
     small = fast._empty_huge((5, 7), torch.float64)
-    assert small.shape == (5, 7) and small.dtype == torch.float64
+    below = fast._empty_huge((1 << 20,), torch.float64)  # 8 MiB: below the threshold (32 MiB)
+    assert small.shape == (5, 7) and small.dtype == torch.float64 and below.numel() == 1 << 20
+    assert len(calls) == 1  # small buffers get no advice

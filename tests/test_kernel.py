@@ -53,12 +53,27 @@ def test_nearest_anchor_matches_rounding_of_align_corners_false_coordinate():
 
 
 # --------------------------------------------------------------------------- invariants
+def _dense_weights(w: torch.Tensor, flat: torch.Tensor, inside: torch.Tensor, n_cells: int) -> torch.Tensor:
+    """Reference weights ``[B, K, H, W]`` scattered onto the LR cells: ``[B, h*w, H, W]``."""
+    B, K, H, W = w.shape
+    dense = torch.zeros(B, n_cells, H, W, dtype=w.dtype)
+    idx = flat.clamp_min(0).expand(B, K, H, W)
+    return dense.scatter_add_(1, idx, torch.where(inside, w, torch.zeros((), dtype=w.dtype)))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_weights_sum_to_one_and_constant_in_constant_out(backend):
     params, guide, guide_lr = make_inputs(B=2, h=6, w=5, H=29, W=22)
-    w, _flat, inside = kernel_weights_reference(params, guide, guide_lr, 3.0)
+    w, flat, inside = kernel_weights_reference(params, guide, guide_lr, 3.0)
     torch.testing.assert_close(w.sum(1), torch.ones_like(w[:, 0]), rtol=0, atol=1e-12)
-    assert (w[:, ~inside] == 0).all() if (~inside).any() else True
+    assert (~inside).any() and (w[:, ~inside] == 0).all()
+    # the backend's own weights: rendering the one-hot signal of each LR cell gives that cell's weight map
+    eye = torch.eye(30, dtype=torch.float64).view(1, 30, 6, 5).expand(2, 30, 6, 5)
+    w_backend, _ = kernel_render(params, guide, guide_lr, eye, 3.0, backend=backend)
+    assert (w_backend >= 0).all()
+    torch.testing.assert_close(w_backend.sum(1), torch.ones_like(w_backend[:, 0]), rtol=0, atol=1e-10)
+    torch.testing.assert_close(w_backend, _dense_weights(w, flat, inside, 30), rtol=0, atol=1e-10)
+    assert (w_backend > 0).sum(1).max() <= window_offsets(3.0).shape[0]  # only the window's cells
     const = torch.full((2, 4, 6, 5), 0.37, dtype=torch.float64)
     out, sup = kernel_render(params, guide, guide_lr, const, 3.0, backend=backend)
     torch.testing.assert_close(out, torch.full_like(out, 0.37), rtol=0, atol=1e-10)

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from ua3d.core import memory
 from ua3d.core.kernel import LOG_SIGMA_MAX, LOG_SIGMA_MIN, kernel_render_reference, lr_centres, pair_logits
 from ua3d.core.tto import FitConfig
-from ua3d.core import memory
 from ua3d.rgbd.lift import fit_rgbd
 from ua3d.rgbd.synthetic import make_scene
 from ua3d.rgbd.volume import depth_to_bin, estimate_volume_bytes, make_bin_depths, render_volume

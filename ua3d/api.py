@@ -199,7 +199,7 @@ class Kernel:
             import json
 
             meta = {k: v for k, v in d.items() if not isinstance(v, torch.Tensor)}
-            np.savez(path, meta=np.array(json.dumps(meta)), **arrays)
+            np.savez(path, meta=np.array(json.dumps(meta)), **arrays)  # type: ignore[arg-type]  # numpy stub
         else:
             raise ValueError(f"path must end in .pt or .npz, got {str(path)!r}")
         return path
@@ -269,7 +269,7 @@ def fit(
     """
     g = as_guide(guide)
     cfg = _config(config, overrides)
-    hw = check_lr_size(lr_size, tuple(g.shape[-2:]))
+    hw = check_lr_size(lr_size, (g.shape[-2], g.shape[-1]))
     check_fit_memory(g, hw, cfg)  # before the LR guide is made (interpolating a strided guide copies it)
     g_lr = resample_guide(g, hw, cfg.guide_downsample)
     params, losses = fit_params(g, g_lr, cfg, callback=callback)

@@ -90,6 +90,11 @@ def window_offsets(radius: float, device: torch.device | str | None = None) -> t
     -------
     torch.Tensor
         ``[K, 2]`` int64, sorted row-major; ``(0, 0)`` is always included.
+
+    >>> window_offsets(1).tolist()
+    [[-1, 0], [0, -1], [0, 0], [0, 1], [1, 0]]
+    >>> window_offsets(8).shape[0]  # the paper's window
+    197
     """
     if not (radius >= 0) or not math.isfinite(radius):
         raise ValueError(f"radius must be a finite number >= 0, got {radius!r}")
@@ -101,7 +106,11 @@ def window_offsets(radius: float, device: torch.device | str | None = None) -> t
 
 
 def lr_centres(n_lr: int, n_hr: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """HR pixel coordinate of each LR cell centre: ``(i + 0.5) * n_hr / n_lr - 0.5``. ``[n_lr]``."""
+    """HR pixel coordinate of each LR cell centre: ``(i + 0.5) * n_hr / n_lr - 0.5``. ``[n_lr]``.
+
+    >>> lr_centres(2, 8).tolist()
+    [1.5, 5.5]
+    """
     i = torch.arange(n_lr, device=device, dtype=torch.float64)
     return ((i + 0.5) * (n_hr / n_lr) - 0.5).to(dtype)
 
@@ -111,6 +120,11 @@ def nearest_anchor(n_hr: int, n_lr: int, device=None) -> torch.Tensor:
 
     ``round(u)`` with ``u = (y + 0.5) n_lr / n_hr - 0.5`` equals
     ``floor((2y + 1) n_lr / (2 n_hr))`` (ties go up), clamped to ``[0, n_lr - 1]``.
+
+    >>> nearest_anchor(8, 2).tolist()
+    [0, 0, 0, 0, 1, 1, 1, 1]
+    >>> nearest_anchor(3, 2).tolist()  # the middle pixel sits on a tie: it goes up
+    [0, 1, 1]
     """
     y = torch.arange(n_hr, device=device, dtype=torch.int64)
     return torch.div((2 * y + 1) * n_lr, 2 * n_hr, rounding_mode="floor").clamp_(0, n_lr - 1)
@@ -132,6 +146,15 @@ def init_params(
     ``sigma_spatial`` defaults to the per-axis scale ``(W / w, H / h)`` in HR pixels
     (the authors' "sigma = scale"); a float sets both axes, a pair sets ``(sigma_x, sigma_y)``.
     ``sigma_range`` is one value per range group.
+
+    >>> p = init_params(1, (4, 4), (16, 32), sigma_range=(0.1, 0.2))
+    >>> tuple(p.shape)
+    (1, 5, 4, 4)
+    >>> d = decode_params(p)
+    >>> round(d.log_sigma_x.exp()[0, 0, 0].item(), 4), round(d.log_sigma_y.exp()[0, 0, 0].item(), 4)
+    (8.0, 4.0)
+    >>> [round(v, 4) for v in d.log_sigma_r.exp()[0, :, 0, 0].tolist()]
+    [0.1, 0.2]
     """
     h, w = lr_size
     H, W = out_size
@@ -392,7 +415,7 @@ def kernel_fit_loss_grad_reference(
         loss = (err.sum(dim=(1, 2, 3)) / denom).sum()
         loss.backward()
         total = total + loss.detach()
-    return total, p.grad.detach()
+    return total, p.grad.detach()  # type: ignore[union-attr]  # set by backward()
 
 
 def _loss_mask(guide_hr, gidx, valid_hr, pixel_mask):

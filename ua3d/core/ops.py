@@ -177,10 +177,10 @@ def kernel_render(
     """
     which = resolve_backend(backend, params.device)
     _check_cut(support_sigmas)
-    check_window(radius, tuple(params.shape[-2:]), params.shape[0])
+    check_window(radius, (params.shape[-2], params.shape[-1]), params.shape[0])
     if params.device.type == "cpu":
         need = estimate_render_memory(
-            params.shape[0], signal.shape[1], tuple(guide_hr.shape[-2:]), tuple(params.shape[-2:]), radius,
+            params.shape[0], signal.shape[1], (guide_hr.shape[-2], guide_hr.shape[-1]), (params.shape[-2], params.shape[-1]), radius,
             out_dtype or signal.dtype, which,
         )
         if not guide_hr.is_contiguous():  # the engines copy a strided (e.g. broadcast-expanded) guide
@@ -229,7 +229,7 @@ def kernel_fit_loss_grad(
     """
     which = resolve_backend(backend, params.device)
     _check_cut(support_sigmas)
-    check_window(radius, tuple(params.shape[-2:]), params.shape[0])
+    check_window(radius, (params.shape[-2], params.shape[-1]), params.shape[0])
     if which == "fast":
         from . import fast
 

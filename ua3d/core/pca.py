@@ -32,8 +32,9 @@ def flatten_features(features: Any, name: str = "features") -> tuple[torch.Tenso
         raise ValueError(f"{name} must have shape [N, C] or [C, *S], got {tuple(x.shape)}")
     if not x.is_floating_point():
         x = x.to(torch.get_default_dtype())
+    spatial: tuple[int, ...] = ()
     if x.ndim == 2:
-        rows, spatial = x, ()
+        rows = x
         n, c = x.shape
     else:
         c, spatial = x.shape[0], tuple(x.shape[1:])

@@ -248,7 +248,8 @@ class _Adam:
     update itself on these small parameter maps (~0.6 ms a step)."""
 
     def __init__(self, params: torch.Tensor, lr: float, decay: float, betas=(0.9, 0.999), eps: float = 1e-8):
-        self.p, self.lr, self.decay, self.b1, self.b2, self.eps = params, float(lr), float(decay), *betas, eps
+        self.p, self.lr, self.decay, self.eps = params, float(lr), float(decay), eps
+        self.b1, self.b2 = betas
         self.m = torch.zeros_like(params)
         self.v = torch.zeros_like(params)
         self.t = 0

@@ -232,31 +232,12 @@ class AnyUp(nn.Module):
         att = self.cross_decode.cross_attn
         return att.attention.project(att.norm_k(k.permute(0, 2, 3, 1)), 1).contiguous()
 
-    def _plan_tiles(
-        self,
-        out_hw: tuple[int, int],
-        lr_hw: tuple[int, int],
-        batch: int,
-        channels: int,
-        budget: int,
-        q_chunk_size: int | None,
-        value_bytes: int = 4,
-        device: torch.device | None = None,
-    ) -> tuple[int, int]:
-        """Tile shape ``(rows, cols)`` in output pixels for this model (:func:`~.attention.plan_tiles`)."""
-        return plan_tiles(
-            out_hw,
-            lr_hw,
-            batch,
-            channels,
-            budget,
-            q_chunk_size,
-            value_bytes,
-            device,
-            num_heads=self.num_heads,
-            qk_dim=self.qk_dim,
-            window_ratio=self.window_ratio,
-        )
+    def _plan_tiles(self, *args: object, **kwargs: object) -> tuple[int, int]:
+        """Tile shape ``(rows, cols)`` in output pixels for this model: :func:`~.attention.plan_tiles`
+        ``(out_hw, lr_hw, batch, channels, budget, q_chunk_size, value_bytes=4, device=None)`` with this
+        model's heads, width and window."""
+        model = {"num_heads": self.num_heads, "qk_dim": self.qk_dim, "window_ratio": self.window_ratio}
+        return plan_tiles(*args, **kwargs, **model)  # type: ignore[arg-type]
 
     def attend(
         self,
