@@ -449,7 +449,7 @@ def test_anyup_depth_excludes_holes_and_is_unit_free():
     assert bool((out[finite] >= lo - 1e-5).all()) and bool((out[finite] <= hi + 1e-5).all())
     # what is stored in a hole does not matter
     other = depth.clone()
-    other[0, 0, 2:5, 3:6] = -7.0
+    other[0, 0, 2:5, 3:6] = float("inf")  # a hole of another kind (negative depth is refused: test below)
     other[0, 0, 0, 0] = 0.0
     torch.testing.assert_close(anyup_depth(other, rgb, model=model), out, equal_nan=True)
     # metres vs millimetres (and a shift): f(s d + t) = s f(d) + t
@@ -483,3 +483,17 @@ def test_anyup_depth_input_errors():
         anyup_depth(depth, rgb, model=model, mask_lr=torch.ones(8, 10, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"exactly one of model="):
         anyup_depth(depth, rgb)
+
+
+def test_anyup_depth_follows_the_one_depth_rule():
+    """Negative depth is refused (as in every other layer), unless masked out, where it is never read."""
+    model = _perturbed_model(seed=7)
+    rgb, depth = _depth_case(holes=True)
+    depth[0, 0, 6, 7] = -0.25
+    with pytest.raises(ValueError, match=r"^depth_lr has 1 negative value\(s\) \(min -0.25"):
+        anyup_depth(depth, rgb, model=model)
+    keep = torch.ones_like(depth, dtype=torch.bool)
+    keep[0, 0, 6, 7] = False
+    masked = anyup_depth(depth, rgb, model=model, mask_lr=keep)
+    depth[0, 0, 6, 7] = 5.0  # the masked value does not matter
+    torch.testing.assert_close(anyup_depth(depth, rgb, model=model, mask_lr=keep), masked, equal_nan=True)

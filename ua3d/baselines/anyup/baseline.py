@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ...core.checks import check_tensor
+from ...core.checks import check_tensor, depth_valid_mask
 from ...features.image import normalize_image
 from .loading import load_anyup
 from .model import AnyUp, _check_inputs
@@ -126,12 +126,11 @@ def anyup_depth(
         raise ValueError(
             f"depth_lr must be a floating [B, 1, h, w] tensor, got {depth_lr.dtype} {tuple(depth_lr.shape)}"
         )
-    valid = torch.isfinite(depth_lr) & (depth_lr > 0)
     if mask_lr is not None:
         if not isinstance(mask_lr, torch.Tensor) or mask_lr.shape != depth_lr.shape:
             got = tuple(mask_lr.shape) if isinstance(mask_lr, torch.Tensor) else type(mask_lr).__name__
             raise ValueError(f"mask_lr must have the shape of depth_lr {tuple(depth_lr.shape)}, got {got}")
-        valid &= mask_lr.to(device=depth_lr.device, dtype=torch.bool)
+    valid = depth_valid_mask(depth_lr, "depth_lr", mask=mask_lr)  # the one rule: 0/NaN/Inf holes, negative refused
     if not min_weight >= 0:
         raise ValueError(f"min_weight must be >= 0, got {min_weight}")
     key_feature = valid.to(depth_lr.dtype)
