@@ -366,3 +366,20 @@ def test_tto_adam_matches_torch_adam_with_exponential_lr():
         lr *= 0.9
         ours.step(gr)
         torch.testing.assert_close(mine, ref, rtol=0, atol=1e-15)
+
+
+def test_decode_params_one_rule_for_tensors_and_arrays():
+    from ua3d.core.params import LOG_SIGMA_MAX, LOG_SIGMA_MIN, THETA_MAX, decode_params
+
+    p = random_params(2, 3, 4, 12, 16, G=2, seed=5)
+    p[0, 0, 0, 0], p[0, 3, 1, 1] = 50.0, -50.0  # clamped
+    t, a = decode_params(p), decode_params(p.numpy())
+    for x, y in zip(t, a, strict=True):  # torch's and numpy's tanh may differ in the last bit
+        np.testing.assert_allclose(x.numpy(), y, rtol=1e-14, atol=0)
+    assert t.log_sigma_x[0, 0, 0] == LOG_SIGMA_MAX and t.log_sigma_r[0, 0, 1, 1] == LOG_SIGMA_MIN
+    assert t.log_sigma_r.shape == (2, 2, 3, 4) and bool((t.theta.abs() < THETA_MAX).all())
+    torch.testing.assert_close(t.theta, theta_from_raw(p[:, 2]), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"params must be \[B, 3 \+ G, \.\.\.\], got shape \(2, 2, 3, 4\)"):
+        decode_params(p[:, :2])
+    with pytest.raises(TypeError, match="params must be a torch.Tensor or numpy array, got list"):
+        decode_params([1.0, 2.0, 3.0])
