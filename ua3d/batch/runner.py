@@ -154,8 +154,21 @@ def _environ(env: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
+def _fast_exit() -> None:
+    """Last step of a local worker process: skip the interpreter teardown (measured: 1.7-2.5 s for a
+    process that imported torch, on the loaded 2-core machine; 0.06 s with this). By then the pool has
+    told the worker to stop, every result was sent and every output renamed into place."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(0)
+
+
 def _init_local_worker(threads: int) -> None:
-    """Local pool initializer: die with the driver (Linux), fix the thread count."""
+    """Local pool initializer: die with the driver (Linux), fix the thread count, exit fast when done."""
+    import atexit
+
+    atexit.register(_fast_exit)  # registered last, so it runs first
     if sys.platform.startswith("linux"):
         try:
             import ctypes
