@@ -406,7 +406,10 @@ def _ray(
         if address is None:
             ray.init(num_cpus=(workers or 1) * threads, include_dashboard=False, log_to_driver=False)
         else:
-            ray.init(address=address, log_to_driver=False)
+            try:
+                ray.init(address=address, log_to_driver=False)
+            except (ConnectionError, RuntimeError) as e:
+                raise ValueError(f"address {address!r}: could not connect to a Ray cluster ({e})") from None
         started = True
         if callable(handler) and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, handler)  # Ray's core worker installs its own (it dumps and dies)
