@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from ua3d.batch import Item, discover, frame_outputs, read_manifest, run
 from ua3d.batch.store import TMP_MARK, is_done, read_sidecar
@@ -134,6 +135,7 @@ def test_manifest_csv_and_jsonl_resolve_paths_and_options(tmp_path):
 
 # ------------------------------------------------------------------------------------------ resume
 def test_rerun_skips_done_items_and_force_redoes_them(data, reference, tmp_path):
+    threads_before = torch.get_num_threads()
     out = tmp_path / "out"
     shutil.copytree(reference, out)
     s = run("depth-sr", _globs(data, gt=True), out=out, workers=0, threads=1, options=OPTS)
@@ -143,6 +145,7 @@ def test_rerun_skips_done_items_and_force_redoes_them(data, reference, tmp_path)
     side = read_sidecar(out / "f00.json")
     pred, gt = read_depth(out / "f00.png"), read_depth(data / "f00_gt.png")
     rmse = float(np.sqrt(np.mean((pred - gt) ** 2)))  # from the written 16-bit file: within its 1 mm steps
+    assert torch.get_num_threads() == threads_before  # in-process runs restore the caller's threads
     assert side["metrics"]["rmse"] == pytest.approx(rmse, abs=1e-3) and side["inputs"]["gt"]["path"].endswith(
         "f00_gt.png"
     )

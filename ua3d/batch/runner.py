@@ -451,6 +451,20 @@ def _ray(
             ray.shutdown()
 
 
+def _in_process(task: Task, specs: list[dict[str, Any]], threads: int) -> Iterator[dict[str, Any]]:
+    """``workers=0``: the items one by one in this process; the caller's torch thread count is restored."""
+    global _THREADS
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        for s in specs:
+            yield execute_item(task, s)
+    finally:
+        torch.set_num_threads(before)
+        _THREADS = None
+
+
 # ---------------------------------------------------------------------------------------------- entry point
 def _progress(total: int, enabled: bool, desc: str):
     from tqdm.auto import tqdm
@@ -545,8 +559,7 @@ def run(
     elif engine == "ray":
         stream = _ray(t, specs, workers, threads, address)
     elif workers == 0:
-        _set_threads(threads)
-        stream = (execute_item(t, s) for s in specs)
+        stream = _in_process(t, specs, threads)
     else:
         stream = _local(t, specs, workers, threads)
     try:
