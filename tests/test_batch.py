@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from ua3d.batch import Item, discover, frame_outputs, read_manifest, run
 from ua3d.batch.store import TMP_MARK, is_done, read_sidecar
@@ -134,6 +135,7 @@ def test_manifest_csv_and_jsonl_resolve_paths_and_options(tmp_path):
 
 # ------------------------------------------------------------------------------------------ resume
 def test_rerun_skips_done_items_and_force_redoes_them(data, reference, tmp_path):
+    threads_before = torch.get_num_threads()
     out = tmp_path / "out"
     shutil.copytree(reference, out)
     s = run("depth-sr", _globs(data, gt=True), out=out, workers=0, threads=1, options=OPTS)
@@ -143,6 +145,7 @@ def test_rerun_skips_done_items_and_force_redoes_them(data, reference, tmp_path)
     side = read_sidecar(out / "f00.json")
     pred, gt = read_depth(out / "f00.png"), read_depth(data / "f00_gt.png")
     rmse = float(np.sqrt(np.mean((pred - gt) ** 2)))  # from the written 16-bit file: within its 1 mm steps
+    assert torch.get_num_threads() == threads_before  # in-process runs restore the caller's threads
     assert side["metrics"]["rmse"] == pytest.approx(rmse, abs=1e-3) and side["inputs"]["gt"]["path"].endswith(
         "f00_gt.png"
     )
@@ -180,6 +183,18 @@ def test_half_written_outputs_are_never_taken_as_done(data, reference, tmp_path)
     assert sorted(s.done) == ["f01", "f02"] and len(s.skipped) == N_ITEMS - 2
     assert _bytes(out, IDS) == _bytes(reference, IDS)
     assert not list(out.glob(f".*{TMP_MARK}*"))
+
+
+def _settled_sidecars(out: Path) -> set[str]:
+    """Item ids with a sidecar, once no new one appeared for 1.5 s: a worker being stopped (Ray kills them
+    asynchronously) may still commit the item it was writing; that item then counts as done before."""
+    seen, since = None, time.time()
+    while time.time() - since < 1.5:
+        now = {p.stem for p in out.glob("*.json") if not p.name.startswith("_")}
+        if now != seen:
+            seen, since = now, time.time()
+        time.sleep(0.1)
+    return seen
 
 
 @pytest.mark.parametrize("engine", ["local", "ray"])
@@ -226,7 +241,7 @@ def test_sigterm_mid_run_then_rerun_does_each_item_once(engine, tmp_path, reques
     proc.send_signal(signal.SIGTERM)
     rc = proc.wait(timeout=60)
     assert rc == 143, proc.communicate()
-    done_before = {p.stem for p in out.glob("*.json") if not p.name.startswith("_")}
+    done_before = _settled_sidecars(out)
     sides_before = {i: (out / f"{i}.json").read_bytes() for i in done_before}
     assert 2 <= len(done_before) < n, "the kill came too late to test a resume"
     s = run("depth-sr", _globs(data), out=out, engine=engine, workers=1, threads=1, options=OPTS)

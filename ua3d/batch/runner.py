@@ -154,8 +154,21 @@ def _environ(env: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
+def _fast_exit() -> None:
+    """Last step of a local worker process: skip the interpreter teardown (measured: 1.7-2.5 s for a
+    process that imported torch, on the loaded 2-core machine; 0.06 s with this). By then the pool has
+    told the worker to stop, every result was sent and every output renamed into place."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(0)
+
+
 def _init_local_worker(threads: int) -> None:
-    """Local pool initializer: die with the driver (Linux), fix the thread count."""
+    """Local pool initializer: die with the driver (Linux), fix the thread count, exit fast when done."""
+    import atexit
+
+    atexit.register(_fast_exit)  # registered last, so it runs first
     if sys.platform.startswith("linux"):
         try:
             import ctypes
@@ -393,7 +406,10 @@ def _ray(
         if address is None:
             ray.init(num_cpus=(workers or 1) * threads, include_dashboard=False, log_to_driver=False)
         else:
-            ray.init(address=address, log_to_driver=False)
+            try:
+                ray.init(address=address, log_to_driver=False)
+            except (ConnectionError, RuntimeError) as e:
+                raise ValueError(f"address {address!r}: could not connect to a Ray cluster ({e})") from None
         started = True
         if callable(handler) and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, handler)  # Ray's core worker installs its own (it dumps and dies)
@@ -433,6 +449,20 @@ def _ray(
                 ray.cancel(ref, force=True)
         if started:
             ray.shutdown()
+
+
+def _in_process(task: Task, specs: list[dict[str, Any]], threads: int) -> Iterator[dict[str, Any]]:
+    """``workers=0``: the items one by one in this process; the caller's torch thread count is restored."""
+    global _THREADS
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        for s in specs:
+            yield execute_item(task, s)
+    finally:
+        torch.set_num_threads(before)
+        _THREADS = None
 
 
 # ---------------------------------------------------------------------------------------------- entry point
@@ -529,8 +559,7 @@ def run(
     elif engine == "ray":
         stream = _ray(t, specs, workers, threads, address)
     elif workers == 0:
-        _set_threads(threads)
-        stream = (execute_item(t, s) for s in specs)
+        stream = _in_process(t, specs, threads)
     else:
         stream = _local(t, specs, workers, threads)
     try:
