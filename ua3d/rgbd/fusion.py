@@ -32,7 +32,8 @@ Integration of a frame (:meth:`FeatureMap.integrate`)
        kernel renders at the pixel from the LR depths of the cells it draws on, and
        ``tau = agreement_tau`` (0.05): when most of the kernel's mass comes from cells at another
        depth (the pixel's feature is a blend across a depth edge) ``\hat z`` departs from ``z`` and
-       the pixel counts little. Pixels without kernel support weigh 0.
+       the pixel counts little (never less than 1e-3 of its depth weight, so every observed surface
+       point still enters the geometry). Pixels without kernel support weigh 0.
     4. Per voxel, the frame's pixels are pooled (``sum w f / sum w``) and merged into the running
        mean: ``W' = W + w_f``, ``m' = m + (w_f / W') (f_f - m)``. The result is the weighted mean of
        every pixel ever integrated (exactly, up to the storage dtype).
@@ -103,6 +104,7 @@ _KEY_BITS = 21  # per axis: voxel coordinates in [-2^20, 2^20)
 _KEY_OFF = 1 << (_KEY_BITS - 1)
 _MEMORY_FRACTION = 0.8  # the same threshold as ua3d.api's render guard
 _WARN_FRACTION = 0.5
+_AGREEMENT_FLOOR = 1e-3  # every observed surface point keeps a (tiny) weight: geometry has no holes
 
 
 def default_fit_config() -> FitConfig:
@@ -569,7 +571,8 @@ class FeatureMap:
         w = self._depth_weight(zo) * lifted.depth_valid[0, 0] * support[0, 0]
         if self.agreement_tau is not None:
             rel = (zhat.to(torch.float32) - zo).abs() / zo.clamp_min(1e-6)
-            w = w * torch.exp(-0.5 * (rel.nan_to_num(1e3) / self.agreement_tau) ** 2)
+            agree = torch.exp(-0.5 * (rel.nan_to_num(1e3) / self.agreement_tau) ** 2)
+            w = w * agree.clamp_min(_AGREEMENT_FLOOR)
         t3 = time.perf_counter()
         rep = self._integrate_pixels(index, zo, cam, feats, w, gr[0], hw)
         rep.seconds = {
