@@ -108,8 +108,8 @@ _AGREEMENT_FLOOR = 1e-3  # every observed surface point keeps a (tiny) weight: g
 
 
 def default_fit_config() -> FitConfig:
-    """The fusion's per-frame fit: 20 Adam steps (the accuracy cost is in ``docs/fusion.md``)."""
-    return FitConfig(steps=20)
+    """The fusion's per-frame fit: 20 Adam steps, a window of radius 2 LR cells (cost and accuracy in ``docs/fusion.md``)."""
+    return FitConfig(steps=20, radius=2.0)
 
 
 # ---------------------------------------------------------------------- validation helpers
@@ -608,9 +608,8 @@ class FeatureMap:
             f = f[0]
         if f.shape != (self.channels, H, W):
             raise ValueError(f"hr_features must be [C, H, W] = {(self.channels, H, W)}, got {tuple(f.shape)}")
-        if lr_size is not None:
-            if self.lr_size is not None and tuple(lr_size) != self.lr_size:
-                raise ValueError(f"lr_size {tuple(lr_size)} differs from the map's grid {self.lr_size}")
+        if lr_size is not None and self.lr_size is not None and tuple(lr_size) != self.lr_size:
+            raise ValueError(f"lr_size {tuple(lr_size)} differs from the map's grid {self.lr_size}")
         wt = torch.ones(H, W) if weights is None else torch.as_tensor(weights).to(torch.float32).reshape(H, W)
         ok = torch.isfinite(f).all(0) & (z[0, 0] > 0)
         if not bool(ok.any()):
