@@ -87,6 +87,7 @@ def _filled_map():
     m.integrate_points(torch.rand(300, 3, generator=g), torch.randn(300, 5, generator=g),
                        torch.rand(300, generator=g) + 0.1, torch.rand(300, 3, generator=g))
     m.lr_size, m.frames, m.skipped = (6, 8), 3, [(1, "no valid depth")]
+    m.poses = [np.eye(4) * (i + 1) for i in range(3)]
     return m
 
 
@@ -101,6 +102,7 @@ def test_save_load_round_trip_is_exact(tmp_path):
         0.02, 5, torch.float16, (6, 8), 3, [(1, "no valid depth")]
     )
     assert torch.equal(r.lookup(m.keys), m.lookup(m.keys))
+    assert all(np.array_equal(a, b) for a, b in zip(r.poses, m.poses)) and len(r.poses) == 3
     # the loaded map keeps integrating
     r.integrate_points(torch.zeros(1, 3), torch.ones(1, 5))
 

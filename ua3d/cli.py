@@ -214,6 +214,11 @@ def cmd_eval(args, rest) -> int:
 def cmd_view(args) -> int:
     import importlib.util
 
+    if args.kind == "map":
+        from .cli_fuse import cmd_view_map
+
+        return cmd_view_map(args)
+
     root = Path(__file__).resolve().parents[1] / "viewers"
     name = {"volume": "volume_slices", "points": "feature_points"}[args.kind]
     path = root / f"{name}.py"
@@ -300,6 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     lf.add_argument("--out", required=True, help="output folder")
     lf.set_defaults(func=cmd_lift)
 
+    from .cli_fuse import add_fuse_parser
+
+    add_fuse_parser(sub, common)
+
     e = sub.add_parser("eval", parents=[common], help="benchmarks: `ua3d eval depth-sr --help`", add_help=False)
     e.add_argument("task", help="depth-sr")
     e.set_defaults(func=None)
@@ -309,8 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Other options are passed to the viewer script (see viewers/volume_slices.py --help, "
         "viewers/feature_points.py --help), e.g. --show-rgbd, --slice 3 4, --query-index 123.",
     )
-    v.add_argument("kind", choices=["volume", "points"])
-    v.add_argument("file", help="volume .npz or point cloud .npz")
+    v.add_argument("kind", choices=["volume", "points", "map"])
+    v.add_argument("file", help="volume .npz, point cloud .npz or fused map .npz (map options: --query-index N | --query-point X Y Z, --width, --height, --yaw, --pitch)")
     v.add_argument("--png", default=None, help="render headless to this PNG instead of opening a window")
     v.set_defaults(func=cmd_view)
     return p

@@ -61,7 +61,8 @@ Spatial structure (measured by ``scripts/eval_fusion.py``; figures in ``docs/fus
 Files (:meth:`FeatureMap.save` / :meth:`FeatureMap.load`)
     * ``.npz`` (lossless): ``format`` = ``"ua3d-feature-map"``, ``format_version`` (1), the
       settings, ``keys [N]`` int64, ``features [N, C]`` in the map dtype, ``weights``, ``positions``,
-      ``colors``, ``observations``, ``frames`` and ``skipped``. Loading checks all of it: a truncated
+      ``colors``, ``observations``, ``poses [F, 4, 4]`` (camera-to-world of the fused frames), and in
+      ``meta`` (JSON) ``frames`` and ``skipped``. Loading checks all of it: a truncated
       file, another format or another version raises ``ValueError``.
     * ``.ply`` (binary, via Open3D): positions, the PCA colours of the features as ``uchar``
       ``red/green/blue``, ``weights``, and the features as float32 ``features_0 ..``.
@@ -259,6 +260,7 @@ class FeatureMap:
         self.lr_size: tuple[int, int] | None = None
         self.frames = 0
         self.skipped: list[tuple[int, str]] = []
+        self.poses: list[np.ndarray] = []  # camera-to-world pose of every integrated frame
         self._n = 0
         self._cap = 0
         self._keys = torch.empty(0, dtype=torch.int64, device=self.device)  # in slot order
@@ -634,6 +636,7 @@ class FeatureMap:
         if hw is not None and self.lr_size is None:
             self.lr_size = tuple(hw)
         self.frames += 1
+        self.poses.append(np.asarray(cam.camera_to_world, np.float64))
         return FrameReport(index, "integrated", points=n, new_voxels=n_new, voxels=self._n)
 
     def _skip(self, index: int, reason: str, t0: float) -> FrameReport:
@@ -700,6 +703,7 @@ class FeatureMap:
             "positions": self.positions.cpu().numpy(),
             "colors": self.colors.cpu().numpy(),
             "observations": self.observations.cpu().numpy(),
+            "poses": np.asarray(self.poses, np.float64).reshape(-1, 4, 4),
         }
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -733,7 +737,7 @@ class FeatureMap:
         if p.suffix.lower() != ".npz":
             raise ValueError(f"only .npz maps can be loaded (the .ply export is lossy), got {p}")
         names = ("format", "format_version", "meta", "keys", "features", "weights", "positions", "colors",
-                 "observations")
+                 "observations", "poses")
         try:
             with np.load(p, allow_pickle=False) as z:
                 missing = [k for k in names if k not in z.files]
@@ -785,6 +789,9 @@ class FeatureMap:
         m._sorted, m._order = torch.sort(m._keys[:n])
         m.lr_size = None if meta["lr_size"] is None else tuple(meta["lr_size"])
         m.frames = int(meta["frames"])
+        if d["poses"].shape != (m.frames, 4, 4):
+            raise ValueError(f"{p}: poses has shape {d['poses'].shape}, expected {(m.frames, 4, 4)}")
+        m.poses = list(d["poses"])
         m.skipped = [(int(i), str(r)) for i, r in meta["skipped"]]
         return m
 
