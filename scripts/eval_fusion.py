@@ -48,15 +48,15 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import machine_info  # noqa: E402
+from _machine import machine_info
 
-import ua3d  # noqa: E402
-from ua3d.baselines import bilinear, nearest  # noqa: E402
-from ua3d.core.tto import FitConfig  # noqa: E402
-from ua3d.rgbd.camera import PinholeCamera, backproject, look_at  # noqa: E402
-from ua3d.rgbd.fusion import FeatureMap, default_fit_config  # noqa: E402
-from ua3d.rgbd.lift import fit_rgbd  # noqa: E402
-from ua3d.rgbd.synthetic import make_layout, render_layout, surface_distance  # noqa: E402
+import ua3d
+from ua3d.baselines import bilinear, nearest
+from ua3d.core.tto import FitConfig
+from ua3d.rgbd.camera import PinholeCamera, backproject, look_at
+from ua3d.rgbd.fusion import FeatureMap, default_fit_config
+from ua3d.rgbd.lift import fit_rgbd
+from ua3d.rgbd.synthetic import make_layout, render_layout, surface_distance
 
 ROOT = Path(__file__).resolve().parents[1]
 REDWOOD = ROOT.parent / "shared" / "data" / "redwood-open3d" / "sample5"
@@ -237,7 +237,7 @@ def redwood(voxel: float, depth_max: float, channels: int) -> dict:
     o3d_pts, blocks = _o3d_tsdf_points(seq, voxel, depth_max)
     out = {
         "frames": len(frames), "voxel_size": voxel, "depth_max": depth_max, "channels": channels,
-        "lift_voxels": len(lift), "bilinear_voxels": len(bil), "o3d_points": int(len(o3d_pts)),
+        "lift_voxels": len(lift), "bilinear_voxels": len(bil), "o3d_points": len(o3d_pts),
         "geometry_lift": _chamfer(lift.positions.numpy(), o3d_pts, voxel),
         "geometry_bilinear_fullres": _chamfer(bil.positions.numpy(), o3d_pts, voxel),
         "consistency_cosine": {k: float(np.mean(v)) for k, v in cons.items()},

@@ -207,6 +207,9 @@ def run_demo(
     except Exception as e:  # noqa: BLE001  # headless rendering is optional for the demo
         log["viewer_pictures_skipped"] = str(e).splitlines()[0]
     log["pictures"] = pictures
+    from .cli_fuse import demo_fusion  # a short fused sequence of the same scene
+
+    log["fused_map"] = demo_fusion(out / "fusion", seed=seed, frames=3 if tiny else 4, steps=min(steps, 10))
     stage("pictures", t0)
     bar.close()
     log["timings_s"]["total"] = round(time.perf_counter() - t_all, 3)
@@ -235,6 +238,7 @@ def _write_summary(out: Path, log: dict, quiet: bool) -> None:
         f"feature point cloud: {log['points']} points -> points.ply, points.npz",
         "depth SR x8 (protocol B) RMSE: bicubic {bicubic:.1f} mm, ua3d {ua3d:.1f} mm".format(**log["depth_sr_x8_rmse_mm"]),
         f"pictures: {', '.join(log['pictures'])}",
+        "fused map of {frames} posed views: {voxels} voxels -> fusion/map.npz ({seconds:.1f} s)".format(**log["fused_map"]),
         "timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in log["timings_s"].items()),
     ]
     text = "\n".join(lines) + "\n"

@@ -69,7 +69,7 @@ def color_scale(height: int, vmin: float, vmax: float, width: int = 90, label: s
     img[top:bottom, x0:x1] = apply_cmap(vmin + t * (vmax - vmin), vmin, vmax, "turbo")[:, None, :]
     u8 = (img * 255).astype(np.uint8)
     for frac in (0.0, 0.25, 0.5, 0.75, 1.0):
-        y = int(round(bottom - 1 - frac * (bottom - top - 1)))
+        y = round(bottom - 1 - frac * (bottom - top - 1))
         cv2.line(u8, (x1, y), (x1 + 4, y), (0, 0, 0), 1)
         cv2.putText(u8, f"{vmin + frac * (vmax - vmin):+.2f}", (x1 + 6, y + 4), cv2.FONT_HERSHEY_SIMPLEX, 0.38,
                     (0, 0, 0), 1, cv2.LINE_AA)
