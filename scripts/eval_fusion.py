@@ -9,7 +9,8 @@ nearest, and fused into a 2 cm map. A voxel's label is the argmax of its fused f
 id is the layout object whose surface is nearest to the voxel's (mean) position. We print the
 label accuracy over all voxels and over the voxels within 2 voxels (Chebyshev, in voxel
 coordinates) of a voxel with another true id. Ablations: the lift without the kernel-agreement
-weight, and the lift fitted at half the resolution (what the 640x480 default does).
+weight, the lift fitted at half the resolution (what the 640x480 default does), and the lift with
+the single-frame depth weight 10 instead of the fusion's 0.3.
 
 Part 2, real frames (``../shared/data/redwood-open3d/sample5``, 5 posed 640x480 frames, random-net
 features on a 30x40 grid, 32 channels): the Chamfer distance (mean nearest-neighbour distance
@@ -104,7 +105,8 @@ def synthetic(seed: int, n_frames: int, W: int, H: int, cfg: FitConfig, voxel: f
     n_cls = 3 + 4
     hw = (H // 16, W // 16)
     maps = {k: FeatureMap(voxel, n_cls, torch.float32, work_width=None, fit_config=cfg)
-            for k in ("lift", "lift_no_agreement", "lift_half_res", "kernel_2d", "bilinear", "nearest")}
+            for k in ("lift", "lift_no_agreement", "lift_half_res", "lift_depth_weight_10", "kernel_2d", "bilinear",
+                      "nearest")}
     maps["lift_no_agreement"].agreement_tau = None
     maps["lift_half_res"].work_width = W // 2
     t = {k: 0.0 for k in maps}
@@ -114,9 +116,11 @@ def synthetic(seed: int, n_frames: int, W: int, H: int, cfg: FitConfig, voxel: f
         lr = F.adaptive_avg_pool2d(onehot, hw)
         guide = torch.from_numpy(s["rgb"]).permute(2, 0, 1)[None]
         t0 = time.perf_counter()
-        lifted = fit_rgbd(guide, s["depth"], cam, hw, cfg)
+        lifted = fit_rgbd(guide, s["depth"], cam, hw, cfg, depth_weight=maps["lift"].depth_weight)
         maps["lift"].integrate(guide, s["depth"], cam, lr, lifted=lifted)
         t["lift"] += time.perf_counter() - t0
+        lk10 = fit_rgbd(guide, s["depth"], cam, hw, cfg, depth_weight=10.0)  # the single-frame default
+        maps["lift_depth_weight_10"].integrate(guide, s["depth"], cam, lr, lifted=lk10)
         maps["lift_no_agreement"].integrate(guide, s["depth"], cam, lr, lifted=lifted)
         t0 = time.perf_counter()
         maps["lift_half_res"].integrate(guide, s["depth"], cam, lr)
@@ -222,7 +226,8 @@ def redwood(voxel: float, depth_max: float, channels: int) -> dict:
         z = as_depth(fr.depth)
         z = torch.where((z > 0) & (z <= depth_max), z, torch.zeros(()))
         gr, zr, cam = reduce_frame(g, z, fr.camera, factor)
-        lk = fit_rgbd(gr, zr, cam, tuple(feats.shape[-2:]), lift.fit_config, depth_max=depth_max)
+        lk = fit_rgbd(gr, zr, cam, tuple(feats.shape[-2:]), lift.fit_config, depth_max=depth_max,
+                      depth_weight=lift.depth_weight)
         fl = lk.render_2d(feats)[0]
         zf = torch.from_numpy(np.where(fr.depth <= depth_max, fr.depth, 0)).float()
         pts, pix = backproject(zf, fr.camera, frame="world")
@@ -253,8 +258,8 @@ def redwood(voxel: float, depth_max: float, channels: int) -> dict:
 
 
 # ---------------------------------------------------------------------- cost (subprocess)
-def _cost_child(n_frames: int, channels: int, voxel_sizes: list[float], mode: str) -> dict:
-    torch.set_num_threads(2)
+def _cost_child(n_frames: int, channels: int, voxel_sizes: list[float], mode: str, threads: int) -> dict:
+    torch.set_num_threads(threads)
     from ua3d.features.random_net import random_features
 
     layout = make_layout(0, n_objects=4)
@@ -264,7 +269,7 @@ def _cost_child(n_frames: int, channels: int, voxel_sizes: list[float], mode: st
     for i, cam in enumerate(cams):
         s = render_layout(layout, cam, holes=3, noise_std=0.01, seed=i)
         feats, _ = random_features(s["rgb"], stride=16, channels=channels, seed=0)
-        for v, m in maps.items():
+        for m in maps.values():
             t0 = time.perf_counter()
             if mode == "lift":
                 m.integrate(s["rgb"], s["depth"], cam, feats)
@@ -280,11 +285,11 @@ def _cost_child(n_frames: int, channels: int, voxel_sizes: list[float], mode: st
             "median_integrate_s": statistics.median(times)}
 
 
-def cost(n_frames: int, channels: int) -> dict:
+def cost(n_frames: int, channels: int, threads: int) -> dict:
     out = {}
     for mode, sizes in (("lift", [0.02]), ("bilinear", [0.01, 0.02, 0.04])):
         cmd = [sys.executable, __file__, "--_cost-child", mode, "--frames-cost", str(n_frames),
-               "--channels", str(channels), "--voxel-sizes", *map(str, sizes)]
+               "--channels", str(channels), "--threads", str(threads), "--voxel-sizes", *map(str, sizes)]
         t0 = time.perf_counter()
         r = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if r.returncode != 0:
@@ -297,7 +302,7 @@ def cost(n_frames: int, channels: int) -> dict:
 # ---------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5])
     ap.add_argument("--frames", type=int, default=12)
     ap.add_argument("--size", type=int, nargs=2, default=[320, 240], metavar=("W", "H"))
     ap.add_argument("--voxel", type=float, default=0.02)
@@ -313,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--voxel-sizes", type=float, nargs="+", default=[0.02], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.cost_child:
-        print(json.dumps(_cost_child(args.frames_cost, args.channels, args.voxel_sizes, args.cost_child)))
+        print(json.dumps(_cost_child(args.frames_cost, args.channels, args.voxel_sizes, args.cost_child, args.threads)))
         return 0
     torch.set_num_threads(args.threads)
     cfg = default_fit_config()
@@ -358,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"with a {args.channels}-ch feature attribute: {v['block_count']} blocks -> "
                   f"{v['rss_growth_bytes'] / 2**20:.0f} MiB reserved ({v['bytes_per_block_theory'] / 2**20:.2f} MiB/block)")
     if not args.skip_cost:
-        c = cost(args.frames_cost, args.channels)
+        c = cost(args.frames_cost, args.channels, args.threads)
         report["cost"] = c
         lf = c["lift"]
         print(f"\ncost: {lf['frames']} frames 640x480, {args.channels} ch float16, 2 cm, lift: peak RSS "

@@ -19,7 +19,7 @@ Integration of a frame (:meth:`FeatureMap.integrate`)
        frame is reduced by 2 -- RGB area-averaged, depth by the lower median of the valid samples of
        each 2x2 block, so a depth is always a real sample and never a blend across an edge; the
        camera by the half-pixel-correct :meth:`PinholeCamera.resized`).
-    2. The lifted RGB-D kernel (:func:`ua3d.rgbd.lift.fit_rgbd`, ``fit_config``; default 20 steps)
+    2. The lifted RGB-D kernel (:func:`ua3d.rgbd.lift.fit_rgbd`, ``fit_config``, ``depth_weight``)
        is fitted there, or a fitted :class:`~ua3d.rgbd.lift.LiftedKernel` for that resolution is
        used, and renders the LR features, plus the LR depth as one extra channel, to every pixel.
     3. Every pixel with valid depth is back-projected to the world and gets the confidence
@@ -90,6 +90,7 @@ from ua3d.rgbd.camera import PinholeCamera, depth_validity, unproject
 from ua3d.rgbd.lift import LiftedKernel, _as_rgb, as_depth, fit_rgbd
 
 __all__ = [
+    "DEPTH_WEIGHT",
     "FORMAT",
     "FORMAT_VERSION",
     "FeatureMap",
@@ -105,6 +106,7 @@ _KEY_BITS = 21  # per axis: voxel coordinates in [-2^20, 2^20)
 _KEY_OFF = 1 << (_KEY_BITS - 1)
 _MEMORY_FRACTION = 0.8  # the same threshold as ua3d.api's render guard
 _WARN_FRACTION = 0.5
+DEPTH_WEIGHT = 0.3  # the fusion's loss weight of the depth channel (fit_rgbd's default is 10)
 _AGREEMENT_FLOOR = 1e-3  # every observed surface point keeps a (tiny) weight: geometry has no holes
 
 
@@ -213,6 +215,10 @@ class FeatureMap:
         before the fit (None = full resolution).
     fit_config : :class:`FitConfig` of the per-frame lift (default :func:`default_fit_config`).
     agreement_tau : ``tau`` of the kernel-agreement confidence (relative depth; None = off).
+    depth_weight : loss weight of the depth channel in the per-frame fit (:func:`fit_rgbd`). The
+        fusion's default 0.3 (not the single-frame 10): in 3D, object boundaries are mostly contacts
+        (a box on the floor) where depth is continuous and only colour separates the surfaces; a
+        heavy depth term widens the colour scale and blurs them (``docs/fusion.md``).
     max_bytes : refuse (``MemoryError``) to grow the map beyond this; default 80% of the memory
         available when growing. A warning is issued when the map passes half of it.
     """
@@ -228,6 +234,7 @@ class FeatureMap:
         work_width: int | None = 320,
         fit_config: FitConfig | None = None,
         agreement_tau: float | None = 0.05,
+        depth_weight: float = DEPTH_WEIGHT,
         max_bytes: int | None = None,
     ) -> None:
         if not (isinstance(voxel_size, (int, float)) and voxel_size > 0 and math.isfinite(voxel_size)):
@@ -248,6 +255,8 @@ class FeatureMap:
             raise ValueError(f"fit_config must be a FitConfig or None, got {type(fit_config).__name__}")
         if agreement_tau is not None and not (agreement_tau > 0 and math.isfinite(agreement_tau)):
             raise ValueError(f"agreement_tau must be positive or None, got {agreement_tau!r}")
+        if not (depth_weight >= 0 and math.isfinite(depth_weight)):
+            raise ValueError(f"depth_weight must be a finite number >= 0, got {depth_weight!r}")
         self.voxel_size = float(voxel_size)
         self.channels = channels
         self.dtype = dtype
@@ -256,6 +265,7 @@ class FeatureMap:
         self.work_width = work_width
         self.fit_config = fit_config if fit_config is not None else default_fit_config()
         self.agreement_tau = agreement_tau
+        self.depth_weight = float(depth_weight)
         self.max_bytes = max_bytes
         self.lr_size: tuple[int, int] | None = None
         self.frames = 0
@@ -492,7 +502,7 @@ class FeatureMap:
         z = torch.where(valid, z, torch.zeros((), dtype=z.dtype))
         return g.to(torch.float32), z, pose
 
-    def _depth_weight(self, z: torch.Tensor) -> torch.Tensor:
+    def _depth_reliability(self, z: torch.Tensor) -> torch.Tensor:
         return (1.0 / z.clamp_min(1e-6) ** 2).clamp(max=1.0)
 
     def integrate(
@@ -564,13 +574,14 @@ class FeatureMap:
             return self._skip(index, "no valid depth", t0)
         t1 = time.perf_counter()
         if lifted is None:
-            lifted = fit_rgbd(gr, zr, cam, hw, self.fit_config, depth_max=self.depth_max)
+            lifted = fit_rgbd(gr, zr, cam, hw, self.fit_config, depth_max=self.depth_max,
+                              depth_weight=self.depth_weight)
         t2 = time.perf_counter()
         sig = torch.cat([f.to(lifted.params.dtype), lifted.depth_lr.to(lifted.params.dtype)], 1)
         out, support = lifted.render_2d(sig, return_support=True)
         feats, zhat = out[0, :-1], out[0, -1]
         zo = lifted.depth[0, 0].to(torch.float32)
-        w = self._depth_weight(zo) * lifted.depth_valid[0, 0] * support[0, 0]
+        w = self._depth_reliability(zo) * lifted.depth_valid[0, 0] * support[0, 0]
         if self.agreement_tau is not None:
             rel = (zhat.to(torch.float32) - zo).abs() / zo.clamp_min(1e-6)
             agree = torch.exp(-0.5 * (rel.nan_to_num(1e3) / self.agreement_tau) ** 2)
@@ -616,7 +627,7 @@ class FeatureMap:
         ok = torch.isfinite(f).all(0) & (z[0, 0] > 0)
         if not bool(ok.any()):
             return self._skip(index, "no valid depth", t0)
-        w = self._depth_weight(z[0, 0]) * wt * ok
+        w = self._depth_reliability(z[0, 0]) * wt * ok
         rep = self._integrate_pixels(index, z[0, 0], camera.with_pose(pose), f.nan_to_num(0.0), w, g[0],
                                      None if lr_size is None else tuple(lr_size))
         rep.seconds = {"fuse": time.perf_counter() - t0}
@@ -689,7 +700,7 @@ class FeatureMap:
         meta = {
             "voxel_size": self.voxel_size, "channels": self.channels,
             "dtype": str(self.dtype).removeprefix("torch."), "depth_max": self.depth_max,
-            "work_width": self.work_width, "agreement_tau": self.agreement_tau,
+            "work_width": self.work_width, "agreement_tau": self.agreement_tau, "depth_weight": self.depth_weight,
             "fit_config": self.fit_config.to_dict(), "lr_size": self.lr_size, "frames": self.frames,
             "skipped": self.skipped,
         }
@@ -763,7 +774,7 @@ class FeatureMap:
                 meta["voxel_size"], int(meta["channels"]), meta["dtype"], device, depth_max=meta["depth_max"],
                 work_width=meta["work_width"], fit_config=FitConfig(**{
                     k: tuple(v) if isinstance(v, list) else v for k, v in meta["fit_config"].items()
-                }), agreement_tau=meta["agreement_tau"],
+                }), agreement_tau=meta["agreement_tau"], depth_weight=meta["depth_weight"],
             )
         except (KeyError, TypeError, json.JSONDecodeError) as e:
             raise ValueError(f"{p} has bad map metadata: {e!r}") from None
