@@ -147,6 +147,43 @@ def synthetic(seed: int, n_frames: int, W: int, H: int, cfg: FitConfig, voxel: f
     return res
 
 
+def synthetic_resolution(seed: int, n_frames: int, voxel: float) -> dict:
+    """640x480 frames, 30x40 grid: the lift fitted at full resolution, at the default work width
+    320 (reduced by 2), and at full resolution with a quarter of the pixels per step; bilinear."""
+    layout = make_layout(seed, n_objects=4)
+    n_cls, W, H = 7, 640, 480
+    hw = (H // 16, W // 16)
+    base = default_fit_config()
+    variants = {
+        "lift_full_res": (None, base), "lift_work_320": (320, base),
+        "lift_full_res_pixel_fraction_0.25": (None, base.replace(pixel_fraction=0.25)),
+    }
+    maps = {k: FeatureMap(voxel, n_cls, torch.float32, work_width=ww, fit_config=c) for k, (ww, c) in variants.items()}
+    maps["bilinear"] = FeatureMap(voxel, n_cls, torch.float32)
+    t = {k: [] for k in maps}
+    cpu = {k: [] for k in maps}
+    for i, cam in enumerate(orbit_cameras(n_frames, W, H, seed)):
+        s = render_layout(layout, cam, holes=3, noise_std=0.01, seed=seed * 100 + i)
+        onehot = F.one_hot(torch.from_numpy(s["ids"]).long(), n_cls).permute(2, 0, 1)[None].float()
+        lr = F.adaptive_avg_pool2d(onehot, hw)
+        for k, m in maps.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            if k == "bilinear":
+                m.integrate_hr(s["depth"], cam, bilinear(s["rgb"], lr), rgb=s["rgb"], lr_size=hw)
+            else:
+                m.integrate(s["rgb"], s["depth"], cam, lr)
+            t[k].append(time.perf_counter() - t0)
+            cpu[k].append(time.process_time() - c0)
+    res = {}
+    for k, m in maps.items():
+        ids = true_ids(m.positions.double().numpy(), layout.objects)
+        pred = m.features.argmax(1).numpy()
+        b = boundary_mask(m, ids)
+        res[k] = {"voxels": len(m), "acc_all": float((pred == ids).mean()), "acc_boundary": float((pred[b] == ids[b]).mean()),
+                  "median_integrate_s_wall": statistics.median(t[k]), "median_integrate_s_cpu": statistics.median(cpu[k])}
+    return res
+
+
 # ---------------------------------------------------------------------- real frames
 def _o3d_tsdf_points(seq, voxel: float, depth_max: float) -> tuple[np.ndarray, int]:
     import open3d as o3d
@@ -313,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-synthetic", action="store_true")
     ap.add_argument("--skip-real", action="store_true")
     ap.add_argument("--skip-cost", action="store_true")
+    ap.add_argument("--resolution-seeds", type=int, nargs="*", default=[0, 3],
+                    help="seeds of the 640x480 work-resolution check (none to skip)")
     ap.add_argument("--json", default="bench_results/eval_fusion.json")
     ap.add_argument("--_cost-child", dest="cost_child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--voxel-sizes", type=float, nargs="+", default=[0.02], help=argparse.SUPPRESS)
@@ -343,6 +382,17 @@ def main(argv: list[str] | None = None) -> int:
         d = 100 * (mean["lift"]["acc_boundary"] - mean["bilinear"]["acc_boundary"])
         print(f"lift - bilinear: boundary {d:+.1f} points, overall "
               f"{100 * (mean['lift']['acc_all'] - mean['bilinear']['acc_all']):+.2f} points")
+    if args.resolution_seeds:
+        rs = {seed: synthetic_resolution(seed, args.frames, args.voxel) for seed in args.resolution_seeds}
+        report["synthetic_640x480"] = rs
+        print(f"\nsynthetic 640x480, grid 30x40, {args.frames} frames, seeds {args.resolution_seeds}: work resolution")
+        print(f"{'method':36s} {'overall':>8s} {'boundary':>9s} {'wall s':>7s} {'CPU s':>6s}")
+        for k in next(iter(rs.values())):
+            def mean(f, k=k):
+                return float(np.mean([rs[sd][k][f] for sd in rs]))
+
+            print(f"{k:36s} {mean('acc_all'):8.4f} {mean('acc_boundary'):9.4f} {mean('median_integrate_s_wall'):7.2f} "
+                  f"{mean('median_integrate_s_cpu'):6.2f}")
     if not args.skip_real:
         if not (REDWOOD / "trajectory.log").is_file():
             print(f"skipping real frames: {REDWOOD} not found")
