@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -148,17 +147,20 @@ def synthetic(seed: int, n_frames: int, W: int, H: int, cfg: FitConfig, voxel: f
 
 
 def synthetic_resolution(seed: int, n_frames: int, voxel: float) -> dict:
-    """640x480 frames, 30x40 grid: the lift fitted at full resolution, at the default work width
-    320 (reduced by 2), and at full resolution with a quarter of the pixels per step; bilinear."""
+    """640x480 frames, 30x40 grid: the lift as by default (fitted at 320 px width, rendered and fused at
+    full resolution), fitted at full resolution (also with a quarter of the pixels per step), and
+    everything at the work width 320 (frame reduced by 2); bilinear."""
     layout = make_layout(seed, n_objects=4)
     n_cls, W, H = 7, 640, 480
     hw = (H // 16, W // 16)
     base = default_fit_config()
-    variants = {
-        "lift_full_res": (None, base), "lift_work_320": (320, base),
-        "lift_full_res_pixel_fraction_0.25": (None, base.replace(pixel_fraction=0.25)),
+    variants = {  # (work_width, fit_width, config)
+        "lift_default_fit_320": (None, 320, base), "lift_fit_full_res": (None, None, base),
+        "lift_work_320": (320, None, base),
+        "lift_fit_full_res_pixel_fraction_0.25": (None, None, base.replace(pixel_fraction=0.25)),
     }
-    maps = {k: FeatureMap(voxel, n_cls, torch.float32, work_width=ww, fit_config=c) for k, (ww, c) in variants.items()}
+    maps = {k: FeatureMap(voxel, n_cls, torch.float32, work_width=ww, fit_width=fw, fit_config=c)
+            for k, (ww, fw, c) in variants.items()}
     maps["bilinear"] = FeatureMap(voxel, n_cls, torch.float32)
     t = {k: [] for k in maps}
     cpu = {k: [] for k in maps}
@@ -244,7 +246,7 @@ def redwood(voxel: float, depth_max: float, channels: int) -> dict:
     for fr in frames:
         feats, _ = random_features(fr.rgb, stride=16, channels=channels, seed=0)
         t0, c0 = time.perf_counter(), time.process_time()
-        factor = round(640 / lift.work_width)
+        factor = 1 if lift.work_width is None else round(640 / lift.work_width)
         rep = lift.integrate(fr.rgb, fr.depth, fr.camera, feats)
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
@@ -263,7 +265,7 @@ def redwood(voxel: float, depth_max: float, channels: int) -> dict:
         z = as_depth(fr.depth)
         z = torch.where((z > 0) & (z <= depth_max), z, torch.zeros(()))
         gr, zr, cam = reduce_frame(g, z, fr.camera, factor)
-        lk = fit_rgbd(gr, zr, cam, tuple(feats.shape[-2:]), lift.fit_config, depth_max=depth_max,
+        lk = fit_rgbd(gr, zr, cam, tuple(feats.shape[-2:]), lift.frame_config(gr.shape[-1]), depth_max=depth_max,
                       depth_weight=lift.depth_weight)
         fl = lk.render_2d(feats)[0]
         zf = torch.from_numpy(np.where(fr.depth <= depth_max, fr.depth, 0)).float()
@@ -295,6 +297,15 @@ def redwood(voxel: float, depth_max: float, channels: int) -> dict:
 
 
 # ---------------------------------------------------------------------- cost (subprocess)
+def _peak_rss() -> int:
+    """This process's peak resident memory (``VmHWM``; ``ru_maxrss`` would include the peak of the parent
+    that forked it, which exec keeps)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return -1
+
+
 def _cost_child(n_frames: int, channels: int, voxel_sizes: list[float], mode: str, threads: int) -> dict:
     torch.set_num_threads(threads)
     from ua3d.features.random_net import random_features
@@ -316,9 +327,9 @@ def _cost_child(n_frames: int, channels: int, voxel_sizes: list[float], mode: st
         if (i + 1) % 10 == 0 or i == 0:
             growth.append({"frames": i + 1, **{f"voxels_{v}": len(m) for v, m in maps.items()},
                            **{f"bytes_{v}": m.nbytes for v, m in maps.items()},
-                           "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024})
+                           "peak_rss_bytes": _peak_rss()})
     return {"mode": mode, "frames": n_frames, "channels": channels, "growth": growth,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_rss_bytes": _peak_rss(),
             "median_integrate_s": statistics.median(times)}
 
 

@@ -206,3 +206,11 @@ def test_rigid_pose_check_and_frame_reduction():
     assert d.flatten().tolist() == [2.0, 5.0]  # lower median of the valid samples, holes ignored
     assert (c.width, c.height, c.fx, c.cx) == (2, 1, 5.0, 0.5)
     torch.testing.assert_close(r[0, :, 0, 0], rgb[0, :, :, :2].mean((1, 2)))
+
+
+def test_fit_width_fits_a_coarse_guide_only_for_wide_frames():
+    m = FeatureMap(0.02, 4, fit_width=320)
+    assert m.frame_config(320).coarse_to_fine == 1.0
+    cfg = m.frame_config(640)
+    assert (cfg.coarse_to_fine, cfg.fine_steps, cfg.steps) == (0.5, 0, m.fit_config.steps)
+    assert FeatureMap(0.02, 4, fit_width=None).frame_config(640).coarse_to_fine == 1.0

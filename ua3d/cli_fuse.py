@@ -37,8 +37,11 @@ def add_fuse_parser(sub, common: argparse.ArgumentParser) -> argparse.ArgumentPa
     f.add_argument("--stride", type=int, default=16, help="grid stride of --features random (default 16)")
     f.add_argument("--voxel-size", type=float, default=0.02, help="voxel edge in metres (default 0.02)")
     f.add_argument("--float32", action="store_true", help="store float32 features (default float16)")
-    f.add_argument("--work-width", type=int, default=320,
-                   help="fit and render at about this width (integer reduction; 0 = full resolution; default 320)")
+    f.add_argument("--fit-width", type=int, default=320,
+                   help="fit the kernel on the guide resampled to this width, render at full size (0 = fit at full "
+                   "size; default 320)")
+    f.add_argument("--work-width", type=int, default=0,
+                   help="reduce frames (integer factor) to about this width first (default 0 = full resolution)")
     f.add_argument("--steps", type=int, default=20, help="TTO steps per frame (default 20)")
     f.add_argument("--radius", type=float, default=2.0, help="kernel window radius in LR cells (default 2)")
     f.add_argument("--every", type=int, default=1, help="use every N-th frame (default 1)")
@@ -116,6 +119,7 @@ def cmd_fuse(args) -> int:
             if fmap is None:
                 fmap = FeatureMap(args.voxel_size, int(feats.shape[1]), torch.float32 if args.float32 else torch.float16,
                                   args.device, depth_max=args.depth_max, work_width=args.work_width or None,
+                                  fit_width=args.fit_width or None,
                                   fit_config=cfg)
                 log["features"] = desc
             import warnings

@@ -15,13 +15,14 @@ Pose convention (the one of :mod:`ua3d.rgbd.camera`, stated once for the sequenc
 ``p_world = R p_cam + t``; Open3D's ``extrinsic`` is its inverse. ``None`` means identity.
 
 Integration of a frame (:meth:`FeatureMap.integrate`)
-    1. The frame is reduced to the *work resolution* (``work_width``, default 320 px: a 640x480
-       frame is reduced by 2 -- RGB area-averaged, depth by the lower median of the valid samples of
-       each 2x2 block, so a depth is always a real sample and never a blend across an edge; the
-       camera by the half-pixel-correct :meth:`PinholeCamera.resized`).
+    1. Optionally (``work_width``; default off) the frame is reduced by an integer factor -- RGB
+       area-averaged, depth by the lower median of the valid samples of each block, so a depth is
+       always a real sample and never a blend across an edge; the camera by the half-pixel-correct
+       :meth:`PinholeCamera.resized`.
     2. The lifted RGB-D kernel (:func:`ua3d.rgbd.lift.fit_rgbd`, ``fit_config``, ``depth_weight``)
-       is fitted there, or a fitted :class:`~ua3d.rgbd.lift.LiftedKernel` for that resolution is
-       used, and renders the LR features, plus the LR depth as one extra channel, to every pixel.
+       is fitted -- on the guide resampled to ``fit_width`` (320 px: a quarter of the pixels of a
+       640x480 frame) -- or a fitted :class:`~ua3d.rgbd.lift.LiftedKernel` for the frame is used, and
+       renders the LR features, plus the LR depth as one extra channel, to every pixel.
     3. Every pixel with valid depth is back-projected to the world and gets the confidence
 
        .. math::  w = \underbrace{\min\!\big(1, (z_0 / z)^2\big)}_{\text{depth reliability}}
@@ -212,7 +213,12 @@ class FeatureMap:
     device : torch device of the map's arrays (default CPU).
     depth_max : metres; farther depth is a hole (None = no limit).
     work_width : frames wider than this are reduced by the integer factor ``round(W / work_width)``
-        before the fit (None = full resolution).
+        before everything (None, the default: full resolution).
+    fit_width : the kernel's parameters are fitted on the guide resampled to about this width
+        (``FitConfig.coarse_to_fine = fit_width / W``, ``fine_steps = 0``; the sigmas are rescaled to
+        the full size), then the features are rendered and fused at the full (work) resolution.
+        Default 320; None fits at full resolution. Ignored when ``fit_config`` sets its own
+        ``coarse_to_fine``.
     fit_config : :class:`FitConfig` of the per-frame lift (default :func:`default_fit_config`).
     agreement_tau : ``tau`` of the kernel-agreement confidence (relative depth; None = off).
     depth_weight : loss weight of the depth channel in the per-frame fit (:func:`fit_rgbd`). The
@@ -231,7 +237,8 @@ class FeatureMap:
         device: Any = "cpu",
         *,
         depth_max: float | None = None,
-        work_width: int | None = 320,
+        work_width: int | None = None,
+        fit_width: int | None = 320,
         fit_config: FitConfig | None = None,
         agreement_tau: float | None = 0.05,
         depth_weight: float = DEPTH_WEIGHT,
@@ -249,8 +256,9 @@ class FeatureMap:
             raise ValueError(f"dtype must be torch.float16 or torch.float32, got {dtype!r}")
         if depth_max is not None and not depth_max > 0:
             raise ValueError(f"depth_max must be positive or None, got {depth_max!r}")
-        if work_width is not None and (isinstance(work_width, bool) or not isinstance(work_width, int) or work_width < 1):
-            raise ValueError(f"work_width must be a positive int or None, got {work_width!r}")
+        for name, v in (("work_width", work_width), ("fit_width", fit_width)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be a positive int or None, got {v!r}")
         if fit_config is not None and not isinstance(fit_config, FitConfig):
             raise ValueError(f"fit_config must be a FitConfig or None, got {type(fit_config).__name__}")
         if agreement_tau is not None and not (agreement_tau > 0 and math.isfinite(agreement_tau)):
@@ -263,6 +271,7 @@ class FeatureMap:
         self.device = torch.device(device)
         self.depth_max = depth_max
         self.work_width = work_width
+        self.fit_width = fit_width
         self.fit_config = fit_config if fit_config is not None else default_fit_config()
         self.agreement_tau = agreement_tau
         self.depth_weight = float(depth_weight)
@@ -502,6 +511,13 @@ class FeatureMap:
         z = torch.where(valid, z, torch.zeros((), dtype=z.dtype))
         return g.to(torch.float32), z, pose
 
+    def frame_config(self, width: int) -> FitConfig:
+        """The :class:`FitConfig` :meth:`integrate` fits a frame of ``width`` (work) pixels with."""
+        cfg = self.fit_config
+        if self.fit_width is not None and width > self.fit_width and cfg.coarse_to_fine >= 1:
+            cfg = cfg.replace(coarse_to_fine=self.fit_width / width, fine_steps=0)
+        return cfg
+
     def _depth_reliability(self, z: torch.Tensor) -> torch.Tensor:
         return (1.0 / z.clamp_min(1e-6) ** 2).clamp(max=1.0)
 
@@ -574,7 +590,7 @@ class FeatureMap:
             return self._skip(index, "no valid depth", t0)
         t1 = time.perf_counter()
         if lifted is None:
-            lifted = fit_rgbd(gr, zr, cam, hw, self.fit_config, depth_max=self.depth_max,
+            lifted = fit_rgbd(gr, zr, cam, hw, self.frame_config(zr.shape[-1]), depth_max=self.depth_max,
                               depth_weight=self.depth_weight)
         t2 = time.perf_counter()
         sig = torch.cat([f.to(lifted.params.dtype), lifted.depth_lr.to(lifted.params.dtype)], 1)
@@ -700,7 +716,7 @@ class FeatureMap:
         meta = {
             "voxel_size": self.voxel_size, "channels": self.channels,
             "dtype": str(self.dtype).removeprefix("torch."), "depth_max": self.depth_max,
-            "work_width": self.work_width, "agreement_tau": self.agreement_tau, "depth_weight": self.depth_weight,
+            "work_width": self.work_width, "fit_width": self.fit_width, "agreement_tau": self.agreement_tau, "depth_weight": self.depth_weight,
             "fit_config": self.fit_config.to_dict(), "lr_size": self.lr_size, "frames": self.frames,
             "skipped": self.skipped,
         }
@@ -772,7 +788,7 @@ class FeatureMap:
             meta = json.loads(str(d["meta"]))
             m = cls(
                 meta["voxel_size"], int(meta["channels"]), meta["dtype"], device, depth_max=meta["depth_max"],
-                work_width=meta["work_width"], fit_config=FitConfig(**{
+                work_width=meta["work_width"], fit_width=meta["fit_width"], fit_config=FitConfig(**{
                     k: tuple(v) if isinstance(v, list) else v for k, v in meta["fit_config"].items()
                 }), agreement_tau=meta["agreement_tau"], depth_weight=meta["depth_weight"],
             )
