@@ -456,9 +456,11 @@ class FeatureMap:
         if c.shape != (p.shape[0], 3):
             raise ValueError(f"colors must be [N, 3] = [{p.shape[0]}, 3], got {tuple(c.shape)}")
         keep = w > 0
-        if not bool(torch.isfinite(p[keep]).all()) or not bool(torch.isfinite(f[keep]).all()):
+        finite = torch.isfinite(p).all(1) & torch.isfinite(f).all(1)
+        if not bool((finite | ~keep).all()):
             raise ValueError("points and features must be finite where the weight is > 0")
-        p, f, w, c = p[keep], f[keep], w[keep], c[keep]
+        if not bool(keep.all()):
+            p, f, w, c = p[keep], f[keep], w[keep], c[keep]
         if p.shape[0] == 0:
             return 0, 0
         keys = self.points_to_keys(p)
