@@ -103,9 +103,18 @@ def synthetic(seed: int, n_frames: int, W: int, H: int, cfg: FitConfig, voxel: f
     layout = make_layout(seed, n_objects=4)
     n_cls = 3 + 4
     hw = (H // 16, W // 16)
-    maps = {k: FeatureMap(voxel, n_cls, torch.float32, work_width=None, fit_config=cfg)
-            for k in ("lift", "lift_no_agreement", "lift_half_res", "lift_depth_weight_10", "kernel_2d", "bilinear",
-                      "nearest")}
+    maps = {
+        k: FeatureMap(voxel, n_cls, torch.float32, work_width=None, fit_config=cfg)
+        for k in (
+            "lift",
+            "lift_no_agreement",
+            "lift_half_res",
+            "lift_depth_weight_10",
+            "kernel_2d",
+            "bilinear",
+            "nearest",
+        )
+    }
     maps["lift_no_agreement"].agreement_tau = None
     maps["lift_half_res"].work_width = W // 2
     t = {k: 0.0 for k in maps}
@@ -139,8 +148,10 @@ def synthetic(seed: int, n_frames: int, W: int, H: int, cfg: FitConfig, voxel: f
         pred = m.features.argmax(1).numpy()
         b = boundary_mask(m, ids)
         res[k] = {
-            "voxels": len(m), "boundary_voxels": int(b.sum()),
-            "acc_all": float((pred == ids).mean()), "acc_boundary": float((pred[b] == ids[b]).mean()),
+            "voxels": len(m),
+            "boundary_voxels": int(b.sum()),
+            "acc_all": float((pred == ids).mean()),
+            "acc_boundary": float((pred[b] == ids[b]).mean()),
             "seconds_per_frame": t[k] / n_frames if t[k] else None,
         }
     return res
@@ -155,12 +166,15 @@ def synthetic_resolution(seed: int, n_frames: int, voxel: float) -> dict:
     hw = (H // 16, W // 16)
     base = default_fit_config()
     variants = {  # (work_width, fit_width, config)
-        "lift_default_fit_320": (None, 320, base), "lift_fit_full_res": (None, None, base),
+        "lift_default_fit_320": (None, 320, base),
+        "lift_fit_full_res": (None, None, base),
         "lift_work_320": (320, None, base),
         "lift_fit_full_res_pixel_fraction_0.25": (None, None, base.replace(pixel_fraction=0.25)),
     }
-    maps = {k: FeatureMap(voxel, n_cls, torch.float32, work_width=ww, fit_width=fw, fit_config=c)
-            for k, (ww, fw, c) in variants.items()}
+    maps = {
+        k: FeatureMap(voxel, n_cls, torch.float32, work_width=ww, fit_width=fw, fit_config=c)
+        for k, (ww, fw, c) in variants.items()
+    }
     maps["bilinear"] = FeatureMap(voxel, n_cls, torch.float32)
     t = {k: [] for k in maps}
     cpu = {k: [] for k in maps}
@@ -181,8 +195,13 @@ def synthetic_resolution(seed: int, n_frames: int, voxel: float) -> dict:
         ids = true_ids(m.positions.double().numpy(), layout.objects)
         pred = m.features.argmax(1).numpy()
         b = boundary_mask(m, ids)
-        res[k] = {"voxels": len(m), "acc_all": float((pred == ids).mean()), "acc_boundary": float((pred[b] == ids[b]).mean()),
-                  "median_integrate_s_wall": statistics.median(t[k]), "median_integrate_s_cpu": statistics.median(cpu[k])}
+        res[k] = {
+            "voxels": len(m),
+            "acc_all": float((pred == ids).mean()),
+            "acc_boundary": float((pred[b] == ids[b]).mean()),
+            "median_integrate_s_wall": statistics.median(t[k]),
+            "median_integrate_s_cpu": statistics.median(cpu[k]),
+        }
     return res
 
 
@@ -191,8 +210,15 @@ def _o3d_tsdf_points(seq, voxel: float, depth_max: float) -> tuple[np.ndarray, i
     import open3d as o3d
     import open3d.core as o3c
 
-    vbg = o3d.t.geometry.VoxelBlockGrid(("tsdf", "weight", "color"), (o3c.float32, o3c.float32, o3c.float32),
-                                        ((1), (1), (3)), voxel, 16, 20000, o3c.Device("CPU:0"))
+    vbg = o3d.t.geometry.VoxelBlockGrid(
+        ("tsdf", "weight", "color"),
+        (o3c.float32, o3c.float32, o3c.float32),
+        ((1), (1), (3)),
+        voxel,
+        16,
+        20000,
+        o3c.Device("CPU:0"),
+    )
     intr = o3c.Tensor(seq.camera.K, o3c.float64)
     blocks = set()
     for fr in seq:
@@ -211,9 +237,12 @@ def _chamfer(a: np.ndarray, b: np.ndarray, voxel: float) -> dict:
 
     ab = cKDTree(b).query(a)[0]
     ba = cKDTree(a).query(b)[0]
-    return {"map_to_o3d_vox": float(ab.mean() / voxel), "o3d_to_map_vox": float(ba.mean() / voxel),
-            "chamfer_vox": float((ab.mean() + ba.mean()) / 2 / voxel),
-            "map_to_o3d_p95_vox": float(np.percentile(ab, 95) / voxel)}
+    return {
+        "map_to_o3d_vox": float(ab.mean() / voxel),
+        "o3d_to_map_vox": float(ba.mean() / voxel),
+        "chamfer_vox": float((ab.mean() + ba.mean()) / 2 / voxel),
+        "map_to_o3d_p95_vox": float(np.percentile(ab, 95) / voxel),
+    }
 
 
 def _vbg_reserve_bytes(blocks: int, voxel: float, channels: int) -> dict:
@@ -226,12 +255,21 @@ def _vbg_reserve_bytes(blocks: int, voxel: float, channels: int) -> dict:
 
     r0 = rss()
     vbg = o3d.t.geometry.VoxelBlockGrid(
-        ("tsdf", "weight", "color", "features"), (o3c.float32, o3c.float32, o3c.float32, o3c.float32),
-        ((1), (1), (3), (channels)), voxel, 16, blocks, o3c.Device("CPU:0"))
+        ("tsdf", "weight", "color", "features"),
+        (o3c.float32, o3c.float32, o3c.float32, o3c.float32),
+        ((1), (1), (3), (channels)),
+        voxel,
+        16,
+        blocks,
+        o3c.Device("CPU:0"),
+    )
     r1 = rss()
     del vbg
-    return {"block_count": blocks, "rss_growth_bytes": r1 - r0,
-            "bytes_per_block_theory": 16**3 * 4 * (1 + 1 + 3 + channels)}
+    return {
+        "block_count": blocks,
+        "rss_growth_bytes": r1 - r0,
+        "bytes_per_block_theory": 16**3 * 4 * (1 + 1 + 3 + channels),
+    }
 
 
 def redwood(voxel: float, depth_max: float, channels: int) -> dict:
@@ -265,31 +303,54 @@ def redwood(voxel: float, depth_max: float, channels: int) -> dict:
         z = as_depth(fr.depth)
         z = torch.where((z > 0) & (z <= depth_max), z, torch.zeros(()))
         gr, zr, cam = reduce_frame(g, z, fr.camera, factor)
-        lk = fit_rgbd(gr, zr, cam, tuple(feats.shape[-2:]), lift.frame_config(gr.shape[-1]), depth_max=depth_max,
-                      depth_weight=lift.depth_weight)
+        lk = fit_rgbd(
+            gr,
+            zr,
+            cam,
+            tuple(feats.shape[-2:]),
+            lift.frame_config(gr.shape[-1]),
+            depth_max=depth_max,
+            depth_weight=lift.depth_weight,
+        )
         fl = lk.render_2d(feats)[0]
         zf = torch.from_numpy(np.where(fr.depth <= depth_max, fr.depth, 0)).float()
         pts, pix = backproject(zf, fr.camera, frame="world")
         pts, pix = pts[::2], pix[::2]
-        for name, m, own in (("lift", lift, fl[:, (pix[:, 0] // factor).clamp(max=fl.shape[1] - 1),
-                                                 (pix[:, 1] // factor).clamp(max=fl.shape[2] - 1)]),
-                             ("bilinear", bil, fb[:, pix[:, 0], pix[:, 1]])):
+        for name, m, own in (
+            (
+                "lift",
+                lift,
+                fl[
+                    :,
+                    (pix[:, 0] // factor).clamp(max=fl.shape[1] - 1),
+                    (pix[:, 1] // factor).clamp(max=fl.shape[2] - 1),
+                ],
+            ),
+            ("bilinear", bil, fb[:, pix[:, 0], pix[:, 1]]),
+        ):
             slot = m.lookup_points(pts)
             ok = slot >= 0
             fused = m.features[slot[ok]].float()
             cons[name].append(float(F.cosine_similarity(fused, own.T[ok].float(), dim=1).mean()))
     o3d_pts, blocks = _o3d_tsdf_points(seq, voxel, depth_max)
     out = {
-        "frames": len(frames), "voxel_size": voxel, "depth_max": depth_max, "channels": channels,
-        "lift_voxels": len(lift), "bilinear_voxels": len(bil), "o3d_points": len(o3d_pts),
+        "frames": len(frames),
+        "voxel_size": voxel,
+        "depth_max": depth_max,
+        "channels": channels,
+        "lift_voxels": len(lift),
+        "bilinear_voxels": len(bil),
+        "o3d_points": len(o3d_pts),
         "geometry_lift": _chamfer(lift.positions.numpy(), o3d_pts, voxel),
         "geometry_bilinear_fullres": _chamfer(bil.positions.numpy(), o3d_pts, voxel),
         "consistency_cosine": {k: float(np.mean(v)) for k, v in cons.items()},
         "consistency_per_frame": cons,
-        "integrate_s_wall": times, "integrate_s_cpu": cpu,
+        "integrate_s_wall": times,
+        "integrate_s_cpu": cpu,
         "integrate_s_wall_median": statistics.median(times[1:] or times),
         "integrate_s_cpu_median": statistics.median(cpu[1:] or cpu),
-        "map_bytes": lift.nbytes, "map_bytes_exact": FeatureMap.estimate_bytes(len(lift), channels),
+        "map_bytes": lift.nbytes,
+        "map_bytes_exact": FeatureMap.estimate_bytes(len(lift), channels),
         "vbg_blocks_touched": blocks,
     }
     out["vbg"] = _vbg_reserve_bytes(blocks, voxel, channels)
@@ -326,19 +387,42 @@ def _cost_child(n_frames: int, channels: int, voxel_sizes: list[float], mode: st
             times.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
         if (i + 1) % 10 == 0 or i == 0:
-            growth.append({"frames": i + 1, **{f"voxels_{v}": len(m) for v, m in maps.items()},
-                           **{f"bytes_{v}": m.nbytes for v, m in maps.items()},
-                           "peak_rss_bytes": _peak_rss()})
-    return {"mode": mode, "frames": n_frames, "channels": channels, "growth": growth,
-            "peak_rss_bytes": _peak_rss(),
-            "median_integrate_s": statistics.median(times), "median_integrate_cpu_s": statistics.median(cpu)}
+            growth.append(
+                {
+                    "frames": i + 1,
+                    **{f"voxels_{v}": len(m) for v, m in maps.items()},
+                    **{f"bytes_{v}": m.nbytes for v, m in maps.items()},
+                    "peak_rss_bytes": _peak_rss(),
+                }
+            )
+    return {
+        "mode": mode,
+        "frames": n_frames,
+        "channels": channels,
+        "growth": growth,
+        "peak_rss_bytes": _peak_rss(),
+        "median_integrate_s": statistics.median(times),
+        "median_integrate_cpu_s": statistics.median(cpu),
+    }
 
 
 def cost(n_frames: int, channels: int, threads: int) -> dict:
     out = {}
     for mode, sizes in (("lift", [0.02]), ("bilinear", [0.01, 0.02, 0.04])):
-        cmd = [sys.executable, __file__, "--_cost-child", mode, "--frames-cost", str(n_frames),
-               "--channels", str(channels), "--threads", str(threads), "--voxel-sizes", *map(str, sizes)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--_cost-child",
+            mode,
+            "--frames-cost",
+            str(n_frames),
+            "--channels",
+            str(channels),
+            "--threads",
+            str(threads),
+            "--voxel-sizes",
+            *map(str, sizes),
+        ]
         t0 = time.perf_counter()
         r = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if r.returncode != 0:
@@ -362,14 +446,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-synthetic", action="store_true")
     ap.add_argument("--skip-real", action="store_true")
     ap.add_argument("--skip-cost", action="store_true")
-    ap.add_argument("--resolution-seeds", type=int, nargs="*", default=[0, 3],
-                    help="seeds of the 640x480 work-resolution check (none to skip)")
+    ap.add_argument(
+        "--resolution-seeds",
+        type=int,
+        nargs="*",
+        default=[0, 3],
+        help="seeds of the 640x480 work-resolution check (none to skip)",
+    )
     ap.add_argument("--json", default="bench_results/eval_fusion.json")
     ap.add_argument("--_cost-child", dest="cost_child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--voxel-sizes", type=float, nargs="+", default=[0.02], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.cost_child:
-        print(json.dumps(_cost_child(args.frames_cost, args.channels, args.voxel_sizes, args.cost_child, args.threads)))
+        print(
+            json.dumps(
+                _cost_child(args.frames_cost, args.channels, args.voxel_sizes, args.cost_child, args.threads)
+            )
+        )
         return 0
     torch.set_num_threads(args.threads)
     cfg = default_fit_config()
@@ -382,62 +475,93 @@ def main(argv: list[str] | None = None) -> int:
             per_seed[seed] = synthetic(seed, args.frames, W, H, cfg, args.voxel)
             print(f"seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
         methods = list(next(iter(per_seed.values())))
-        mean = {k: {m: float(np.mean([per_seed[s][k][m] for s in args.seeds])) for m in ("acc_all", "acc_boundary")}
-                for k in methods}
+        mean = {
+            k: {
+                m: float(np.mean([per_seed[s][k][m] for s in args.seeds]))
+                for m in ("acc_all", "acc_boundary")
+            }
+            for k in methods
+        }
         report["synthetic"] = {"per_seed": per_seed, "mean": mean}
-        print(f"\nsynthetic: {len(args.seeds)} seeds x {args.frames} frames at {W}x{H}, grid {H // 16}x{W // 16}, "
-              f"voxel {args.voxel} m; label accuracy (mean over seeds; per seed boundary)")
+        print(
+            f"\nsynthetic: {len(args.seeds)} seeds x {args.frames} frames at {W}x{H}, grid {H // 16}x{W // 16}, "
+            f"voxel {args.voxel} m; label accuracy (mean over seeds; per seed boundary)"
+        )
         print(f"{'method':20s} {'overall':>8s} {'boundary':>9s}   per-seed boundary")
         for k in methods:
             ps = " ".join(f"{per_seed[s][k]['acc_boundary']:.3f}" for s in args.seeds)
             print(f"{k:20s} {mean[k]['acc_all']:8.4f} {mean[k]['acc_boundary']:9.4f}   {ps}")
         d = 100 * (mean["lift"]["acc_boundary"] - mean["bilinear"]["acc_boundary"])
-        print(f"lift - bilinear: boundary {d:+.1f} points, overall "
-              f"{100 * (mean['lift']['acc_all'] - mean['bilinear']['acc_all']):+.2f} points")
+        print(
+            f"lift - bilinear: boundary {d:+.1f} points, overall "
+            f"{100 * (mean['lift']['acc_all'] - mean['bilinear']['acc_all']):+.2f} points"
+        )
     if args.resolution_seeds:
         rs = {seed: synthetic_resolution(seed, args.frames, args.voxel) for seed in args.resolution_seeds}
         report["synthetic_640x480"] = rs
-        print(f"\nsynthetic 640x480, grid 30x40, {args.frames} frames, seeds {args.resolution_seeds}: work resolution")
+        print(
+            f"\nsynthetic 640x480, grid 30x40, {args.frames} frames, seeds {args.resolution_seeds}: work resolution"
+        )
         print(f"{'method':36s} {'overall':>8s} {'boundary':>9s} {'wall s':>7s} {'CPU s':>6s}")
         for k in next(iter(rs.values())):
+
             def mean(f, k=k):
                 return float(np.mean([rs[sd][k][f] for sd in rs]))
 
-            print(f"{k:36s} {mean('acc_all'):8.4f} {mean('acc_boundary'):9.4f} {mean('median_integrate_s_wall'):7.2f} "
-                  f"{mean('median_integrate_s_cpu'):6.2f}")
+            print(
+                f"{k:36s} {mean('acc_all'):8.4f} {mean('acc_boundary'):9.4f} {mean('median_integrate_s_wall'):7.2f} "
+                f"{mean('median_integrate_s_cpu'):6.2f}"
+            )
     if not args.skip_real:
         if not (REDWOOD / "trajectory.log").is_file():
             print(f"skipping real frames: {REDWOOD} not found")
         else:
             r = redwood(args.voxel, args.depth_max, args.channels)
             report["redwood"] = r
-            print(f"\nRedwood sample5 ({r['frames']} frames, voxel {args.voxel} m, depth_max {args.depth_max} m)")
+            print(
+                f"\nRedwood sample5 ({r['frames']} frames, voxel {args.voxel} m, depth_max {args.depth_max} m)"
+            )
             for k in ("geometry_lift", "geometry_bilinear_fullres"):
                 g = r[k]
-                print(f"  {k:28s} chamfer {g['chamfer_vox']:.3f} vox (map->o3d {g['map_to_o3d_vox']:.3f}, "
-                      f"o3d->map {g['o3d_to_map_vox']:.3f}, p95 {g['map_to_o3d_p95_vox']:.2f})")
+                print(
+                    f"  {k:28s} chamfer {g['chamfer_vox']:.3f} vox (map->o3d {g['map_to_o3d_vox']:.3f}, "
+                    f"o3d->map {g['o3d_to_map_vox']:.3f}, p95 {g['map_to_o3d_p95_vox']:.2f})"
+                )
             c = r["consistency_cosine"]
             print(f"  multi-view consistency (cosine): lift {c['lift']:.4f}, bilinear {c['bilinear']:.4f}")
-            print(f"  integrate 640x480, grid 30x40, {args.channels} ch: median wall {r['integrate_s_wall_median']:.2f} s, "
-                  f"CPU {r['integrate_s_cpu_median']:.2f} s (measured under load)")
+            print(
+                f"  integrate 640x480, grid 30x40, {args.channels} ch: median wall {r['integrate_s_wall_median']:.2f} s, "
+                f"CPU {r['integrate_s_cpu_median']:.2f} s (measured under load)"
+            )
             v = r["vbg"]
-            print(f"  map {r['lift_voxels']} voxels, {r['map_bytes_exact'] / 2**20:.1f} MiB; Open3D VoxelBlockGrid "
-                  f"with a {args.channels}-ch feature attribute: {v['block_count']} blocks -> "
-                  f"{v['rss_growth_bytes'] / 2**20:.0f} MiB reserved ({v['bytes_per_block_theory'] / 2**20:.2f} MiB/block)")
+            print(
+                f"  map {r['lift_voxels']} voxels, {r['map_bytes_exact'] / 2**20:.1f} MiB; Open3D VoxelBlockGrid "
+                f"with a {args.channels}-ch feature attribute: {v['block_count']} blocks -> "
+                f"{v['rss_growth_bytes'] / 2**20:.0f} MiB reserved ({v['bytes_per_block_theory'] / 2**20:.2f} MiB/block)"
+            )
     if not args.skip_cost:
         c = cost(args.frames_cost, args.channels, args.threads)
         report["cost"] = c
         lf = c["lift"]
-        print(f"\ncost: {lf['frames']} frames 640x480, {args.channels} ch float16, 2 cm, lift: peak RSS "
-              f"{lf['peak_rss_bytes'] / 2**30:.2f} GiB, median integrate {lf['median_integrate_s']:.2f} s wall, "
-              f"{lf['median_integrate_cpu_s']:.2f} s CPU")
+        print(
+            f"\ncost: {lf['frames']} frames 640x480, {args.channels} ch float16, 2 cm, lift: peak RSS "
+            f"{lf['peak_rss_bytes'] / 2**30:.2f} GiB, median integrate {lf['median_integrate_s']:.2f} s wall, "
+            f"{lf['median_integrate_cpu_s']:.2f} s CPU"
+        )
         for g in lf["growth"]:
-            print(f"  frames {g['frames']:3d}: voxels {g['voxels_0.02']:8d}, map {g['bytes_0.02'] / 2**20:7.1f} MiB, "
-                  f"peak RSS {g['peak_rss_bytes'] / 2**30:.2f} GiB")
+            print(
+                f"  frames {g['frames']:3d}: voxels {g['voxels_0.02']:8d}, map {g['bytes_0.02'] / 2**20:7.1f} MiB, "
+                f"peak RSS {g['peak_rss_bytes'] / 2**30:.2f} GiB"
+            )
         bl = c["bilinear"]
         last = bl["growth"][-1]
-        print("  voxel size vs map size after all frames: " + ", ".join(
-            f"{v * 100:g} cm {last[f'voxels_{v}']} voxels {last[f'bytes_{v}'] / 2**20:.1f} MiB" for v in (0.01, 0.02, 0.04)))
+        print(
+            "  voxel size vs map size after all frames: "
+            + ", ".join(
+                f"{v * 100:g} cm {last[f'voxels_{v}']} voxels {last[f'bytes_{v}'] / 2**20:.1f} MiB"
+                for v in (0.01, 0.02, 0.04)
+            )
+        )
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, default=str) + "\n")

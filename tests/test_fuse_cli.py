@@ -20,8 +20,9 @@ def _sequence(root, n=3, W=64, H=48, empty=(), bad_size=()):
     (root / "depth").mkdir()
     poses = []
     for i in range(n):
-        cam = PinholeCamera(52.5, 52.5, (W - 1) / 2, (H - 1) / 2, W, H,
-                            look_at((0.3 * (i - 1), 1.2, 1.6), (0.0, 0.3, -1.0)))
+        cam = PinholeCamera(
+            52.5, 52.5, (W - 1) / 2, (H - 1) / 2, W, H, look_at((0.3 * (i - 1), 1.2, 1.6), (0.0, 0.3, -1.0))
+        )
         s = render_layout(layout, cam)
         depth = np.zeros_like(s["depth"]) if i in empty else s["depth"]
         if i in bad_size:
@@ -35,8 +36,27 @@ def _sequence(root, n=3, W=64, H=48, empty=(), bad_size=()):
 
 
 def _fuse(seq, out, *extra):
-    return main(["fuse", "--sequence", str(seq), "--out", str(out), "--features", "random", "--channels", "4",
-                 "--stride", "8", "--steps", "2", "--voxel-size", "0.05", "--quiet", *extra])
+    return main(
+        [
+            "fuse",
+            "--sequence",
+            str(seq),
+            "--out",
+            str(out),
+            "--features",
+            "random",
+            "--channels",
+            "4",
+            "--stride",
+            "8",
+            "--steps",
+            "2",
+            "--voxel-size",
+            "0.05",
+            "--quiet",
+            *extra,
+        ]
+    )
 
 
 def test_fuse_skips_empty_frames_and_writes_a_map(tmp_path):
@@ -72,12 +92,50 @@ def test_view_map_png(tmp_path):
     assert _fuse(seq, out) == 0
     from ua3d.io.rgbd import read_color
 
-    assert main(["view", "map", str(out), "--png", str(tmp_path / "pca.png"), "--quiet", "--width", "160",
-                 "--height", "120"]) == 0
+    assert (
+        main(
+            [
+                "view",
+                "map",
+                str(out),
+                "--png",
+                str(tmp_path / "pca.png"),
+                "--quiet",
+                "--width",
+                "160",
+                "--height",
+                "120",
+            ]
+        )
+        == 0
+    )
     assert read_color(tmp_path / "pca.png").shape == (120, 160, 3)
-    assert main(["view", "map", str(out), "--png", str(tmp_path / "q.png"), "--quiet", "--width", "160",
-                 "--height", "120", "--query-point", "0", "0", "-1"]) == 0
+    assert (
+        main(
+            [
+                "view",
+                "map",
+                str(out),
+                "--png",
+                str(tmp_path / "q.png"),
+                "--quiet",
+                "--width",
+                "160",
+                "--height",
+                "120",
+                "--query-point",
+                "0",
+                "0",
+                "-1",
+            ]
+        )
+        == 0
+    )
     q = read_color(tmp_path / "q.png")
     assert q.shape[0] == 120 and q.shape[1] > 160  # the colour scale is appended on the right
-    assert main(["view", "map", str(out), "--png", str(tmp_path / "x.png"), "--quiet", "--query-index",
-                 "999999"]) == 2
+    assert (
+        main(
+            ["view", "map", str(out), "--png", str(tmp_path / "x.png"), "--quiet", "--query-index", "999999"]
+        )
+        == 2
+    )

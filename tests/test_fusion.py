@@ -84,8 +84,12 @@ def test_many_voxels_hash_lookup_and_growth():
 def _filled_map():
     g = torch.Generator().manual_seed(1)
     m = FeatureMap(0.02, 5, torch.float16)
-    m.integrate_points(torch.rand(300, 3, generator=g), torch.randn(300, 5, generator=g),
-                       torch.rand(300, generator=g) + 0.1, torch.rand(300, 3, generator=g))
+    m.integrate_points(
+        torch.rand(300, 3, generator=g),
+        torch.randn(300, 5, generator=g),
+        torch.rand(300, generator=g) + 0.1,
+        torch.rand(300, 3, generator=g),
+    )
     m.lr_size, m.frames, m.skipped = (6, 8), 3, [(1, "no valid depth")]
     m.poses = [np.eye(4) * (i + 1) for i in range(3)]
     return m
@@ -99,7 +103,12 @@ def test_save_load_round_trip_is_exact(tmp_path):
         a, b = getattr(m, name), getattr(r, name)
         assert a.dtype == b.dtype and torch.equal(a, b), name
     assert (r.voxel_size, r.channels, r.dtype, r.lr_size, r.frames, r.skipped) == (
-        0.02, 5, torch.float16, (6, 8), 3, [(1, "no valid depth")]
+        0.02,
+        5,
+        torch.float16,
+        (6, 8),
+        3,
+        [(1, "no valid depth")],
     )
     assert torch.equal(r.lookup(m.keys), m.lookup(m.keys))
     assert all(np.array_equal(a, b) for a, b in zip(r.poses, m.poses)) and len(r.poses) == 3

@@ -17,7 +17,9 @@ REDWOOD = SHARED / "data" / "redwood-open3d" / "sample5"
 
 def _redwood() -> Path:
     if not (REDWOOD / "trajectory.log").is_file():
-        pytest.skip(f"Redwood sample data not found at {REDWOOD} (shared data is read from ../shared beside the repo)")
+        pytest.skip(
+            f"Redwood sample data not found at {REDWOOD} (shared data is read from ../shared beside the repo)"
+        )
     return REDWOOD
 
 
@@ -37,8 +39,9 @@ def test_redwood_poses_agree_with_open3d():
     assert fr.rgb.shape == (480, 640, 3) and fr.depth.dtype == np.float32
     # the same world points as Open3D's own back-projection with that extrinsic
     depth = o3d.io.read_image(str(root / "depth" / "00002.png"))
-    pc = o3d.geometry.PointCloud.create_from_depth_image(depth, intr, traj.parameters[2].extrinsic,
-                                                         depth_scale=1000.0, depth_trunc=1e9)
+    pc = o3d.geometry.PointCloud.create_from_depth_image(
+        depth, intr, traj.parameters[2].extrinsic, depth_scale=1000.0, depth_trunc=1e9
+    )
     from ua3d.rgbd.camera import backproject
 
     pts, _ = backproject(fr.depth, fr.camera, frame="world")
@@ -90,7 +93,9 @@ def test_tum_association_and_units(tmp_path):
     k = round((10.1 - 9.95) / 0.01)  # nearest ground truth of frame 1
     a = 0.1 * k
     np.testing.assert_allclose(seq.poses[1][:3, 3], [k * 0.01, 1.0, 2.0])
-    np.testing.assert_allclose(seq.poses[1][:2, :2], [[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]], atol=1e-12)
+    np.testing.assert_allclose(
+        seq.poses[1][:2, :2], [[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]], atol=1e-12
+    )
 
 
 def test_plain_folder_and_errors(tmp_path):

@@ -18,35 +18,56 @@ __all__ = ["add_fuse_parser", "cmd_fuse", "cmd_view_map", "demo_fusion", "view_m
 def add_fuse_parser(sub, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Register ``fuse`` on the subparsers ``sub`` of the ``ua3d`` parser."""
     f = sub.add_parser(
-        "fuse", parents=[common], help="posed RGB-D sequence + features -> one 3D feature map (.npz)",
+        "fuse",
+        parents=[common],
+        help="posed RGB-D sequence + features -> one 3D feature map (.npz)",
         description="Fuse every frame's features, upsampled by the lifted RGB-D kernel, into a sparse voxel map "
         "(confidence-weighted running mean per voxel). Poses are camera-to-world.",
     )
     f.add_argument("--sequence", required=True, help="sequence folder")
-    f.add_argument("--format", choices=["redwood", "tum", "plain"], default=None,
-                   help="layout (default: detected from trajectory.log / rgb.txt / poses.npy)")
+    f.add_argument(
+        "--format",
+        choices=["redwood", "tum", "plain"],
+        default=None,
+        help="layout (default: detected from trajectory.log / rgb.txt / poses.npy)",
+    )
     f.add_argument("--intrinsics", default=None, help="Open3D intrinsics JSON (default: one in the folder)")
-    f.add_argument("--depth-scale", type=float, default=None, help="raw depth units per metre (default: the format's)")
+    f.add_argument(
+        "--depth-scale", type=float, default=None, help="raw depth units per metre (default: the format's)"
+    )
     f.add_argument("--depth-max", type=float, default=3.0, help="depth beyond this (m) is a hole (default 3)")
-    f.add_argument("--features", default="random",
-                   help="'random' (random-net features, meaningless), a model name (dinov2_vits14, ...), or a file "
-                   "pattern: a glob ('feats/*.npy', sorted, one per frame) or a format string ('feats/{index:05d}.npy')")
+    f.add_argument(
+        "--features",
+        default="random",
+        help="'random' (random-net features, meaningless), a model name (dinov2_vits14, ...), or a file "
+        "pattern: a glob ('feats/*.npy', sorted, one per frame) or a format string ('feats/{index:05d}.npy')",
+    )
     f.add_argument("--checkpoint", default=None, help="local checkpoint for a model name")
     f.add_argument("--layout", default="auto", choices=["auto", "chw", "hwc"], help="layout of feature files")
     f.add_argument("--channels", type=int, default=32, help="channels of --features random (default 32)")
     f.add_argument("--stride", type=int, default=16, help="grid stride of --features random (default 16)")
     f.add_argument("--voxel-size", type=float, default=0.02, help="voxel edge in metres (default 0.02)")
     f.add_argument("--float32", action="store_true", help="store float32 features (default float16)")
-    f.add_argument("--fit-width", type=int, default=320,
-                   help="fit the kernel on the guide resampled to this width, render at full size (0 = fit at full "
-                   "size; default 320)")
-    f.add_argument("--work-width", type=int, default=0,
-                   help="reduce frames (integer factor) to about this width first (default 0 = full resolution)")
+    f.add_argument(
+        "--fit-width",
+        type=int,
+        default=320,
+        help="fit the kernel on the guide resampled to this width, render at full size (0 = fit at full "
+        "size; default 320)",
+    )
+    f.add_argument(
+        "--work-width",
+        type=int,
+        default=0,
+        help="reduce frames (integer factor) to about this width first (default 0 = full resolution)",
+    )
     f.add_argument("--steps", type=int, default=20, help="TTO steps per frame (default 20)")
     f.add_argument("--radius", type=float, default=2.0, help="kernel window radius in LR cells (default 2)")
     f.add_argument("--every", type=int, default=1, help="use every N-th frame (default 1)")
     f.add_argument("--max-frames", type=int, default=None, help="stop after this many frames")
-    f.add_argument("--out", required=True, help="output map (.npz; a .ply export is written beside it with --ply)")
+    f.add_argument(
+        "--out", required=True, help="output map (.npz; a .ply export is written beside it with --ply)"
+    )
     f.add_argument("--ply", action="store_true", help="also write <out>.ply (PCA colours)")
     f.set_defaults(func=cmd_fuse)
     return f
@@ -63,12 +84,15 @@ def _feature_source(args, seq):
         return lambda fr: random_features(fr.rgb, stride=args.stride, channels=args.channels, seed=args.seed)
     if any(ch in src for ch in "*?[{") or Path(src).suffix.lower() in (".npy", ".npz", ".pt", ".pth"):
         if "{" in src:
+
             def path(fr):
                 return src.format(index=fr.index, stem=seq.color_paths[fr.index].stem)
         else:
             files = sorted(glob.glob(src))
             if len(files) != len(seq):
-                raise ValueError(f"--features {src!r} matches {len(files)} files but the sequence has {len(seq)} frames")
+                raise ValueError(
+                    f"--features {src!r} matches {len(files)} files but the sequence has {len(seq)} frames"
+                )
 
             def path(fr):
                 return files[fr.index]
@@ -117,10 +141,16 @@ def cmd_fuse(args) -> int:
             feats, desc = source(fr)
             t_feat = time.perf_counter() - t0
             if fmap is None:
-                fmap = FeatureMap(args.voxel_size, int(feats.shape[1]), torch.float32 if args.float32 else torch.float16,
-                                  args.device, depth_max=args.depth_max, work_width=args.work_width or None,
-                                  fit_width=args.fit_width or None,
-                                  fit_config=cfg)
+                fmap = FeatureMap(
+                    args.voxel_size,
+                    int(feats.shape[1]),
+                    torch.float32 if args.float32 else torch.float16,
+                    args.device,
+                    depth_max=args.depth_max,
+                    work_width=args.work_width or None,
+                    fit_width=args.fit_width or None,
+                    fit_config=cfg,
+                )
                 log["features"] = desc
             import warnings
 
@@ -129,8 +159,16 @@ def cmd_fuse(args) -> int:
                 rep = fmap.integrate(fr.rgb, fr.depth, fr.camera, feats.to(fmap.device))
             rep.frame = i
             rep.seconds = {"features": t_feat, **rep.seconds, "total": time.perf_counter() - t0}
-            log["frames"].append({"frame": i, "status": rep.status, "reason": rep.reason, "points": rep.points,
-                                  "voxels": rep.voxels, "seconds": {k: round(v, 4) for k, v in rep.seconds.items()}})
+            log["frames"].append(
+                {
+                    "frame": i,
+                    "status": rep.status,
+                    "reason": rep.reason,
+                    "points": rep.points,
+                    "voxels": rep.voxels,
+                    "seconds": {k: round(v, 4) for k, v in rep.seconds.items()},
+                }
+            )
             bar.set_postfix_str(f"{rep.seconds['total']:.2f}s/frame, {rep.voxels} voxels")
             if not args.quiet:
                 tqdm.write(str(rep))
@@ -138,7 +176,9 @@ def cmd_fuse(args) -> int:
         bar.close()
         if fmap is not None and len(fmap):
             fmap.save(out)
-            raise UserError(f"frame {i}: {e} (the {fmap.frames} frames fused before it are saved in {out})") from None
+            raise UserError(
+                f"frame {i}: {e} (the {fmap.frames} frames fused before it are saved in {out})"
+            ) from None
         raise
     bar.close()
     if fmap is None or fmap.frames == 0:
@@ -148,24 +188,39 @@ def cmd_fuse(args) -> int:
         fmap.save(out.with_suffix(".ply"))
     done = [f for f in log["frames"] if f["status"] == "integrated"]
     totals = sorted(f["seconds"]["total"] for f in done)
-    log.update(voxels=len(fmap), bytes=fmap.nbytes, skipped=fmap.skipped, seconds=round(time.perf_counter() - t_all, 2),
-               median_frame_s=totals[len(totals) // 2])
+    log.update(
+        voxels=len(fmap),
+        bytes=fmap.nbytes,
+        skipped=fmap.skipped,
+        seconds=round(time.perf_counter() - t_all, 2),
+        median_frame_s=totals[len(totals) // 2],
+    )
     out.with_suffix(".json").write_text(json.dumps(log, indent=2) + "\n")
     if not args.quiet:
-        print(f"fused {fmap.frames} frames ({len(fmap.skipped)} skipped) into {len(fmap)} voxels "
-              f"({fmap.nbytes / 2**20:.1f} MiB), median {log['median_frame_s']:.2f} s/frame -> {out}")
+        print(
+            f"fused {fmap.frames} frames ({len(fmap.skipped)} skipped) into {len(fmap)} voxels "
+            f"({fmap.nbytes / 2**20:.1f} MiB), median {log['median_frame_s']:.2f} s/frame -> {out}"
+        )
         for i, reason in fmap.skipped:
             print(f"  skipped frame {idx[i]}: {reason}")
     return 0
 
 
 def view_map_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ua3d view map", description="Show a fused feature map (PCA colours or a "
-                                "similarity heat map to a query voxel).")
+    p = argparse.ArgumentParser(
+        prog="ua3d view map",
+        description="Show a fused feature map (PCA colours or a similarity heat map to a query voxel).",
+    )
     q = p.add_mutually_exclusive_group()
     q.add_argument("--query-index", type=int, default=None, help="query voxel index")
-    q.add_argument("--query-point", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"),
-                   help="query the voxel nearest to this world point")
+    q.add_argument(
+        "--query-point",
+        type=float,
+        nargs=3,
+        default=None,
+        metavar=("X", "Y", "Z"),
+        help="query the voxel nearest to this world point",
+    )
     p.add_argument("--width", type=int, default=800)
     p.add_argument("--height", type=int, default=600)
     p.add_argument("--yaw", type=float, default=0.0, help="view yaw from the first camera, degrees")
@@ -180,8 +235,17 @@ def cmd_view_map(args) -> int:
 
     opts = view_map_parser().parse_args(list(getattr(args, "extra", None) or []))
     if args.png:
-        path = render_map(args.file, args.png, opts.query_index, opts.query_point, opts.width, opts.height,
-                          opts.yaw, opts.pitch, opts.point_size)
+        path = render_map(
+            args.file,
+            args.png,
+            opts.query_index,
+            opts.query_point,
+            opts.width,
+            opts.height,
+            opts.yaw,
+            opts.pitch,
+            opts.point_size,
+        )
         if not args.quiet:
             print(f"wrote {path}")
         return 0
@@ -189,8 +253,14 @@ def cmd_view_map(args) -> int:
     return 0
 
 
-def demo_fusion(out: Path, seed: int = 0, frames: int = 4, size: tuple[int, int] = (160, 120),
-                steps: int = 10, quiet: bool = True) -> dict:
+def demo_fusion(
+    out: Path,
+    seed: int = 0,
+    frames: int = 4,
+    size: tuple[int, int] = (160, 120),
+    steps: int = 10,
+    quiet: bool = True,
+) -> dict:
     """The demo's short fused sequence: ``frames`` posed views of the bundled scene's layout
     (:func:`ua3d.rgbd.synthetic.make_layout` seed 0, as ``sample_data``), random-net features,
     fused into ``out/map.npz`` (and ``map.png`` when Open3D can render headless)."""
@@ -206,7 +276,9 @@ def demo_fusion(out: Path, seed: int = 0, frames: int = 4, size: tuple[int, int]
     t0 = time.perf_counter()
     W, H = size
     layout = make_layout(0, n_objects=4)
-    fmap = FeatureMap(0.03, 16, torch.float16, work_width=None, fit_config=FitConfig(steps=steps, radius=2.0, seed=seed))
+    fmap = FeatureMap(
+        0.03, 16, torch.float16, work_width=None, fit_config=FitConfig(steps=steps, radius=2.0, seed=seed)
+    )
     target = np.array([0.0, 0.3, -1.0])
     f = 525.0 * W / 640
     for yaw in np.linspace(-0.4, 0.4, frames):

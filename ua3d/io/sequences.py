@@ -130,7 +130,9 @@ def _camera(root: Path, intrinsics: PinholeCamera | PathLike | None) -> PinholeC
     for name in _INTRINSICS_NAMES:
         if (root / name).is_file():
             return read_intrinsics(root / name)
-    raise ValueError(f"no intrinsics given and none of {_INTRINSICS_NAMES} in {root}; pass --intrinsics K.json")
+    raise ValueError(
+        f"no intrinsics given and none of {_INTRINSICS_NAMES} in {root}; pass --intrinsics K.json"
+    )
 
 
 def quaternion_to_matrix(q: Any) -> np.ndarray:
@@ -140,16 +142,20 @@ def quaternion_to_matrix(q: Any) -> np.ndarray:
     if not n > 0:
         raise ValueError(f"quaternion must be non-zero, got {q!r}")
     x, y, z, w = x / n, y / n, z / n, w / n
-    return np.array([
-        [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
-        [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
-        [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
-    ])
+    return np.array(
+        [
+            [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+            [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+            [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+        ]
+    )
 
 
 # ---------------------------------------------------------------------- Redwood
 def read_redwood(
-    path: PathLike, intrinsics: PinholeCamera | PathLike | None = None, trajectory: str = "trajectory.log",
+    path: PathLike,
+    intrinsics: PinholeCamera | PathLike | None = None,
+    trajectory: str = "trajectory.log",
     depth_scale: float = 1000.0,
 ) -> RGBDSequence:
     """Redwood / Open3D layout (see the module docstring)."""
@@ -197,7 +203,9 @@ def _nearest(t: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def read_tum(
-    path: PathLike, intrinsics: PinholeCamera | PathLike | None = None, max_dt: float = 0.02,
+    path: PathLike,
+    intrinsics: PinholeCamera | PathLike | None = None,
+    max_dt: float = 0.02,
     depth_scale: float = 5000.0,
 ) -> RGBDSequence:
     """TUM RGB-D layout (see the module docstring)."""
@@ -224,13 +232,16 @@ def read_tum(
         poses[k, 3, 3] = 1.0
     color = [root / rgb_rest[i][0] for i in keep]
     depth = [root / d_rest[di[i]][0] for i in keep]
-    return RGBDSequence(color, depth, poses, _camera(root, intrinsics), depth_scale, "tum",
-                        [float(t_rgb[i]) for i in keep])
+    return RGBDSequence(
+        color, depth, poses, _camera(root, intrinsics), depth_scale, "tum", [float(t_rgb[i]) for i in keep]
+    )
 
 
 # ---------------------------------------------------------------------- plain
 def read_plain(
-    path: PathLike, intrinsics: PinholeCamera | PathLike | None = None, poses: str = "poses.npy",
+    path: PathLike,
+    intrinsics: PinholeCamera | PathLike | None = None,
+    poses: str = "poses.npy",
     depth_scale: float = 1000.0,
 ) -> RGBDSequence:
     """A folder with ``color/`` (or ``rgb/``), ``depth/`` and ``poses.npy`` (camera-to-world ``[N, 4, 4]``)."""
@@ -262,11 +273,15 @@ def detect_format(path: PathLike) -> str:
         return "redwood"
     if (root / "poses.npy").is_file():
         return "plain"
-    raise ValueError(f"cannot tell the layout of {root} (no rgb.txt, trajectory.log or poses.npy); pass --format")
+    raise ValueError(
+        f"cannot tell the layout of {root} (no rgb.txt, trajectory.log or poses.npy); pass --format"
+    )
 
 
 def open_sequence(
-    path: PathLike, format: str | None = None, intrinsics: PinholeCamera | PathLike | None = None,
+    path: PathLike,
+    format: str | None = None,
+    intrinsics: PinholeCamera | PathLike | None = None,
     depth_scale: float | None = None,
 ) -> RGBDSequence:
     """Open a sequence folder in one of :data:`FORMATS` (detected when ``format`` is None)."""

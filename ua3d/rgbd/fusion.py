@@ -438,7 +438,9 @@ class FeatureMap:
         if p.ndim != 2 or p.shape[1] != 3:
             raise ValueError(f"points must be [N, 3], got {tuple(p.shape)}")
         if f.shape != (p.shape[0], self.channels):
-            raise ValueError(f"features must be [N, C] = [{p.shape[0]}, {self.channels}], got {tuple(f.shape)}")
+            raise ValueError(
+                f"features must be [N, C] = [{p.shape[0]}, {self.channels}], got {tuple(f.shape)}"
+            )
         w = (
             torch.ones(p.shape[0], dtype=torch.float32, device=self.device)
             if weights is None
@@ -497,7 +499,9 @@ class FeatureMap:
 
     def _frame_inputs(self, rgb: Any, depth: Any, camera: PinholeCamera, depth_scale: float):
         if not isinstance(camera, PinholeCamera):
-            raise ValueError(f"camera must be a PinholeCamera with a camera-to-world pose, got {type(camera).__name__}")
+            raise ValueError(
+                f"camera must be a PinholeCamera with a camera-to-world pose, got {type(camera).__name__}"
+            )
         pose = check_rigid_pose(camera.pose, "camera.pose")
         g = _as_rgb(rgb)
         if g.shape[1] != 3:
@@ -579,7 +583,9 @@ class FeatureMap:
         factor = 1 if self.work_width is None else max(1, round(W / self.work_width))
         gr, zr, cam = reduce_frame(g, z, camera.with_pose(pose), factor)
         if min(zr.shape[-2:]) < 2 or hw[0] > zr.shape[-2] or hw[1] > zr.shape[-1]:
-            raise ValueError(f"work resolution {tuple(zr.shape[-2:])} is too small for the {hw} grid; raise work_width")
+            raise ValueError(
+                f"work resolution {tuple(zr.shape[-2:])} is too small for the {hw} grid; raise work_width"
+            )
         if lifted is not None:
             if not isinstance(lifted, LiftedKernel):
                 raise ValueError(f"lifted must be a LiftedKernel, got {type(lifted).__name__}")
@@ -592,10 +598,18 @@ class FeatureMap:
             return self._skip(index, "no valid depth", t0)
         t1 = time.perf_counter()
         if lifted is None:
-            lifted = fit_rgbd(gr, zr, cam, hw, self.frame_config(zr.shape[-1]), depth_max=self.depth_max,
-                              depth_weight=self.depth_weight)
+            lifted = fit_rgbd(
+                gr,
+                zr,
+                cam,
+                hw,
+                self.frame_config(zr.shape[-1]),
+                depth_max=self.depth_max,
+                depth_weight=self.depth_weight,
+            )
         t2 = time.perf_counter()
-        sig = torch.cat([f.to(lifted.params.dtype), lifted.depth_lr.to(lifted.params.dtype)], 1)
+        dev, dt = lifted.params.device, lifted.params.dtype
+        sig = torch.cat([f.to(device=dev, dtype=dt), lifted.depth_lr.to(device=dev, dtype=dt)], 1)
         out, support = lifted.render_2d(sig, return_support=True)
         feats, zhat = out[0, :-1], out[0, -1]
         zo = lifted.depth[0, 0].to(torch.float32)
@@ -607,7 +621,10 @@ class FeatureMap:
         t3 = time.perf_counter()
         rep = self._integrate_pixels(index, zo, cam, feats, w, gr[0], hw)
         rep.seconds = {
-            "prepare": t1 - t0, "fit": t2 - t1, "render": t3 - t2, "fuse": time.perf_counter() - t3,
+            "prepare": t1 - t0,
+            "fit": t2 - t1,
+            "render": t3 - t2,
+            "fuse": time.perf_counter() - t3,
         }
         return rep
 
@@ -646,8 +663,15 @@ class FeatureMap:
         if not bool(ok.any()):
             return self._skip(index, "no valid depth", t0)
         w = self._depth_reliability(z[0, 0]) * wt * ok
-        rep = self._integrate_pixels(index, z[0, 0], camera.with_pose(pose), f.nan_to_num(0.0), w, g[0],
-                                     None if lr_size is None else tuple(lr_size))
+        rep = self._integrate_pixels(
+            index,
+            z[0, 0],
+            camera.with_pose(pose),
+            f.nan_to_num(0.0),
+            w,
+            g[0],
+            None if lr_size is None else tuple(lr_size),
+        )
         rep.seconds = {"fuse": time.perf_counter() - t0}
         return rep
 
@@ -671,14 +695,18 @@ class FeatureMap:
     def _skip(self, index: int, reason: str, t0: float) -> FrameReport:
         self.skipped.append((index, reason))
         warnings.warn(f"frame {index} skipped: {reason}", RuntimeWarning, stacklevel=3)
-        return FrameReport(index, "skipped", reason, voxels=self._n, seconds={"total": time.perf_counter() - t0})
+        return FrameReport(
+            index, "skipped", reason, voxels=self._n, seconds={"total": time.perf_counter() - t0}
+        )
 
     # ------------------------------------------------------------------ queries
     def query(self, feature: Any) -> torch.Tensor:
         """Cosine similarity ``[N]`` (float32) of every voxel's feature to ``feature [C]``."""
         q = torch.as_tensor(feature).to(device=self.device, dtype=torch.float32).reshape(-1)
         if q.shape != (self.channels,):
-            raise ValueError(f"feature must have {self.channels} values, got shape {tuple(torch.as_tensor(feature).shape)}")
+            raise ValueError(
+                f"feature must have {self.channels} values, got shape {tuple(torch.as_tensor(feature).shape)}"
+            )
         if not bool(torch.isfinite(q).all()) or float(q.norm()) == 0:
             raise ValueError("feature must be finite and non-zero")
         return F.cosine_similarity(self.features.to(torch.float32), q[None], dim=1, eps=1e-12)
@@ -716,10 +744,17 @@ class FeatureMap:
     def state(self) -> dict[str, np.ndarray]:
         """Everything :meth:`save` writes to ``.npz`` (numpy arrays)."""
         meta = {
-            "voxel_size": self.voxel_size, "channels": self.channels,
-            "dtype": str(self.dtype).removeprefix("torch."), "depth_max": self.depth_max,
-            "work_width": self.work_width, "fit_width": self.fit_width, "agreement_tau": self.agreement_tau, "depth_weight": self.depth_weight,
-            "fit_config": self.fit_config.to_dict(), "lr_size": self.lr_size, "frames": self.frames,
+            "voxel_size": self.voxel_size,
+            "channels": self.channels,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "depth_max": self.depth_max,
+            "work_width": self.work_width,
+            "fit_width": self.fit_width,
+            "agreement_tau": self.agreement_tau,
+            "depth_weight": self.depth_weight,
+            "fit_config": self.fit_config.to_dict(),
+            "lr_size": self.lr_size,
+            "frames": self.frames,
             "skipped": self.skipped,
         }
         return {
@@ -765,8 +800,18 @@ class FeatureMap:
             raise FileNotFoundError(f"map file not found: {p}")
         if p.suffix.lower() != ".npz":
             raise ValueError(f"only .npz maps can be loaded (the .ply export is lossy), got {p}")
-        names = ("format", "format_version", "meta", "keys", "features", "weights", "positions", "colors",
-                 "observations", "poses")
+        names = (
+            "format",
+            "format_version",
+            "meta",
+            "keys",
+            "features",
+            "weights",
+            "positions",
+            "colors",
+            "observations",
+            "poses",
+        )
         try:
             with np.load(p, allow_pickle=False) as z:
                 missing = [k for k in names if k not in z.files]
@@ -781,7 +826,9 @@ class FeatureMap:
                     )
                 d = {k: z[k] for k in names}
         except (zipfile.BadZipFile, EOFError, OSError, KeyError) as e:
-            raise ValueError(f"{p} is truncated or not an .npz feature map ({type(e).__name__}: {e})") from None
+            raise ValueError(
+                f"{p} is truncated or not an .npz feature map ({type(e).__name__}: {e})"
+            ) from None
         except ValueError as e:
             if str(e).startswith(str(p)):
                 raise
@@ -789,16 +836,30 @@ class FeatureMap:
         try:
             meta = json.loads(str(d["meta"]))
             m = cls(
-                meta["voxel_size"], int(meta["channels"]), meta["dtype"], device, depth_max=meta["depth_max"],
-                work_width=meta["work_width"], fit_width=meta["fit_width"], fit_config=FitConfig(**{
-                    k: tuple(v) if isinstance(v, list) else v for k, v in meta["fit_config"].items()
-                }), agreement_tau=meta["agreement_tau"], depth_weight=meta["depth_weight"],
+                meta["voxel_size"],
+                int(meta["channels"]),
+                meta["dtype"],
+                device,
+                depth_max=meta["depth_max"],
+                work_width=meta["work_width"],
+                fit_width=meta["fit_width"],
+                fit_config=FitConfig(
+                    **{k: tuple(v) if isinstance(v, list) else v for k, v in meta["fit_config"].items()}
+                ),
+                agreement_tau=meta["agreement_tau"],
+                depth_weight=meta["depth_weight"],
             )
         except (KeyError, TypeError, json.JSONDecodeError) as e:
             raise ValueError(f"{p} has bad map metadata: {e!r}") from None
         n = d["keys"].shape[0]
-        shapes = {"keys": (n,), "features": (n, m.channels), "weights": (n,), "positions": (n, 3),
-                  "colors": (n, 3), "observations": (n,)}
+        shapes = {
+            "keys": (n,),
+            "features": (n, m.channels),
+            "weights": (n,),
+            "positions": (n, 3),
+            "colors": (n, 3),
+            "observations": (n,),
+        }
         for k, s in shapes.items():
             if d[k].shape != s:
                 raise ValueError(f"{p}: {k} has shape {d[k].shape}, expected {s}")

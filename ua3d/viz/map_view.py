@@ -71,8 +71,16 @@ def color_scale(height: int, vmin: float, vmax: float, width: int = 90, label: s
     for frac in (0.0, 0.25, 0.5, 0.75, 1.0):
         y = round(bottom - 1 - frac * (bottom - top - 1))
         cv2.line(u8, (x1, y), (x1 + 4, y), (0, 0, 0), 1)
-        cv2.putText(u8, f"{vmin + frac * (vmax - vmin):+.2f}", (x1 + 6, y + 4), cv2.FONT_HERSHEY_SIMPLEX, 0.38,
-                    (0, 0, 0), 1, cv2.LINE_AA)
+        cv2.putText(
+            u8,
+            f"{vmin + frac * (vmax - vmin):+.2f}",
+            (x1 + 6, y + 4),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            0.38,
+            (0, 0, 0),
+            1,
+            cv2.LINE_AA,
+        )
     cv2.putText(u8, label, (4, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
     return u8.astype(np.float32) / 255
 
@@ -130,5 +138,9 @@ def show_map(m: FeatureMap | str | Path, query_index: int | None = None, query_p
     fm = FeatureMap.load(m) if isinstance(m, (str, Path)) else m
     q = resolve_query(fm, query_index, query_point)
     colors, _, vr = map_colors(fm, q)
-    title = "ua3d map: PCA colours" if q is None else f"ua3d map: cosine similarity to voxel {q} ({vr[0]:g}..{vr[1]:g})"
+    title = (
+        "ua3d map: PCA colours"
+        if q is None
+        else f"ua3d map: cosine similarity to voxel {q} ({vr[0]:g}..{vr[1]:g})"
+    )
     o3d.visualization.draw_geometries(_geometries(fm, colors, q), window_name=title)
