@@ -11,6 +11,7 @@ import glob
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 __all__ = ["add_fuse_parser", "cmd_fuse", "cmd_view_map", "demo_fusion", "view_map_parser"]
 
@@ -131,7 +132,7 @@ def cmd_fuse(args) -> int:
     source = _feature_source(args, seq)
     fmap = None
     cfg = FitConfig(steps=args.steps, radius=args.radius, seed=args.seed)
-    log = {"sequence": str(args.sequence), "format": seq.format, "frames": []}
+    log: dict[str, Any] = {"sequence": str(args.sequence), "format": seq.format, "frames": []}
     bar = tqdm(idx, desc="fuse", disable=args.quiet, leave=False, dynamic_ncols=True)
     t_all = time.perf_counter()
     try:

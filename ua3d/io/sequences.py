@@ -289,5 +289,5 @@ def open_sequence(
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     kw = {} if depth_scale is None else {"depth_scale": depth_scale}
-    reader = {"redwood": read_redwood, "tum": read_tum, "plain": read_plain}[fmt]
+    reader: Any = {"redwood": read_redwood, "tum": read_tum, "plain": read_plain}[fmt]
     return reader(path, intrinsics, **kw)

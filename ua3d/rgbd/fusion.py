@@ -513,7 +513,7 @@ class FeatureMap:
                 f"depth has size {tuple(z.shape[-2:])} (HxW) but rgb has size {(H, W)}; they must match pixel for pixel"
             )
         camera.check_image(H, W, "rgb/depth")
-        valid = depth_validity(z, self.depth_max)
+        valid = torch.as_tensor(depth_validity(z, self.depth_max))
         z = torch.where(valid, z, torch.zeros((), dtype=z.dtype))
         return g.to(torch.float32), z, pose
 
@@ -727,10 +727,10 @@ class FeatureMap:
         import open3d as o3d
 
         keep = (self.weights > min_weight).cpu()
-        pc = o3d.t.geometry.PointCloud(o3d.core.Tensor(self.positions.cpu()[keep].numpy()))
-        pc.point.colors = o3d.core.Tensor(self.colors.cpu()[keep].numpy())
-        pc.point.features = o3d.core.Tensor(self.features.cpu()[keep].to(torch.float32).numpy())
-        pc.point.weights = o3d.core.Tensor(self.weights.cpu()[keep].numpy()[:, None])
+        pc = o3d.t.geometry.PointCloud(_o3d_tensor(o3d, self.positions.cpu()[keep].numpy()))
+        pc.point.colors = _o3d_tensor(o3d, self.colors.cpu()[keep].numpy())
+        pc.point.features = _o3d_tensor(o3d, self.features.cpu()[keep].to(torch.float32).numpy())
+        pc.point.weights = _o3d_tensor(o3d, self.weights.cpu()[keep].numpy()[:, None])
         return pc
 
     def pca_colors(self) -> np.ndarray:
@@ -779,16 +779,16 @@ class FeatureMap:
         p.parent.mkdir(parents=True, exist_ok=True)
         if suffix == ".npz":
             tmp = p.with_name(p.name + ".tmp.npz")
-            np.savez(tmp, **self.state())
+            np.savez(tmp, **self.state())  # type: ignore[arg-type]
             os.replace(tmp, p)
             return p
         import open3d as o3d
 
-        pc = o3d.t.geometry.PointCloud(o3d.core.Tensor(self.positions.cpu().numpy()))
-        pc.point.colors = o3d.core.Tensor(np.round(self.pca_colors() * 255).astype(np.uint8))
-        pc.point.weights = o3d.core.Tensor(self.weights.cpu().numpy()[:, None])
-        pc.point.features = o3d.core.Tensor(self.features.cpu().to(torch.float32).numpy())
-        if not o3d.t.io.write_point_cloud(str(p), pc, write_ascii=False):
+        pc = o3d.t.geometry.PointCloud(_o3d_tensor(o3d, self.positions.cpu().numpy()))
+        pc.point.colors = _o3d_tensor(o3d, np.round(self.pca_colors() * 255).astype(np.uint8))
+        pc.point.weights = _o3d_tensor(o3d, self.weights.cpu().numpy()[:, None])
+        pc.point.features = _o3d_tensor(o3d, self.features.cpu().to(torch.float32).numpy())
+        if not o3d.t.io.write_point_cloud(p, pc, write_ascii=False):
             raise ValueError(f"Open3D could not write {p}")
         return p
 
@@ -835,6 +835,9 @@ class FeatureMap:
             raise ValueError(f"{p} is truncated or corrupt ({e})") from None
         try:
             meta = json.loads(str(d["meta"]))
+            fit_kw: dict[str, Any] = {
+                k: tuple(v) if isinstance(v, list) else v for k, v in meta["fit_config"].items()
+            }
             m = cls(
                 meta["voxel_size"],
                 int(meta["channels"]),
@@ -843,9 +846,7 @@ class FeatureMap:
                 depth_max=meta["depth_max"],
                 work_width=meta["work_width"],
                 fit_width=meta["fit_width"],
-                fit_config=FitConfig(
-                    **{k: tuple(v) if isinstance(v, list) else v for k, v in meta["fit_config"].items()}
-                ),
+                fit_config=FitConfig(**fit_kw),
                 agreement_tau=meta["agreement_tau"],
                 depth_weight=meta["depth_weight"],
             )
@@ -895,6 +896,11 @@ def _pack(c: torch.Tensor) -> torch.Tensor:
 def _unpack(k: torch.Tensor) -> torch.Tensor:
     mask = (1 << _KEY_BITS) - 1
     return torch.stack([(k >> (2 * _KEY_BITS)) & mask, (k >> _KEY_BITS) & mask, k & mask], 1) - _KEY_OFF
+
+
+def _o3d_tensor(o3d: Any, a: np.ndarray) -> Any:
+    """An Open3D tensor holding a copy of ``a``."""
+    return o3d.core.Tensor.from_numpy(np.ascontiguousarray(a).copy())
 
 
 def _device_free(device: torch.device) -> int:
