@@ -39,6 +39,7 @@ LAYERS = {
     "ua3d.io": 3,
     "ua3d.viz": 3,
     "ua3d.cli": 4,
+    "ua3d.cli_fuse": 4,
     "ua3d.demo": 4,
     "ua3d.eval": 4,
     "ua3d.batch": 4,

@@ -30,6 +30,7 @@ EVAL_TASKS = {
 VIEW_KINDS = {
     "volume": ("ua3d.viz.volume_slices", "feature volume .npz as depth slices (--png: headless picture)"),
     "points": ("ua3d.viz.feature_points", "feature point cloud .ply/.npz/.pcd (--png: headless picture)"),
+    "map": ("ua3d.viz.map_view", "fused feature map .npz from `ua3d fuse` (--png: headless picture)"),
 }
 GIB = 2.0**30
 
@@ -530,6 +531,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                 chosen if argv[:1] == ["eval"] else None, "task")
     _lazy_group(sub, "view", "open a viewer (or --png for a headless picture): ua3d view points --help",
                 VIEW_KINDS, chosen if argv[:1] == ["view"] else None, "kind")
+
+    from .cli_fuse import add_fuse_parser  # `ua3d fuse` (issue 17): arguments live there
+
+    add_fuse_parser(sub, common)
 
     from .batch.cli import add_parser as add_batch_parser  # `ua3d batch ...` (issue 18): arguments live there
 

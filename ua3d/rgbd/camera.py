@@ -45,7 +45,8 @@ __all__ = [
 ]
 
 
-def _check_pose(pose: Any) -> np.ndarray | None:
+def check_pose(pose: Any) -> np.ndarray | None:
+    """The one pose rule: ``None`` (identity) or a finite rigid camera-to-world ``[4, 4]`` (float64 out)."""
     if pose is None:
         return None
     p = np.asarray(pose.detach().cpu() if isinstance(pose, torch.Tensor) else pose, dtype=np.float64)
@@ -113,7 +114,7 @@ class PinholeCamera:
             if int(v) != v or int(v) <= 0:
                 raise ValueError(f"{k} must be a positive integer, got {v}")
             object.__setattr__(self, k, int(v))
-        object.__setattr__(self, "pose", _check_pose(self.pose))
+        object.__setattr__(self, "pose", check_pose(self.pose))
 
     # ------------------------------------------------------------------ constructors / export
     @classmethod
