@@ -22,11 +22,10 @@ from .core.kernel import (
     LOG_SIGMA_MAX,
     LOG_SIGMA_MIN,
     kernel_weights_reference,
-    resample_guide,
     theta_from_raw,
 )
 from .core.ops import available_memory_bytes, kernel_render
-from .core.tto import FitConfig, fit_params
+from .core.tto import FitConfig, fit_params, lr_guides
 
 __all__ = ["Kernel", "as_signal", "available_memory_bytes", "estimate_render_bytes", "fit", "upsample"]
 
@@ -314,8 +313,8 @@ def fit(guide: object, lr_size: object, config: FitConfig | None = None, **overr
     g = as_guide(guide)
     cfg = _config(config, overrides)
     hw = check_lr_size(lr_size, tuple(g.shape[-2:]))
-    g_lr = resample_guide(g, hw, cfg.guide_downsample)
-    params, losses = fit_params(g, g_lr, cfg)
+    g_lr, values = lr_guides(g, hw, cfg)
+    params, losses = fit_params(g, g_lr, cfg, values_lr=values)
     return Kernel(params, g, g_lr, cfg.radius, config=cfg, losses=losses)
 
 

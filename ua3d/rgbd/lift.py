@@ -58,8 +58,8 @@ import torch
 
 from ua3d.api import Kernel, as_signal, check_lr_size
 from ua3d.core.checks import as_guide
-from ua3d.core.kernel import LOG_SIGMA_MAX, LOG_SIGMA_MIN, nearest_anchor, resample_guide
-from ua3d.core.tto import FitConfig, fit_params
+from ua3d.core.kernel import LOG_SIGMA_MAX, LOG_SIGMA_MIN, nearest_anchor
+from ua3d.core.tto import FitConfig, fit_params, lr_guides
 from ua3d.rgbd.camera import PinholeCamera, depth_validity
 
 __all__ = [
@@ -470,11 +470,14 @@ def fit_rgbd(
     f_lr = lifted.depth_feature(z_lr)
     lifted.depth_lr_grad = cell_gradients(f_hr, valid, hw)
     guide_hr = torch.cat([g, f_hr.to(g.dtype)], 1)
-    guide_lr = torch.cat([resample_guide(g, hw, cfg.guide_downsample), f_lr.to(g.dtype)], 1)
+    centres, values = lr_guides(g, hw, cfg)
+    guide_lr = torch.cat([centres, f_lr.to(g.dtype)], 1)
+    values_lr = None if values is None else torch.cat([values, f_lr.to(g.dtype)], 1)
     valid_hr = torch.cat([torch.ones_like(valid), valid], 1)
     valid_lr = torch.cat([torch.ones_like(v_lr), v_lr], 1)
     groups = (g.shape[1], 1)
-    params, losses = fit_params(guide_hr, guide_lr, cfg, groups=groups, valid_hr=valid_hr, valid_lr=valid_lr)
+    params, losses = fit_params(guide_hr, guide_lr, cfg, groups=groups, valid_hr=valid_hr, valid_lr=valid_lr,
+                                values_lr=values_lr)
     kernel = Kernel(
         params, guide_hr, guide_lr, cfg.radius, groups=groups, valid_hr=valid_hr, valid_lr=valid_lr,
         config=cfg, losses=losses,
