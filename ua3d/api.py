@@ -25,7 +25,7 @@ from .core.kernel import (
     theta_from_raw,
 )
 from .core.ops import available_memory_bytes, kernel_render
-from .core.tto import FitConfig, fit_params, lr_guides
+from .core.tto import FitConfig, fit_params, lr_guides, prefilter_guide
 
 __all__ = ["Kernel", "as_signal", "available_memory_bytes", "estimate_render_bytes", "fit", "upsample"]
 
@@ -312,6 +312,7 @@ def fit(guide: object, lr_size: object, config: FitConfig | None = None, **overr
     """
     g = as_guide(guide)
     cfg = _config(config, overrides)
+    g = prefilter_guide(g, cfg.guide_prefilter)
     hw = check_lr_size(lr_size, tuple(g.shape[-2:]))
     g_lr, values = lr_guides(g, hw, cfg)
     params, losses = fit_params(g, g_lr, cfg, values_lr=values)

@@ -202,8 +202,14 @@ def _features_for(args, rgb, device):
 
 
 def cmd_eval(args, rest) -> int:
+    if args.task == "transfer":  # temporary hook (issue 13); the cli owner wires it for good
+        import argparse
+
+        from .eval import transfer
+
+        return transfer.run(transfer.add_arguments(argparse.ArgumentParser(prog="ua3d eval transfer")).parse_args(rest))
     if args.task != "depth-sr":
-        raise UserError(f"unknown eval task {args.task!r}; available: depth-sr")
+        raise UserError(f"unknown eval task {args.task!r}; available: depth-sr, transfer")
     from .depth.evaluate import main as eval_main
 
     # --device and --quiet are common options, parsed here: pass them on to the harness.

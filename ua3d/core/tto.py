@@ -23,7 +23,12 @@ import torch
 from .kernel import GUIDE_DOWNSAMPLE_MODES, init_params, resample_guide
 from .ops import BACKENDS, kernel_fit_loss_grad
 
-__all__ = ["FitConfig", "fit_params", "lr_guides"]
+__all__ = ["IMPULSE_SHARE", "PREFILTERS", "FitConfig", "fit_params", "lr_guides", "prefilter_guide"]
+
+#: values of ``FitConfig.guide_prefilter``
+PREFILTERS = ("auto", "impulse", "none")
+#: share of impulse pixels above which ``guide_prefilter="auto"`` filters the guide
+IMPULSE_SHARE = 0.005
 
 
 @dataclass
@@ -62,6 +67,15 @@ class FitConfig:
         ``GUIDE_DOWNSAMPLE_MODES``: the fit renders the HR guide downsampled that way while the range
         centres stay the ``guide_downsample`` LR guide (e.g. sharp point-sampled centres,
         ``guide_downsample="bilinear"``, reconstructing the HR guide from its ``"box"`` means).
+    sigma_spatial_max : None, or a cap on the spatial sigmas in LR cells (per axis: ``x`` times the
+        scale ``W / w`` or ``H / h``), kept during the fit. Without it a cell can widen until its
+        colour is borrowed by pixels several cells away (good for reconstructing the guide, bad for
+        labels and features that change between those places).
+    guide_prefilter : ``"auto"`` (default), ``"impulse"`` or ``"none"``: ``"impulse"`` replaces
+        impulse-noise pixels of the guide (every channel at 0 or at 1 and far from the median of the
+        other pixels of their 3x3 neighbourhood) by that median before the fit; ``"auto"`` does so only
+        when more than :data:`IMPULSE_SHARE` of the pixels are impulses (salt-and-pepper noise), so a
+        clean guide is used unchanged. See :func:`prefilter_guide`.
     sigma_range_min : None, or a floor on every range sigma (guide units) kept during the fit: a
         kernel whose range term is sharper than the colour differences inside an object copies
         labels and features across objects of similar colour (see ``docs/transfer.md``).
@@ -84,6 +98,8 @@ class FitConfig:
     fine_steps: int = 10
     sigma_range_min: float | None = None
     fit_values: str | None = None
+    sigma_spatial_max: float | None = None
+    guide_prefilter: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
@@ -116,6 +132,14 @@ class FitConfig:
             raise ValueError(
                 f"fit_values must be None or one of {GUIDE_DOWNSAMPLE_MODES}, got {self.fit_values!r}"
             )
+        if self.sigma_spatial_max is not None and (
+            not (self.sigma_spatial_max > 0) or not math.isfinite(self.sigma_spatial_max)
+        ):
+            raise ValueError(
+                f"sigma_spatial_max must be None or a positive number of LR cells, got {self.sigma_spatial_max!r}"
+            )
+        if self.guide_prefilter not in PREFILTERS:
+            raise ValueError(f"guide_prefilter must be one of {PREFILTERS}, got {self.guide_prefilter!r}")
         if isinstance(self.fine_steps, bool) or not isinstance(self.fine_steps, int) or self.fine_steps < 0:
             raise ValueError(f"fine_steps must be an integer >= 0, got {self.fine_steps!r}")
 
@@ -187,6 +211,13 @@ def fit_params(
     losses: list[float] = []
     stages = _stages(config, (H, W), (h, w))
     floor = None if config.sigma_range_min is None else math.log(config.sigma_range_min)
+    if floor is not None:
+        params[:, 3:].clamp_(min=floor)
+    cap = None
+    if config.sigma_spatial_max is not None:
+        cap = (math.log(config.sigma_spatial_max * W / w), math.log(config.sigma_spatial_max * H / h))
+        params[:, 0].clamp_(max=cap[0])
+        params[:, 1].clamp_(max=cap[1])
     for size, n_steps in stages:
         g_hr, v_hr = _stage_guide(guide_hr, valid_hr, size)
         g_hr = g_hr.contiguous()  # once per stage, not once per step (an HWC image's permute is not)
@@ -205,12 +236,46 @@ def fit_params(
             adam.step(grad.to(params.dtype))
             if floor is not None:
                 params[:, 3:].clamp_(min=floor)
+            if cap is not None:
+                params[:, 0].clamp_(max=cap[0] + shift[0])
+                params[:, 1].clamp_(max=cap[1] + shift[1])
             losses.append(float(loss))
             if callback is not None:
                 callback(len(losses) - 1, losses[-1])
         params[:, 0] -= shift[0]
         params[:, 1] -= shift[1]
     return params, losses
+
+
+def prefilter_guide(guide: torch.Tensor, mode: str = "auto") -> torch.Tensor:
+    """The guide ``[B, C, H, W]`` (values in [0, 1]) with impulse noise removed (see ``FitConfig.guide_prefilter``).
+
+    An impulse is a pixel whose channels are all ``<= 1/255`` or all ``>= 254/255`` and that differs
+    by more than 0.25 (in some channel) from the median of the non-impulse pixels of its 3x3
+    neighbourhood; it is replaced by that median (by the plain 3x3 median where every neighbour is an
+    impulse). Other pixels are never changed. ``"auto"`` returns ``guide`` itself unless the share of
+    impulses exceeds :data:`IMPULSE_SHARE` in some batch item.
+    """
+    if mode not in PREFILTERS:
+        raise ValueError(f"guide_prefilter must be one of {PREFILTERS}, got {mode!r}")
+    if mode == "none":
+        return guide
+    lo, hi = 1.0 / 255, 254.0 / 255
+    cand = (guide <= lo).all(1, keepdim=True) | (guide >= hi).all(1, keepdim=True)  # [B, 1, H, W]
+    share = cand.flatten(1).float().mean(1)
+    if mode == "auto" and not bool((share > IMPULSE_SHARE).any()):
+        return guide
+    B, C, H, W = guide.shape
+    pad = torch.nn.functional.pad
+    g = pad(guide, (1, 1, 1, 1), mode="replicate").unfold(2, 3, 1).unfold(3, 3, 1).reshape(B, C, H, W, 9)
+    c = pad(cand.to(guide.dtype), (1, 1, 1, 1), mode="replicate").unfold(2, 3, 1).unfold(3, 3, 1)
+    c = c.reshape(B, 1, H, W, 9) > 0.5
+    med = torch.where(c, torch.full((), float("nan"), dtype=guide.dtype, device=guide.device), g).nanmedian(-1).values
+    med = torch.where(torch.isnan(med), g.median(-1).values, med)
+    imp = cand & ((guide - med).abs().amax(1, keepdim=True) > 0.25)
+    if mode == "auto" and not bool((imp.flatten(1).float().mean(1) > IMPULSE_SHARE).any()):
+        return guide
+    return torch.where(imp, med, guide)
 
 
 def lr_guides(guide_hr: torch.Tensor, lr_size: tuple[int, int], config: FitConfig):
