@@ -40,7 +40,8 @@ TTO
     :func:`fit_rgbd` fits the five parameter maps with :func:`ua3d.core.tto.fit_params` so that
     rendering the LR guide ``[RGB on the LR grid (config.guide_downsample), phi(z_q)]`` reconstructs
     the HR RGB and the HR depth feature (L1; holes excluded), with the channel weights
-    ``(1, 1, 1, depth_weight)`` (default ``depth_weight = 0``, see :func:`fit_rgbd`) unless the
+    ``c (1, 1, 1, depth_weight)``, ``c = 4 / 3`` (so that the colour part equals the 2D kernel's
+    loss; default ``depth_weight = 0``, see :func:`fit_rgbd`) unless the
     config gives its own ``channel_weights``. With no valid depth variation (flat depth) the depth
     term is constant and the lift is the 2D kernel of the same config.
 """
@@ -389,7 +390,10 @@ def _lift_config(config: FitConfig | None, n_rgb: int, depth_weight: float) -> F
         raise ValueError(f"config.sigma_range must be one value or two (RGB, depth), got {sr!r}")
     cw = cfg.channel_weights
     if cw is None:
-        cw = (1.0,) * n_rgb + (float(depth_weight),)
+        # the loss is a mean over n_rgb + 1 channels: colour weighs (n_rgb + 1) / n_rgb so that the
+        # colour part of the loss (and of its gradient) is exactly the 2D kernel's
+        c = (n_rgb + 1) / n_rgb
+        cw = (c,) * n_rgb + (c * float(depth_weight),)
     elif len(cw) != n_rgb + 1:
         raise ValueError(f"config.channel_weights must have {n_rgb + 1} values (colour + depth), got {len(cw)}")
     return cfg.replace(sigma_range=tuple(sr), channel_weights=tuple(cw))
@@ -420,7 +424,7 @@ def fit_rgbd(
     depth_scale : raw depth units per metre (1 = already metres, 1000 = millimetres).
     depth_max : metres; farther depth is a hole.
     depth_mode : ``"relative"`` (log depth, the default) or ``"absolute"`` (metres); see module doc.
-    depth_weight : loss weight of the depth channel (each colour channel weighs 1). Default 0: the
+    depth_weight : loss weight of the depth channel relative to a colour channel. Default 0: the
         fit has the 2D kernel's objective (the colour reconstruction) and the depth term's width
         ``sigma_z`` is shaped by it alone, so the lift keeps the 2D kernel's behaviour on surfaces and
         only separates pixels across depth jumps. Heavier weights make the kernel copy colour along
