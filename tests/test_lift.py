@@ -125,7 +125,7 @@ def test_structure(lifted, scene):
     assert tuple(k.guide_hr.shape) == (1, 4, 48, 64) and tuple(k.guide_lr.shape) == (1, 4, 6, 8)
     assert k.valid_hr[:, 0].all() and torch.equal(k.valid_hr[:, 1], lifted.depth_valid[:, 0])
     assert torch.equal(k.valid_lr[:, 1], lifted.depth_lr_valid[:, 0])
-    assert k.config.channel_weights == (1.0, 1.0, 1.0, 10.0)
+    assert k.config.channel_weights == (4 / 3, 4 / 3, 4 / 3, 0.0)  # colour as in 2D, depth_weight 0 (issue 13)
     v = lifted.depth_valid[0, 0]
     torch.testing.assert_close(k.guide_hr[0, 3][v], lifted.depth_feature(lifted.depth[0, 0][v]))
     sz = lifted.sigma_z()

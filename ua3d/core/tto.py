@@ -7,7 +7,10 @@ holds every setting; its defaults follow the authors' code where it is sound
 exponential decay ``(1e-8)^(1/5100)`` per step, L1 loss, 50 steps, nearest anchor,
 log-sum-exp normalisation, a disc window of radius 8 LR cells) and departs from it
 where it is not (per-axis float scales, cells outside the grid excluded rather
-than clamped, any device and dtype, memory bounded by row chunks).
+than clamped, any device and dtype, memory bounded by row chunks), and where the
+transfer benchmark (:mod:`ua3d.eval.transfer`, ``docs/transfer.md``) says so: the LR
+guide is the mean over each cell (``"box"``, what patch features and pooled labels
+are) rather than a point sample, and salt-and-pepper guides are median-cleaned first.
 """
 
 from __future__ import annotations
