@@ -38,15 +38,21 @@ def test_box_guide_is_the_cell_mean():
 def test_bad_modes_raise_exact_errors():
     with pytest.raises(ValueError, match=r"^mode must be one of \('box', 'area', 'bilinear'\), got 'cubic'$"):
         resample_guide(torch.rand(1, 3, 8, 8), (2, 2), "cubic")
-    with pytest.raises(ValueError, match=r"^guide_downsample must be one of \('box', 'area', 'bilinear'\), got 'x'$"):
+    with pytest.raises(
+        ValueError, match=r"^guide_downsample must be one of \('box', 'area', 'bilinear'\), got 'x'$"
+    ):
         FitConfig(guide_downsample="x")
-    with pytest.raises(ValueError, match=r"^fit_values must be None or one of \('box', 'area', 'bilinear'\), got 'y'$"):
+    with pytest.raises(
+        ValueError, match=r"^fit_values must be None or one of \('box', 'area', 'bilinear'\), got 'y'$"
+    ):
         FitConfig(fit_values="y")
     with pytest.raises(ValueError, match=r"^sigma_range_min must be None or a positive number, got 0.0$"):
         FitConfig(sigma_range_min=0.0)
     p = init_params(1, (2, 2), (8, 8))
     g = torch.rand(1, 3, 8, 8)
-    with pytest.raises(ValueError, match=r"^values_lr must have the shape of guide_lr \(1, 3, 2, 2\), got \(1, 3, 2, 3\)$"):
+    with pytest.raises(
+        ValueError, match=r"^values_lr must have the shape of guide_lr \(1, 3, 2, 2\), got \(1, 3, 2, 3\)$"
+    ):
         kernel_fit_loss_grad(p, g, resample_guide(g, (2, 2)), 1.0, values_lr=torch.rand(1, 3, 2, 3))
 
 
@@ -55,11 +61,15 @@ def test_lr_guides_follow_the_config():
     c, v = lr_guides(g, (4, 4), FitConfig())
     assert v is None and torch.equal(c, resample_guide(g, (4, 4), "box"))
     c, v = lr_guides(g, (4, 4), FitConfig(guide_downsample="bilinear", fit_values="box"))
-    assert torch.equal(c, resample_guide(g, (4, 4), "bilinear")) and torch.equal(v, resample_guide(g, (4, 4), "box"))
+    assert torch.equal(c, resample_guide(g, (4, 4), "bilinear")) and torch.equal(
+        v, resample_guide(g, (4, 4), "box")
+    )
 
 
 @pytest.mark.skipif(not fast.AVAILABLE, reason="numba is not installed")
-@pytest.mark.parametrize(("channels", "groups", "cut"), [(3, None, None), (4, (3, 1), None), (3, None, 2.0), (2, None, None)])
+@pytest.mark.parametrize(
+    ("channels", "groups", "cut"), [(3, None, None), (4, (3, 1), None), (3, None, 2.0), (2, None, None)]
+)
 def test_fast_fit_with_separate_values_matches_the_reference(channels, groups, cut):
     """Separate LR values (rendered) and range centres: fused engine vs autograd, float64."""
     torch.manual_seed(0)
@@ -99,7 +109,9 @@ def test_corruptions_touch_the_stated_share_and_are_seeded():
         changed = float((out != img).any(1).float().mean())
         assert abs(changed - frac) < 0.02 and set(torch.unique(out).tolist()) == {0.0, 0.5, 1.0}
     n = T.corrupt_guide(img, "gauss10", seed=1)
-    assert abs(float((n - img).std()) - 0.1) < 0.01 and torch.equal(n, T.corrupt_guide(img, "gauss10", seed=1))
+    assert abs(float((n - img).std()) - 0.1) < 0.01 and torch.equal(
+        n, T.corrupt_guide(img, "gauss10", seed=1)
+    )
     j = T.corrupt_guide(torch.rand(1, 3, 32, 32), "jpeg20")
     assert j.shape == (1, 3, 32, 32) and 0 <= float(j.min()) and float(j.max()) <= 1
     with pytest.raises(ValueError, match=r"^corruption must be one of"):
@@ -136,7 +148,10 @@ def _args(*argv: str) -> argparse.Namespace:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (("--tasks", "rgb", "colour"), r"^unknown task\(s\) \['colour'\]; choose from \['rgb', 'labels', 'features', 'depth', 'corrupt'\]$"),
+        (
+            ("--tasks", "rgb", "colour"),
+            r"^unknown task\(s\) \['colour'\]; choose from \['rgb', 'labels', 'features', 'depth', 'corrupt'\]$",
+        ),
         (("--methods", "kernel", "magic"), r"^unknown method\(s\) \['magic'\]"),
         (("--families", "forest"), r"^unknown family\(ies\) \['forest'\]"),
         (("--corruptions", "blur"), r"^unknown corruption\(s\) \['blur'\]"),
@@ -154,12 +169,30 @@ def test_run_rejects_bad_arguments(argv, message):
 def test_run_writes_a_report(tmp_path):
     pytest.importorskip("skimage")
     out = tmp_path / "r.json"
-    rc = T.run(_args("--quick", "--tasks", "rgb", "--photos", "astronaut", "--methods", "bicubic", "kernel",
-                     "--set", "steps=5", "--json", str(out)))
+    rc = T.run(
+        _args(
+            "--quick",
+            "--tasks",
+            "rgb",
+            "--photos",
+            "astronaut",
+            "--methods",
+            "bicubic",
+            "kernel",
+            "--set",
+            "steps=5",
+            "--json",
+            str(out),
+        )
+    )
     rep = json.loads(out.read_text())
-    assert rc == 0 and rep["settings"]["config"]["steps"] == 5 and rep["machine"]["torch"] == torch.__version__
+    assert (
+        rc == 0 and rep["settings"]["config"]["steps"] == 5 and rep["machine"]["torch"] == torch.__version__
+    )
     row = rep["rgb"][0]
-    assert row["photo"] == "astronaut" and row["grid"] == 14 and row["area"]["kernel"] > row["area"]["bicubic"]
+    assert (
+        row["photo"] == "astronaut" and row["grid"] == 14 and row["area"]["kernel"] > row["area"]["bicubic"]
+    )
     assert np.isfinite(rep["summary"]["rgb_gain_224_14_area"]["astronaut"])
 
 
@@ -185,7 +218,9 @@ def test_prefilter_leaves_a_clean_guide_alone_and_removes_impulses():
     out = prefilter_guide(noisy, "auto")
     assert float((out - g).abs().mean()) < 0.25 * float((noisy - g).abs().mean())
     assert torch.equal(prefilter_guide(noisy, "none"), noisy)
-    with pytest.raises(ValueError, match=r"^guide_prefilter must be one of \('auto', 'impulse', 'none'\), got 'median'$"):
+    with pytest.raises(
+        ValueError, match=r"^guide_prefilter must be one of \('auto', 'impulse', 'none'\), got 'median'$"
+    ):
         FitConfig(guide_prefilter="median")
 
 
@@ -209,7 +244,9 @@ def test_lift_is_not_below_the_2d_kernel_on_a_camouflage_scene():
     b = T.boundary_mask(ids)
     cfg = FitConfig(steps=20)
     two = T.label_scores(ua3d.fit(rgb, grid, cfg).render(lr).argmax(1)[0], ids, b)
-    lift = T.label_scores(fit_rgbd(rgb, s["depth"], s["camera"], grid, cfg).render_2d(lr).argmax(1)[0], ids, b)
+    lift = T.label_scores(
+        fit_rgbd(rgb, s["depth"], s["camera"], grid, cfg).render_2d(lr).argmax(1)[0], ids, b
+    )
     assert lift["boundary_acc"] >= two["boundary_acc"] + 0.01, (lift, two)
     assert lift["miou"] >= two["miou"], (lift, two)
 
@@ -239,8 +276,14 @@ def test_scene_families_are_seeded_and_distinct():
     assert make_family_scene("holes", 0, 64, 48)["valid"].mean() < 1.0
     assert make_family_scene("textured", 0, 64, 48)["valid"].all()
     assert any(o["camouflage"] for o in make_family_scene("camouflage", 0, 64, 48)["objects"])
-    assert all(o["center"][1] == pytest.approx(o.get("radius", 0) or o["center"][1])
-               for o in make_family_scene("contact", 0, 64, 48)["objects"] if o["kind"] == "sphere")
+    assert all(
+        o["center"][1] == pytest.approx(o.get("radius", 0) or o["center"][1])
+        for o in make_family_scene("contact", 0, 64, 48)["objects"]
+        if o["kind"] == "sphere"
+    )
     assert len(FAMILIES) == 5
-    with pytest.raises(ValueError, match=r"^family must be one of \('textured', 'contact', 'thin', 'camouflage', 'holes'\), got 'forest'$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^family must be one of \('textured', 'contact', 'thin', 'camouflage', 'holes'\), got 'forest'$",
+    ):
         make_family_scene("forest")

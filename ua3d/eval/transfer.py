@@ -90,11 +90,20 @@ def _square(img: np.ndarray, size: int) -> torch.Tensor:
     H, W = img.shape[:2]
     s = min(H, W)
     y0, x0 = (H - s) // 2, (W - s) // 2
-    t = torch.from_numpy(np.ascontiguousarray(img[y0 : y0 + s, x0 : x0 + s, :3])).permute(2, 0, 1)[None].float() / 255
-    return F.interpolate(t, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+    t = (
+        torch.from_numpy(np.ascontiguousarray(img[y0 : y0 + s, x0 : x0 + s, :3]))
+        .permute(2, 0, 1)[None]
+        .float()
+        / 255
+    )
+    return F.interpolate(t, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(
+        0, 1
+    )
 
 
-def load_photos(names: Sequence[str], size: int, data_root: Path | None = None) -> list[tuple[str, torch.Tensor]]:
+def load_photos(
+    names: Sequence[str], size: int, data_root: Path | None = None
+) -> list[tuple[str, torch.Tensor]]:
     """``(name, [1, 3, size, size])`` for skimage names and ``middlebury/<scene>`` / ``nyuv2/<frame>``.
 
     Photos whose data folder is missing are skipped (the report lists what was used).
@@ -113,7 +122,9 @@ def load_photos(names: Sequence[str], size: int, data_root: Path | None = None) 
         elif kind == "nyuv2":
             hits = [root / "nyuv2-dkn-test" / key / "rgb.jpg"]
         else:
-            raise ValueError(f"unknown photo {name!r}: use a skimage name, middlebury/<scene> or nyuv2/<frame>")
+            raise ValueError(
+                f"unknown photo {name!r}: use a skimage name, middlebury/<scene> or nyuv2/<frame>"
+            )
         if not hits or not hits[0].is_file():
             continue
         from PIL import Image
@@ -160,8 +171,11 @@ def label_scores(pred: torch.Tensor, ids: torch.Tensor, boundary: torch.Tensor) 
     for c in torch.unique(ids):
         p, t = pred == c, ids == c
         ious.append(float((p & t).sum()) / max(1.0, float((p | t).sum())))
-    return {"boundary_acc": float(ok[boundary].float().mean()), "acc": float(ok.float().mean()),
-            "miou": float(np.mean(ious))}
+    return {
+        "boundary_acc": float(ok[boundary].float().mean()),
+        "acc": float(ok.float().mean()),
+        "miou": float(np.mean(ious)),
+    }
 
 
 def corrupt_guide(img: torch.Tensor, kind: str, seed: int = 0) -> torch.Tensor:
@@ -200,8 +214,17 @@ def _fit_config(overrides: dict[str, Any]):
 class _Renderers:
     """Upsamplers for one guide and grid; the kernels are fitted once and reused for every signal."""
 
-    def __init__(self, guide: torch.Tensor, grid: tuple[int, int], methods: Sequence[str], cfg, *,
-                 rgbd: dict | None = None, lift_kw: dict | None = None, anyup_model=None):
+    def __init__(
+        self,
+        guide: torch.Tensor,
+        grid: tuple[int, int],
+        methods: Sequence[str],
+        cfg,
+        *,
+        rgbd: dict | None = None,
+        lift_kw: dict | None = None,
+        anyup_model=None,
+    ):
         import ua3d
         from ua3d.baselines import classic
 
@@ -241,13 +264,20 @@ class _Renderers:
 
 
 # ---------------------------------------------------------------------- tasks
-def task_rgb(photos: Sequence[tuple[str, torch.Tensor]], grids: Sequence[int] | None, methods, cfg,
-             *, anyup_model=None, grid_for: Callable[[int], Sequence[int]] | None = None) -> list[dict]:
+def task_rgb(
+    photos: Sequence[tuple[str, torch.Tensor]],
+    grids: Sequence[int] | None,
+    methods,
+    cfg,
+    *,
+    anyup_model=None,
+    grid_for: Callable[[int], Sequence[int]] | None = None,
+) -> list[dict]:
     """PSNR of each method rendering the area / bicubic LR photo; one row per (photo, size, grid)."""
     rows = []
     for name, hr in photos:
         size = hr.shape[-1]
-        for n in (grid_for(size) if grid_for else grids):
+        for n in grid_for(size) if grid_for else grids:
             grid = (n, n)
             r = _Renderers(hr, grid, methods, cfg, anyup_model=anyup_model)
             row = {"photo": name, "size": size, "grid": n, "fit_s": r.fit_s}
@@ -272,8 +302,17 @@ def _label_lr(ids: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(F.one_hot(ids, n).permute(2, 0, 1)[None].float(), size=grid, mode="area")
 
 
-def task_labels(families: Sequence[str], seeds: Sequence[int], scales: Sequence[int], methods, cfg, *,
-                size=(320, 240), lift_kw: dict | None = None, corruption: str | None = None) -> list[dict]:
+def task_labels(
+    families: Sequence[str],
+    seeds: Sequence[int],
+    scales: Sequence[int],
+    methods,
+    cfg,
+    *,
+    size=(320, 240),
+    lift_kw: dict | None = None,
+    corruption: str | None = None,
+) -> list[dict]:
     """Label transfer on synthetic RGB-D scenes: one row per (family, seed, scale)."""
     rows = []
     for fam in families:
@@ -284,8 +323,14 @@ def task_labels(families: Sequence[str], seeds: Sequence[int], scales: Sequence[
             H, W = ids.shape
             for sc in scales:
                 grid = (max(1, round(H / sc)), max(1, round(W / sc)))
-                r = _Renderers(guide, grid, methods, cfg, rgbd={"depth": s["depth"], "camera": s["camera"]},
-                               lift_kw=lift_kw)
+                r = _Renderers(
+                    guide,
+                    grid,
+                    methods,
+                    cfg,
+                    rgbd={"depth": s["depth"], "camera": s["camera"]},
+                    lift_kw=lift_kw,
+                )
                 lr = _label_lr(ids, grid)
                 row = {"family": fam, "seed": seed, "scale": sc, "grid": list(grid), "fit_s": r.fit_s}
                 for m, fn in r:
@@ -307,7 +352,9 @@ def _kmeans(x: torch.Tensor, k: int, iters: int = 10, seed: int = 0) -> torch.Te
     return c
 
 
-def task_features(photos, scales: Sequence[int], methods, cfg, *, channels: int = 16, anyup_model=None) -> list[dict]:
+def task_features(
+    photos, scales: Sequence[int], methods, cfg, *, channels: int = 16, anyup_model=None
+) -> list[dict]:
     """Dense random-net features as HR truth; cosine similarity and probe agreement per method."""
     from ua3d.features.random_net import random_features
 
@@ -332,8 +379,9 @@ def task_features(photos, scales: Sequence[int], methods, cfg, *, channels: int 
     return rows
 
 
-def task_depth(scenes: Sequence[str] | None, scales: Sequence[int], methods, cfg, *, data_root=None,
-               max_side: int = 448) -> list[dict]:
+def task_depth(
+    scenes: Sequence[str] | None, scales: Sequence[int], methods, cfg, *, data_root=None, max_side: int = 448
+) -> list[dict]:
     """Middlebury dev depth SR with the 2D recipe (protocol B LR); RMSE in 0-255 units."""
     from ua3d.depth.datasets import load_dataset
 
@@ -349,7 +397,12 @@ def task_depth(scenes: Sequence[str] | None, scales: Sequence[int], methods, cfg
         m = 16 * max(scales)
         Hc, Wc = min(H, max_side) // m * m, min(W, max_side) // m * m
         y0, x0 = (H - Hc) // 2, (W - Wc) // 2
-        g = torch.from_numpy(np.ascontiguousarray(rgb[y0 : y0 + Hc, x0 : x0 + Wc])).permute(2, 0, 1)[None].float() / 255
+        g = (
+            torch.from_numpy(np.ascontiguousarray(rgb[y0 : y0 + Hc, x0 : x0 + Wc]))
+            .permute(2, 0, 1)[None]
+            .float()
+            / 255
+        )
         d = torch.from_numpy(np.ascontiguousarray(depth[y0 : y0 + Hc, x0 : x0 + Wc]))[None, None].float()
         for sc in scales:
             grid = (Hc // sc, Wc // sc)
@@ -362,8 +415,18 @@ def task_depth(scenes: Sequence[str] | None, scales: Sequence[int], methods, cfg
     return rows
 
 
-def task_corrupt(photos, corruptions: Sequence[str], grid: int, methods, cfg, *, families=(), seeds=(0,),
-                 scale: int = 16, lift_kw: dict | None = None) -> list[dict]:
+def task_corrupt(
+    photos,
+    corruptions: Sequence[str],
+    grid: int,
+    methods,
+    cfg,
+    *,
+    families=(),
+    seeds=(0,),
+    scale: int = 16,
+    lift_kw: dict | None = None,
+) -> list[dict]:
     """RGB (area LR) and label transfer with a corrupted guide; the LR signal and the truth are clean."""
     rows = []
     for kind in corruptions:
@@ -371,8 +434,16 @@ def task_corrupt(photos, corruptions: Sequence[str], grid: int, methods, cfg, *,
             guide = corrupt_guide(hr, kind, seed=i)
             r = _Renderers(guide, (grid, grid), methods, cfg)
             lr = downsample(hr, (grid, grid), "area")
-            rows.append({"task": "rgb", "corruption": kind, "photo": name, "grid": grid, "fit_s": r.fit_s,
-                         **{m: {"psnr": psnr(fn(lr), hr)} for m, fn in r}})
+            rows.append(
+                {
+                    "task": "rgb",
+                    "corruption": kind,
+                    "photo": name,
+                    "grid": grid,
+                    "fit_s": r.fit_s,
+                    **{m: {"psnr": psnr(fn(lr), hr)} for m, fn in r},
+                }
+            )
         for row in task_labels(families, seeds, (scale,), methods, cfg, lift_kw=lift_kw, corruption=kind):
             rows.append({"task": "labels", "corruption": kind, **row})
     return rows
@@ -394,7 +465,9 @@ def summarise(report: dict) -> dict:
             for how in ("area", "bicubic"):
                 for m, v in r[how].items():
                     rgb.setdefault(key, {}).setdefault(how, {}).setdefault(m, []).append(v)
-        out["rgb"] = {k: {h: {m: _mean(v) for m, v in d.items()} for h, d in hv.items()} for k, hv in rgb.items()}
+        out["rgb"] = {
+            k: {h: {m: _mean(v) for m, v in d.items()} for h, d in hv.items()} for k, hv in rgb.items()
+        }
         gains = {}
         for r in report["rgb"]:
             if r["size"] == 224 and r["grid"] == 14 and "kernel" in r["area"] and "bicubic" in r["area"]:
@@ -405,12 +478,18 @@ def summarise(report: dict) -> dict:
         for r in report["labels"]:
             for m, v in r.items():
                 if isinstance(v, dict) and "boundary_acc" in v:
-                    d = lab.setdefault(f"{r['family']}/x{r['scale']}", {}).setdefault(m, {"boundary_acc": [], "miou": []})
+                    d = lab.setdefault(f"{r['family']}/x{r['scale']}", {}).setdefault(
+                        m, {"boundary_acc": [], "miou": []}
+                    )
                     d["boundary_acc"].append(v["boundary_acc"])
                     d["miou"].append(v["miou"])
-        out["labels"] = {k: {m: {q: _mean(x) for q, x in d.items()} for m, d in md.items()} for k, md in lab.items()}
-    for task, keyf, metric in (("features", lambda r: f"{r['size']}px/x{r['scale']}", None),
-                               ("depth", lambda r: f"x{r['scale']}", "rmse")):
+        out["labels"] = {
+            k: {m: {q: _mean(x) for q, x in d.items()} for m, d in md.items()} for k, md in lab.items()
+        }
+    for task, keyf, metric in (
+        ("features", lambda r: f"{r['size']}px/x{r['scale']}", None),
+        ("depth", lambda r: f"x{r['scale']}", "rmse"),
+    ):
         if report.get(task):
             acc: dict[str, Any] = {}
             for r in report[task]:
@@ -419,7 +498,9 @@ def summarise(report: dict) -> dict:
                         for q, x in v.items():
                             if metric is None or q == metric:
                                 acc.setdefault(keyf(r), {}).setdefault(m, {}).setdefault(q, []).append(x)
-            out[task] = {k: {m: {q: _mean(x) for q, x in d.items()} for m, d in md.items()} for k, md in acc.items()}
+            out[task] = {
+                k: {m: {q: _mean(x) for q, x in d.items()} for m, d in md.items()} for k, md in acc.items()
+            }
     if report.get("corrupt"):
         acc = {}
         for r in report["corrupt"]:
@@ -445,20 +526,37 @@ def _print_tables(summary: dict) -> None:
         table("RGB transfer, PSNR (dB), mean over photos (rows: size/grid, LR signal)", flat)
         g = summary.get("rgb_gain_224_14_area", {})
         if g:
-            print("\nkernel gain over bicubic, 224 px, 14x14, area LR: "
-                  + ", ".join(f"{k} {v:+.2f}" for k, v in g.items()) + f" (mean {_mean(g.values()):+.2f} dB)")
+            print(
+                "\nkernel gain over bicubic, 224 px, 14x14, area LR: "
+                + ", ".join(f"{k} {v:+.2f}" for k, v in g.items())
+                + f" (mean {_mean(g.values()):+.2f} dB)"
+            )
     if "labels" in summary:
-        table("Label transfer, boundary accuracy (3 px), mean over seeds",
-              {k: {m: v["boundary_acc"] for m, v in d.items()} for k, d in summary["labels"].items()}, "{:.4f}")
-        table("Label transfer, mIoU, mean over seeds",
-              {k: {m: v["miou"] for m, v in d.items()} for k, d in summary["labels"].items()}, "{:.4f}")
+        table(
+            "Label transfer, boundary accuracy (3 px), mean over seeds",
+            {k: {m: v["boundary_acc"] for m, v in d.items()} for k, d in summary["labels"].items()},
+            "{:.4f}",
+        )
+        table(
+            "Label transfer, mIoU, mean over seeds",
+            {k: {m: v["miou"] for m, v in d.items()} for k, d in summary["labels"].items()},
+            "{:.4f}",
+        )
     if "features" in summary:
-        table("Feature transfer (random net, dense truth): cosine / probe agreement",
-              {f"{k} {q}": {m: v[q] for m, v in d.items()} for k, d in summary["features"].items()
-               for q in ("cosine", "probe_agreement")}, "{:.4f}")
+        table(
+            "Feature transfer (random net, dense truth): cosine / probe agreement",
+            {
+                f"{k} {q}": {m: v[q] for m, v in d.items()}
+                for k, d in summary["features"].items()
+                for q in ("cosine", "probe_agreement")
+            },
+            "{:.4f}",
+        )
     if "depth" in summary:
-        table("Depth as a signal (Middlebury dev, protocol B): RMSE (0-255)",
-              {k: {m: v["rmse"] for m, v in d.items()} for k, d in summary["depth"].items()})
+        table(
+            "Depth as a signal (Middlebury dev, protocol B): RMSE (0-255)",
+            {k: {m: v["rmse"] for m, v in d.items()} for k, d in summary["depth"].items()},
+        )
     if "corrupt" in summary:
         table("Corrupted guides: RGB PSNR (dB) / label boundary accuracy", summary["corrupt"], "{:.4f}")
 
@@ -481,10 +579,20 @@ def machine_info(**extra: object) -> dict:
                 break
     except OSError:  # pragma: no cover
         pass
-    return {"machine": platform.machine(), "cpu": cpu, "logical_cpus": os.cpu_count(),
-            "threads": torch.get_num_threads(), "load_average": os.getloadavg(),
-            "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-            "numba": numba_version, "ua3d": ua3d.__version__, "platform": platform.platform(), **extra}
+    return {
+        "machine": platform.machine(),
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "load_average": os.getloadavg(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "numba": numba_version,
+        "ua3d": ua3d.__version__,
+        "platform": platform.platform(),
+        **extra,
+    }
 
 
 # ---------------------------------------------------------------------- CLI
@@ -504,20 +612,38 @@ def _parse_set(items: Sequence[str]) -> dict[str, Any]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Options of ``ua3d eval transfer`` (also used by ``scripts/eval_transfer.py``)."""
-    parser.add_argument("--quick", action="store_true", help="a subset that runs in under 2 minutes on 2 cores")
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), metavar="TASK", help=f"any of {', '.join(TASKS)}")
-    parser.add_argument("--methods", nargs="+", default=None, metavar="M",
-                        help="bilinear bicubic jbu kernel authors lift anyup (default: all that apply)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE",
-                        help="FitConfig overrides (JSON values), e.g. --set steps=20 sigma_range=0.08")
-    parser.add_argument("--depth-weight", type=float, default=None, help="lift depth_weight (default: fit_rgbd's)")
+    parser.add_argument(
+        "--quick", action="store_true", help="a subset that runs in under 2 minutes on 2 cores"
+    )
+    parser.add_argument(
+        "--tasks", nargs="+", default=list(TASKS), metavar="TASK", help=f"any of {', '.join(TASKS)}"
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        metavar="M",
+        help="bilinear bicubic jbu kernel authors lift anyup (default: all that apply)",
+    )
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="NAME=VALUE",
+        help="FitConfig overrides (JSON values), e.g. --set steps=20 sigma_range=0.08",
+    )
+    parser.add_argument(
+        "--depth-weight", type=float, default=None, help="lift depth_weight (default: fit_rgbd's)"
+    )
     parser.add_argument("--depth-mode", default=None, help="lift depth_mode (default: fit_rgbd's)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per scene family (full: 5, quick: 1)")
     parser.add_argument("--families", nargs="+", default=None, help="scene families (default: all)")
     parser.add_argument("--photos", nargs="+", default=None, help="photo names (default: 9 photos; quick: 3)")
     parser.add_argument("--corruptions", nargs="+", default=None, help=f"any of {', '.join(CORRUPTIONS)}")
     parser.add_argument("--anyup-checkpoint", default=None, help="local AnyUp .pth: adds the anyup method")
-    parser.add_argument("--data-root", default=None, help="shared data folder (default: $UA3D_DATA or ../shared/data)")
+    parser.add_argument(
+        "--data-root", default=None, help="shared data folder (default: $UA3D_DATA or ../shared/data)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--json", default="bench_results/eval_transfer.json", help="report path ('' = none)")
     return parser
@@ -562,9 +688,18 @@ def run(args: argparse.Namespace) -> int:
     data_root = Path(args.data_root) if args.data_root else None
     names = args.photos or (list(QUICK_PHOTOS) if quick else list(SKIMAGE_PHOTOS) + list(DATA_PHOTOS))
     report: dict[str, Any] = {
-        "settings": {"quick": quick, "tasks": args.tasks, "methods": methods, "config": cfg.to_dict(),
-                     "lift": lift_kw, "seeds": seeds, "families": families, "photos": names,
-                     "corruptions": corruptions, "authors_recipe": AUTHORS},
+        "settings": {
+            "quick": quick,
+            "tasks": args.tasks,
+            "methods": methods,
+            "config": cfg.to_dict(),
+            "lift": lift_kw,
+            "seeds": seeds,
+            "families": families,
+            "photos": names,
+            "corruptions": corruptions,
+            "authors_recipe": AUTHORS,
+        },
         "machine": machine_info(),
     }
     t_all = time.perf_counter()
@@ -574,28 +709,43 @@ def run(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         report["rgb"] = task_rgb(p224, (14,) if quick else (14, 16), methods, cfg, anyup_model=anyup_model)
         if not quick:
-            report["rgb"] += task_rgb(load_photos(names, 448, data_root), (32,), methods, cfg, anyup_model=anyup_model)
+            report["rgb"] += task_rgb(
+                load_photos(names, 448, data_root), (32,), methods, cfg, anyup_model=anyup_model
+            )
         timings["rgb"] = time.perf_counter() - t0
     if "labels" in args.tasks:
         t0 = time.perf_counter()
-        report["labels"] = task_labels(families, seeds, (16,) if quick else (14, 16), methods, cfg, lift_kw=lift_kw)
+        report["labels"] = task_labels(
+            families, seeds, (16,) if quick else (14, 16), methods, cfg, lift_kw=lift_kw
+        )
         timings["labels"] = time.perf_counter() - t0
     if "features" in args.tasks:
         t0 = time.perf_counter()
-        report["features"] = task_features(p224[:2] if quick else p224, (16,) if quick else (14, 16), methods, cfg,
-                                           anyup_model=anyup_model)
+        report["features"] = task_features(
+            p224[:2] if quick else p224, (16,) if quick else (14, 16), methods, cfg, anyup_model=anyup_model
+        )
         timings["features"] = time.perf_counter() - t0
     if "depth" in args.tasks:
         t0 = time.perf_counter()
-        report["depth"] = task_depth(("Art", "Moebius") if quick else None, (16,) if quick else (8, 16), methods,
-                                     cfg, data_root=data_root)
+        report["depth"] = task_depth(
+            ("Art", "Moebius") if quick else None,
+            (16,) if quick else (8, 16),
+            methods,
+            cfg,
+            data_root=data_root,
+        )
         timings["depth"] = time.perf_counter() - t0
     if "corrupt" in args.tasks:
         t0 = time.perf_counter()
         report["corrupt"] = task_corrupt(
-            p224[:3], ["sp20"] if quick and args.corruptions is None else corruptions, 14,
-            [m for m in methods if m in ("bilinear", "kernel", "authors", "lift")], cfg,
-            families=families if not quick else ["camouflage"], seeds=seeds[:2], lift_kw=lift_kw,
+            p224[:3],
+            ["sp20"] if quick and args.corruptions is None else corruptions,
+            14,
+            [m for m in methods if m in ("bilinear", "kernel", "authors", "lift")],
+            cfg,
+            families=families if not quick else ["camouflage"],
+            seeds=seeds[:2],
+            lift_kw=lift_kw,
         )
         timings["corrupt"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_all
@@ -613,8 +763,9 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m ua3d.eval.transfer`` entry point."""
-    parser = add_arguments(argparse.ArgumentParser(description=__doc__,
-                                                   formatter_class=argparse.RawDescriptionHelpFormatter))
+    parser = add_arguments(
+        argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    )
     return run(parser.parse_args(argv))
 
 
