@@ -125,7 +125,7 @@ def test_structure(lifted, scene):
     assert tuple(k.guide_hr.shape) == (1, 4, 48, 64) and tuple(k.guide_lr.shape) == (1, 4, 6, 8)
     assert k.valid_hr[:, 0].all() and torch.equal(k.valid_hr[:, 1], lifted.depth_valid[:, 0])
     assert torch.equal(k.valid_lr[:, 1], lifted.depth_lr_valid[:, 0])
-    assert k.config.channel_weights == (1.0, 1.0, 1.0, 10.0)
+    assert k.config.channel_weights == (4 / 3, 4 / 3, 4 / 3, 0.0)  # colour as in 2D, depth_weight 0 (issue 13)
     v = lifted.depth_valid[0, 0]
     torch.testing.assert_close(k.guide_hr[0, 3][v], lifted.depth_feature(lifted.depth[0, 0][v]))
     sz = lifted.sigma_z()
@@ -199,8 +199,9 @@ def test_labels_near_depth_edges_beat_2d_kernel_and_bilinear():
     ids = torch.from_numpy(s["ids"]).long()
     grid = (9, 12)
     lr = F.interpolate(F.one_hot(ids, 8).permute(2, 0, 1)[None].float(), size=grid, mode="area")
-    cfg = FitConfig(steps=20, radius=2, backend="reference")
-    lift = fit_rgbd(s["rgb"], s["depth"], s["camera"], grid, cfg)
+    # the settings these figures were measured with (not the defaults since issue 13: see docs/transfer.md)
+    cfg = FitConfig(steps=20, radius=2, backend="reference", guide_downsample="bilinear", guide_prefilter="none")
+    lift = fit_rgbd(s["rgb"], s["depth"], s["camera"], grid, cfg, depth_weight=10.0)
     k2d = ua3d.fit(torch.from_numpy(s["rgb"]).permute(2, 0, 1)[None], grid, cfg)
     near = torch.from_numpy(_near_depth_edges(s["depth_gt"])) & (ids > 0)
     acc = {

@@ -18,11 +18,11 @@ import numpy as np
 import torch
 
 from .core.checks import as_guide, as_signal, check_finite, check_lr_size
-from .core.kernel import kernel_weights_reference, resample_guide
+from .core.kernel import kernel_weights_reference
 from .core.memory import available_memory_bytes
 from .core.ops import kernel_render
 from .core.params import decode_params
-from .core.tto import FitConfig, check_fit_memory, fit_params
+from .core.tto import FitConfig, check_fit_memory, fit_params, lr_guides, prefilter_guide
 
 __all__ = ["Kernel", "as_signal", "available_memory_bytes", "check_lr_size", "fit", "upsample"]
 
@@ -271,8 +271,9 @@ def fit(
     cfg = _config(config, overrides)
     hw = check_lr_size(lr_size, (g.shape[-2], g.shape[-1]))
     check_fit_memory(g, hw, cfg)  # before the LR guide is made (interpolating a strided guide copies it)
-    g_lr = resample_guide(g, hw, cfg.guide_downsample)
-    params, losses = fit_params(g, g_lr, cfg, callback=callback)
+    g = prefilter_guide(g, cfg.guide_prefilter)
+    g_lr, values = lr_guides(g, hw, cfg)
+    params, losses = fit_params(g, g_lr, cfg, values_lr=values, callback=callback)
     return Kernel(params, g, g_lr, cfg.radius, config=cfg, losses=losses)
 
 

@@ -435,11 +435,12 @@ if AVAILABLE:
 
     @njit(**_JIT)
     def _fit_block_rgb(kb, n, px, py, pg, pv, pw, use_vhr, nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b, nb_r, nb_v, nb_g,
-                       wl, mx, tot, recon, ee, sbar, ft, mom):
+                       wl, mx, tot, recon, ee, sbar, ft, mom, vo):
         """Loss and gradient moments of one block, RGB guide, in the expanded form of
         :func:`_rgb_logits`: the gradient needs only the ten feature moments ``sum_p t_kp ft[f, p]``
         and ``sum_p t_kp`` per neighbour (``t = dL/dlogit``), which are turned into the four
-        gradient sums ``mom[0:4, k]`` at the end. Returns the block's loss."""
+        gradient sums ``mom[0:4, k]`` at the end. The rendered values are ``nb_g[vo:vo + 3]`` (``vo = 0``:
+        the range centres themselves; ``vo = 3``: separate LR values). Returns the block's loss."""
         _wide_vectors()
         dt = wl.dtype.type
         xc, yc, m0, m1, m2 = _rgb_logits(kb, n, px, py, pg, pv, use_vhr, nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b, nb_r,
@@ -452,7 +453,7 @@ if AVAILABLE:
             recon[2, p] = 0.0
         for k in range(kb):
             row = wl[k]
-            f0, f1, f2 = nb_g[0, k], nb_g[1, k], nb_g[2, k]
+            f0, f1, f2 = nb_g[vo, k], nb_g[vo + 1, k], nb_g[vo + 2, k]
             for p in range(n):
                 e = _fexp(row[p] - mx[p])
                 row[p] = e
@@ -475,7 +476,7 @@ if AVAILABLE:
         # dL/dlogit_kp = w_kp (sum_c e_cp f_ck - sbar_p), summed against the ten features
         for k in range(kb):
             row = wl[k]
-            f0, f1, f2 = nb_g[0, k], nb_g[1, k], nb_g[2, k]
+            f0, f1, f2 = nb_g[vo, k], nb_g[vo + 1, k], nb_g[vo + 2, k]
             s0 = dt(0.0)
             s1 = dt(0.0)
             s2 = dt(0.0)
@@ -548,7 +549,9 @@ if AVAILABLE:
         ``pmax`` is the padded largest block size.
         """
         _wide_vectors()
-        Cg, h, w = glr.shape[1:]
+        h, w = glr.shape[2:]
+        Cg = ghr.shape[1]
+        vo = glr.shape[1] - Cg  # 0, or Cg when glr carries separate values after the range centres
         G = gstart.shape[0] - 1
         K = offs.shape[0]
         dt = glr.dtype.type
@@ -613,7 +616,7 @@ if AVAILABLE:
                                          cut, use_vlr, False, rec, nb_v, nb_k)
                 if rgb:
                     loss_row += _fit_block_rgb(kb, npad, px, py, pg, pv, pw, use_vhr, nb_cy, nb_cx, nb_c, nb_s, nb_a,
-                                               nb_b, nb_r, nb_v, nb_g, wl, mx, tot, recon, ee, sbar, ft, mom)
+                                               nb_b, nb_r, nb_v, nb_g, wl, mx, tot, recon, ee, sbar, ft, mom, vo)
                     for k in range(kb):
                         kk = nb_k[k]
                         slot = offs[kk, 0] + r
@@ -634,7 +637,7 @@ if AVAILABLE:
                 for k in range(kb):
                     row = wl[k]
                     if Cg == 3:
-                        f0, f1, f2 = nb_g[0, k], nb_g[1, k], nb_g[2, k]
+                        f0, f1, f2 = nb_g[vo, k], nb_g[vo + 1, k], nb_g[vo + 2, k]
                         for p in range(npad):
                             e = _fexp(row[p] - mx[p])
                             row[p] = e
@@ -648,7 +651,7 @@ if AVAILABLE:
                         row[p] = e
                         tot[p] += e
                     for c in range(Cg):
-                        f = nb_g[c, k]
+                        f = nb_g[vo + c, k]
                         for p in range(npad):
                             recon[c, p] += row[p] * f
                 for p in range(npad):
@@ -672,7 +675,8 @@ if AVAILABLE:
                     a0 = ck * nb_cx[k] + sk * nb_cy[k]
                     b0 = ck * nb_cy[k] - sk * nb_cx[k]
                     if G == 1 and Cg == 3:  # RGB guide: one fused pass
-                        f0, f1, f2 = nb_g[0, k], nb_g[1, k], nb_g[2, k]
+                        f0, f1, f2 = nb_g[vo, k], nb_g[vo + 1, k], nb_g[vo + 2, k]
+                        g0, g1, g2 = nb_g[0, k], nb_g[1, k], nb_g[2, k]
                         saa = dt(0.0)
                         sbb = dt(0.0)
                         sab = dt(0.0)
@@ -684,9 +688,9 @@ if AVAILABLE:
                             saa += t * a * a
                             sbb += t * bb * bb
                             sab += t * a * bb
-                            d0 = pg[0, p] - f0
-                            d1 = pg[1, p] - f1
-                            d2 = pg[2, p] - f2
+                            d0 = pg[0, p] - g0
+                            d1 = pg[1, p] - g1
+                            d2 = pg[2, p] - g2
                             sd += t * pv[0, p] * (d0 * d0 + d1 * d1 + d2 * d2)
                         rowbuf[bi, slot, qj, 0] += saa
                         rowbuf[bi, slot, qj, 1] += sbb
@@ -696,7 +700,7 @@ if AVAILABLE:
                     for p in range(npad):
                         tk[p] = -sbar[p]
                     for c in range(Cg):
-                        f = nb_g[c, k]
+                        f = nb_g[vo + c, k]
                         for p in range(npad):
                             tk[p] += ee[c, p] * f
                     saa = dt(0.0)
@@ -1164,6 +1168,7 @@ def kernel_fit_loss_grad(
     channel_weights: torch.Tensor | None = None,
     pixel_mask: torch.Tensor | None = None,
     support_sigmas: float | None = None,
+    values_lr: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """TTO objective and its gradient (fused); see :func:`ua3d.core.kernel.kernel_fit_loss_grad_reference`.
 
@@ -1179,6 +1184,8 @@ def kernel_fit_loss_grad(
     pixel_mask : ``[B, 1, H, W]`` (bool or weights) or None; pixels where it is 0 are skipped.
     support_sigmas : None, or a cut: neighbours whose spatial Mahalanobis distance exceeds it
         are dropped (the anchor always stays).
+    values_lr : ``[B, Cg, h, w]`` or None: the LR values the fit renders to reconstruct ``guide_hr``
+        (default: ``guide_lr``, which otherwise only sets the range centres).
 
     Returns
     -------
@@ -1213,6 +1220,11 @@ def kernel_fit_loss_grad(
 
     ghr = _np(guide_hr, cdt)
     glr = _np(guide_lr, cdt)
+    if values_lr is not None:  # the values ride in the same per-cell record, after the range centres
+        if tuple(values_lr.shape) != tuple(guide_lr.shape):
+            raise ValueError(f"values_lr must have the shape of guide_lr {tuple(guide_lr.shape)}, "
+                             f"got {tuple(values_lr.shape)}")
+        glr = np.ascontiguousarray(np.concatenate([glr, _np(values_lr, cdt)], 1))
     coef = _coefficients(params, glr, cdt, cut)
     rowbuf = np.zeros((B * h, 2 * r + 1, w, 3 + G), np.float64)
     rowloss = np.zeros(B * h, np.float64)

@@ -63,6 +63,7 @@ import torch.nn.functional as F
 from .params import LOG_SIGMA_MAX, LOG_SIGMA_MIN, THETA_MAX, decode_params, theta_from_raw, theta_to_raw
 
 __all__ = [
+    "GUIDE_DOWNSAMPLE_MODES",
     "LOG_SIGMA_MAX",
     "LOG_SIGMA_MIN",
     "THETA_MAX",
@@ -174,18 +175,26 @@ def init_params(
     return p.expand(batch, -1, h, w).contiguous()
 
 
+#: the ways :func:`resample_guide` makes an LR guide
+GUIDE_DOWNSAMPLE_MODES = ("box", "area", "bilinear")
+
+
 def resample_guide(guide: torch.Tensor, lr_size: tuple[int, int], mode: str = "area") -> torch.Tensor:
     """Guide on the LR grid, ``[B, C, H, W] -> [B, C, h, w]``.
 
-    ``mode="area"`` (default) is antialiased bilinear, i.e. a low-pass then sample at
-    the LR centres, like a patch embedding sees the image; ``"bilinear"`` samples the
-    HR guide at the LR centres without low-pass (classic JBU's ``I(q)``).
+    ``mode="box"`` is the mean of the HR pixels under each LR cell (``adaptive_avg_pool2d``; for a
+    non-integer ratio the cells' footprints overlap by at most one pixel), i.e. exactly what a patch
+    token or an area-pooled label map aggregates; ``"area"`` (default) is antialiased bilinear (a
+    triangle low-pass, then a sample at the LR centres); ``"bilinear"`` samples the HR guide at the
+    LR centres without low-pass (classic JBU's ``I(q)``).
     """
+    if mode == "box":
+        return F.interpolate(guide, size=lr_size, mode="area")
     if mode == "area":
         return F.interpolate(guide, size=lr_size, mode="bilinear", antialias=True, align_corners=False)
     if mode == "bilinear":
         return F.interpolate(guide, size=lr_size, mode="bilinear", antialias=False, align_corners=False)
-    raise ValueError(f"mode must be 'area' or 'bilinear', got {mode!r}")
+    raise ValueError(f"mode must be one of {GUIDE_DOWNSAMPLE_MODES}, got {mode!r}")
 
 
 def row_chunks(n_rows: int, chunk: int) -> Iterator[tuple[int, int]]:
@@ -374,6 +383,7 @@ def kernel_fit_loss_grad_reference(
     channel_weights: torch.Tensor | None = None,
     pixel_mask: torch.Tensor | None = None,
     rows_per_chunk: int = 16,
+    values_lr: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """TTO objective and its gradient w.r.t. ``params`` (autograd, one row chunk at a time).
 
@@ -383,7 +393,8 @@ def kernel_fit_loss_grad_reference(
 
     (a mean per sample, summed over the batch, so that batch samples are fitted independently)
 
-    where ``\\hat g = render(guide_lr)``, ``lambda = channel_weights [Cg]`` and
+    where ``\\hat g = render(values_lr)`` (``values_lr [B, Cg, h, w]``, default ``guide_lr``: the
+    range centres are always ``guide_lr``), ``lambda = channel_weights [Cg]`` and
     ``m_c(p)`` is ``valid_hr`` of the channel's group (and ``pixel_mask [B, 1, H, W]``,
     e.g. a random subset of pixels). Memory is bounded by the row chunk: each chunk's
     graph is freed after its backward.
@@ -408,7 +419,7 @@ def kernel_fit_loss_grad_reference(
     total = torch.zeros((), dtype=params.dtype, device=params.device)
     for y0, y1 in row_chunks(H, rows_per_chunk):
         logits, flat, _ = pair_logits(p, guide_hr, guide_lr, (y0, y1), radius, groups_t, valid_hr, valid_lr)
-        rec, _ = _render_rows(logits, flat, guide_lr, None)
+        rec, _ = _render_rows(logits, flat, guide_lr if values_lr is None else values_lr, None)
         err = (rec - guide_hr[:, :, y0:y1]).abs() * lam.view(1, -1, 1, 1)
         if mask is not None:
             err = err * mask[:, :, y0:y1]

@@ -222,11 +222,17 @@ def kernel_fit_loss_grad(
     backend: str = "auto",
     rows_per_chunk: int | None = None,
     support_sigmas: float | None = None,
+    values_lr: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """TTO loss and gradient; see :func:`ua3d.core.kernel.kernel_fit_loss_grad_reference`.
 
     ``support_sigmas`` (None = full window) drops neighbours beyond that many sigmas.
+    ``values_lr`` (None = ``guide_lr``) are the LR values rendered to reconstruct the HR guide;
+    ``guide_lr`` stays the range centres.
     """
+    if values_lr is not None and tuple(values_lr.shape) != tuple(guide_lr.shape):
+        raise ValueError(f"values_lr must have the shape of guide_lr {tuple(guide_lr.shape)}, "
+                         f"got {tuple(values_lr.shape)}")
     which = resolve_backend(backend, params.device)
     _check_cut(support_sigmas)
     check_window(radius, (params.shape[-2], params.shape[-1]), params.shape[0])
@@ -235,16 +241,17 @@ def kernel_fit_loss_grad(
 
         return fast.kernel_fit_loss_grad(
             params, guide_hr, guide_lr, radius, groups, valid_hr, valid_lr, channel_weights, pixel_mask,
-            support_sigmas=support_sigmas,
+            support_sigmas=support_sigmas, values_lr=values_lr,
         )
     rows = rows_per_chunk or _rows_for_budget(params, guide_hr, guide_hr.shape[1] * 6 + 24, radius)
     if support_sigmas is None:
         return _ref.kernel_fit_loss_grad_reference(
-            params, guide_hr, guide_lr, radius, groups, valid_hr, valid_lr, channel_weights, pixel_mask, rows
+            params, guide_hr, guide_lr, radius, groups, valid_hr, valid_lr, channel_weights, pixel_mask, rows,
+            values_lr,
         )
     return _fit_cut_reference(
         params, guide_hr, guide_lr, radius, groups, valid_hr, valid_lr, channel_weights, pixel_mask, rows,
-        support_sigmas,
+        support_sigmas, values_lr,
     )
 
 
@@ -312,7 +319,7 @@ def _render_cut_reference(params, guide_hr, guide_lr, signal, radius, groups, va
 
 
 def _fit_cut_reference(params, guide_hr, guide_lr, radius, groups, valid_hr, valid_lr, channel_weights,
-                       pixel_mask, rows_per_chunk, cut):
+                       pixel_mask, rows_per_chunk, cut, values_lr=None):
     """Reference loss and gradient with the adaptive support cut (autograd; the cut is a fixed mask)."""
     B, Cg, H, W = guide_hr.shape
     gs = (Cg,) if groups is None else tuple(groups)
@@ -330,7 +337,7 @@ def _fit_cut_reference(params, guide_hr, guide_lr, radius, groups, valid_hr, val
     total = torch.zeros((), dtype=params.dtype, device=params.device)
     for y0, y1 in _ref.row_chunks(H, rows_per_chunk):
         logits, flat, _ = _pair_logits_cut(p, guide_hr, guide_lr, (y0, y1), radius, gs, valid_hr, valid_lr, cut)
-        rec, _ = _masked_softmax_render(logits, flat, guide_lr, None)
+        rec, _ = _masked_softmax_render(logits, flat, guide_lr if values_lr is None else values_lr, None)
         err = (rec - guide_hr[:, :, y0:y1]).abs() * lam.view(1, -1, 1, 1) * mask[:, :, y0:y1]
         loss = (err.sum(dim=(1, 2, 3)) / denom).sum()
         loss.backward()

@@ -7,7 +7,10 @@ holds every setting; its defaults follow the authors' code where it is sound
 exponential decay ``(1e-8)^(1/5100)`` per step, L1 loss, 50 steps, nearest anchor,
 log-sum-exp normalisation, a disc window of radius 8 LR cells) and departs from it
 where it is not (per-axis float scales, cells outside the grid excluded rather
-than clamped, any device and dtype, memory bounded by row chunks).
+than clamped, any device and dtype, memory bounded by row chunks), and where the
+transfer benchmark (:mod:`ua3d.eval.transfer`, ``docs/transfer.md``) says so: the LR
+guide is the mean over each cell (``"box"``, what patch features and pooled labels
+are) rather than a point sample, and salt-and-pepper guides are median-cleaned first.
 """
 
 from __future__ import annotations
@@ -21,11 +24,16 @@ import numpy as np
 import torch
 
 from .checks import check_int, check_number
-from .kernel import init_params, resample_guide
+from .kernel import GUIDE_DOWNSAMPLE_MODES, init_params, resample_guide
 from .memory import check_memory, check_window
 from .ops import BACKENDS, estimate_fit_memory, kernel_fit_loss_grad
 
-__all__ = ["FitConfig", "fit_params"]
+__all__ = ["IMPULSE_SHARE", "PREFILTERS", "FitConfig", "fit_params", "lr_guides", "prefilter_guide"]
+
+#: values of ``FitConfig.guide_prefilter``
+PREFILTERS = ("auto", "impulse", "none")
+#: share of impulse pixels above which ``guide_prefilter="auto"`` filters the guide
+IMPULSE_SHARE = 0.005
 
 
 @dataclass
@@ -41,11 +49,12 @@ class FitConfig:
     sigma_spatial : initial spatial sigma in HR pixels; None = per-axis scale ``(W/w, H/h)``.
     sigma_range : initial range sigma per range group, in guide units (0.12 for RGB in [0, 1]).
     theta : initial orientation (0).
-    guide_downsample : how the LR guide is made from the HR guide: ``"bilinear"`` (default: the HR
-        guide sampled at the LR cell centres, no low-pass, like the authors' non-antialiased resize) or
-        ``"area"`` (antialiased). Measured with ``scripts/tto_psnr.py``: the antialiased LR guide costs
-        about 8 dB of reconstruction PSNR (astronaut 27.7 vs 35.5 dB), because blurred LR colours no
-        longer match any HR colour at edges and the range term loses its grip.
+    guide_downsample : how the LR guide (the range centres, and the values the fit renders) is made
+        from the HR guide: ``"box"`` (default: the mean over each LR cell, what a patch token or an
+        area-pooled label aggregates), ``"area"`` (antialiased bilinear) or ``"bilinear"`` (the HR
+        guide sampled at the cell centres, like the authors' non-antialiased resize). The fit learns
+        to reconstruct the HR guide from this LR guide, so it should be made the way the signals that
+        will be rendered were made; the choice is measured in ``docs/transfer.md``.
     pixel_fraction : fraction of HR pixels used per step (1.0 = all); a fresh seeded random
         subset each step (a speed option; see ``scripts/bench_speed.py``).
     seed : seed of every random choice (pixel subsets).
@@ -59,6 +68,22 @@ class FitConfig:
         steps fit on the guide resampled to that fraction of its size (the LR grid is the
         same; spatial sigmas are rescaled in and out), the last ``fine_steps`` at full size.
     fine_steps : steps at full resolution when ``coarse_to_fine < 1`` (10).
+    fit_values : None (default: the fit renders the LR guide itself), or one of
+        ``GUIDE_DOWNSAMPLE_MODES``: the fit renders the HR guide downsampled that way while the range
+        centres stay the ``guide_downsample`` LR guide (e.g. sharp point-sampled centres,
+        ``guide_downsample="bilinear"``, reconstructing the HR guide from its ``"box"`` means).
+    sigma_spatial_max : None, or a cap on the spatial sigmas in LR cells (per axis: ``x`` times the
+        scale ``W / w`` or ``H / h``), kept during the fit. Without it a cell can widen until its
+        colour is borrowed by pixels several cells away (good for reconstructing the guide, bad for
+        labels and features that change between those places).
+    guide_prefilter : ``"auto"`` (default), ``"impulse"`` or ``"none"``: ``"impulse"`` replaces
+        impulse-noise pixels of the guide (every channel at 0 or at 1 and far from the median of the
+        other pixels of their 3x3 neighbourhood) by that median before the fit; ``"auto"`` does so only
+        when more than :data:`IMPULSE_SHARE` of the pixels are impulses (salt-and-pepper noise), so a
+        clean guide is used unchanged. See :func:`prefilter_guide`.
+    sigma_range_min : None, or a floor on every range sigma (guide units) kept during the fit: a
+        kernel whose range term is sharper than the colour differences inside an object copies
+        labels and features across objects of similar colour (see ``docs/transfer.md``).
     """
 
     steps: int = 50
@@ -68,7 +93,7 @@ class FitConfig:
     sigma_spatial: float | tuple[float, float] | None = None
     sigma_range: float | tuple[float, ...] = 0.12
     theta: float = 0.0
-    guide_downsample: str = "bilinear"
+    guide_downsample: str = "box"
     pixel_fraction: float = 1.0
     seed: int = 0
     backend: str = "auto"
@@ -76,6 +101,10 @@ class FitConfig:
     adaptive_support: float | None = None
     coarse_to_fine: float = 1.0
     fine_steps: int = 10
+    sigma_range_min: float | None = None
+    fit_values: str | None = None
+    sigma_spatial_max: float | None = None
+    guide_prefilter: str = "auto"
 
     def __post_init__(self) -> None:
         _check_types(self)  # a wrong type (lr="0.1", seed=-1, sigma_spatial=(1,)) fails here, by name
@@ -89,8 +118,10 @@ class FitConfig:
             raise ValueError(f"radius must be >= 0, got {self.radius!r}")
         if not (0 < self.pixel_fraction <= 1):
             raise ValueError(f"pixel_fraction must be in (0, 1], got {self.pixel_fraction!r}")
-        if self.guide_downsample not in ("area", "bilinear"):
-            raise ValueError(f"guide_downsample must be 'area' or 'bilinear', got {self.guide_downsample!r}")
+        if self.guide_downsample not in GUIDE_DOWNSAMPLE_MODES:
+            raise ValueError(
+                f"guide_downsample must be one of {GUIDE_DOWNSAMPLE_MODES}, got {self.guide_downsample!r}"
+            )
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.adaptive_support is not None and (
@@ -99,6 +130,22 @@ class FitConfig:
             raise ValueError(f"adaptive_support must be None or a positive number of sigmas, got {self.adaptive_support!r}")
         if not (0 < self.coarse_to_fine <= 1):
             raise ValueError(f"coarse_to_fine must be in (0, 1] (1 = off), got {self.coarse_to_fine!r}")
+        if self.sigma_range_min is not None and (
+            not (self.sigma_range_min > 0) or not math.isfinite(self.sigma_range_min)
+        ):
+            raise ValueError(f"sigma_range_min must be None or a positive number, got {self.sigma_range_min!r}")
+        if self.fit_values is not None and self.fit_values not in GUIDE_DOWNSAMPLE_MODES:
+            raise ValueError(
+                f"fit_values must be None or one of {GUIDE_DOWNSAMPLE_MODES}, got {self.fit_values!r}"
+            )
+        if self.sigma_spatial_max is not None and (
+            not (self.sigma_spatial_max > 0) or not math.isfinite(self.sigma_spatial_max)
+        ):
+            raise ValueError(
+                f"sigma_spatial_max must be None or a positive number of LR cells, got {self.sigma_spatial_max!r}"
+            )
+        if self.guide_prefilter not in PREFILTERS:
+            raise ValueError(f"guide_prefilter must be one of {PREFILTERS}, got {self.guide_prefilter!r}")
         if isinstance(self.fine_steps, bool) or not isinstance(self.fine_steps, int) or self.fine_steps < 0:
             raise ValueError(f"fine_steps must be an integer >= 0, got {self.fine_steps!r}")
 
@@ -174,6 +221,7 @@ def fit_params(
     valid_lr: torch.Tensor | None = None,
     init: torch.Tensor | None = None,
     callback: Callable[[int, float], None] | None = None,
+    values_lr: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[float]]:
     """Fit the kernel so that rendering ``guide_lr`` reconstructs ``guide_hr`` (L1).
 
@@ -185,6 +233,8 @@ def fit_params(
     groups, valid_hr, valid_lr : range groups and their validity (see :mod:`ua3d.core.kernel`).
     init : optional initial parameters ``[B, 3 + G, h, w]``.
     callback : called as ``callback(step, loss)`` after every step.
+    values_lr : ``[B, Cg, h, w]`` the LR values rendered in the fit (default ``guide_lr``; ``guide_lr``
+        always gives the range centres). See :func:`lr_guides`.
 
     Returns
     -------
@@ -217,6 +267,14 @@ def fit_params(
     rng = np.random.default_rng(int(config.seed))
     losses: list[float] = []
     stages = _stages(config, (H, W), (h, w))
+    floor = None if config.sigma_range_min is None else math.log(config.sigma_range_min)
+    if floor is not None:
+        params[:, 3:].clamp_(min=floor)
+    cap = None
+    if config.sigma_spatial_max is not None:
+        cap = (math.log(config.sigma_spatial_max * W / w), math.log(config.sigma_spatial_max * H / h))
+        params[:, 0].clamp_(max=cap[0])
+        params[:, 1].clamp_(max=cap[1])
     for size, n_steps in stages:
         g_hr, v_hr = _stage_guide(guide_hr, valid_hr, size)
         g_hr = g_hr.contiguous()  # once per stage, not once per step (an HWC image's permute is not)
@@ -230,15 +288,59 @@ def fit_params(
                 pmask = pmask.to(guide_hr.device)
             loss, grad = kernel_fit_loss_grad(
                 params, g_hr, guide_lr, config.radius, groups, v_hr, valid_lr, lam, pmask,
-                backend=config.backend, support_sigmas=config.adaptive_support,
+                backend=config.backend, support_sigmas=config.adaptive_support, values_lr=values_lr,
             )
             adam.step(grad.to(params.dtype))
+            if floor is not None:
+                params[:, 3:].clamp_(min=floor)
+            if cap is not None:
+                params[:, 0].clamp_(max=cap[0] + shift[0])
+                params[:, 1].clamp_(max=cap[1] + shift[1])
             losses.append(float(loss))
             if callback is not None:
                 callback(len(losses) - 1, losses[-1])
         params[:, 0] -= shift[0]
         params[:, 1] -= shift[1]
     return params, losses
+
+
+def prefilter_guide(guide: torch.Tensor, mode: str = "auto") -> torch.Tensor:
+    """The guide ``[B, C, H, W]`` (values in [0, 1]) with impulse noise removed (see ``FitConfig.guide_prefilter``).
+
+    An impulse is a pixel whose channels are all ``<= 1/255`` or all ``>= 254/255`` and that differs
+    by more than 0.25 (in some channel) from the median of the non-impulse pixels of its 3x3
+    neighbourhood; it is replaced by that median (by the plain 3x3 median where every neighbour is an
+    impulse). Other pixels are never changed. ``"auto"`` returns ``guide`` itself unless the share of
+    impulses exceeds :data:`IMPULSE_SHARE` in some batch item.
+    """
+    if mode not in PREFILTERS:
+        raise ValueError(f"guide_prefilter must be one of {PREFILTERS}, got {mode!r}")
+    if mode == "none":
+        return guide
+    lo, hi = 1.0 / 255, 254.0 / 255
+    cand = (guide <= lo).all(1, keepdim=True) | (guide >= hi).all(1, keepdim=True)  # [B, 1, H, W]
+    share = cand.flatten(1).float().mean(1)
+    if mode == "auto" and not bool((share > IMPULSE_SHARE).any()):
+        return guide
+    B, C, H, W = guide.shape
+    pad = torch.nn.functional.pad
+    g = pad(guide, (1, 1, 1, 1), mode="replicate").unfold(2, 3, 1).unfold(3, 3, 1).reshape(B, C, H, W, 9)
+    c = pad(cand.to(guide.dtype), (1, 1, 1, 1), mode="replicate").unfold(2, 3, 1).unfold(3, 3, 1)
+    c = c.reshape(B, 1, H, W, 9) > 0.5
+    med = torch.where(c, torch.full((), float("nan"), dtype=guide.dtype, device=guide.device), g).nanmedian(-1).values
+    med = torch.where(torch.isnan(med), g.median(-1).values, med)
+    imp = cand & ((guide - med).abs().amax(1, keepdim=True) > 0.25)
+    if mode == "auto" and not bool((imp.flatten(1).float().mean(1) > IMPULSE_SHARE).any()):
+        return guide
+    return torch.where(imp, med, guide)
+
+
+def lr_guides(guide_hr: torch.Tensor, lr_size: tuple[int, int], config: FitConfig):
+    """``(range centres, fit values or None)`` on the LR grid for ``config`` (``[B, Cg, h, w]`` each)."""
+    centres = resample_guide(guide_hr, lr_size, config.guide_downsample)
+    if config.fit_values is None or config.fit_values == config.guide_downsample:
+        return centres, None
+    return centres, resample_guide(guide_hr, lr_size, config.fit_values)
 
 
 class _Adam:

@@ -24,13 +24,10 @@ Depth feature ``phi`` (``depth_mode``)
     * ``"absolute"``: ``phi(z) = (z - lo) / spread`` on metres, ``sigma_z = sigma * spread`` metres.
 
     Both are *scale-free*: the channel is divided by the scene's own spread, so neither the loss
-    weight of the depth channel nor the initial ``sigma_range`` (the :class:`FitConfig` default
-    0.12 applies to both groups) depends on the depth unit or the scene size. On the real frames
-    of ``scripts/eval_lift.py`` (3 Redwood, 3 NYUv2, 320x240, 16x grid) the two are within noise
-    of each other (depth-segment accuracy near depth edges 0.971 vs 0.969, volume mass peak in
-    the right bin 0.666 vs 0.658, rendered-depth AbsRel 0.0109 for both). Relative is the default:
-    it is marginally ahead, and a depth scale proportional to depth matches sensors whose noise
-    grows with depth and keeps near and far objects equally separable.
+    weight of the depth channel nor the initial ``sigma_range`` depends on the depth unit or the
+    scene size. Relative is the default: a depth scale proportional to depth matches sensors whose
+    noise grows with depth and keeps near and far objects equally separable (the measurements that
+    chose it are in ``docs/transfer.md``).
 
 Holes
     HR pixels without valid depth have ``valid_hr[:, 1] = False``: their depth term is dropped
@@ -43,8 +40,10 @@ TTO
     :func:`fit_rgbd` fits the five parameter maps with :func:`ua3d.core.tto.fit_params` so that
     rendering the LR guide ``[RGB on the LR grid (config.guide_downsample), phi(z_q)]`` reconstructs
     the HR RGB and the HR depth feature (L1; holes excluded), with the channel weights
-    ``(1, 1, 1, depth_weight)`` (default ``depth_weight = 10``, see :func:`fit_rgbd`) unless the
-    config gives its own ``channel_weights``.
+    ``c (1, 1, 1, depth_weight)``, ``c = 4 / 3`` (so that the colour part equals the 2D kernel's
+    loss; default ``depth_weight = 0``, see :func:`fit_rgbd`) unless the
+    config gives its own ``channel_weights``. With no valid depth variation (flat depth) the depth
+    term is constant and the lift is the 2D kernel of the same config.
 """
 
 from __future__ import annotations
@@ -58,8 +57,8 @@ import torch
 
 from ua3d.api import Kernel
 from ua3d.core.checks import as_guide, as_signal, check_lr_size, check_number, depth_valid_mask
-from ua3d.core.kernel import LOG_SIGMA_MAX, LOG_SIGMA_MIN, nearest_anchor, resample_guide
-from ua3d.core.tto import FitConfig, fit_params
+from ua3d.core.kernel import LOG_SIGMA_MAX, LOG_SIGMA_MIN, nearest_anchor
+from ua3d.core.tto import FitConfig, fit_params, lr_guides, prefilter_guide
 from ua3d.rgbd.camera import PinholeCamera
 
 __all__ = [
@@ -391,7 +390,10 @@ def _lift_config(config: FitConfig | None, n_rgb: int, depth_weight: float) -> F
         raise ValueError(f"config.sigma_range must be one value or two (RGB, depth), got {sr!r}")
     cw = cfg.channel_weights
     if cw is None:
-        cw = (1.0,) * n_rgb + (float(depth_weight),)
+        # the loss is a mean over n_rgb + 1 channels: colour weighs (n_rgb + 1) / n_rgb so that the
+        # colour part of the loss (and of its gradient) is exactly the 2D kernel's
+        c = (n_rgb + 1) / n_rgb
+        cw = (c,) * n_rgb + (c * float(depth_weight),)
     elif len(cw) != n_rgb + 1:
         raise ValueError(f"config.channel_weights must have {n_rgb + 1} values (colour + depth), got {len(cw)}")
     return cfg.replace(sigma_range=tuple(sr), channel_weights=tuple(cw))
@@ -406,7 +408,7 @@ def fit_rgbd(
     depth_scale: float = 1.0,
     depth_max: float | None = None,
     depth_mode: str = "relative",
-    depth_weight: float = 10.0,
+    depth_weight: float = 0.0,
     callback: Any = None,
 ) -> LiftedKernel:
     """Fit the lifted kernel to one RGB-D frame for features on an ``lr_size`` grid.
@@ -423,11 +425,13 @@ def fit_rgbd(
     depth_scale : raw depth units per metre (1 = already metres, 1000 = millimetres).
     depth_max : metres; farther depth is a hole.
     depth_mode : ``"relative"`` (log depth, the default) or ``"absolute"`` (metres); see module doc.
-    depth_weight : loss weight of the depth channel (each colour channel weighs 1). Default 10,
-        measured with ``scripts/eval_lift.py`` (label accuracy within 3 px of depth edges, 16x grid,
-        20 steps, radius 2): 3 -> 10 moved the synthetic means from 0.866 to 0.881 (192x144, 4 seeds)
-        and 0.928 to 0.934 (256x192), and the Redwood depth-segment mean from 0.926 to 0.941 (3
-        frames; bilinear 0.935, so only the heavier depth term beats it there).
+    depth_weight : loss weight of the depth channel relative to a colour channel. Default 0: the
+        fit has the 2D kernel's objective (the colour reconstruction) and the depth term's width
+        ``sigma_z`` is shaped by it alone, so the lift keeps the 2D kernel's behaviour on surfaces and
+        only separates pixels across depth jumps. Heavier weights make the kernel copy colour along
+        iso-depth lines (floors) and lose to the 2D kernel on label transfer; ``docs/transfer.md``
+        has the measurements. Raise it (e.g. 10) when the HR depth itself is to be rendered from
+        a coarse grid (volume mass peaks).
     callback : optional ``callback(step, loss)`` after every TTO step (progress bars).
 
     Returns
@@ -461,6 +465,7 @@ def fit_rgbd(
         )
     hw = check_lr_size(lr_size, (H, W))
     cfg = _lift_config(config, g.shape[1], depth_weight)
+    g = prefilter_guide(g, cfg.guide_prefilter)
     z = torch.where(valid, z, torch.zeros((), dtype=z.dtype, device=z.device))
 
     lo, spread = _normaliser(z[valid], depth_mode)
@@ -471,13 +476,14 @@ def fit_rgbd(
     f_lr = lifted.depth_feature(z_lr)
     lifted.depth_lr_grad = cell_gradients(f_hr, valid, hw)
     guide_hr = torch.cat([g, f_hr.to(g.dtype)], 1)
-    guide_lr = torch.cat([resample_guide(g, hw, cfg.guide_downsample), f_lr.to(g.dtype)], 1)
+    centres, values = lr_guides(g, hw, cfg)
+    guide_lr = torch.cat([centres, f_lr.to(g.dtype)], 1)
+    values_lr = None if values is None else torch.cat([values, f_lr.to(g.dtype)], 1)
     valid_hr = torch.cat([torch.ones_like(valid), valid], 1)
     valid_lr = torch.cat([torch.ones_like(v_lr), v_lr], 1)
     groups = (g.shape[1], 1)
-    params, losses = fit_params(
-        guide_hr, guide_lr, cfg, groups=groups, valid_hr=valid_hr, valid_lr=valid_lr, callback=callback
-    )
+    params, losses = fit_params(guide_hr, guide_lr, cfg, groups=groups, valid_hr=valid_hr, valid_lr=valid_lr,
+                                values_lr=values_lr, callback=callback)
     kernel = Kernel(
         params, guide_hr, guide_lr, cfg.radius, groups=groups, valid_hr=valid_hr, valid_lr=valid_lr,
         config=cfg, losses=losses,

@@ -26,10 +26,13 @@ import torch
 from ua3d.rgbd.camera import PinholeCamera, look_at, pixel_rays
 
 __all__ = [
+    "FAMILIES",
     "GROUND_ID",
     "WALL_ID",
     "SceneLayout",
     "default_camera",
+    "make_family_layout",
+    "make_family_scene",
     "make_layout",
     "make_scene",
     "render_layout",
@@ -258,6 +261,15 @@ def _texture(tex: dict[str, Any], q: np.ndarray) -> np.ndarray:
     elif tex["type"] == "rings":
         w = 2 * tex["radius"] / tex["count"]
         k = np.floor((q[:, 1] + tex["radius"]) / w + 0.5).astype(np.int64)
+    elif tex["type"] == "solid":
+        return np.broadcast_to(np.asarray(tex["colors"][0], dtype=np.float64), (q.shape[0], 3)).copy()
+    elif tex["type"] == "checker3":
+        k = sum(np.floor(q[:, a] / tex["size"] + 0.25).astype(np.int64) for a in range(3))
+    elif tex["type"] == "sines":  # smooth blend of the two colours: shading-like, no texture edge
+        f = np.asarray(tex["freq"], dtype=np.float64)
+        t = 0.5 + 0.5 * np.sin(q @ f + tex["phase"])
+        c = np.asarray(tex["colors"], dtype=np.float64)
+        return c[0][None] * (1 - t[:, None]) + c[1][None] * t[:, None]
     else:
         raise ValueError(f"unknown texture type {tex['type']!r}")
     colors = np.asarray(tex["colors"], dtype=np.float64)
@@ -398,3 +410,102 @@ def surface_distance(points: np.ndarray, obj: dict[str, Any]) -> np.ndarray:
     outside = np.linalg.norm(np.maximum(q, 0.0), axis=1)
     inside = np.minimum(q.max(axis=1), 0.0)
     return np.abs(outside + inside)
+
+
+# ---------------------------------------------------------------------- scene families
+#: scene families of the label-transfer benchmark (:mod:`ua3d.eval.transfer`)
+FAMILIES = ("textured", "contact", "thin", "camouflage", "holes")
+_TEXTURE_TYPES = ("solid", "stripes", "checker3", "sines", "rings")
+
+
+def _random_texture(rng: np.random.Generator, obj: dict[str, Any]) -> dict[str, Any]:
+    """A random procedural texture for a box or sphere (local frame), random albedo."""
+    kind = str(rng.choice(_TEXTURE_TYPES))
+    colors = _palette(rng, (0.0, 0.9), (0.15, 1.0))
+    size = float(obj["radius"]) if obj["kind"] == "sphere" else float(np.max(obj["half_extents"]))
+    if kind == "stripes" and obj["kind"] == "box":
+        axis = int(rng.integers(0, 3))
+        return {"type": "stripes", "axis": axis, "count": int(rng.integers(2, 7)),
+                "half": float(obj["half_extents"][axis]), "colors": colors, "frame": "local"}
+    if kind in ("stripes", "rings"):
+        return {"type": "rings", "count": int(rng.integers(2, 7)), "radius": size, "colors": colors,
+                "frame": "local"}
+    if kind == "checker3":
+        return {"type": "checker3", "size": size * float(rng.uniform(0.3, 0.7)), "colors": colors, "frame": "local"}
+    if kind == "sines":
+        f = rng.normal(0, 1, 3)
+        f = f / np.linalg.norm(f) * float(rng.uniform(2.0, 6.0)) / size
+        return {"type": "sines", "freq": f.tolist(), "phase": float(rng.uniform(0, 2 * np.pi)),
+                "colors": colors, "frame": "local"}
+    return {"type": "solid", "colors": colors, "frame": "local"}
+
+
+def _rest_on_floor(obj: dict[str, Any]) -> None:
+    """Move a box or sphere down (or up) so that it touches the ground plane y = 0."""
+    c = np.array(obj["center"], dtype=np.float64)
+    c[1] = obj["radius"] if obj["kind"] == "sphere" else float(np.abs(obj["rotation"][1]) @ obj["half_extents"])
+    obj["center"] = c
+
+
+def make_family_layout(family: str, seed: int = 0) -> SceneLayout:
+    """A layout of one benchmark family (seeded; the same ``(family, seed)`` gives the same scene).
+
+    * ``"textured"``: 3-6 boxes/spheres with random albedo and a random procedural texture each
+      (solid, stripes, 3D checker, smooth sines, rings), shaded, some floating.
+    * ``"contact"``: as textured, every object resting on the floor, the floor's texture drawn from
+      the objects' palette (contact edges are weak in colour).
+    * ``"thin"``: as contact plus 3-5 thin poles (2-6 cm thick, 0.4-1.2 m tall).
+    * ``"camouflage"``: :func:`make_layout` with camouflage (objects wearing the wall's or the
+      ground's texture and shading: same colour, different depth).
+    * ``"holes"``: as textured; :func:`make_family_scene` adds depth dropout.
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    rng = np.random.default_rng([int(seed), FAMILIES.index(family), 101])
+    n = int(rng.integers(3, 7))
+    if family == "camouflage":
+        layout = make_layout(int(seed), n_objects=n, camouflage=True)
+        layout.extras["family"] = family
+        return layout
+    layout = make_layout(int(seed), n_objects=n, camouflage=False)
+    for obj in layout.objects[2:]:
+        obj["texture"] = _random_texture(rng, obj)
+        if family in ("contact", "thin"):
+            _rest_on_floor(obj)
+    if family in ("contact", "thin"):
+        layout.objects[0]["texture"] = dict(layout.objects[0]["texture"],
+                                            colors=[list(layout.objects[2 + i % n]["texture"]["colors"][0])
+                                                    for i in range(2)])
+    if family == "thin":
+        next_id = 3 + n
+        for _ in range(int(rng.integers(3, 6))):
+            t = float(rng.uniform(0.01, 0.03))
+            tall = float(rng.uniform(0.2, 0.6))
+            yaw = float(rng.uniform(-0.6, 0.6))
+            c, s = np.cos(yaw), np.sin(yaw)
+            obj: dict[str, Any] = {
+                "id": next_id, "name": f"pole{next_id}", "kind": "box", "camouflage": False,
+                "center": np.array([rng.uniform(-1.8, 1.8), tall, rng.uniform(-2.0, 0.2)]),
+                "half_extents": np.array([t, tall, t]),
+                "rotation": np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]]),
+            }
+            obj["texture"] = {"type": "solid", "colors": _palette(rng, (0.0, 0.9), (0.15, 1.0)), "frame": "local"}
+            layout.objects.append(obj)
+            next_id += 1
+    layout.extras["family"] = family
+    return layout
+
+
+def make_family_scene(family: str, seed: int = 0, width: int = 320, height: int = 240,
+                      holes: int | None = None) -> dict[str, Any]:
+    """Seeded RGB-D frame of a benchmark family (see :func:`make_family_layout`); keys as
+    :func:`render_layout` plus ``layout`` and ``family``. ``holes`` defaults to 8 dropout blobs for
+    the ``"holes"`` family and 0 otherwise."""
+    if width <= 0 or height <= 0:
+        raise ValueError(f"width and height must be positive, got {width}x{height}")
+    layout = make_family_layout(family, seed)
+    n_holes = (8 if family == "holes" else 0) if holes is None else holes
+    scene = render_layout(layout, default_camera(width, height, seed), holes=n_holes)
+    scene["layout"] = layout
+    scene["family"] = family
+    return scene
