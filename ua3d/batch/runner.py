@@ -444,9 +444,12 @@ def _ray(
                     }
         clean = True
     finally:
-        if not clean:
+        if not clean and not started:
+            # On a cluster we joined, ask Ray to stop what is still queued or running. A local instance we
+            # started is torn down whole by the shutdown below: force-cancelling there raced a finishing
+            # task inside Ray's task manager (a fatal check in Ray 2.60, seen as exit code 1 on SIGTERM).
             for ref in pending:
-                ray.cancel(ref, force=True)
+                ray.cancel(ref)
         if started:
             ray.shutdown()
 
