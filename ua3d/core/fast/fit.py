@@ -12,7 +12,7 @@ import torch
 
 from ..params import LOG_SIGMA_MAX, LOG_SIGMA_MIN, THETA_MAX
 from ._jit import AVAILABLE
-from .inputs import _check_common, _check_cut, _coefficients, _compute_dtype, _np, _require
+from .inputs import Frame, _check_common, _check_cut, _coefficients, _compute_dtype, _np, _require
 from .pool import _geometry, _padded_block, _parallel_for
 
 if AVAILABLE:
@@ -133,9 +133,12 @@ if AVAILABLE:
         return loss
 
     @njit(**_JIT)
-    def _fit_rows(bi0, bi1, ghr, glr, coef, vhr, vlr, pmask, lam, gstart, gch, offs, ry0, ry1, cx0, cx1, cyv,
-                  cxv, cut, use_vhr, use_vlr, use_pm, r, pmax, rowbuf, rowloss):
+    def _fit_rows(bi0, bi1, fr, geo, pmask, lam, gch, use_pm, r, pmax, rowbuf, rowloss):
         """Loss and gradient sums of the block rows ``bi0 <= b h + i < bi1`` into ``rowbuf[b h + i]``.
+
+        ``fr`` the call's fixed arrays (:class:`~ua3d.core.fast.inputs.Frame`), ``geo`` its block
+        layout (:class:`~ua3d.core.fast.pool.Geometry`); ``pmask [B, H, W]`` pixel weights (used when
+        ``use_pm``), ``lam [B, Cg]`` normalised channel weights, ``gch [Cg]`` range group of each channel.
 
         ``rowbuf [B h, 2 r + 1, w, 3 + G]`` float64 receives, per neighbour cell
         ``(i + di, j)`` at slot ``di + r``: ``sum g a^2, sum g b^2, sum g a b, sum g D_g``
@@ -143,6 +146,8 @@ if AVAILABLE:
         ``pmax`` is the padded largest block size.
         """
         _wide_vectors()
+        ghr, glr, coef, vhr, vlr, gstart, cut, use_vhr, use_vlr = fr
+        offs, ry0, ry1, cx0, cx1, cyv, cxv = geo
         h, w = glr.shape[2:]
         Cg = ghr.shape[1]
         vo = glr.shape[1] - Cg  # 0, or Cg when glr carries separate values after the range centres
@@ -384,7 +389,8 @@ def kernel_fit_loss_grad(
     G = len(gs)
     cdt = _compute_dtype(params)
     ndt = np.float64 if cdt == torch.float64 else np.float32
-    offs, ry0, ry1, cx0, cx1, cyv, cxv = _geometry(H, W, h, w, float(radius), np.dtype(ndt).name)
+    geo = _geometry(H, W, h, w, float(radius), np.dtype(ndt).name)
+    ry0, ry1, cx0, cx1 = geo.ry0, geo.ry1, geo.cx0, geo.cx1
     r = math.floor(radius)
 
     lam = np.ones(Cg) if channel_weights is None else channel_weights.detach().double().cpu().numpy()
@@ -411,8 +417,9 @@ def kernel_fit_loss_grad(
     coef = _coefficients(params, glr, cdt, cut)
     rowbuf = np.zeros((B * h, 2 * r + 1, w, 3 + G), np.float64)
     rowloss = np.zeros(B * h, np.float64)
-    _parallel_for(_fit_rows, B * h, ghr, glr, coef, vhr, vlr, pm, lam_n, gstart, gch, offs, ry0, ry1, cx0, cx1, cyv,
-                  cxv, cut, use_vhr, use_vlr, use_pm, r, _padded_block(ry0, ry1, cx0, cx1), rowbuf, rowloss)
+    fr = Frame(ghr, glr, coef, vhr, vlr, gstart, cut, use_vhr, use_vlr)
+    _parallel_for(_fit_rows, B * h, fr, geo, pm, lam_n, gch, use_pm, r, _padded_block(ry0, ry1, cx0, cx1), rowbuf,
+                  rowloss)
     sums = _reduce_rows(rowbuf, B, h, r).transpose(0, 3, 1, 2)  # [B, 3 + G, h, w] float64
     grad = _chain_rule(params, sums)
     loss = torch.tensor(float(rowloss.sum()), dtype=params.dtype)

@@ -5,12 +5,28 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from ..params import decode_params
 from ._jit import AVAILABLE
+
+
+class Frame(NamedTuple):
+    """The fixed arrays of one fit or render call, passed to the numba kernels as one argument
+    (numpy, compute dtype unless stated)."""
+
+    ghr: np.ndarray  # [B, Cg, H, W] HR guide
+    glr: np.ndarray  # [B, Cg, h, w] LR guide (fit: [B, 2 Cg, h, w] with separate LR values after it)
+    coef: np.ndarray  # [B, h, w, nrec] per-cell records (:func:`_coefficients`)
+    vhr: np.ndarray  # [B, G, H, W] uint8 range validity (a dummy when use_vhr is False)
+    vlr: np.ndarray  # [B, G, h, w] uint8 (a dummy when use_vlr is False)
+    gstart: np.ndarray  # [G + 1] int64 first channel of each range group
+    cut: float  # support cut in sigmas, 0 for none
+    use_vhr: bool
+    use_vlr: bool
 
 
 def _require() -> None:

@@ -12,6 +12,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -67,8 +68,20 @@ def _parallel_for(fn: Callable, n: int, *args) -> None:
         f.result()
 
 
+class Geometry(NamedTuple):
+    """Block layout and window of an ``(H, W) <- (h, w)`` pair (read-only arrays, :func:`_geometry`)."""
+
+    offs: np.ndarray  # [K, 2] int64 window offsets (di, dj)
+    ry0: np.ndarray  # [h] int64 first HR row whose anchor is row i
+    ry1: np.ndarray  # [h] int64 one past the last
+    cx0: np.ndarray  # [w] int64
+    cx1: np.ndarray  # [w] int64
+    cyv: np.ndarray  # [h] LR centres in HR pixels (compute dtype)
+    cxv: np.ndarray  # [w]
+
+
 @lru_cache(maxsize=32)
-def _geometry(H: int, W: int, h: int, w: int, radius: float, np_dtype: str):
+def _geometry(H: int, W: int, h: int, w: int, radius: float, np_dtype: str) -> Geometry:
     """Block layout and window for an ``(H, W) <- (h, w)`` pair (cached).
 
     Returns ``offs [K, 2]``, ``ry0, ry1 [h]`` (HR rows whose anchor is row ``i``),
@@ -85,7 +98,7 @@ def _geometry(H: int, W: int, h: int, w: int, radius: float, np_dtype: str):
     cxv = lr_centres(w, W, dtype=torch.float64).numpy().astype(np_dtype)
     for a in (offs, ry0, ry1, cx0, cx1, cyv, cxv):
         a.setflags(write=False)
-    return offs, ry0, ry1, cx0, cx1, cyv, cxv
+    return Geometry(offs, ry0, ry1, cx0, cx1, cyv, cxv)
 
 
 def _padded_block(ry0: np.ndarray, ry1: np.ndarray, cx0: np.ndarray, cx1: np.ndarray) -> int:

@@ -11,8 +11,8 @@ import torch
 
 from ..kernel import window_offsets
 from ._jit import _NEG, AVAILABLE
-from .inputs import _check_common, _check_cut, _coefficients, _compute_dtype, _mask_u8, _np, _require
-from .pool import _empty_huge, _geometry, _padded_block, _parallel_for
+from .inputs import Frame, _check_common, _check_cut, _coefficients, _compute_dtype, _mask_u8, _np, _require
+from .pool import Geometry, _empty_huge, _geometry, _padded_block, _parallel_for
 
 #: render channel counts up to this are fused in numba; more use the weight matrix + ``torch.bmm``.
 SMALL_C = 8
@@ -32,11 +32,14 @@ if AVAILABLE:
     )
 
     @njit(**_JIT)
-    def _render_small(t0, t1, ghr, glr, coef, vhr, vlr, smask, sig, gstart, offs, ry0, ry1, cx0, cx1, cyv, cxv,
-                      cut, use_vhr, use_vlr, use_sm, b, i0, ybase, pmax, out, sup):
+    def _render_small(t0, t1, fr, geo, smask, use_sm, sig, b, i0, ybase, pmax, out, sup):
         """Fused render of blocks ``t0 <= t < t1`` (block ``(i0 + t // w, t % w)``) of batch ``b``:
-        ``out [C, rows, W]`` (rows from ``ybase``; NaN without support), ``sup [rows, W]`` uint8."""
+        ``out [C, rows, W]`` (rows from ``ybase``; NaN without support), ``sup [rows, W]`` uint8.
+        ``fr``, ``geo``: the call's :class:`~ua3d.core.fast.inputs.Frame` and
+        :class:`~ua3d.core.fast.pool.Geometry`; ``smask [B, h, w]`` uint8 valid LR values (if ``use_sm``)."""
         _wide_vectors()
+        ghr, glr, coef, vhr, vlr, gstart, cut, use_vhr, use_vlr = fr
+        offs, ry0, ry1, cx0, cx1, cyv, cxv = geo
         w = glr.shape[3]
         C = sig.shape[1]
         G = gstart.shape[0] - 1
@@ -102,12 +105,14 @@ if AVAILABLE:
                     out[c, y - ybase, x] = oc[c, p] * inv if ok else np.nan
 
     @njit(**_JIT)
-    def _render_weights(t0, t1, ghr, glr, coef, vhr, vlr, smask, gstart, offs, ry0, ry1, cx0, cx1, cyv, cxv, cut,
-                        use_vhr, use_vlr, use_sm, b, i0, bxm, pmax, wmat, sup):
+    def _render_weights(t0, t1, fr, geo, smask, use_sm, b, i0, bxm, pmax, wmat, sup):
         """Dense normalised weights of blocks ``t0 <= t < t1`` (block ``(i0 + t // w, t % w)``):
         ``wmat [tiles, K, P]`` (window slot ``k``, pixel ``(y, x)`` at ``(y - ry0) bxm + x - cx0``;
-        zero for padding, outside or masked cells), ``sup [tiles, P]`` uint8."""
+        zero for padding, outside or masked cells), ``sup [tiles, P]`` uint8 (arguments as
+        :func:`_render_small`)."""
         _wide_vectors()
+        ghr, glr, coef, vhr, vlr, gstart, cut, use_vhr, use_vlr = fr
+        offs, ry0, ry1, cx0, cx1, cyv, cxv = geo
         w = glr.shape[3]
         G = gstart.shape[0] - 1
         K = offs.shape[0]
@@ -262,7 +267,8 @@ def kernel_render(
     odt = out_dtype or signal.dtype
     cdt = _compute_dtype(params)
     ndt = np.float64 if cdt == torch.float64 else np.float32
-    offs, ry0, ry1, cx0, cx1, cyv, cxv = _geometry(H, W, h, w, float(radius), np.dtype(ndt).name)
+    geo = _geometry(H, W, h, w, float(radius), np.dtype(ndt).name)
+    ry0, ry1, cx0, cx1 = geo.ry0, geo.ry1, geo.cx0, geo.cx1
     if signal_mask is not None and tuple(signal_mask.shape) != (B, 1, h, w):
         raise ValueError(f"signal_mask must have shape {(B, 1, h, w)}, got {tuple(signal_mask.shape)}")
     sm, use_sm = _mask_u8(None if signal_mask is None else signal_mask[:, 0], (B, h, w), "signal_mask")
@@ -275,8 +281,7 @@ def kernel_render(
     out = _empty_huge((B, C, H, W), odt)
     support = torch.empty(B, 1, H, W, dtype=torch.bool)
     budget = tile_bytes or TILE_BYTES
-    common = (ghr, glr, coef, vhr, vlr, sm, gstart, offs, ry0, ry1, cx0, cx1, cyv, cxv, cut, use_vhr, use_vlr,
-              use_sm)
+    fr = Frame(ghr, glr, coef, vhr, vlr, gstart, cut, use_vhr, use_vlr)
     itemsize = 8 if cdt == torch.float64 else 4
     pmax = _padded_block(ry0, ry1, cx0, cx1)
     if C <= SMALL_C:
@@ -291,21 +296,21 @@ def kernel_render(
                     continue
                 tile = np.empty((C, yb - ya, W), ndt)
                 sup = np.empty((yb - ya, W), np.uint8)
-                _parallel_for(_render_small, (i1 - i0) * w, ghr, glr, coef, vhr, vlr, sm, sig, gstart, offs, ry0, ry1,
-                              cx0, cx1, cyv, cxv, cut, use_vhr, use_vlr, use_sm, b, i0, ya, pmax, tile, sup)
+                _parallel_for(_render_small, (i1 - i0) * w, fr, geo, sm, use_sm, sig, b, i0, ya, pmax, tile, sup)
                 out[b, :, ya:yb] = torch.from_numpy(tile)
                 support[b, 0, ya:yb] = torch.from_numpy(sup).bool()
         return out, support
-    _render_bmm(common, sig_t, out, support, budget, itemsize)
+    _render_bmm(fr, geo, sm, use_sm, sig_t, out, support, budget, itemsize)
     return out, support
 
 
-def _render_bmm(common, sig_t, out, support, budget, itemsize) -> None:
+def _render_bmm(fr: Frame, geo: Geometry, sm: np.ndarray, use_sm: bool, sig_t: torch.Tensor, out: torch.Tensor,
+                support: torch.Tensor, budget: int, itemsize: int) -> None:
     """Weights ``[blocks, K, P]`` from numba; the gathered signal ``[blocks, K, C]`` (cell-major,
     used transposed) times them (``torch.bmm``) gives ``[blocks, C, P]``, which is one permuted copy
     away from the output rows (plus a row/column gather when the blocks differ in size:
     non-integer ratios)."""
-    ghr, glr, coef, vhr, vlr, sm, gstart, offs, ry0, ry1, cx0, cx1, cyv, cxv, cut, use_vhr, use_vlr, use_sm = common
+    glr, offs, ry0, ry1, cx0, cx1 = fr.glr, geo.offs, geo.ry0, geo.ry1, geo.cx0, geo.cx1
     B, C, h, w = sig_t.shape
     H, W = out.shape[-2:]
     K = offs.shape[0]
@@ -339,8 +344,7 @@ def _render_bmm(common, sig_t, out, support, budget, itemsize) -> None:
             ni, nb = i1 - i0, (i1 - i0) * w
             wmat = wbuf[:nb]
             sup = np.empty((nb, P), np.uint8)
-            _parallel_for(_render_weights, nb, ghr, glr, coef, vhr, vlr, sm, gstart, offs, ry0, ry1, cx0, cx1, cyv,
-                          cxv, cut, use_vhr, use_vlr, use_sm, b, i0, bxm, pmax, wmat, sup)
+            _parallel_for(_render_weights, nb, fr, geo, sm, use_sm, b, i0, bxm, pmax, wmat, sup)
             ii = np.arange(i0, i1)[:, None, None] + offs[None, None, :, 0]
             flat = np.where((ii >= 0) & (ii < h) & col_ok[None], ii * w + jj[None], -1).reshape(nb, K)
             rows = rowpos[ya:yb] - i0 * bym
