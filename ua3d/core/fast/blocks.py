@@ -5,9 +5,26 @@ spatial x colour logit of :func:`ua3d.core.kernel.pair_logits`."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from ._jit import _NEG, AVAILABLE
+
+
+class Neighbours(NamedTuple):
+    """The gathered neighbour list of one block, one column per listed cell (built by
+    :func:`_block_scratch`: views of its record ``rec`` except ``nb_v``, filled by :func:`_gather_block`)."""
+
+    nb_cy: np.ndarray  # [K] cell centre row, block-local frame
+    nb_cx: np.ndarray  # [K] cell centre column
+    nb_c: np.ndarray  # [K] cos theta
+    nb_s: np.ndarray  # [K] sin theta
+    nb_a: np.ndarray  # [K] 1 / (2 sigma_x^2)
+    nb_b: np.ndarray  # [K] 1 / (2 sigma_y^2)
+    nb_r: np.ndarray  # [G, K] 1 / (2 sigma_r^2) per range group
+    nb_v: np.ndarray  # [G, K] LR range validity (0 or 1)
+    nb_g: np.ndarray  # [Cg, K] LR guide values (fit: then the separate LR values)
 
 if AVAILABLE:
     from ._jit import _JIT, _fexp, _wide_vectors, njit
@@ -87,13 +104,13 @@ if AVAILABLE:
                     d[p] += d0 * d0
 
     @njit(**_JIT)
-    def _block_logits(kb, kanc, n, px, py, pg, pv, gstart, cut, nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b, nb_r,
-                      nb_v, nb_g, wl, mx, d):
+    def _block_logits(kb, kanc, n, px, py, pg, pv, gstart, cut, nb, wl, mx, d):
         """Logits of one block, ``wl[k, p]``, and their max over ``k``, ``mx[p]``, for the ``kb``
         listed neighbours and the first ``n`` pixels (``px, py`` coordinates, ``pg [Cg, n]`` guide
         values, ``pv [G, n]`` range validity). ``mx[p]`` stays below ``_NEG / 2`` where a support
         cut left no neighbour."""
         _wide_vectors()
+        nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b, nb_r, nb_v, nb_g = nb
         dt = wl.dtype.type
         G = gstart.shape[0] - 1
         lim = dt(-0.5 * cut * cut)
@@ -136,13 +153,11 @@ if AVAILABLE:
                 mx[p] = max(mx[p], row[p])
 
     @njit(**_JIT)
-    def _block_weights(kb, kanc, n, px, py, pg, pv, gstart, cut, nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b, nb_r,
-                       nb_v, nb_g, wl, mx, tot, d):
+    def _block_weights(kb, kanc, n, px, py, pg, pv, gstart, cut, nb, wl, mx, tot, d):
         """Unnormalised weights of one block: ``wl[k, p] = exp(logit_kp - mx[p])`` and ``tot[p] =
         sum_k wl[k, p]`` (see :func:`_block_logits`)."""
         _wide_vectors()
-        _block_logits(kb, kanc, n, px, py, pg, pv, gstart, cut, nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b, nb_r,
-                      nb_v, nb_g, wl, mx, d)
+        _block_logits(kb, kanc, n, px, py, pg, pv, gstart, cut, nb, wl, mx, d)
         for p in range(n):
             tot[p] = 0.0
         for k in range(kb):
@@ -167,21 +182,21 @@ if AVAILABLE:
     @njit(**_JIT)
     def _block_scratch(glr, K, G, pmax):
         """Per-thread scratch of the block kernels, dtype of ``glr``: the gathered neighbour list
-        (one record ``rec [6 + G + Cg, K]`` whose rows are viewed as ``nb_cy, nb_cx, nb_c, nb_s,
-        nb_a, nb_b, nb_r [G], nb_g [Cg]``; ``nb_v``, ``nb_k``), the block's pixels (``px, py, pg,
+        (one record ``rec [6 + G + Cg, K]`` whose rows are viewed as the fields of the returned
+        :class:`Neighbours` ``nb`` but ``nb_v``; ``nb_k``), the block's pixels (``px, py, pg,
         pv, pw``, length ``pmax``), the logits/weights ``wl [K, pmax]`` and the per-pixel ``mx, tot,
         d``."""
         Cg = glr.shape[1]
         dt = glr.dtype
         rec = np.empty((6 + G + Cg, K), dt)
-        return (rec, rec[0], rec[1], rec[2], rec[3], rec[4], rec[5], rec[6:6 + G], np.empty((G, K), dt),
-                rec[6 + G:], np.empty(K, np.int64), np.empty(pmax, dt), np.empty(pmax, dt),
+        nb = Neighbours(rec[0], rec[1], rec[2], rec[3], rec[4], rec[5], rec[6:6 + G], np.empty((G, K), dt),
+                        rec[6 + G:])
+        return (rec, nb, np.empty(K, np.int64), np.empty(pmax, dt), np.empty(pmax, dt),
                 np.empty((Cg, pmax), dt), np.empty((G, pmax), dt), np.empty((Cg, pmax), dt),
                 np.empty((K, pmax), dt), np.empty(pmax, dt), np.empty(pmax, dt), np.empty(pmax, dt))
 
     @njit(**_JIT)
-    def _rgb_logits(kb, n, px, py, pg, pv, use_vhr, nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b, nb_r, nb_v, nb_g, wl, mx,
-                    ft, mom):
+    def _rgb_logits(kb, n, px, py, pg, pv, use_vhr, nb, wl, mx, ft, mom):
         """Logits ``wl[k, p]`` and their max ``mx[p]`` of one block, RGB guide (one range group of
         3 channels, no support cut), in *expanded* form: each logit is an affine function of ten
         per-pixel features, ``ft [10, n]`` = ``x^2, y^2, x y, x, y, v |c|^2, v c_0, v c_1, v c_2,
@@ -190,6 +205,7 @@ if AVAILABLE:
         Centring keeps the expansion free of cancellation (distances are translation invariant).
         Returns the centre ``(xc, yc, m0, m1, m2)``."""
         _wide_vectors()
+        nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b, nb_r, nb_v, nb_g = nb
         dt = wl.dtype.type
         xc = dt(0.0)
         yc = dt(0.0)

@@ -28,17 +28,16 @@ if AVAILABLE:
     )
 
     @njit(**_JIT)
-    def _fit_block_rgb(kb, n, px, py, pg, pv, pw, use_vhr, nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b, nb_r, nb_v, nb_g,
-                       wl, mx, tot, recon, ee, sbar, ft, mom, vo):
+    def _fit_block_rgb(kb, n, px, py, pg, pv, pw, use_vhr, nb, wl, mx, tot, recon, ee, sbar, ft, mom, vo):
         """Loss and gradient moments of one block, RGB guide, in the expanded form of
         :func:`_rgb_logits`: the gradient needs only the ten feature moments ``sum_p t_kp ft[f, p]``
         and ``sum_p t_kp`` per neighbour (``t = dL/dlogit``), which are turned into the four
         gradient sums ``mom[0:4, k]`` at the end. The rendered values are ``nb_g[vo:vo + 3]`` (``vo = 0``:
         the range centres themselves; ``vo = 3``: separate LR values). Returns the block's loss."""
         _wide_vectors()
+        nb_cy, nb_cx, nb_c, nb_s, nb_g = nb.nb_cy, nb.nb_cx, nb.nb_c, nb.nb_s, nb.nb_g
         dt = wl.dtype.type
-        xc, yc, m0, m1, m2 = _rgb_logits(kb, n, px, py, pg, pv, use_vhr, nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b, nb_r,
-                                         nb_v, nb_g, wl, mx, ft, mom)
+        xc, yc, m0, m1, m2 = _rgb_logits(kb, n, px, py, pg, pv, use_vhr, nb, wl, mx, ft, mom)
         # weights (exp) fused with the reconstruction of the guide
         for p in range(n):
             tot[p] = 0.0
@@ -155,8 +154,8 @@ if AVAILABLE:
         K = offs.shape[0]
         dt = glr.dtype.type
         smask_dummy = np.zeros((1, 1, 1), np.uint8)
-        (rec, nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b, nb_r, nb_v, nb_g, nb_k, px, py, pg, pv, pw, wl, mx, tot,
-         d) = _block_scratch(glr, K, G, pmax)
+        rec, nb, nb_k, px, py, pg, pv, pw, wl, mx, tot, d = _block_scratch(glr, K, G, pmax)
+        nb_cy, nb_cx, nb_c, nb_s, nb_v, nb_g = nb.nb_cy, nb.nb_cx, nb.nb_c, nb.nb_s, nb.nb_v, nb.nb_g
         ee = np.empty((Cg, pmax), glr.dtype)
         recon = np.empty((Cg, pmax), glr.dtype)
         sbar = np.empty(pmax, glr.dtype)
@@ -214,8 +213,8 @@ if AVAILABLE:
                 kb, kanc = _gather_block(b, i, j, glr, coef, vlr, smask_dummy, offs, cyv, cxv, y0, y1, x0, x1,
                                          cut, use_vlr, False, rec, nb_v, nb_k)
                 if rgb:
-                    loss_row += _fit_block_rgb(kb, npad, px, py, pg, pv, pw, use_vhr, nb_cy, nb_cx, nb_c, nb_s, nb_a,
-                                               nb_b, nb_r, nb_v, nb_g, wl, mx, tot, recon, ee, sbar, ft, mom, vo)
+                    loss_row += _fit_block_rgb(kb, npad, px, py, pg, pv, pw, use_vhr, nb, wl, mx, tot, recon, ee,
+                                               sbar, ft, mom, vo)
                     for k in range(kb):
                         kk = nb_k[k]
                         slot = offs[kk, 0] + r
@@ -225,8 +224,7 @@ if AVAILABLE:
                         rowbuf[bi, slot, qj, 2] += mom[2, k]
                         rowbuf[bi, slot, qj, 3] += mom[3, k] * nb_v[0, k]
                     continue
-                _block_logits(kb, kanc, npad, px, py, pg, pv, gstart, cut, nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b,
-                              nb_r, nb_v, nb_g, wl, mx, d)
+                _block_logits(kb, kanc, npad, px, py, pg, pv, gstart, cut, nb, wl, mx, d)
                 # weights (exp) fused with the reconstruction of the guide
                 for p in range(npad):
                     tot[p] = 0.0
@@ -418,8 +416,8 @@ def kernel_fit_loss_grad(
     rowbuf = np.zeros((B * h, 2 * r + 1, w, 3 + G), np.float64)
     rowloss = np.zeros(B * h, np.float64)
     fr = Frame(ghr, glr, coef, vhr, vlr, gstart, cut, use_vhr, use_vlr)
-    _parallel_for(_fit_rows, B * h, fr, geo, pm, lam_n, gch, use_pm, r, _padded_block(ry0, ry1, cx0, cx1), rowbuf,
-                  rowloss)
+    pmax = _padded_block(ry0, ry1, cx0, cx1)
+    _parallel_for(_fit_rows, B * h, fr, geo, pm, lam_n, gch, use_pm, r, pmax, rowbuf, rowloss)
     sums = _reduce_rows(rowbuf, B, h, r).transpose(0, 3, 1, 2)  # [B, 3 + G, h, w] float64
     grad = _chain_rule(params, sums)
     loss = torch.tensor(float(rowloss.sum()), dtype=params.dtype)

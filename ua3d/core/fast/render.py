@@ -46,8 +46,8 @@ if AVAILABLE:
         K = offs.shape[0]
         dt = glr.dtype.type
         half_neg = dt(0.5 * _NEG)
-        (rec, nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b, nb_r, nb_v, nb_g, nb_k, px, py, pg, pv, pw, wl, mx, tot,
-         d) = _block_scratch(glr, K, G, pmax)
+        rec, nb, nb_k, px, py, pg, pv, pw, wl, mx, tot, d = _block_scratch(glr, K, G, pmax)
+        nb_v = nb.nb_v
         oc = np.empty((C, pmax), glr.dtype)
         for t in range(t0, t1):
             i = i0 + t // w
@@ -69,8 +69,7 @@ if AVAILABLE:
             n = _block_pixels(b, y0, y1, x0, x1, ghr, vhr, use_vhr, px, py, pg, pv)
             npad = min(pmax, -(-n // 8) * 8)
             _pad_pixels(n, npad, px, py, pg, pv, pw)
-            _block_logits(kb, kanc, npad, px, py, pg, pv, gstart, cut, nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b,
-                          nb_r, nb_v, nb_g, wl, mx, d)
+            _block_logits(kb, kanc, npad, px, py, pg, pv, gstart, cut, nb, wl, mx, d)
             for p in range(npad):
                 tot[p] = 0.0
             for c in range(C):
@@ -118,8 +117,8 @@ if AVAILABLE:
         K = offs.shape[0]
         dt = glr.dtype.type
         half_neg = dt(0.5 * _NEG)
-        (rec, nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b, nb_r, nb_v, nb_g, nb_k, px, py, pg, pv, pw, wl, mx, tot,
-         d) = _block_scratch(glr, K, G, pmax)
+        rec, nb, nb_k, px, py, pg, pv, pw, wl, mx, tot, d = _block_scratch(glr, K, G, pmax)
+        nb_v = nb.nb_v
         pidx = np.empty(pmax, np.int64)
         written = np.zeros(K, np.uint8)
         ft = np.empty((10, pmax), glr.dtype)
@@ -143,8 +142,7 @@ if AVAILABLE:
             npad = min(pmax, -(-n // 8) * 8)
             _pad_pixels(n, npad, px, py, pg, pv, pw)
             if rgb:
-                _rgb_logits(kb, npad, px, py, pg, pv, use_vhr, nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b, nb_r, nb_v,
-                            nb_g, wl, mx, ft, mom)
+                _rgb_logits(kb, npad, px, py, pg, pv, use_vhr, nb, wl, mx, ft, mom)
                 for p in range(npad):
                     tot[p] = 0.0
                 for k in range(kb):
@@ -154,8 +152,7 @@ if AVAILABLE:
                         row[p] = e
                         tot[p] += e
             else:
-                _block_weights(kb, kanc, npad, px, py, pg, pv, gstart, cut, nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b,
-                               nb_r, nb_v, nb_g, wl, mx, tot, d)
+                _block_weights(kb, kanc, npad, px, py, pg, pv, gstart, cut, nb, wl, mx, tot, d)
             bw = x1 - x0
             for p in range(n):
                 ok = mx[p] > half_neg
@@ -296,7 +293,8 @@ def kernel_render(
                     continue
                 tile = np.empty((C, yb - ya, W), ndt)
                 sup = np.empty((yb - ya, W), np.uint8)
-                _parallel_for(_render_small, (i1 - i0) * w, fr, geo, sm, use_sm, sig, b, i0, ya, pmax, tile, sup)
+                _parallel_for(_render_small, (i1 - i0) * w, fr, geo, sm, use_sm, sig, b, i0, ya, pmax, tile,
+                              sup)
                 out[b, :, ya:yb] = torch.from_numpy(tile)
                 support[b, 0, ya:yb] = torch.from_numpy(sup).bool()
         return out, support
@@ -304,8 +302,8 @@ def kernel_render(
     return out, support
 
 
-def _render_bmm(fr: Frame, geo: Geometry, sm: np.ndarray, use_sm: bool, sig_t: torch.Tensor, out: torch.Tensor,
-                support: torch.Tensor, budget: int, itemsize: int) -> None:
+def _render_bmm(fr: Frame, geo: Geometry, sm: np.ndarray, use_sm: bool, sig_t: torch.Tensor,
+                out: torch.Tensor, support: torch.Tensor, budget: int, itemsize: int) -> None:
     """Weights ``[blocks, K, P]`` from numba; the gathered signal ``[blocks, K, C]`` (cell-major,
     used transposed) times them (``torch.bmm``) gives ``[blocks, C, P]``, which is one permuted copy
     away from the output rows (plus a row/column gather when the blocks differ in size:
