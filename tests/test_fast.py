@@ -383,7 +383,8 @@ def test_missing_numba_falls_back_to_reference_with_one_warning(monkeypatch):
     import ua3d.core as core_pkg
 
     monkeypatch.setitem(sys.modules, "numba", None)  # "import numba" now raises ImportError
-    monkeypatch.delitem(sys.modules, "ua3d.core.fast")
+    for name in [m for m in sys.modules if m == "ua3d.core.fast" or m.startswith("ua3d.core.fast.")]:
+        monkeypatch.delitem(sys.modules, name)  # the package and its submodules (_jit holds AVAILABLE)
     monkeypatch.delattr(core_pkg, "fast")
     monkeypatch.setattr(ops, "_WARNED", False)
     fast_mod = importlib.import_module("ua3d.core.fast")
@@ -410,6 +411,7 @@ def test_large_buffers_are_ordinary_tensors_with_huge_page_advice(monkeypatch):
     """``_empty_huge`` only advises the kernel: the result is a plain writable tensor of the asked
     shape and dtype (the advice itself is Linux-only and may be ignored)."""
     from ua3d.core import fast
+    from ua3d.core.fast import pool
 
     calls = []
 
@@ -417,7 +419,7 @@ def test_large_buffers_are_ordinary_tensors_with_huge_page_advice(monkeypatch):
         calls.append((start, length, advice))
         return -1  # refused (e.g. THP disabled): the buffer must still be usable
 
-    monkeypatch.setattr(fast, "_madvise", lambda: advise)
+    monkeypatch.setattr(pool, "_madvise", lambda: advise)  # where _empty_huge looks it up
     t = fast._empty_huge((3, 1 << 22), torch.float32)  # 48 MiB: above the advice threshold
     assert t.shape == (3, 1 << 22) and t.dtype == torch.float32 and t.is_contiguous()
     # one advice call, for the 2 MiB-aligned pages inside the buffer, asking for huge pages

@@ -175,7 +175,8 @@ EDGES, NAMES = _graph()
 def test_the_checker_sees_the_package():
     # guards against a checker that passes because it reads nothing
     assert len(EDGES) > 30
-    assert "ua3d.core.kernel" in EDGES["ua3d.core.fast"]
+    assert "ua3d.core.kernel" in EDGES["ua3d.core.fast.pool"]  # `from ..kernel import`
+    assert "ua3d.core.fast.fit" in EDGES["ua3d.core.fast"]
     assert "ua3d.baselines.anyup" in EDGES["ua3d.depth.evaluate"]  # `from ua3d.baselines import anyup`
     assert "ua3d.features.image" in EDGES["ua3d.baselines.anyup.baseline"]  # relative, three dots
     assert "ua3d.baselines.anyup.model" not in EDGES["ua3d.baselines.anyup.fused"]  # TYPE_CHECKING only

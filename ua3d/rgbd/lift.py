@@ -57,7 +57,8 @@ import torch
 
 from ua3d.api import Kernel
 from ua3d.core.checks import as_guide, as_signal, check_lr_size, check_number, depth_valid_mask
-from ua3d.core.kernel import LOG_SIGMA_MAX, LOG_SIGMA_MIN, nearest_anchor
+from ua3d.core.kernel import nearest_anchor
+from ua3d.core.params import decode_params
 from ua3d.core.tto import FitConfig, fit_params, lr_guides, prefilter_guide
 from ua3d.rgbd.camera import PinholeCamera
 
@@ -66,6 +67,7 @@ __all__ = [
     "LiftedKernel",
     "as_depth",
     "cell_gradients",
+    "depth_feature",
     "fill_nearest",
     "fit_rgbd",
     "pool_depth",
@@ -262,6 +264,12 @@ def _phi(z: torch.Tensor, mode: str) -> torch.Tensor:
     return torch.log(z) if mode == "relative" else z
 
 
+def depth_feature(z: torch.Tensor, depth_mode: str, lo: float, spread: float) -> torch.Tensor:
+    """Depth channel ``phi(z) = (f(z) - lo) / spread`` of metric depth ``z`` (any shape; ``f = log`` in
+    ``"relative"`` mode, the identity in ``"absolute"`` mode; non-positive ``z`` gives NaN/-inf there)."""
+    return (_phi(z, depth_mode) - lo) / spread
+
+
 def _normaliser(z_valid: torch.Tensor, mode: str) -> tuple[float, float]:
     """``(lo, spread)`` of ``phi`` over the valid depth (1st and 99th percentiles)."""
     f = _phi(z_valid.to(torch.float64), mode)
@@ -333,7 +341,7 @@ class LiftedKernel:
     # ------------------------------------------------------------------ depth feature
     def depth_feature(self, z: torch.Tensor) -> torch.Tensor:
         """Depth channel ``phi(z)`` of metric depth ``z`` (any shape; non-positive ``z`` gives NaN/-inf)."""
-        return (_phi(z, self.depth_mode) - self.depth_lo) / self.depth_spread
+        return depth_feature(z, self.depth_mode, self.depth_lo, self.depth_spread)
 
     def sigma_z(self) -> torch.Tensor:
         """Depth scale per LR cell in metres, ``[1, h, w]``.
@@ -341,7 +349,7 @@ class LiftedKernel:
         Absolute mode: ``sigma * spread``. Relative mode: ``k z_q`` with ``k = sigma * spread``, the
         first-order width of the log-depth Gaussian at the cell's depth.
         """
-        s = self.params[:, 4].clamp(LOG_SIGMA_MIN, LOG_SIGMA_MAX).exp() * self.depth_spread
+        s = decode_params(self.params).log_sigma_r[:, 1].exp() * self.depth_spread  # channel 4: log sigma_z'
         return s * self.depth_lr[:, 0] if self.depth_mode == "relative" else s
 
     # ------------------------------------------------------------------ renders
@@ -471,10 +479,9 @@ def fit_rgbd(
     lo, spread = _normaliser(z[valid], depth_mode)
     z_lr, v_lr = pool_depth(z, valid, hw)
     z_lr = fill_nearest(z_lr, v_lr)
-    lifted = LiftedKernel(None, camera, z, valid, z_lr, v_lr, depth_mode, lo, spread, None)  # type: ignore[arg-type]
-    f_hr = torch.where(valid, lifted.depth_feature(z.clamp_min(1e-12)), z.new_zeros(()))
-    f_lr = lifted.depth_feature(z_lr)
-    lifted.depth_lr_grad = cell_gradients(f_hr, valid, hw)
+    f_hr = torch.where(valid, depth_feature(z.clamp_min(1e-12), depth_mode, lo, spread), z.new_zeros(()))
+    f_lr = depth_feature(z_lr, depth_mode, lo, spread)
+    depth_lr_grad = cell_gradients(f_hr, valid, hw)
     guide_hr = torch.cat([g, f_hr.to(g.dtype)], 1)
     centres, values = lr_guides(g, hw, cfg)
     guide_lr = torch.cat([centres, f_lr.to(g.dtype)], 1)
@@ -488,5 +495,4 @@ def fit_rgbd(
         params, guide_hr, guide_lr, cfg.radius, groups=groups, valid_hr=valid_hr, valid_lr=valid_lr,
         config=cfg, losses=losses,
     )
-    lifted.kernel = kernel
-    return lifted
+    return LiftedKernel(kernel, camera, z, valid, z_lr, v_lr, depth_mode, lo, spread, depth_lr_grad)

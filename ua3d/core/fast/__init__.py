@@ -1,0 +1,87 @@
+r"""Fused CPU engine (numba) for the Upsample Anything kernel: fit loss/gradient and render.
+
+Numerically the same functions as the ``*_reference`` twins in :mod:`ua3d.core.kernel`
+(see there for the maths and the parameterisation), organised for speed:
+
+* **Blocks.** HR pixels that share the same nearest LR anchor ``(i, j)`` form a block
+  (``P`` pixels, 16 x 16 for a ViT/16 grid); they share one neighbour list (the window
+  offsets around the anchor, cells outside the grid dropped: ``K <= 197`` for radius 8).
+  Per LR cell one contiguous record (``cos theta, sin theta, 1 / (2 sigma_x^2),
+  1 / (2 sigma_y^2), 1 / (2 sigma_r^2)``, the LR guide values) is computed once per call;
+  per block the neighbours' records are gathered once. Inside a block the loops run over
+  neighbours (outer) and pixels (inner, vectorised, padded to a multiple of 8), in a
+  block-local frame; ``exp`` is an own vectorisable polynomial (:func:`_fexp`, < 1 ulp
+  float32, ~1e-16 float64) with the max subtracted. The hot kernels ask LLVM for 512-bit
+  vectors (:func:`_wide_vectors`; LLVM's default on AVX-512 CPUs is 256).
+* **RGB guides** (one range group of three channels, the common case) take an *expanded*
+  form (:func:`_rgb_logits`): with pixel coordinates and colours centred on the block's
+  means, every logit is an affine function of ten per-pixel features (``x^2, y^2, x y, x, y,
+  |c|^2, c``, validity), so a logit costs ten multiply-adds, and the gradient needs ten
+  feature moments per neighbour instead of per-pixel offsets and distances.
+* **Fit.** Per block: logits and their max per pixel; ``exp`` fused with the reconstruction
+  of the guide; then the hand-derived gradient of the L1 loss through the softmax,
+
+  .. math:: \partial L / \partial \ell_k = w_k (s_k - \textstyle\sum_j w_j s_j),
+            \quad s_k = \textstyle\sum_c e_c f_{ck},\quad e_c = m_c \lambda_c\,\mathrm{sign}(\hat g_c - g_c) / N,
+
+  reduced over the block's pixels into four sums per neighbour
+  ``sum g a^2, sum g b^2, sum g a b, sum g D_r`` (``a, b`` the rotated offsets, ``D_r`` the
+  masked range distance of each group), whose products with per-cell factors are the
+  parameter gradients (:func:`_chain_rule`). Nothing of size ``[K, H, W]`` is materialised.
+  The sums go to a per-LR-row buffer ``[B h, 2 r + 1, w, 3 + G]`` (one writer per row: no
+  races, and a fixed reduction order, so results do not depend on the thread count).
+  Pixels outside ``pixel_mask`` are skipped before any work. Host-side work per call is
+  numpy on small arrays: torch's threaded kernels, called between the engine's own parallel
+  sections, leave OpenMP threads spinning against the engine's threads.
+* **Render.** Up to :data:`SMALL_C` channels (depth) the weighted sum is fused in numba.
+  For more, numba writes each block's normalised weights ``[K, P]`` and gathers the LR
+  signal ``[K, C]`` (cell-major: one contiguous copy per window slot); ``torch.bmm`` multiplies
+  them; the ``[blocks, C, P]`` result is one permuted copy away from the output rows. Work is
+  tiled over rows of blocks (:data:`TILE_BYTES`) so that peak memory is the output plus a
+  bounded working set; the working buffers are allocated once per call, and large buffers
+  are advised for transparent huge pages (:func:`_empty_huge`): page faults on fresh memory
+  were a third of the render's time.
+* **Threads.** The kernels are plain ``nogil`` numba functions over a range of block rows
+  (or blocks); :func:`_parallel_for` runs chunks of that range on a thread pool of
+  ``torch.get_num_threads()`` threads (no parfors: they tripled the compile time).
+
+Numba is imported when this module is imported (which :mod:`ua3d.core.ops` does lazily,
+on first use) and each kernel compiles on its first call per dtype (about 20 s of CPU for
+float32 or float64; ``cache=True``: later processes load it from disk in well under a
+second). ``AVAILABLE`` is False when numba cannot be imported.
+
+Modules (each numba kernel sits beside the host code that launches it):
+
+=============  =====================================================================================
+``_jit``       numba import guard (``AVAILABLE``), jit options, intrinsics, :func:`_fexp`
+``blocks``     block neighbour lists, pixels, logits and weights (shared by fit and render)
+``fit``        :func:`kernel_fit_loss_grad` <-> :func:`ua3d.core.kernel.kernel_fit_loss_grad_reference`
+``render``     :func:`kernel_render` <-> :func:`ua3d.core.kernel.kernel_render_reference`,
+               :func:`render_working_bytes`
+``inputs``     input checks and the per-LR-cell records (parameter decoding, host side)
+``pool``       thread pool, cached block geometry, huge-page buffers
+=============  =====================================================================================
+
+numba's on-disk cache (``cache=True``) is keyed on each kernel's own source file: after editing
+``_jit.py`` or ``blocks.py``, delete ``ua3d/core/fast/__pycache__`` so that the kernels of
+``fit.py`` and ``render.py`` that inline them are recompiled.
+"""
+
+from ._jit import AVAILABLE
+from .fit import kernel_fit_loss_grad
+from .pool import _empty_huge as _empty_huge  # private names the tests use (patch ``pool._madvise`` itself)
+from .pool import _madvise as _madvise
+from .pool import _parallel_for as _parallel_for
+from .pool import _pool as _pool
+from .pool import num_threads
+from .render import SMALL_C, TILE_BYTES, kernel_render, render_working_bytes
+
+__all__ = [
+    "AVAILABLE",
+    "SMALL_C",
+    "TILE_BYTES",
+    "kernel_fit_loss_grad",
+    "kernel_render",
+    "num_threads",
+    "render_working_bytes",
+]
