@@ -130,22 +130,31 @@ def cmd_depth_sr(args) -> int:
     from .depth.sr import upsample_depth
     from .io.rgbd import read_color, read_depth, write_depth
 
+    if not str(args.out).lower().endswith(".png"):
+        raise UserError(f"--out {args.out}: the HR depth is written as a 16-bit PNG; give a .png path")
     _seed(args)
     dev = _device(args)
     rgb = read_color(args.rgb)
     depth_lr = read_depth(args.depth, depth_scale=args.depth_scale)
     H, W = rgb.shape[:2]
     h, w = depth_lr.shape
-    _check_grid(H, W, h, w, args.depth)
+    if h > H or w > W:
+        raise UserError(f"{args.depth}: depth {w}x{h} (WxH) is larger than the colour image {W}x{H} (WxH)")
     guide = _guide_tensor(rgb, dev)
     d = torch.from_numpy(np.nan_to_num(depth_lr, nan=0.0)).float()[None, None].to(dev)
-    opts = {} if args.steps is None else {"fit_steps": args.steps}
-    out = upsample_depth(d, guide, mask_lr=d > 0, fill_holes=args.fill_holes, **opts)
+    opts = {"consistency": args.consistency, "interval_phase": args.interval_phase}
+    if args.steps is not None:
+        opts["fit_steps"] = args.steps
+    try:
+        out, models = upsample_depth(d, guide, mask_lr=d > 0, fill_holes=args.fill_holes, return_model=True, **opts)
+    except ValueError as err:
+        raise UserError(str(err)) from err
     hr = out[0, 0].cpu().numpy()
     write_depth(args.out, np.nan_to_num(hr, nan=0.0), depth_scale=args.depth_scale)
     if not args.quiet:
         valid = np.isfinite(hr) & (hr > 0)
-        print(f"depth {h}x{w} -> {H}x{W} ({valid.mean() * 100:.1f}% with support): {args.out}")
+        print(f"depth {w}x{h} -> {W}x{H} (WxH, x{W / w:.3g} / x{H / h:.3g}), forward model {models[0].describe()}, "
+              f"{valid.mean() * 100:.1f}% with support: {args.out}")
     if args.png:
         from .viz.figures import depth_sr_figure
 
@@ -273,13 +282,25 @@ def build_parser() -> argparse.ArgumentParser:
     u.set_defaults(func=cmd_upsample)
 
     s = sub.add_parser("depth-sr", parents=[common], help="RGB + LR depth (16-bit PNG) -> HR depth (16-bit PNG)")
-    s.add_argument("--rgb", required=True)
-    s.add_argument("--depth", required=True, help="LR depth, 16-bit PNG (0 = hole)")
+    s.add_argument("--rgb", required=True, help="HR colour image (PNG/JPEG) that guides the upsampling")
+    s.add_argument("--depth", required=True, help="LR depth, 16-bit PNG (0 = hole); any ratio to the colour image")
     s.add_argument("--depth-scale", type=float, default=1000.0, help="raw units per metre (1000 = mm, 5000 = TUM)")
     s.add_argument("--out", required=True, help="HR depth, 16-bit PNG in the same units")
     s.add_argument("--fill-holes", action="store_true", help="fill pixels that had no valid LR support")
     s.add_argument("--png", default=None, help="also write a comparison figure")
     s.add_argument("--steps", type=int, default=None, help="self-supervised depth-fit steps (default: the method's)")
+    s.add_argument(
+        "--consistency", default="auto",
+        choices=["auto", "bicubic", "area", "bilinear", "point", "interval", "gauss", "none"],
+        help="forward model: how the LR depth was made from the scene. auto (default) detects it per image; "
+             "bicubic = PIL bicubic downsampling (synthetic benchmarks), area = box average (most sensors), "
+             "point/interval = every s-th pixel, none = no consistency solve",
+    )
+    s.add_argument(
+        "--interval-phase", default="auto", choices=["auto", "end", "start"],
+        help="for every-s-th-pixel LR depth, which pixel of each s x s block was kept: end = hr[s-1::s] "
+             "(protocol A), start = hr[::s] (a plain slice); auto (default) detects it",
+    )
     s.set_defaults(func=cmd_depth_sr)
 
     lf = sub.add_parser("lift", parents=[common], help="RGB-D + intrinsics + features -> volume and point cloud")
