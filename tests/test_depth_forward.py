@@ -13,6 +13,7 @@ from PIL import Image
 
 from ua3d.depth.protocols import make_lr, pil_resize
 from ua3d.depth.sr import (
+    POINT_MIXING,
     DepthSRConfig,
     downsample_depth,
     edge_mixing,
@@ -26,13 +27,13 @@ REDWOOD = DATA / "redwood-open3d" / "sample5"
 QUICK = {"iters": 3, "fit_steps": 2}
 
 
-def _scene(H: int = 96, W: int = 128, seed: int = 0):
+def _scene(H: int = 96, W: int = 128, seed: int = 0, box: bool = True):
     """Piecewise-constant depth (a slanted step and a box) with a guide whose colour edges are the depth edges."""
     gen = torch.Generator().manual_seed(seed)
     yy, xx = torch.meshgrid(torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32),
                             indexing="ij")
     a = (xx - 0.4 * yy) > 0.45 * W
-    b = ((yy - 0.3 * H).abs() < 0.15 * H) & ((xx - 0.25 * W).abs() < 0.12 * W)
+    b = ((yy - 0.3 * H).abs() < 0.15 * H) & ((xx - 0.25 * W).abs() < 0.12 * W) & box
     depth = torch.full((H, W), 2.0)
     depth[a] = 1.0
     depth[b] = 1.5
@@ -118,14 +119,14 @@ def test_known_blur_and_shift_are_recovered():
 
 @pytest.mark.parametrize(("mode", "phase"), [("point", "end"), ("point", "start"), ("area", "end")])
 def test_auto_detects_how_the_lr_depth_was_made(mode, phase):
-    depth, guide = _scene()
-    lr, _ = downsample_depth(depth.double(), (24, 32), mode, phase=phase)
+    depth, guide = _scene(192, 256)
+    lr, _ = downsample_depth(depth.double(), (24, 32), mode, phase=phase)  # x8
     (m,) = estimate_forward_model(lr.float(), guide)
     if mode == "point":
         assert (m.mode, m.phase) == ("point", phase), m
-        assert m.mixing < 0.4
+        assert m.mixing < POINT_MIXING["hole-free"]
     else:
-        assert m.mode in ("area", "bicubic", "gauss") and m.mixing > 0.4, m
+        assert m.mode in ("area", "bicubic", "gauss") and m.mixing > POINT_MIXING["hole-free"], m
 
 
 def test_edge_mixing_separates_point_from_area_sampling():
@@ -153,7 +154,7 @@ def test_interval_phase_choice_matters_and_auto_finds_it():
 # --------------------------------------------------------------------------- robust term, flying pixels
 def test_flying_pixels_and_holes_do_not_reach_the_output():
     """Point-sampled step (1 m / 2 m) with 12 flying pixels (1.5 m) on the edge and holes (0)."""
-    depth, guide = _scene()
+    depth, guide = _scene(box=False)
     lr = depth[..., 3::4, 3::4].clone()
     gen = torch.Generator().manual_seed(3)
     edge = (torch.nn.functional.max_pool2d(lr, 3, 1, 1) - (-torch.nn.functional.max_pool2d(-lr, 3, 1, 1))) > 0.4
@@ -163,9 +164,16 @@ def test_flying_pixels_and_holes_do_not_reach_the_output():
     lr[0, 0, 2:4, 20:23] = 0.0  # holes
     out, sup = upsample_depth(lr, guide, robust="tukey", return_support=True)
     assert bool(sup.all())
-    # the scene has only the depths 1, 1.5 (the box) and 2: no flying value away from the box
-    flying_like = ((out - 1.5).abs() < 0.2) & (depth != 1.5)
-    assert float(flying_like.float().mean()) < 0.002, float(flying_like.float().mean())
+    # the scene has only the depths 1 and 2: mid values occur where the output crosses the edge (0.2 % of
+    # the pixels for the clean input, a little more where an edge cell was dropped); without the robust
+    # term the flying pixels are rendered (over 1 %)
+    def mid(x):
+        return float(((x - 1.5).abs() < 0.2).float().mean())
+
+    clean = upsample_depth(depth[..., 3::4, 3::4], guide, robust="tukey")
+    plain = upsample_depth(lr, guide)
+    assert mid(out) < 0.01 and mid(out) < 0.5 * mid(plain), (mid(out), mid(plain), mid(clean))
+    assert mid(plain) > mid(clean) + 0.005, (mid(plain), mid(clean))
     assert float(out.min()) >= 1.0 - 1e-5 and float(out.max()) <= 2.0 + 1e-5
 
 

@@ -498,9 +498,14 @@ def _valid_lr(d: torch.Tensor, mask_lr: object) -> torch.Tensor:
 SIGMA_RANGE_CANDIDATES = (0.3, 0.6, 1.2)
 #: cross-validation score: mean absolute ("mae") or root-mean-square ("rmse") error of the held-out cells
 CV_SCORE = "rmse"
+#: how ``sigma_range="auto"`` chooses: "zoom" (upsample the LR depth from half its size) or "cv"
+RANGE_SELECT = "zoom"
 
-#: share of intermediate LR values at clean step edges below which the LR depth counts as point-sampled
-POINT_MIXING = 0.4
+#: share of intermediate LR values at clean step edges below which the LR depth counts as point-sampled:
+#: for LR depth with holes (raw sensor depth, whose HR edges are sharp: point <= 0.15, box >= 0.39 on the
+#: shared real frames) and for hole-free LR depth (hole-filled / in-painted maps with soft edges: point
+#: <= 0.53, box >= 0.59 on Middlebury dev and NYUv2); measured in ``docs/depth_sr.md``
+POINT_MIXING = {"holes": 0.27, "hole-free": 0.56}
 
 
 def edge_mixing(d: torch.Tensor, valid: torch.Tensor) -> tuple[float, int]:
@@ -515,6 +520,9 @@ def edge_mixing(d: torch.Tensor, valid: torch.Tensor) -> tuple[float, int]:
     """
     x = torch.where(valid, d, torch.full((), math.nan, dtype=d.dtype, device=d.device))[0, 0].double()
     vals = x[torch.isfinite(x)]
+    # cells next to a hole are left out: a block cut by a hole (sensor shadow at an edge) is not mixed
+    inner = -F.max_pool2d(-(valid[:1, :1].double()), 3, stride=1, padding=1)[0, 0] > 0.5
+    x = torch.where(inner, x, torch.full((), math.nan, dtype=x.dtype, device=x.device))
     floor = 1e-3 * float(vals.max() - vals.min()) if vals.numel() else 0.0
     hits, total = 0, 0
     for a in (x, x.T):
@@ -643,7 +651,8 @@ class _Problem:
         if cfg.consistency == "auto":
             mix, n = edge_mixing(self.t, self.valid)
             self.mixing = mix
-            if n >= 10 and mix < POINT_MIXING:
+            holes = float((~self.input_valid).float().mean()) > 0.005
+            if n >= 10 and mix < POINT_MIXING["holes" if holes else "hole-free"]:
                 return [ForwardModel("point", phase=p, mixing=mix) for p in phases]
             return [ForwardModel("bicubic", mixing=mix), ForwardModel("area", mixing=mix)]
         if cfg.consistency in ("point", "interval"):
@@ -692,18 +701,56 @@ class _Problem:
         self.model, self.scores = scored[best], scored
         r_best, sr_best = resid[best], self.sigma_range
         if auto_range:
-            for sr in SIGMA_RANGE_CANDIDATES[1:]:
-                p = self.start_params(sr)
-                r = self.cross_validate(p, self.model, a, b)
-                if score_of(r) < self.model.score:
-                    self.model = dataclasses.replace(self.model, score=score_of(r))
-                    r_best, sr_best = r, sr
+            if RANGE_SELECT == "zoom":
+                sr_best = self._zoom_select()
+                if sr_best != self.sigma_range:
+                    r_best = self.cross_validate(self.start_params(sr_best), self.model, a, b)
+            else:
+                for sr in SIGMA_RANGE_CANDIDATES[1:]:
+                    p = self.start_params(sr)
+                    r = self.cross_validate(p, self.model, a, b)
+                    if score_of(r) < self.model.score:
+                        self.model = dataclasses.replace(self.model, score=score_of(r))
+                        r_best, sr_best = r, sr
             params = self.start_params(sr_best)
         self.model = dataclasses.replace(self.model, sigma_range=self.sigma_range)
         if self.cfg.robust != "none":
             r = torch.where(b, r_best, self.cross_validate(params, self.model, b, a))
             self._robust_weights(r)
+            if self.cfg.robust == "tukey" and self.n_outliers:  # a second round without the outliers found
+                dropped = self.n_outliers
+                a, b = _checkerboard(self.valid)
+                r = torch.where(b, self.cross_validate(params, self.model, a, b),
+                                self.cross_validate(params, self.model, b, a))
+                self.weights = self.confidence
+                self._robust_weights(r)
+                self.n_outliers += dropped
         return params
+
+    def _zoom_select(self) -> float:
+        """Colour sigma that best upsamples the LR depth from half its size (the same problem one octave
+        down, guided by the colour at the LR size): self-similar across scale, and cheap."""
+        (h, w) = self.size_lr
+        h2, w2 = max(1, h // 2), max(1, w // 2)
+        if min(h2, w2) < 4:
+            return self.sigma_range
+        g = resample_guide(self.g, (h, w), "area")
+        low, ok = downsample_depth(self.t, (h2, w2), "area", self.valid)
+        target = self.t
+        best, best_err = self.sigma_range, math.inf
+        for sr in SIGMA_RANGE_CANDIDATES:
+            cfg = self.cfg.replace(sigma_range=sr, fit_steps=0, consistency="area", robust="none")
+            sub = _Problem(g, torch.where(ok, low + 1.0, torch.zeros_like(low)), ok, cfg)
+            sub.model = ForwardModel("area")
+            out, sup = sub.solve(sub.start_params())
+            out = out * sub.span + sub.lo - 1.0
+            keep = sup & self.valid & torch.isfinite(out)
+            if not bool(keep.any()):
+                continue
+            err = float((out - target)[keep].pow(2).mean())
+            if err < best_err:
+                best, best_err = sr, err
+        return best
 
     def _robust_weights(self, r: torch.Tensor) -> None:
         """Row weights / outlier cells from the cross-validated residuals ``r`` (see the module docstring).
