@@ -652,7 +652,7 @@ class _Problem:
             mix, n = edge_mixing(self.t, self.valid)
             self.mixing = mix
             holes = float((~self.input_valid).float().mean()) > 0.005
-            if n >= 10 and mix < POINT_MIXING["holes" if holes else "hole-free"]:
+            if n >= 4 and mix < POINT_MIXING["holes" if holes else "hole-free"]:
                 return [ForwardModel("point", phase=p, mixing=mix) for p in phases]
             return [ForwardModel("bicubic", mixing=mix), ForwardModel("area", mixing=mix)]
         if cfg.consistency in ("point", "interval"):
