@@ -72,6 +72,7 @@ __all__ = [
     "estimate_forward_model",
     "fill_missing",
     "fit_blur_shift",
+    "lr_noise",
     "upsample_depth",
 ]
 
@@ -93,6 +94,9 @@ class DepthSRConfig:
     Attributes
     ----------
     sigma_spatial : start spatial sigma in LR cells (0.7; HR pixels = this times the per-axis scale).
+    denoise : ``"auto"`` (default): when the LR depth is noisy (:func:`lr_noise` above ``NOISE_LEVEL``)
+        the start spatial sigma becomes ``noisy_sigma_spatial``; ``"off"`` keeps ``sigma_spatial``.
+    noisy_sigma_spatial : spatial sigma (LR cells) used for noisy LR depth (1.5).
     sigma_range : start colour range sigma, guide units (for RGB in [0, 1]), or ``"auto"`` (default):
         cross-validated per image among :data:`SIGMA_RANGE_CANDIDATES` (how far the colour edges can be
         trusted as depth edges: 0.3 on Middlebury, larger on real sensor frames).
@@ -124,6 +128,8 @@ class DepthSRConfig:
     """
 
     sigma_spatial: float = 0.7
+    denoise: str = "auto"
+    noisy_sigma_spatial: float = 1.5
     sigma_range: float | str = "auto"
     radius: float = 2.0
     range_centre: str = "bilinear"
@@ -144,7 +150,7 @@ class DepthSRConfig:
     backend: str = "auto"
 
     def __post_init__(self) -> None:
-        for name in ("sigma_spatial", "sigma_range", "fit_lr", "robust_k"):
+        for name in ("sigma_spatial", "noisy_sigma_spatial", "sigma_range", "fit_lr", "robust_k"):
             v = getattr(self, name)
             if name == "sigma_range" and v == "auto":
                 continue
@@ -164,6 +170,7 @@ class DepthSRConfig:
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
         _choice("range_centre", self.range_centre, ("bilinear", "area"))
+        _choice("denoise", self.denoise, ("auto", "off"))
         _choice("consistency", self.consistency, CONSISTENCY_MODES)
         _choice("interval_phase", self.interval_phase, PHASES)
         _choice("robust", self.robust, ROBUST)
@@ -211,6 +218,8 @@ class ForwardModel:
     score: float = math.nan
     mixing: float = math.nan
     sigma_range: float = math.nan
+    noise: float = math.nan
+    sigma_spatial: float = math.nan
 
     @property
     def averaging(self) -> bool:
@@ -494,6 +503,25 @@ def _valid_lr(d: torch.Tensor, mask_lr: object) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- the method
+#: relative LR noise (:func:`lr_noise`) above which ``denoise="auto"`` widens the spatial sigma: the Park et
+#: al. noisy inputs measure 0.023-0.034, the clean and raw-sensor LR depth of the shared data <= 0.0064
+#: (one Middlebury scene at x16: 0.022); measured in ``docs/depth_sr.md``
+NOISE_LEVEL = 0.015
+
+
+def lr_noise(d: torch.Tensor, valid: torch.Tensor) -> float:
+    """Robust noise level of an LR depth ``[1, 1, h, w]`` relative to its valid range: ``1.4826`` times the
+    median absolute difference from the 3x3 median of the valid cells, divided by ``max - min``."""
+    x = torch.where(valid, d, torch.full((), math.nan, dtype=d.dtype, device=d.device)).double()
+    vals = x[valid]
+    span = float(vals.max() - vals.min()) if vals.numel() else 0.0
+    if span <= 0 or min(x.shape[-2:]) < 3:
+        return 0.0
+    med = torch.nanmedian(F.unfold(F.pad(x, (1, 1, 1, 1), value=math.nan), 3), dim=1).values.reshape(x.shape)
+    r = (x - med)[valid & torch.isfinite(med)]
+    return 1.4826 * float(r.abs().median()) / span if r.numel() else 0.0
+
+
 #: colour sigmas tried by ``sigma_range="auto"`` (the first is also the one the forward model is chosen with)
 SIGMA_RANGE_CANDIDATES = (0.3, 0.6, 1.2)
 #: cross-validation score: mean absolute ("mae") or root-mean-square ("rmse") error of the held-out cells
@@ -599,6 +627,9 @@ class _Problem:
         self.g_lr = resample_guide(guide, self.size_lr, cfg.range_centre)
         self.model: ForwardModel | None = None
         self.sigma_range = SIGMA_RANGE_CANDIDATES[0] if cfg.sigma_range == "auto" else float(cfg.sigma_range)
+        self.noise = lr_noise(self.t, valid) if cfg.denoise == "auto" else math.nan
+        noisy = cfg.denoise == "auto" and self.noise > NOISE_LEVEL
+        self.sigma_spatial = cfg.noisy_sigma_spatial if noisy else cfg.sigma_spatial
         self.weights: torch.Tensor | None = confidence
         self.n_outliers = 0
 
@@ -606,8 +637,8 @@ class _Problem:
         if sigma_range is not None:
             self.sigma_range = sigma_range
         (h, w), (H, W) = self.size_lr, self.size_hr
-        c = self.cfg
-        sigma = (c.sigma_spatial * W / w, c.sigma_spatial * H / h)  # LR cells -> HR pixels, per axis
+        ss = self.sigma_spatial
+        sigma = (ss * W / w, ss * H / h)  # LR cells -> HR pixels, per axis
         return init_params(1, (h, w), (H, W), sigma_spatial=sigma, sigma_range=self.sigma_range,
                            device=self.g.device, dtype=self.g.dtype)
 
@@ -713,7 +744,8 @@ class _Problem:
                         self.model = dataclasses.replace(self.model, score=score_of(r))
                         r_best, sr_best = r, sr
             params = self.start_params(sr_best)
-        self.model = dataclasses.replace(self.model, sigma_range=self.sigma_range)
+        self.model = dataclasses.replace(self.model, sigma_range=self.sigma_range, noise=self.noise,
+                                         sigma_spatial=self.sigma_spatial)
         if self.cfg.robust != "none":
             r = torch.where(b, r_best, self.cross_validate(params, self.model, b, a))
             self._robust_weights(r)
