@@ -13,12 +13,14 @@ from PIL import Image
 
 from ua3d.depth.protocols import make_lr, pil_resize
 from ua3d.depth.sr import (
+    NOISE_LEVEL,
     POINT_MIXING,
     DepthSRConfig,
     downsample_depth,
     edge_mixing,
     estimate_forward_model,
     fit_blur_shift,
+    lr_noise,
     upsample_depth,
 )
 
@@ -295,3 +297,17 @@ def test_cli_depth_sr_on_a_real_redwood_frame_at_x8(tmp_path, capsys):
     assert main(args + ["--consistency", "point", "--interval-phase", "end", "--quiet"]) == 0
     with pytest.raises(SystemExit):
         main(args + ["--interval-phase", "middle"])
+
+
+def test_lr_noise_flags_noisy_inputs_and_widens_the_spatial_sigma():
+    depth, guide = _scene()
+    lr = downsample_depth(depth, (24, 32), "area")[0]
+    valid = torch.ones_like(lr, dtype=torch.bool)
+    noisy = lr + 0.04 * torch.randn(lr.shape, generator=torch.Generator().manual_seed(0))
+    assert lr_noise(lr, valid) < NOISE_LEVEL < lr_noise(noisy, valid)
+    (m_clean,) = estimate_forward_model(lr, guide)
+    (m_noisy,) = estimate_forward_model(noisy, guide)
+    assert m_clean.sigma_spatial == DepthSRConfig().sigma_spatial
+    assert m_noisy.sigma_spatial == DepthSRConfig().noisy_sigma_spatial
+    (m_off,) = estimate_forward_model(noisy, guide, denoise="off")
+    assert m_off.sigma_spatial == DepthSRConfig().sigma_spatial
