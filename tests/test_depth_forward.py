@@ -32,8 +32,9 @@ QUICK = {"iters": 3, "fit_steps": 2}
 def _scene(H: int = 96, W: int = 128, seed: int = 0, box: bool = True):
     """Piecewise-constant depth (a slanted step and a box) with a guide whose colour edges are the depth edges."""
     gen = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32),
-                            indexing="ij")
+    yy, xx = torch.meshgrid(
+        torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32), indexing="ij"
+    )
     a = (xx - 0.4 * yy) > 0.45 * W
     b = ((yy - 0.3 * H).abs() < 0.15 * H) & ((xx - 0.25 * W).abs() < 0.12 * W) & box
     depth = torch.full((H, W), 2.0)
@@ -135,7 +136,9 @@ def test_edge_mixing_separates_point_from_area_sampling():
     depth, _ = _scene(192, 256)
     point = make_lr(depth[0, 0].numpy(), 8, "A")[1]
     area = make_lr(depth[0, 0].numpy(), 8, "area")[1]
-    mp, n_p = edge_mixing(torch.from_numpy(point)[None, None], torch.ones(1, 1, *point.shape, dtype=torch.bool))
+    mp, n_p = edge_mixing(
+        torch.from_numpy(point)[None, None], torch.ones(1, 1, *point.shape, dtype=torch.bool)
+    )
     ma, n_a = edge_mixing(torch.from_numpy(area)[None, None], torch.ones(1, 1, *area.shape, dtype=torch.bool))
     assert n_p >= 10 and n_a >= 10
     assert mp < 0.1 and ma > 0.5
@@ -159,13 +162,16 @@ def test_flying_pixels_and_holes_do_not_reach_the_output():
     depth, guide = _scene(box=False)
     lr = depth[..., 3::4, 3::4].clone()
     gen = torch.Generator().manual_seed(3)
-    edge = (torch.nn.functional.max_pool2d(lr, 3, 1, 1) - (-torch.nn.functional.max_pool2d(-lr, 3, 1, 1))) > 0.4
+    edge = (
+        torch.nn.functional.max_pool2d(lr, 3, 1, 1) - (-torch.nn.functional.max_pool2d(-lr, 3, 1, 1))
+    ) > 0.4
     idx = torch.nonzero(edge[0, 0])
     pick = idx[torch.randperm(len(idx), generator=gen)[:12]]
     lr[0, 0, pick[:, 0], pick[:, 1]] = 1.5
     lr[0, 0, 2:4, 20:23] = 0.0  # holes
     out, sup = upsample_depth(lr, guide, robust="tukey", return_support=True)
     assert bool(sup.all())
+
     # the scene has only the depths 1 and 2: mid values occur where the output crosses the edge (0.2 % of
     # the pixels for the clean input, a little more where an edge cell was dropped); without the robust
     # term the flying pixels are rendered (over 1 %)
@@ -226,16 +232,25 @@ def test_confidence_weights_and_zero_confidence_is_a_hole():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"interval_phase": "middle"}, r"interval_phase must be one of \('auto', 'end', 'start'\), got 'middle'"),
+        (
+            {"interval_phase": "middle"},
+            r"interval_phase must be one of \('auto', 'end', 'start'\), got 'middle'",
+        ),
         ({"robust": "cauchy"}, r"robust must be one of \('none', 'huber', 'tukey'\), got 'cauchy'"),
         ({"bound": "clip"}, r"bound must be one of \('local', 'global', 'none'\), got 'clip'"),
         ({"blur_shift": (1.0,)}, r"blur_shift must be a pair of finite numbers \(dy, dx\) in HR pixels"),
         ({"blur_sigma": -1.0}, r"blur_sigma must be a finite number >= 0, got -1.0"),
         ({"overshoot": float("inf")}, r"overshoot must be a finite number >= 0, got inf"),
         ({"robust_k": True}, r"robust_k must be a positive finite number, got True"),
-        ({"confidence": torch.ones(1, 1, 5, 5)}, r"confidence of size \(5, 5\) is smaller than depth_lr \(10, 12\)"),
+        (
+            {"confidence": torch.ones(1, 1, 5, 5)},
+            r"confidence of size \(5, 5\) is smaller than depth_lr \(10, 12\)",
+        ),
         ({"confidence": -torch.ones(1, 1, 10, 12)}, r"confidence must be finite and >= 0"),
-        ({"confidence": torch.zeros(1, 1, 10, 12)}, r"depth_lr item 0 has no valid value with a confidence > 0"),
+        (
+            {"confidence": torch.zeros(1, 1, 10, 12)},
+            r"depth_lr item 0 has no valid value with a confidence > 0",
+        ),
         ({"confidence": torch.ones(2, 1, 10, 12)}, r"confidence must be \[B, 1, h, w\] or \[h, w\]"),
     ],
 )
@@ -250,7 +265,9 @@ def test_downsample_depth_bad_arguments():
         downsample_depth(x, (4, 4), "lanczos")
     with pytest.raises(ValueError, match=r"phase must be one of \('end', 'start'\)"):
         downsample_depth(x, (4, 4), "point", phase="centre")
-    with pytest.raises(ValueError, match=r"size must be between \(1, 1\) and the HR size \(8, 8\), got \(9, 4\)"):
+    with pytest.raises(
+        ValueError, match=r"size must be between \(1, 1\) and the HR size \(8, 8\), got \(9, 4\)"
+    ):
         downsample_depth(x, (9, 4), "area")
 
 
@@ -286,8 +303,19 @@ def test_cli_depth_sr_on_a_real_redwood_frame_at_x8(tmp_path, capsys):
     lr = raw[::8, ::8]
     Image.fromarray(lr.astype(np.uint16)).save(tmp_path / "depth_lr_x8.png")
     out = tmp_path / "o.png"
-    args = ["depth-sr", "--rgb", str(color), "--depth", str(tmp_path / "depth_lr_x8.png"), "--depth-scale", "1000",
-            "--out", str(out), "--steps", "2"]
+    args = [
+        "depth-sr",
+        "--rgb",
+        str(color),
+        "--depth",
+        str(tmp_path / "depth_lr_x8.png"),
+        "--depth-scale",
+        "1000",
+        "--out",
+        str(out),
+        "--steps",
+        "2",
+    ]
     assert main(args) == 0
     text = capsys.readouterr().out
     assert "forward model point (hr[::s])" in text, text
