@@ -3,30 +3,33 @@
 
 Every variant is registered as a method of the evaluation harness (:mod:`ua3d.depth.evaluate`), so the
 scores follow the literature conventions (Middlebury GDSR: RMSE in 0-255, no crop, prediction clipped to
-[0, 255]; NYUv2: RMSE in cm, 6-px border crop) and protocol B LR generation (PIL bicubic downsampling of the
-HR depth cropped to a multiple of the scale). Prints one Markdown table per dataset (mean of per-image RMSE
-per scale per variant, with the baselines) and writes JSON (per image, means, settings, versions).
+[0, 255]; NYUv2: RMSE in cm, 6-px border crop) and the chosen LR protocol (default B: PIL bicubic
+downsampling; the real sensor sets default to ``area``, park2011 to its own noisy inputs). Prints one
+Markdown table per dataset and metric (mean of per-image values per scale per variant, with the
+baselines) and writes JSON (per image, means, settings, versions). Figures: ``docs/depth_sr.md``.
 
-Variants (options of :class:`ua3d.depth.sr.DepthSRConfig`; the rest at their defaults):
+Variants (options of :class:`ua3d.depth.sr.DepthSRConfig`; the rest at their defaults). ``matched`` is the
+forward model that generated the LR depth (A: point end, A-start: point start, B: bicubic, area: area;
+park2011: auto), i.e. an oracle choice:
 
-* ``render``: the start kernel (sigma 0.7 LR cells, colour sigma 0.3, radius 2) renders the LR depth: no
-  consistency solve, no fit.
-* ``rgbfit``: the 2D recipe: fit the kernel to reconstruct the colour guide (50 steps), render the LR depth.
-* ``rgbfit+solve``: the same fit, then the consistency solve.
-* ``solve``: start kernel + consistency solve (GMRES, 4 iterations), no fit.
-* ``richardson``: start kernel + 4 steps of iterative back-projection instead of GMRES, no fit.
-* ``ua3d``: the default: solve, self-supervised depth fit (5 steps), solve again.
-* ``ua3d-fast``: the :data:`ua3d.depth.sr.FAST` preset (3 iterations, 3 fit steps).
-* ``ua3d-r3``: the default with a window radius of 3 LR cells (29 neighbours instead of 13).
+* ``render``: the start kernel renders the LR depth: no consistency solve, no fit.
+* ``rgbfit`` / ``rgbfit+solve``: the 2D recipe (fit the kernel to the colour guide, 50 steps), without /
+  with the matched solve.
+* ``solve`` / ``richardson``: start kernel + matched solve (GMRES / back-projection, 4 iterations), no fit.
+* ``matched``: solve, depth fit, solve with the matched forward model (the round-1 method given the truth).
+* ``bicubic-model``: the round-1 default (always the bicubic forward model) with the new bound.
+* ``ua3d``: the default (``consistency="auto"``: cross-validated forward model, local bound).
+* ``no-bound``, ``global-bound``: the default without the output bound / with the global bound.
+* ``huber``, ``tukey``: the default with robust weights.
+* ``fast``: the :data:`ua3d.depth.sr.FAST` preset; ``r3``: window radius 3; ``iters6``: 6 solver
+  iterations; ``fit10``: 10 fit steps.
 
-``--protocol A`` (interval sampling) switches the variants' consistency model to ``"interval"``: the
-default bicubic model is wrong for point-sampled LR depth and then loses to bicubic upsampling.
+Examples::
 
-Example (the command behind the issue-8 tables)::
-
-    python scripts/ablate_depth_sr.py --json out/ablate_depth_sr.json
-    python scripts/ablate_depth_sr.py --datasets nyuv2 --scales 8 --variants solve,ua3d --limit 1
-    python scripts/ablate_depth_sr.py --protocol A --variants render,ua3d --json out/ablate_depth_sr_A.json
+    python scripts/ablate_depth_sr.py --datasets middlebury-gdsr,nyuv2 --json bench_results/ablate_B.json
+    python scripts/ablate_depth_sr.py --protocol A --variants render,matched,ua3d
+    python scripts/ablate_depth_sr.py --datasets redwood,tum,sunrgbd,nyu-raw,park2011 --protocol default \
+        --variants ua3d,huber,tukey --metrics rmse,edge_rmse
 """
 
 from __future__ import annotations
@@ -38,36 +41,65 @@ from pathlib import Path
 
 import torch
 
-from ua3d.depth.evaluate import evaluate, register_method
+from ua3d.depth.evaluate import EVAL_PROTOCOLS, SENSOR_DATASETS, evaluate, register_method
 from ua3d.depth.sr import FAST, upsample_depth
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-DATASETS = {"middlebury-gdsr": DATA / "middlebury-gdsr-dev", "nyuv2": DATA / "nyuv2-dkn-test"}
+DATASETS = {
+    "middlebury-gdsr": DATA / "middlebury-gdsr-dev",
+    "nyuv2": DATA / "nyuv2-dkn-test",
+    "park2011": DATA / "middlebury-park2011-noisy",
+    "redwood": DATA / "redwood-open3d" / "sample5",
+    "tum": DATA / "tum-open3d",
+    "sunrgbd": DATA / "sunrgbd-open3d",
+    "nyu-raw": DATA / "nyuv2-raw-open3d",
+}
 BASELINES = ("bicubic", "jbu", "guided")
+M = "matched"
 VARIANTS: dict[str, dict] = {
     "render": {"consistency": "none", "fit_steps": 0},
     "rgbfit": {"consistency": "none", "fit_target": "rgb", "fit_steps": 50},
-    "rgbfit+solve": {"fit_target": "rgb", "fit_steps": 50},
-    "solve": {"fit_steps": 0},
-    "richardson": {"fit_steps": 0, "solver": "richardson"},
+    "rgbfit+solve": {"consistency": M, "fit_target": "rgb", "fit_steps": 50},
+    "solve": {"consistency": M, "fit_steps": 0},
+    "richardson": {"consistency": M, "fit_steps": 0, "solver": "richardson"},
+    "matched": {"consistency": M},
+    "bicubic-model": {"consistency": "bicubic"},
     "ua3d": {},
-    "ua3d-fast": FAST.to_dict(),
-    "ua3d-r3": {"radius": 3.0},
+    "no-bound": {"bound": "none"},
+    "global-bound": {"bound": "global"},
+    "huber": {"robust": "huber"},
+    "tukey": {"robust": "tukey"},
+    "fast": FAST.to_dict(),
+    "r3": {"radius": 3.0},
+    "iters6": {"iters": 6},
+    "fit10": {"fit_steps": 10},
+}
+
+#: the forward model that generated each protocol's LR depth (the oracle choice of ``matched``)
+MATCHED = {
+    "A": {"consistency": "point", "interval_phase": "end"},
+    "A-start": {"consistency": "point", "interval_phase": "start"},
+    "B": {"consistency": "bicubic"},
+    "area": {"consistency": "area"},
+    "given": {"consistency": "auto"},
 }
 
 
-#: the forward model that matches each LR protocol (A: every s-th pixel; B: PIL bicubic downsampling)
-CONSISTENCY = {"A": "interval", "B": "bicubic"}
-
-
 def _variant(options: dict, protocol: str):
-    if options.get("consistency") != "none":
-        options = {**options, "consistency": CONSISTENCY[protocol]}
+    if options.get("consistency") == M:
+        options = {**options, **MATCHED[protocol]}
 
     def method(depth_lr, guide_hr, *, mask_lr=None, **kw):
         return upsample_depth(depth_lr, guide_hr, mask_lr=mask_lr, **{**options, **kw})
 
+    method.accepts_confidence = True
     return method
+
+
+def _protocol(arg: str, dataset: str) -> str:
+    if arg != "default":
+        return arg
+    return "given" if dataset == "park2011" else "area" if dataset in SENSOR_DATASETS else "B"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,19 +110,19 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"comma-separated subset of {list(VARIANTS)}")
     ap.add_argument("--baselines", default=",".join(BASELINES),
                     help="comma-separated harness methods ('' = none)")
-    ap.add_argument("--protocol", choices=sorted(CONSISTENCY), default="B",
-                    help="LR generation; the variants' consistency model follows it (A: interval, B: bicubic)")
+    ap.add_argument("--protocol", choices=[*EVAL_PROTOCOLS, "default"], default="default",
+                    help="LR generation (default: B for middlebury-gdsr / nyuv2, area for the sensor frames, "
+                    "given for park2011); 'matched' variants use the model that generated it")
+    ap.add_argument("--metrics", default="rmse,edge_rmse", help="tables printed (all metrics are in the JSON)")
     ap.add_argument("--limit", type=int, default=None, help="first N images per dataset")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--json", default="out/ablate_depth_sr.json")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", default="bench_results/ablate_depth_sr.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     variants = [v for v in args.variants.split(",") if v]
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         raise SystemExit(f"unknown variant(s) {unknown}; known: {list(VARIANTS)}")
-    for name in variants:
-        register_method(name, _variant(VARIANTS[name], args.protocol))
     methods = [b for b in args.baselines.split(",") if b] + variants
     out = {"protocol": args.protocol, "variants": {v: VARIANTS[v] for v in variants}, "results": {}}
     tables = []
@@ -100,9 +132,13 @@ def main(argv: list[str] | None = None) -> int:
         if not DATASETS[ds].is_dir():
             raise SystemExit(f"dataset folder {DATASETS[ds]} not found "
                              f"(expected ../shared/data beside the checkout)")
+        protocol = _protocol(args.protocol, ds)
+        for name in variants:
+            register_method(name, _variant(VARIANTS[name], protocol))
+        scales = [s for s in args.scales if ds != "park2011" or s in (2, 4, 8, 16)]
         t0 = time.perf_counter()
-        res = evaluate(ds, DATASETS[ds], args.scales, args.protocol, methods, limit=args.limit, progress=False,
-                       verbose=False)
+        res = evaluate(ds, DATASETS[ds], scales, protocol, methods, limit=args.limit, progress=False,
+                       verbose=False, metrics=args.metrics)
         res["wall_s"] = time.perf_counter() - t0
         out["results"][ds] = res
         tables.append(res["table"])

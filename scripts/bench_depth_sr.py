@@ -29,20 +29,33 @@ from _machine import machine_info
 from _worker import report, run_worker
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nyuv2-dkn-test" / "1000"
+REDWOOD = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "redwood-open3d" / "sample5"
 SETTINGS = {
     "default": {},
     "fast": "FAST",
     "solve-only": {"fit_steps": 0},
     "radius3": {"radius": 3.0},
+    "fixed-model": {"consistency": "bicubic", "sigma_range": 0.3},  # round 1: no forward-model estimate
+    "tukey": {"robust": "tukey"},
 }
 
 
-def _inputs(scale: int):
+def _inputs(scale: int, which: str = "nyuv2"):
     import numpy as np
     import torch
 
     from ua3d.depth.protocols import make_lr
 
+    if which == "redwood" and (REDWOOD / "depth" / "00000.png").is_file():
+        from PIL import Image
+
+        raw = np.asarray(Image.open(REDWOOD / "depth" / "00000.png")).astype(np.float32)
+        depth = np.where(raw > 0, raw / 1000.0, np.nan).astype(np.float32)
+        rgb = np.asarray(Image.open(REDWOOD / "color" / "00000.jpg").convert("RGB"))
+        hr, lr = make_lr(depth, scale, "area")
+        guide = torch.from_numpy(rgb[: hr.shape[0], : hr.shape[1]].copy()).permute(2, 0, 1)[None].float() / 255
+        return (torch.from_numpy(np.nan_to_num(lr))[None, None], guide,
+                torch.from_numpy(np.ascontiguousarray(hr)), str(REDWOOD) + " (area LR)")
     if (DATA / "depth.npy").is_file():
         from PIL import Image
 
@@ -68,7 +81,7 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     spec = SETTINGS[args.worker]
     options = sr.FAST.to_dict() if spec == "FAST" else dict(spec)
-    depth_lr, guide, hr, source = _inputs(args.scale)
+    depth_lr, guide, hr, source = _inputs(args.scale, args.input)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     t0 = time.perf_counter()
     sr.upsample_depth(depth_lr, guide, **options)  # warm-up: numba compile / cache load
@@ -81,6 +94,7 @@ def worker(args: argparse.Namespace) -> None:
         cpu.append(time.process_time() - c0)
     c = 6
     err = ((out[0, 0] - hr) * 100)[c:-c, c:-c]
+    err = err[torch.isfinite(err)]
     rec = {
         "setting": args.worker,
         "options": sr.DepthSRConfig().replace(**options).to_dict(),
@@ -108,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scale", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--input", choices=("nyuv2", "redwood"), default="nyuv2",
+                    help="NYUv2 frame 1000 (protocol B LR) or Redwood frame 0 (area LR with holes)")
     ap.add_argument("--json", default="bench_results/depth_sr.json")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -122,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         load0 = os.getloadavg()[0]
         done = run_worker(__file__, [name, "--scale", str(args.scale), "--repeats", str(args.repeats),
-                                     "--threads", str(args.threads)])
+                                     "--threads", str(args.threads), "--input", args.input])
         if not done.ok:
             raise SystemExit(f"setting {name} failed:\n{done.stderr[-3000:]}")
         rec = done.record

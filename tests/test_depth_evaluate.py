@@ -169,3 +169,55 @@ def test_ua3d_wrapper_passes_the_mask(monkeypatch):
     holed[0, 0, 0, 0] = 0.0
     with pytest.raises(ValueError, match="takes no mask_lr, but depth_lr has holes"):
         get_method("ua3d")(holed, torch.rand(1, 3, 16, 16))
+
+
+# ---------------------------------------------------------------- real sensor sets, add_arguments / run
+def test_real_frame_area_protocol_reports_edge_rmse_leaks_and_cpu_time():
+    root = shared("redwood-open3d/sample5")
+    res = evaluate("redwood", root, (8,), None, "bicubic,ua3d", limit=1, progress=False, verbose=False,
+                   metrics=("rmse", "edge_rmse"))
+    st = res["settings"]
+    assert st["protocol"] == "area" and st["edge_dilate"] == 3 and st["metrics"] == ["rmse", "edge_rmse"]
+    rec = {r["method"]: r for r in res["per_image"]}
+    assert rec["ua3d"]["n_leak"] == 0 and rec["ua3d"]["lr_holes"] > 0.02
+    assert rec["ua3d"]["pred_min"] > 0 and rec["ua3d"]["cpu_s"] > 0
+    assert rec["ua3d"]["rmse"] < rec["bicubic"]["rmse"] and rec["ua3d"]["edge_rmse"] < rec["bicubic"]["edge_rmse"]
+    cell = res["mean"]["ua3d"]["8"]
+    assert cell["worst_vs_bicubic"] == pytest.approx(rec["ua3d"]["rmse"] / rec["bicubic"]["rmse"])
+    table = res["table"]
+    assert "protocol area" in table and "edge RMSE in cm" in table and "worst / bicubic" in table
+
+
+def test_park2011_uses_its_own_noisy_inputs_and_confidence(monkeypatch):
+    root = shared("middlebury-park2011-noisy")
+    seen = {}
+
+    def probe(depth_lr, guide_hr, *, mask_lr=None, confidence=None):
+        seen["lr"], seen["conf"] = tuple(depth_lr.shape), None if confidence is None else tuple(confidence.shape)
+        return baselines.bicubic(depth_lr, guide_hr, mask_lr=mask_lr)
+
+    probe.accepts_confidence = True
+    register_method("probe", probe)
+    res = evaluate("park2011", root, (16,), None, "bicubic,probe", limit=1, progress=False, verbose=False)
+    assert res["settings"]["protocol"] == "given"
+    assert seen == {"lr": (1, 1, 68, 86), "conf": (1088, 1376)}
+    assert res["mean"]["probe"]["16"]["rmse"] == pytest.approx(res["mean"]["bicubic"]["16"]["rmse"])
+    with pytest.raises(ValueError, match=r"has no LR input at x3; available: \[2, 4, 8, 16\]"):
+        evaluate("park2011", root, (3,), None, "bicubic", limit=1, progress=False, verbose=False)
+
+
+def test_add_arguments_and_run_raise_value_errors():
+    import argparse
+
+    from ua3d.depth.evaluate import add_arguments, run
+
+    parser = add_arguments(argparse.ArgumentParser(prog="ua3d eval depth-sr"))
+    args = parser.parse_args(["--dataset", "motorcycle", "--protocol", "given", "--no-progress"])
+    with pytest.raises(ValueError, match=r"protocol 'given' needs a dataset that ships LR inputs \(park2011\)"):
+        run(args)
+    args = parser.parse_args(["--dataset", "motorcycle", "--metrics", "rmse,psnr", "--no-progress"])
+    with pytest.raises(ValueError, match=r"metrics must be a non-empty subset of"):
+        run(args)
+    args = parser.parse_args(["--dataset", "motorcycle", "--option", "ua3d", "--no-progress"])
+    with pytest.raises(ValueError, match=r"--option must look like METHOD.NAME=VALUE, got 'ua3d'"):
+        run(args)

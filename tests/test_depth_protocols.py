@@ -73,10 +73,25 @@ def test_crop_to_multiple():
         ({"scale": 0}, "scale must be a positive integer, got 0"),
         ({"scale": 2.5}, "scale must be a positive integer, got 2.5"),
         ({"scale": 32}, r"depth of shape \(10, 13\) is smaller than scale 32"),
-        ({"scale": 2, "protocol": "C"}, r"protocol must be one of \('A', 'B'\), got 'C'"),
+        ({"scale": 2, "protocol": "C"}, r"protocol must be one of \('A', 'A-start', 'B', 'area'\), got 'C'"),
         ({"scale": 2, "min_coverage": 0.0}, r"min_coverage must be in \(0, 1\], got 0.0"),
     ],
 )
 def test_make_lr_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         make_lr(ramp(10, 13), **kwargs)
+
+
+def test_a_start_and_area_protocols():
+    """A-start keeps hr[::s]; area is the mean of the valid pixels of each block (hole below min_coverage)."""
+    hr = np.arange(64, dtype=np.float32).reshape(8, 8)
+    hr[0, 0] = np.nan
+    hr[4:6, 4:6] = np.nan
+    _, a0 = make_lr(hr, 2, "A-start")
+    assert np.array_equal(a0, hr[::2, ::2], equal_nan=True)
+    _, area = make_lr(hr, 2, "area")
+    assert area[0, 0] == pytest.approx(np.mean([1, 8, 9]))  # the NaN is left out
+    assert np.isnan(area[2, 2])  # a block of 4 holes
+    assert area[3, 3] == pytest.approx(np.mean(hr[6:8, 6:8]))
+    _, strict = make_lr(hr, 2, "area", min_coverage=1.0)
+    assert np.isnan(strict[0, 0]) and strict[3, 3] == area[3, 3]

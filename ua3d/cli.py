@@ -269,17 +269,25 @@ def cmd_depth_sr(args) -> int:
     depth_lr = read_depth(args.depth, depth_scale=args.depth_scale)
     H, W = rgb.shape[:2]
     h, w = depth_lr.shape
-    _check_grid(H, W, h, w, args.depth)
+    if h > H or w > W:
+        raise UserError(f"{args.depth}: depth {_wh(h, w)} is larger than the colour image {_wh(H, W)}")
     guide = _guide_tensor(rgb, dev)
     d = torch.from_numpy(np.nan_to_num(depth_lr, nan=0.0)).float()[None, None].to(dev)
-    opts = {} if args.steps is None else {"fit_steps": args.steps}
+    opts = {"consistency": args.consistency, "interval_phase": args.interval_phase}
+    if args.steps is not None:
+        opts["fit_steps"] = args.steps
     with _Stage(args, "depth-sr: fit and render", 1):
-        out = upsample_depth(d, guide, mask_lr=d > 0, fill_holes=args.fill_holes, **opts)
+        try:
+            out, models = upsample_depth(d, guide, mask_lr=d > 0, fill_holes=args.fill_holes, return_model=True,
+                                         **opts)
+        except ValueError as err:
+            raise UserError(str(err)) from err
     hr = out[0, 0].cpu().numpy()
     write_depth(args.out, np.nan_to_num(hr, nan=0.0), depth_scale=args.depth_scale)
     if not args.quiet:
         valid = np.isfinite(hr) & (hr > 0)
-        print(f"depth {_wh(h, w)} -> {_wh(H, W)} ({valid.mean() * 100:.1f}% with support): {args.out}")
+        print(f"depth {_wh(h, w)} -> {_wh(H, W)} (x{W / w:.3g} / x{H / h:.3g}), forward model {models[0].describe()}, "
+              f"{valid.mean() * 100:.1f}% with support: {args.out}")
     if args.png:
         from .viz.figures import depth_sr_figure
 
@@ -489,13 +497,25 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     u.set_defaults(func=cmd_upsample)
 
     s = sub.add_parser("depth-sr", parents=[common], help="RGB + LR depth (16-bit PNG) -> HR depth (16-bit PNG)")
-    s.add_argument("--rgb", required=True, help="HR colour guide (PNG/JPG)")
-    s.add_argument("--depth", required=True, help="LR depth, 16-bit PNG (0 = hole)")
+    s.add_argument("--rgb", required=True, help="HR colour image (PNG/JPEG) that guides the upsampling")
+    s.add_argument("--depth", required=True, help="LR depth, 16-bit PNG (0 = hole); any ratio to the colour image")
     s.add_argument("--depth-scale", type=float, default=1000.0, help="raw units per metre (1000 = mm, 5000 = TUM)")
     s.add_argument("--out", required=True, help="HR depth, 16-bit PNG in the same units")
     s.add_argument("--fill-holes", action="store_true", help="fill pixels that had no valid LR support")
     s.add_argument("--png", default=None, help="also write a comparison figure")
     s.add_argument("--steps", type=int, default=None, help="self-supervised depth-fit steps (default: the method's)")
+    s.add_argument(
+        "--consistency", default="auto",
+        choices=["auto", "bicubic", "area", "bilinear", "point", "interval", "gauss", "none"],
+        help="forward model: how the LR depth was made from the scene. auto (default) detects it per image; "
+             "bicubic = PIL bicubic downsampling (synthetic benchmarks), area = box average (most sensors), "
+             "point/interval = every s-th pixel, none = no consistency solve",
+    )
+    s.add_argument(
+        "--interval-phase", default="auto", choices=["auto", "end", "start"],
+        help="for every-s-th-pixel LR depth, which pixel of each s x s block was kept: end = hr[s-1::s] "
+             "(protocol A), start = hr[::s] (a plain slice); auto (default) detects it",
+    )
     s.set_defaults(func=cmd_depth_sr)
 
     lf = sub.add_parser("lift", parents=[common], help="RGB-D + intrinsics + features -> volume and point cloud")

@@ -23,6 +23,9 @@ middlebury2014      ``baseline * f / (d + doffs)`` from ``disp0GT.pfm``         
 nyuv2               ``depth.npy`` / ``depths`` of the labelled ``.mat``          ``m``
 redwood             uint16 PNG / ``depth_scale`` (1000)                         ``m``
 tum                 uint16 PNG / ``depth_scale`` (5000)                         ``m``
+sunrgbd             bit-rotated uint16 PNG ``(v >> 3) | (v << 13)`` / 1000      ``m``
+nyu-raw             raw Kinect ``351.3 / (1092.5 - raw)``                       ``m``
+park2011            8-bit hole-filled disparity (noisy LR inputs given)        ``0-255``
 motorcycle          ``baseline * f / (d + doffs)`` of skimage's GT disparity    ``mm``
 ==================  =========================================================  =========
 """
@@ -50,9 +53,12 @@ __all__ = [
     "read_middlebury2014",
     "read_middlebury_gdsr",
     "read_motorcycle",
+    "read_nyu_raw",
     "read_nyuv2",
+    "read_park2011",
     "read_pfm",
     "read_redwood",
+    "read_sunrgbd",
     "read_tum",
     "sample_to_tensors",
     "scaled_depth_png",
@@ -573,6 +579,98 @@ def read_motorcycle(root: str | Path | None = None) -> list[Sample]:
     ]
 
 
+_PARK_EXPECTED = (
+    "scene folders holding '*_big_color.png', 'gt_holefilled.png' and the noisy inputs 'depth_{1..4}_n.png' "
+    "(x2, x4, x8, x16) with 'weight_{1..4}_n.png' (Park et al. 2011, as shared by Barron & Poole)"
+)
+
+
+def _read_gray(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path)).astype(np.float32)
+
+
+def read_park2011(root: str | Path) -> list[Sample]:
+    """Park et al. ICCV 2011 noisy benchmark: 8-bit disparity GT (``0-255``) with given noisy LR inputs.
+
+    ``meta.extra["lr_inputs"]`` maps each scale (2, 4, 8, 16) to its noisy LR PNG and
+    ``meta.extra["weights"]`` to the confidence map (HR size, uint16) shipped with it. The harness uses
+    these instead of generating LR depth (``protocol="given"``).
+    """
+    root = _check_dir("park2011", root, _PARK_EXPECTED)
+    samples = []
+    for scene in sorted(p for p in root.iterdir() if p.is_dir()):
+        colors = sorted(scene.glob("*_big_color.png"))
+        gt = scene / "gt_holefilled.png"
+        inputs = {2**k: scene / f"depth_{k}_n.png" for k in range(1, 5)}
+        weights = {2**k: scene / f"weight_{k}_n.png" for k in range(1, 5)}
+        if not (colors and gt.is_file() and all(f.is_file() for f in inputs.values())):
+            continue
+        extra = {"lr_inputs": {s: str(f) for s, f in inputs.items()},
+                 "weights": {s: str(f) for s, f in weights.items() if f.is_file()}}
+        meta = DepthMeta("park2011", scene.name, "0-255", None, (str(colors[0]), str(gt)), extra)
+        samples.append(Sample(meta, lambda c=colors[0], g=gt: (_read_rgb(c), _positive(_read_gray(g)))))
+    if not samples:
+        raise _layout_error("park2011", root, _PARK_EXPECTED)
+    return samples
+
+
+def _positive(depth: np.ndarray) -> np.ndarray:
+    depth = depth.astype(np.float32)
+    depth[~(depth > 0)] = np.nan
+    return depth
+
+
+def _sun_depth(path: Path) -> np.ndarray:
+    v = np.asarray(Image.open(path)).astype(np.uint16)
+    mm = ((v >> 3) | (v << 13)).astype(np.float32)  # SUN RGB-D stores depth bit-rotated by 3
+    mm[(v == 0) | (mm > 7000)] = np.nan  # 0 = hole; the toolbox truncates at 7 m
+    return mm / 1000.0
+
+
+def _nyu_raw_depth(path: Path) -> np.ndarray:
+    """Raw Kinect disparity PGM -> metres (``351.3 / (1092.5 - raw)``; 2047 and far values are holes).
+
+    The PGM header says 16 bit but the samples of Open3D's frame are little-endian (a value of 2047 reads
+    ``ff 07``), so the bytes are read directly.
+    """
+    data = path.read_bytes()
+    fields = data.split(maxsplit=4)
+    if len(fields) < 5 or fields[0] != b"P5":
+        raise ValueError(f"{path}: not a binary PGM (P5) file")
+    w, h = int(fields[1]), int(fields[2])
+    raw = np.frombuffer(data[len(data) - 2 * w * h :], dtype="<u2").reshape(h, w).astype(np.float64)
+    with np.errstate(divide="ignore"):
+        depth = 351.3 / (1092.5 - raw)
+    depth[(raw >= 1084) | (raw <= 0) | ~(depth > 0)] = np.nan  # >= 1084: beyond ~40 m or no return
+    return depth.astype(np.float32)
+
+
+_SENSOR_EXPECTED = "frame folders holding SUN_color.jpg + SUN_depth.png (sunrgbd) or NYU_color.ppm + NYU_depth.pgm (nyu-raw)"
+
+
+def _frames(name: str, root: str | Path, color: str, depth: str, read: Callable[[Path], np.ndarray]) -> list[Sample]:
+    root = _check_dir(name, root, _SENSOR_EXPECTED)
+    samples = []
+    for folder in [root, *sorted(p for p in root.iterdir() if p.is_dir())]:
+        c, d = folder / color, folder / depth
+        if c.is_file() and d.is_file():
+            meta = DepthMeta(name, folder.name, "m", None, (str(c), str(d)))
+            samples.append(Sample(meta, lambda c=c, d=d: (_read_rgb(c), read(d))))
+    if not samples:
+        raise _layout_error(name, root, _SENSOR_EXPECTED)
+    return samples
+
+
+def read_sunrgbd(root: str | Path) -> list[Sample]:
+    """SUN RGB-D frames (``SUN_color.jpg`` + bit-rotated uint16 ``SUN_depth.png``) -> metres, NaN = hole."""
+    return _frames("sunrgbd", root, "SUN_color.jpg", "SUN_depth.png", _sun_depth)
+
+
+def read_nyu_raw(root: str | Path) -> list[Sample]:
+    """Raw NYU Kinect frames (``NYU_color.ppm`` + raw ``NYU_depth.pgm``, not registered) -> metres."""
+    return _frames("nyu-raw", root, "NYU_color.ppm", "NYU_depth.pgm", _nyu_raw_depth)
+
+
 DATASETS: dict[str, Callable[..., list[Sample]]] = {
     "middlebury-gdsr": read_middlebury_gdsr,
     "middlebury2005": read_middlebury2005,
@@ -580,6 +678,9 @@ DATASETS: dict[str, Callable[..., list[Sample]]] = {
     "nyuv2": read_nyuv2,
     "redwood": read_redwood,
     "tum": read_tum,
+    "sunrgbd": read_sunrgbd,
+    "nyu-raw": read_nyu_raw,
+    "park2011": read_park2011,
     "motorcycle": read_motorcycle,
 }
 
@@ -590,7 +691,8 @@ def load_dataset(name: str, root: str | Path | None = None, **kwargs: Any) -> li
     Parameters
     ----------
     name : str
-        One of ``middlebury-gdsr, middlebury2005, middlebury2014, nyuv2, redwood, tum, motorcycle``.
+        One of :data:`DATASETS` (``middlebury-gdsr, middlebury2005, middlebury2014, nyuv2, redwood, tum,
+        sunrgbd, nyu-raw, park2011, motorcycle``).
     root : str or Path, optional
         Dataset folder (file for a NYUv2 ``.mat``); not needed for ``motorcycle``.
     **kwargs

@@ -13,9 +13,17 @@ given as the option ``anyup.checkpoint``, on the command line ``--anyup-checkpoi
 
 Literature conventions applied per dataset (:data:`CONVENTIONS`): Middlebury GDSR RMSE in its 0-255 units,
 no border crop, prediction clipped to [0, 255] (DCTNet's ``test.py``); NYUv2 RMSE in cm with a 6-pixel
-border crop. Scores are the mean over images of the per-image metric.
+border crop. Scores are the mean over images of the per-image metric; edge RMSE is taken within
+``edge_dilate`` (3) pixels of the ground truth's depth discontinuities.
 
-Command line (the lead wires it as ``ua3d eval depth-sr``)::
+Real sensor data: ``park2011`` comes with its own noisy LR inputs and confidence maps (``protocol="given"``,
+the confidence is passed to the methods that take one, i.e. ``ua3d``); the real frames (``redwood``, ``tum``,
+``sunrgbd``, ``nyu-raw``) use the sensor's own 640x480 depth as the target and an LR depth made by a
+sensor-like model (``protocol="area"``: the mean of the valid pixels of each block, with holes; ``"A"`` /
+``"A-start"``: point sampling). Every record counts the predictions that a hole could have leaked into
+(``n_leak``: finite predictions below half the smallest valid LR depth, e.g. 0), and the CPU time.
+
+Command line (``ua3d eval depth-sr``; :func:`add_arguments` + :func:`run`, :func:`main` for scripts)::
 
     python scripts/eval_depth_sr.py --dataset middlebury-gdsr --root ../shared/data/middlebury-gdsr-dev \\
         --scales 4 8 16 --protocol B --methods bicubic,guided --json out/mb.json
@@ -45,17 +53,22 @@ import torch
 from ua3d.depth import baselines
 from ua3d.depth.datasets import DATASETS, Sample, load_dataset, sample_to_tensors
 from ua3d.depth.metrics import compute_metrics
-from ua3d.depth.protocols import PROTOCOLS, make_lr
+from ua3d.depth.protocols import DESCRIPTIONS, PROTOCOLS, make_lr
+
+#: protocols of :func:`evaluate`: those of :func:`make_lr` and ``"given"`` (the dataset ships its LR inputs)
+EVAL_PROTOCOLS = (*PROTOCOLS, "given")
 
 __all__ = [
     "CONVENTIONS",
     "Convention",
+    "add_arguments",
     "available_methods",
     "evaluate",
     "format_table",
     "get_method",
     "main",
     "register_method",
+    "run",
 ]
 
 DepthMethod = Callable[..., torch.Tensor]
@@ -75,12 +88,15 @@ class Convention:
         Border crop in pixels on every side.
     clip : tuple of float or None
         Clamp applied to predictions before scoring.
+    edge_dilate : int
+        Edge RMSE is scored within this many pixels of a GT depth discontinuity.
     """
 
     units: str
     unit_scale: float = 1.0
     crop: int = 0
     clip: tuple[float, float] | None = None
+    edge_dilate: int = 3
 
 
 CONVENTIONS: dict[str, Convention] = {
@@ -91,7 +107,13 @@ CONVENTIONS: dict[str, Convention] = {
     "motorcycle": Convention("mm"),
     "redwood": Convention("cm", 100.0),
     "tum": Convention("cm", 100.0),
+    "sunrgbd": Convention("cm", 100.0),
+    "nyu-raw": Convention("cm", 100.0),
+    "park2011": Convention("0-255", 1.0, 0, (0.0, 255.0)),
 }
+
+#: datasets whose frames are real sensor depth (the protocol defaults to "area" for them)
+SENSOR_DATASETS = ("redwood", "tum", "sunrgbd", "nyu-raw")
 
 # ----------------------------------------------------------------------------------------------------------
 # method registry
@@ -192,6 +214,7 @@ def _ua3d_factory() -> DepthMethod:
             raise ValueError("ua3d.depth.sr.upsample_depth takes no mask_lr, but depth_lr has holes")
         return upsample_depth(depth_lr, guide_hr, **options)
 
+    ua3d_depth.accepts_confidence = True  # type: ignore[attr-defined]
     return ua3d_depth
 
 
@@ -304,14 +327,42 @@ def _finite_mean(values: Sequence[float]) -> float:
 
 def _timed(
     fn: DepthMethod, depth_lr: torch.Tensor, guide: torch.Tensor, options: dict[str, Any]
-) -> tuple[torch.Tensor, float]:
+) -> tuple[torch.Tensor, float, float]:
     sync = torch.cuda.synchronize if depth_lr.is_cuda else (lambda: None)
     sync()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     with torch.no_grad():
         out = fn(depth_lr, guide, **options)
     sync()
-    return out, time.perf_counter() - start
+    return out, time.perf_counter() - start, time.process_time() - cpu
+
+
+def _read_lr(path: str) -> np.ndarray:
+    from PIL import Image
+
+    lr = np.asarray(Image.open(path)).astype(np.float32)
+    lr[~(lr > 0)] = np.nan
+    return lr
+
+
+def _given_pair(sample: Sample, depth: np.ndarray, scale: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """HR target, the dataset's own LR input at ``scale`` and its confidence map (HR size) if shipped."""
+    inputs = sample.meta.extra.get("lr_inputs", {})
+    if scale not in inputs:
+        raise ValueError(
+            f"{sample.meta.dataset}/{sample.name} has no LR input at x{scale}; available: {sorted(inputs)}"
+        )
+    lr = _read_lr(inputs[scale])
+    hr = depth[: lr.shape[0] * scale, : lr.shape[1] * scale]
+    if hr.shape != (lr.shape[0] * scale, lr.shape[1] * scale):
+        raise ValueError(f"{inputs[scale]}: LR {lr.shape} times {scale} does not fit the target {depth.shape}")
+    conf = None
+    wpath = sample.meta.extra.get("weights", {}).get(scale)
+    if wpath is not None:
+        from PIL import Image
+
+        conf = np.asarray(Image.open(wpath)).astype(np.float32)[: hr.shape[0], : hr.shape[1]]
+    return hr, lr, conf
 
 
 def _evaluate_sample(
@@ -327,27 +378,42 @@ def _evaluate_sample(
     rgb, depth = sample.load()
     records = []
     for scale in scales:
-        hr, lr = make_lr(depth, scale, protocol)
+        conf = None
+        if protocol == "given":
+            hr, lr, conf = _given_pair(sample, depth, scale)
+        else:
+            hr, lr = make_lr(depth, scale, protocol)
         guide, gt = sample_to_tensors(rgb[: hr.shape[0], : hr.shape[1]], hr)
         guide = guide.to(device)
         depth_lr = torch.from_numpy(lr)[None, None].to(device)
+        lr_valid = lr[np.isfinite(lr) & (lr > 0)]
+        leak_below = 0.5 * float(lr_valid.min()) if lr_valid.size else math.inf
         for name, fn in methods.items():
-            pred, seconds = _timed(fn, depth_lr, guide, options.get(name, {}))
+            opts = dict(options.get(name, {}))
+            if conf is not None and getattr(fn, "accepts_confidence", False):
+                opts.setdefault("confidence", torch.from_numpy(conf).to(device))
+            pred, seconds, cpu = _timed(fn, depth_lr, guide, opts)
             if tuple(pred.shape) != (1, 1, *hr.shape):
                 raise ValueError(
                     f"method {name!r} returned shape {tuple(pred.shape)}, expected {(1, 1, *hr.shape)}"
                 )
+            p = pred[0, 0].cpu()
             scores = compute_metrics(
-                pred[0, 0].cpu(), gt[0, 0], crop=conv.crop, scale=conv.unit_scale, clip=conv.clip
+                p, gt[0, 0], crop=conv.crop, scale=conv.unit_scale, clip=conv.clip, dilate=conv.edge_dilate
             )
+            fin = torch.isfinite(p)
             records.append(
                 {
                     "image": sample.name,
                     "scale": scale,
                     "method": name,
                     "time_s": seconds,
+                    "cpu_s": cpu,
                     "hr_shape": list(hr.shape),
                     "lr_shape": list(lr.shape),
+                    "lr_holes": float(np.mean(~(np.isfinite(lr) & (lr > 0)))),
+                    "n_leak": int((fin & (p < leak_below)).sum()),
+                    "pred_min": float(p[fin].min()) if bool(fin.any()) else math.nan,
                     **scores,
                 }
             )
@@ -358,41 +424,71 @@ def _evaluate_sample(
 def _summarise(
     records: list[dict[str, Any]], methods: Sequence[str], scales: Sequence[int]
 ) -> dict[str, dict[str, dict[str, float]]]:
-    keys = ("rmse", "mae", "delta1", "delta2", "delta3", "edge_rmse", "coverage", "time_s")
+    keys = ("rmse", "mae", "delta1", "delta2", "delta3", "edge_rmse", "coverage", "time_s", "cpu_s")
+    bic = {(r["image"], r["scale"]): r["rmse"] for r in records if r["method"] == "bicubic"}
     mean: dict[str, dict[str, dict[str, float]]] = {}
     for m in methods:
         mean[m] = {}
         for s in scales:
             rows = [r for r in records if r["method"] == m and r["scale"] == s]
-            mean[m][str(s)] = {k: _finite_mean([r[k] for r in rows]) for k in keys} | {"n_images": len(rows)}
+            cell = {k: _finite_mean([r[k] for r in rows]) for k in keys} | {"n_images": len(rows)}
+            cell["n_leak"] = sum(r["n_leak"] for r in rows)
+            ratios = [r["rmse"] / bic[(r["image"], s)] for r in rows if bic.get((r["image"], s))]
+            cell["worst_vs_bicubic"] = max(ratios) if ratios else math.nan
+            mean[m][str(s)] = cell
     return mean
 
 
-def format_table(result: dict[str, Any]) -> str:
-    """Markdown table of mean per-image RMSE (methods x scales), captioned with units and protocol."""
+_METRIC_NAMES = {"rmse": "RMSE", "edge_rmse": "edge RMSE", "mae": "MAE"}
+
+
+def format_table(result: dict[str, Any], metrics: Sequence[str] | None = None) -> str:
+    """Markdown tables of mean per-image metrics (methods x scales), captioned with units and protocol.
+
+    One table per metric of ``metrics`` (default: the ``metrics`` setting, else ``("rmse",)``); the RMSE
+    table also gives the time per image (wall and CPU), the worst per-image RMSE ratio to bicubic (when
+    bicubic was run) and the number of leaked hole values (when any).
+    """
     st = result["settings"]
     scales = st["scales"]
-    caption = (
-        f"**{st['dataset']}**, protocol {st['protocol']} ({st['protocol_description']}): mean of per-image "
-        f"RMSE in {st['units']}, border crop {st['crop']} px, {st['n_images']} images"
-    )
-    lines = [
-        caption,
-        "",
-        "| method | " + " | ".join(f"x{s}" for s in scales) + " | time / image (s) |",
-        "|---" * (len(scales) + 2) + "|",
-    ]
-    for m, by_scale in result["mean"].items():
-        cells = []
-        for s in scales:
-            cell = by_scale[str(s)]
-            text = f"{cell['rmse']:.3f}"
-            if math.isfinite(cell["coverage"]) and cell["coverage"] < 0.9995:
-                text += f" (cov {cell['coverage']:.3f})"
-            cells.append(text)
-        seconds = _finite_mean([by_scale[str(s)]["time_s"] for s in scales])
-        lines.append(f"| {m} | " + " | ".join(cells) + f" | {seconds:.3f} |")
-    return "\n".join(lines)
+    metrics = list(metrics or st.get("metrics") or ("rmse",))
+    has_bic = "bicubic" in result["mean"]
+    blocks = []
+    for metric in metrics:
+        caption = (
+            f"**{st['dataset']}**, protocol {st['protocol']} ({st['protocol_description']}): mean of per-image "
+            f"{_METRIC_NAMES.get(metric, metric)} in {st['units']}, border crop {st['crop']} px, "
+            f"{st['n_images']} images"
+        )
+        extra = " time / image (s) | CPU / image (s) |" + (" worst / bicubic |" if has_bic else "")
+        first = metric == metrics[0]
+        lines = [
+            caption,
+            "",
+            "| method | " + " | ".join(f"x{s}" for s in scales) + " |" + (extra if first else ""),
+            "|---" * (len(scales) + 1 + (extra.count("|") if first else 0)) + "|",
+        ]
+        for m, by_scale in result["mean"].items():
+            cells = []
+            for s in scales:
+                cell = by_scale[str(s)]
+                text = f"{cell[metric]:.3f}"
+                if math.isfinite(cell["coverage"]) and cell["coverage"] < 0.9995:
+                    text += f" (cov {cell['coverage']:.3f})"
+                if cell.get("n_leak"):
+                    text += f" (leak {cell['n_leak']})"
+                cells.append(text)
+            row = f"| {m} | " + " | ".join(cells) + " |"
+            if first:
+                seconds = _finite_mean([by_scale[str(s)]["time_s"] for s in scales])
+                cpu = _finite_mean([by_scale[str(s)].get("cpu_s", math.nan) for s in scales])
+                row += f" {seconds:.3f} | {cpu:.3f} |"
+                if has_bic:
+                    worst = max((by_scale[str(s)]["worst_vs_bicubic"] for s in scales), default=math.nan)
+                    row += f" {worst:.3f} |"
+            lines.append(row)
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
 
 
 def _json_safe(obj: Any) -> Any:
@@ -409,10 +505,11 @@ def evaluate(
     dataset: str,
     root: str | Path | None,
     scales: Sequence[int] = (4, 8, 16),
-    protocol: str = "B",
+    protocol: str | None = "B",
     methods: Sequence[str] | str = ("nearest", "bilinear", "bicubic", "guided"),
     *,
     limit: int | None = None,
+    metrics: Sequence[str] = ("rmse",),
     json_path: str | Path | None = None,
     device: str | torch.device = "cpu",
     options: dict[str, dict[str, Any]] | None = None,
@@ -430,12 +527,16 @@ def evaluate(
         Dataset folder (None only for ``motorcycle``).
     scales : sequence of int
         Upsampling factors.
-    protocol : {"A", "B"}
-        LR generation (:func:`ua3d.depth.protocols.make_lr`).
+    protocol : {"A", "A-start", "B", "area", "given"} or None
+        LR generation (:func:`ua3d.depth.protocols.make_lr`); ``"given"``: the dataset's own LR inputs
+        (``park2011``). None: ``"given"`` for park2011, ``"area"`` for the real sensor frames
+        (:data:`SENSOR_DATASETS`), ``"B"`` otherwise.
     methods : sequence of str or str
         Registered method names (a comma-separated string is accepted).
     limit : int, optional
         Use only the first ``limit`` images (sorted by name).
+    metrics : sequence of str
+        Metrics printed as tables (``rmse``, ``edge_rmse``, ``mae``, ``delta1``, ...); all are in the JSON.
     json_path : str or Path, optional
         Where to write the full result as JSON (parent folders are created).
     device : str or torch.device
@@ -462,8 +563,17 @@ def evaluate(
     names = [m for m in names if m]
     if not names:
         raise ValueError("methods is empty")
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    if protocol is None:
+        protocol = "given" if dataset == "park2011" else "area" if dataset in SENSOR_DATASETS else "B"
+    if protocol not in EVAL_PROTOCOLS:
+        raise ValueError(f"protocol must be one of {EVAL_PROTOCOLS}, got {protocol!r}")
+    if protocol == "given" and dataset != "park2011":
+        raise ValueError(f"protocol 'given' needs a dataset that ships LR inputs (park2011), got {dataset!r}")
+    known = ("rmse", "mae", "edge_rmse", "delta1", "delta2", "delta3", "coverage")
+    if isinstance(metrics, str):
+        metrics = [m.strip() for m in metrics.split(",") if m.strip()]
+    if not metrics or any(m not in known for m in metrics):
+        raise ValueError(f"metrics must be a non-empty subset of {known}, got {list(metrics)}")
     if not scales or any(isinstance(s, bool) or int(s) != s or s < 1 for s in scales):
         raise ValueError(f"scales must be positive integers, got {list(scales)}")
     if limit is not None and limit < 1:
@@ -485,9 +595,8 @@ def evaluate(
             "root": None if root is None else str(root),
             "scales": scales,
             "protocol": protocol,
-            "protocol_description": "interval sampling hr[s-1::s, s-1::s]"
-            if protocol == "A"
-            else "PIL bicubic downsampling",
+            "protocol_description": DESCRIPTIONS.get(protocol, "the dataset's own LR inputs and confidence"),
+            "metrics": list(metrics),
             "methods": names,
             "options": options or {},
             "n_images": len(samples),
@@ -531,29 +640,30 @@ def _parse_options(items: Sequence[str]) -> dict[str, dict[str, Any]]:
     return options
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Argument parser of the ``depth-sr`` evaluation command."""
-    parser = argparse.ArgumentParser(
-        prog="ua3d eval depth-sr", description="Evaluate guided depth super-resolution methods on a dataset."
-    )
-    return add_arguments(parser)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The options of ``ua3d eval depth-sr`` (added to ``parser``, which is returned)."""
+    """Add the options of ``ua3d eval depth-sr`` to ``parser`` (returned); :func:`run` executes them."""
     parser.add_argument("--dataset", required=True, choices=sorted(DATASETS), help="dataset registry name")
     parser.add_argument("--root", default=None, help="dataset folder (not needed for motorcycle)")
     parser.add_argument("--scales", type=int, nargs="+", default=[4, 8, 16], help="upsampling factors")
     parser.add_argument(
         "--protocol",
-        choices=PROTOCOLS,
-        default="B",
-        help="A: interval sampling, B: PIL bicubic downsampling (default)",
+        choices=EVAL_PROTOCOLS,
+        default=None,
+        help="LR generation: A = every s-th pixel hr[s-1::s], A-start = hr[::s], B = PIL bicubic "
+        "downsampling, area = mean of the valid pixels of each block (sensor-like, with holes), given = the "
+        "dataset's own noisy inputs (park2011). Default: given for park2011, area for the real sensor frames "
+        "(redwood, tum, sunrgbd, nyu-raw), B otherwise",
     )
     parser.add_argument(
         "--methods",
         default="nearest,bilinear,bicubic,guided",
         help=f"comma-separated, from: {', '.join(available_methods())}",
+    )
+    parser.add_argument(
+        "--metrics",
+        default="rmse",
+        help="comma-separated metrics printed as tables: rmse, edge_rmse, mae, delta1-3, coverage (all are "
+        "in the JSON)",
     )
     parser.add_argument("--json", dest="json_path", default=None, help="write the full result JSON here")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N images")
@@ -563,7 +673,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="METHOD.NAME=VALUE",
-        help="keyword option for one method, repeatable (e.g. guided.radius=8)",
+        help="keyword option for one method, repeatable (e.g. guided.radius=8, ua3d.consistency=area)",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument(
@@ -576,8 +686,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """Stand-alone argument parser of the ``depth-sr`` evaluation command."""
+    parser = argparse.ArgumentParser(
+        prog="ua3d eval depth-sr", description="Evaluate guided depth super-resolution methods on a dataset."
+    )
+    return add_arguments(parser)
+
+
 def run(args: argparse.Namespace) -> int:
-    """Run the evaluation on parsed options (:func:`add_arguments`); bad input raises ``ValueError``."""
+    """Run the evaluation described by parsed :func:`add_arguments` options; returns 0.
+
+    Raises
+    ------
+    ValueError
+        Bad arguments or data (unknown method, missing checkpoint, bad scales, a folder of the wrong layout).
+    ImportError
+        A requested method whose implementation cannot be imported.
+    """
     options = _parse_options(args.option)
     if args.anyup_checkpoint is not None:
         options.setdefault("anyup", {})["checkpoint"] = str(args.anyup_checkpoint)
@@ -589,6 +715,7 @@ def run(args: argparse.Namespace) -> int:
         args.protocol,
         args.methods,
         limit=args.limit,
+        metrics=args.metrics,
         json_path=args.json_path,
         device=args.device,
         options=options,
@@ -598,7 +725,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point; returns the process exit code (0 on success, 2 on bad arguments or data)."""
+    """CLI entry point for scripts; returns the process exit code (0 on success, 2 on bad arguments or data)."""
     args = build_parser().parse_args(argv)
     try:
         return run(args)

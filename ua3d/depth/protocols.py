@@ -1,8 +1,12 @@
 """Low-resolution depth generation: the two protocols behind published guided-depth-SR tables.
 
 * **A, interval sampling** (DJF; the baseline rows of DKN): ``lr = hr[s-1::s, s-1::s]``.
+* **A-start**: interval sampling of the first pixel of each block, ``lr = hr[::s, ::s]`` (what a plain
+  ``depth[::s, ::s]`` slice gives).
 * **B, bicubic** (DKN code, FDSR, DCTNet, JIIF, SUFT, SGNet): ``lr = PIL Image.resize((w//s, h//s), BICUBIC)``
   of the float (mode ``'F'``) HR depth, after cropping the HR depth to a multiple of ``s``.
+* **area**, a sensor-like model for real frames with holes: each LR cell is the mean of the *valid* HR
+  pixels of its ``s x s`` block, and a hole (NaN) when less than ``min_coverage`` of the block is valid.
 
 Both protocols crop the HR depth to ``(H - H % s, W - W % s)`` (top-left kept), so that ``lr`` is exactly
 ``s`` times smaller; for protocol A the crop does not change ``lr``.
@@ -21,9 +25,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["PROTOCOLS", "crop_to_multiple", "make_lr", "pil_resize"]
+__all__ = ["DESCRIPTIONS", "PROTOCOLS", "crop_to_multiple", "make_lr", "pil_resize"]
 
-PROTOCOLS = ("A", "B")
+PROTOCOLS = ("A", "A-start", "B", "area")
+
+#: one line per protocol, printed with every table
+DESCRIPTIONS = {
+    "A": "interval sampling hr[s-1::s, s-1::s]",
+    "A-start": "interval sampling hr[::s, ::s]",
+    "B": "PIL bicubic downsampling",
+    "area": "area average over the valid pixels of each block (hole below half coverage)",
+}
 
 
 def pil_resize(image: np.ndarray, size: tuple[int, int], resample: int = Image.BICUBIC) -> np.ndarray:
@@ -97,7 +109,23 @@ def _bicubic_down(hr: np.ndarray, scale: int, min_coverage: float) -> np.ndarray
 def _make_lr_2d(hr: np.ndarray, scale: int, protocol: str, min_coverage: float) -> np.ndarray:
     if protocol == "A":
         return np.ascontiguousarray(hr[scale - 1 :: scale, scale - 1 :: scale])
+    if protocol == "A-start":
+        return np.ascontiguousarray(hr[::scale, ::scale])
+    if protocol == "area":
+        return _area_down(hr, scale, min_coverage)
     return _bicubic_down(hr, scale, min_coverage)
+
+
+def _area_down(hr: np.ndarray, scale: int, min_coverage: float) -> np.ndarray:
+    h, w = hr.shape[0] // scale, hr.shape[1] // scale
+    blocks = hr[: h * scale, : w * scale].reshape(h, scale, w, scale).astype(np.float64)
+    valid = np.isfinite(blocks)
+    count = valid.sum(axis=(1, 3))
+    total = np.where(valid, blocks, 0.0).sum(axis=(1, 3))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lr = total / count
+    lr[count < min_coverage * scale * scale] = np.nan
+    return lr.astype(np.float32)
 
 
 def make_lr(
@@ -112,11 +140,12 @@ def make_lr(
         here: convert sensor zeros to NaN first, as the dataset readers do).
     scale : int
         Integer downsampling factor ``s >= 1``.
-    protocol : {"A", "B"}
-        ``"A"``: interval sampling ``hr[s-1::s, s-1::s]``; ``"B"``: PIL bicubic downsampling.
+    protocol : {"A", "A-start", "B", "area"}
+        ``"A"``: interval sampling ``hr[s-1::s, s-1::s]``; ``"A-start"``: ``hr[::s, ::s]``; ``"B"``: PIL
+        bicubic downsampling; ``"area"``: mean of the valid pixels of each block.
     min_coverage : float
-        Protocol B with holes only: smallest share of the kernel weight on valid HR pixels for an LR pixel
-        to be kept (see the module docstring).
+        Protocols B and area with holes only: smallest share of the kernel weight (B) or of the block's
+        pixels (area) on valid HR pixels for an LR pixel to be kept (see the module docstring).
 
     Returns
     -------
