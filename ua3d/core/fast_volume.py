@@ -71,43 +71,15 @@ if AVAILABLE:
     _block_scratch = _fast._block_scratch
 
     @intrinsic
-    def _f32_to_bits(typingctx, x):
-        """Reinterpret the bits of a float32 as an int32."""
-        sig = types.int32(types.float32)
+    def _half_bits(typingctx, x):
+        """IEEE binary16 bits (int16) of a float32: LLVM's ``fptrunc`` to ``half`` (``vcvtps2ph`` on
+        F16C / AVX-512 CPUs, vectorised), round to nearest even, as numpy and torch."""
+        sig = types.int16(types.float32)
 
         def codegen(context, builder, signature, args):
-            return builder.bitcast(args[0], _llir.IntType(32))
+            return builder.bitcast(builder.fptrunc(args[0], _llir.HalfType()), _llir.IntType(16))
 
         return sig, codegen
-
-    @njit(**_JIT)
-    def _half_bits(v):
-        """IEEE binary16 bits of ``float32(v)``, round to nearest even (numpy's / torch's rule):
-        overflow gives inf, NaN stays NaN, subnormal halves are exact-rounded."""
-        f = np.int64(_f32_to_bits(np.float32(v))) & 0xFFFFFFFF
-        sign = (f >> 16) & 0x8000
-        a = f & 0x7FFFFFFF
-        if a >= 0x47800000:  # |v| >= 65536, inf, NaN
-            if a > 0x7F800000:
-                return sign | 0x7E00
-            return sign | 0x7C00
-        if a < 0x38800000:  # below the smallest normal half 2^-14
-            if a < 0x33000000:  # below 2^-25: rounds to (signed) zero
-                return sign
-            e = a >> 23
-            m = (a & 0x7FFFFF) | 0x800000
-            shift = 126 - e  # value / 2^-24 = m 2^(e - 126), shift >= 14
-            hm = m >> shift
-            rem = m & ((np.int64(1) << shift) - 1)
-            halfway = np.int64(1) << (shift - 1)
-            if rem > halfway or (rem == halfway and (hm & 1) == 1):
-                hm += 1
-            return sign | hm
-        h = (a - 0x38000000) >> 13
-        rem = a & 0x1FFF
-        if rem > 0x1000 or (rem == 0x1000 and (h & 1) == 1):
-            h += 1  # a carry into the exponent is the right rounding (up to inf)
-        return sign | h
 
     @njit(**_JIT)
     def _half_bits_array(x, out):
@@ -117,23 +89,27 @@ if AVAILABLE:
 
     @njit(**_JIT)
     def _volume_weights(t0, t1, bi, bj, ghr, glr, coef, vlr, slope, planar, phib, d0, sig, offs, ry0, ry1, cx0,
-                        cx1, cyv, cxv, pmax, jc, wmat, fmat, tot, lse):
+                        cx1, cyv, cxv, pmax, da, n_bins, wmat, fmat, inv, log_mass):
         """Unnormalised weights of blocks ``t0 <= t < t1`` (block ``(bi[t], bj[t])``).
 
-        ``wmat[t, k, jj P + p]`` (neighbour ``k`` of the block's compact list, computed bin ``jj``,
-        block pixel ``p`` row-major), the gathered features ``fmat[t, c, k]`` (zero rows past the
-        list), the weight sums ``tot[t, jj P + p]`` and ``lse[t, jj P + p] = log M``; ``P = pmax``
-        (the largest block), ``Db = wmat.shape[2] // P`` bins from each pixel's ``d0``.
+        The bins ``da <= d < da + n_bins`` (counted from each pixel's ``d0``) come in chunks of
+        ``jc = wmat.shape[3] // pmax``: ``wmat[t, ch, k, jj P + p]`` is the weight of neighbour ``k``
+        (the block's compact list) for bin ``da + ch jc + jj`` of block pixel ``p`` (row-major),
+        ``P = pmax``; each chunk's ``[K, jc P]`` matrix is contiguous (it stays in the L2 cache
+        between the two passes). ``fmat[t, ch, c, k]``: the gathered features (one copy per chunk,
+        zero rows past the list); ``inv[t, (d - da) P + p]``: the inverse weight sums;
+        ``log_mass[d0 + d, y, x] = log M`` is written directly.
         """
         _wide_vectors()
         w = glr.shape[3]
         Cg = glr.shape[1]
         Cc = Cg - 1  # colour channels; the last guide channel (the depth feature) is not used
         K = offs.shape[0]
-        C = fmat.shape[1]
-        Kmax = wmat.shape[1]
+        nch = wmat.shape[1]
+        Kmax = wmat.shape[2]
+        C = fmat.shape[2]
         P = pmax
-        Db = wmat.shape[2] // P
+        jc = wmat.shape[3] // P
         dt = glr.dtype.type
         floor = dt(EXP_FLOOR)
         (rec, nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b, nb_r, nb_v, nb_g, nb_k, px, py, pg, pv, _pw, _wl, _mx, _tot,
@@ -145,7 +121,7 @@ if AVAILABLE:
         prec = np.empty(K, glr.dtype)
         phb = np.empty((jc, pmax), glr.dtype)
         mx = np.empty((jc, pmax), glr.dtype)
-        sm_ = np.empty((jc, pmax), glr.dtype)
+        acc = np.empty((jc, pmax), glr.dtype)
         for t in range(t0, t1):
             i, j = bi[t], bj[t]
             y0, y1 = ry0[i], ry1[i]
@@ -163,97 +139,124 @@ if AVAILABLE:
                 phik = nb_g[Cc, k]
                 gy = slope[0, qi, qj] if planar else dt(0.0)
                 gx = slope[1, qi, qj] if planar else dt(0.0)
+                bk_ = base[k]
+                ck_ = cen[k]
                 for p in range(n):
                     dx = px[p] - cxk
                     dy = py[p] - cyk
                     a = ck * dx + sk * dy
                     b = ck * dy - sk * dx
-                    dist = dt(0.0)
-                    for c in range(Cc):
-                        e = pg[c, p] - nb_g[c, k]
-                        dist += e * e
-                    base[k, p] = -(a * a * ak + b * b * bk) - dist * rc
-                    cen[k, p] = phik + gy * dy + gx * dx
+                    bk_[p] = -(a * a * ak + b * b * bk)
+                    ck_[p] = phik + gy * dy + gx * dx
+                for c in range(Cc):
+                    gk = nb_g[c, k]
+                    for p in range(n):
+                        e = pg[c, p] - gk
+                        bk_[p] -= e * e * rc
                 q = qi * w + qj
-                for c in range(C):
-                    fmat[t, c, k] = sig[c, q]
-            for k in range(kb, Kmax):
-                for c in range(C):
-                    fmat[t, c, k] = 0.0
-                wmat[t, k] = 0.0
-            for ja in range(0, Db, jc):
-                nj = min(Db, ja + jc) - ja
+                for ch in range(nch):
+                    for c in range(C):
+                        fmat[t, ch, c, k] = sig[c, q]
+            for ch in range(nch):
+                for k in range(kb, Kmax):
+                    for c in range(C):
+                        fmat[t, ch, c, k] = 0.0
+                    wmat[t, ch, k] = 0.0
+            for ch in range(nch):
+                ja = ch * jc
+                nj = min(n_bins, ja + jc) - ja
                 for jj in range(nj):
                     for p in range(n):
                         yy = p // bw
-                        phb[jj, p] = phib[d0[y0 + yy, x0 + p - yy * bw] + ja + jj]
+                        phb[jj, p] = phib[d0[y0 + yy, x0 + p - yy * bw] + da + ja + jj]
                         mx[jj, p] = dt(-3.0e38)
-                        sm_[jj, p] = dt(0.0)
+                        acc[jj, p] = dt(0.0)
+                wch = wmat[t, ch]
                 for k in range(kb):
                     pk = prec[k]
-                    row = wmat[t, k]
+                    row = wch[k]
                     bk_ = base[k]
                     ck_ = cen[k]
                     for jj in range(nj):
-                        o = (ja + jj) * P
+                        o = jj * P
                         for p in range(n):
                             dz = phb[jj, p] - ck_[p]
                             v = bk_[p] - dz * dz * pk
                             row[o + p] = v
                             mx[jj, p] = max(mx[jj, p], v)
                 for k in range(kb):
-                    row = wmat[t, k]
+                    row = wch[k]
                     for jj in range(nj):
-                        o = (ja + jj) * P
+                        o = jj * P
                         for p in range(n):
                             e = _fexp(max(row[o + p] - mx[jj, p], floor))
                             row[o + p] = e
-                            sm_[jj, p] += e
+                            acc[jj, p] += e
                 for jj in range(nj):
                     o = (ja + jj) * P
                     for p in range(n):
-                        tot[t, o + p] = sm_[jj, p]
-                        lse[t, o + p] = mx[jj, p] + np.log(sm_[jj, p])
+                        inv[t, o + p] = dt(1.0) / acc[jj, p]
+                        yy = p // bw
+                        y, x = y0 + yy, x0 + p - yy * bw
+                        log_mass[d0[y, x] + da + ja + jj, y, x] = mx[jj, p] + np.log(acc[jj, p])
 
     @njit(**_JIT)
-    def _volume_scatter(t0, t1, bi, bj, res, tot, lse, d0, ry0, ry1, cx0, cx1, pmax, half, out, log_mass):
-        """Blocks ``t0 <= t < t1``: ``out[c, d0 + jj, y, x] = res[t, c, jj P + p] / tot[t, jj P + p]``
-        (float16 bits when ``half``) and ``log_mass[d0 + jj, y, x] = lse[t, jj P + p]``."""
-        C = res.shape[1]
+    def _volume_scatter(c0, c1, bi, bj, res, inv, d0, ry0, ry1, cx0, cx1, pmax, da, n_bins, half, banded, out):
+        """Channels ``c0 <= c < c1`` of a batch of whole anchor rows of blocks (``bi, bj`` row-major):
+        ``out[c, d0 + d, y, x] = res[t, ch, c, jj P + p] inv[t, (d - da) P + p]`` for the bins
+        ``d = da + ch jc + jj < da + n_bins`` (float16 bits when ``half``). Each ``(c, d)`` plane's rows
+        of the anchor row are written block after block while they stay in the L1 cache (whole lines
+        reach memory), reading each block's result sequentially.
+        ``banded`` False promises ``d0 == 0`` (contiguous row segments)."""
+        _wide_vectors()
         P = pmax
-        Db = res.shape[2] // P
-        for t in range(t0, t1):
-            i, j = bi[t], bj[t]
+        jc = res.shape[3] // P
+        nb = bi.shape[0]
+        ts = 0
+        while ts < nb:
+            te = ts
+            while te < nb and bi[te] == bi[ts]:
+                te += 1
+            i = bi[ts]
             y0, y1 = ry0[i], ry1[i]
-            x0, x1 = cx0[j], cx1[j]
-            bw = x1 - x0
-            for jj in range(Db):
-                o = jj * P
-                for yy in range(y1 - y0):
-                    for xx in range(bw):
-                        y, x = y0 + yy, x0 + xx
-                        log_mass[d0[y, x] + jj, y, x] = lse[t, o + yy * bw + xx]
-            for c in range(C):
-                for jj in range(Db):
-                    o = jj * P
-                    for yy in range(y1 - y0):
-                        y = y0 + yy
-                        for xx in range(bw):
-                            x = x0 + xx
-                            p = o + yy * bw + xx
-                            v = res[t, c, p] / tot[t, p]
-                            if half:
-                                out[c, d0[y, x] + jj, y, x] = _half_bits(v)
-                            else:
-                                out[c, d0[y, x] + jj, y, x] = v
+            for c in range(c0, c1):
+                for dd in range(n_bins):
+                    ch = dd // jc
+                    oc = (dd - ch * jc) * P
+                    o = dd * P
+                    d = da + dd
+                    for t in range(ts, te):  # a (c, d) plane's rows of this anchor row stay in L1 meanwhile
+                        j = bj[t]
+                        x0, x1 = cx0[j], cx1[j]
+                        bw = x1 - x0
+                        for yy in range(y1 - y0):  # plain indexing: a view per row would cost refcounting
+                            y = y0 + yy
+                            ps = oc + yy * bw
+                            pi = o + yy * bw
+                            if not banded:  # contiguous: a vectorised row segment
+                                for xx in range(bw):
+                                    v = res[t, ch, c, ps + xx] * inv[t, pi + xx]
+                                    if half:
+                                        out[c, d, y, x0 + xx] = _half_bits(np.float32(v))
+                                    else:
+                                        out[c, d, y, x0 + xx] = v
+                                continue
+                            for xx in range(bw):
+                                x = x0 + xx
+                                v = res[t, ch, c, ps + xx] * inv[t, pi + xx]
+                                if half:
+                                    out[c, d0[y, x] + d, y, x] = _half_bits(np.float32(v))
+                                else:
+                                    out[c, d0[y, x] + d, y, x] = v
+            ts = te
 
 
 def half_bits(x: np.ndarray) -> np.ndarray:
     """float16 bit patterns (uint16) of float32 ``x [N]`` by the engine's converter (for tests)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    out = np.empty(x.shape[0], np.uint16)
+    out = np.empty(x.shape[0], np.int16)
     _half_bits_array(x, out)
-    return out
+    return out.view(np.uint16)
 
 
 def _blocks(ry0: np.ndarray, ry1: np.ndarray, cx0: np.ndarray, cx1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -264,17 +267,31 @@ def _blocks(ry0: np.ndarray, ry1: np.ndarray, cx0: np.ndarray, cx1: np.ndarray) 
 
 
 def volume_working_bytes(out_size: tuple[int, int], lr_size: tuple[int, int], channels: int, n_bins: int,
-                         radius: float, itemsize: int = 4, budget_bytes: int = 256 << 20) -> tuple[int, int]:
-    """``(blocks per batch, working bytes)`` of :func:`kernel_render_volume`: per block the weights
-    ``[K, Db P]``, the features ``[C, K]``, the product ``[C, Db P]`` and the sums ``2 [Db P]``
-    (``P`` the largest block), as many blocks as fit ``budget_bytes`` (at least one)."""
+                         radius: float, itemsize: int = 4, budget_bytes: int = 256 << 20) -> tuple[int, int, int]:
+    """``(anchor rows per batch, bins per batch, working bytes)`` of :func:`kernel_render_volume`.
+
+    A batch is whole anchor rows of blocks (so that the scatter writes whole volume rows) times a
+    range of bins; per block and bin it holds the weights ``[K, P]``, the product ``[C, P]`` and the
+    inverse sums ``[P]`` (``P`` the largest block), per block and chunk of :data:`BIN_CHUNK` bins the
+    features ``[C, K]``. As many rows as fit ``budget_bytes``, else one row and as many chunks of
+    bins as fit (at least one chunk).
+    """
     H, W = out_size
     h, w = lr_size
     P = (-(-H // h) + 1) * (-(-W // w) + 1)
     K = window_size(radius)
-    per_block = (K * n_bins * P + channels * K + channels * n_bins * P + 2 * n_bins * P) * itemsize
-    nb = max(1, min(h * w, budget_bytes // per_block))
-    return int(nb), int(nb * per_block)
+    jc = max(1, min(BIN_CHUNK, n_bins))
+
+    def row_bytes(nbins: int) -> int:
+        nch = -(-nbins // jc)
+        return w * ((K + channels) * nch * jc * P + nch * channels * K + nbins * P) * itemsize
+
+    full = row_bytes(n_bins)
+    if full <= budget_bytes:
+        rows = max(1, min(h, budget_bytes // full))
+        return int(rows), int(n_bins), int(rows * full)
+    nbb = min(n_bins, max(jc, (budget_bytes // max(row_bytes(jc), 1)) * jc))
+    return 1, int(nbb), int(row_bytes(nbb))
 
 
 def kernel_render_volume(
@@ -333,7 +350,7 @@ def kernel_render_volume(
                          f"{tuple(vol.shape)} and {tuple(log_mass.shape)}")
     half = vol.dtype == np.float16
     if half:
-        vol = vol.view(np.uint16)
+        vol = vol.view(np.int16)
     elif vol.dtype not in (np.float32, np.float64):
         raise ValueError(f"volume must be float16, float32 or float64, got {vol.dtype}")
     cdt = _fast._compute_dtype(params)
@@ -350,31 +367,39 @@ def kernel_render_volume(
     sig = _fast._np(features[0].reshape(C, h * w), cdt)
     lm = log_mass.numpy()
     bi, bj = _blocks(ry0, ry1, cx0, cx1)
+    banded = bool(d0.any())
     pmax = int((ry1 - ry0).max()) * int((cx1 - cx0).max())
     K = offs.shape[0]
     itemsize = 8 if cdt == torch.float64 else 4
-    nbm, _ = volume_working_bytes((H, W), (h, w), C, n_bins, radius, itemsize, budget_bytes)
-    nbm = min(nbm, bi.shape[0])
-    wbuf = torch.zeros(nbm, K, n_bins * pmax, dtype=cdt)  # zeroed once: padding columns stay finite
-    fbuf = torch.empty(nbm, C, K, dtype=cdt)
-    rbuf = torch.empty(nbm, C, n_bins * pmax, dtype=cdt)
-    tot = np.empty((nbm, n_bins * pmax), ndt)
-    lse = np.empty((nbm, n_bins * pmax), ndt)
-    wn, fn, rn = wbuf.numpy(), fbuf.numpy(), rbuf.numpy()
+    nrows, nbb, _ = volume_working_bytes((H, W), (h, w), C, n_bins, radius, itemsize, budget_bytes)
     jc = max(1, min(BIN_CHUNK, n_bins))
+    nch = -(-nbb // jc)
+    nbm = nrows * w
+    # flat buffers, allocated once (zeroed: padding columns stay finite) and viewed contiguously per batch
+    wbuf = torch.zeros(nbm * nch * K * jc * pmax, dtype=cdt)
+    fbuf = torch.empty(nbm * nch * C * K, dtype=cdt)
+    rbuf = torch.empty(nbm * nch * C * jc * pmax, dtype=cdt)
+    inv = np.empty((nbm, nbb * pmax), ndt)
     done = 0
-    for s in range(0, bi.shape[0], nbm):
-        e = min(bi.shape[0], s + nbm)
-        nb = e - s
-        b_i, b_j = bi[s:e], bj[s:e]
-        _fast._parallel_for(_volume_weights, nb, b_i, b_j, ghr, glr, coef, vlr, slope, planar, phib, d0, sig, offs,
-                            ry0, ry1, cx0, cx1, cyv, cxv, pmax, jc, wn, fn, tot, lse)
-        torch.bmm(fbuf[:nb], wbuf[:nb], out=rbuf[:nb])
-        _fast._parallel_for(_volume_scatter, nb, b_i, b_j, rn, tot, lse, d0, ry0, ry1, cx0, cx1, pmax, half, vol,
-                            lm)
+    for ia in range(0, h, nrows):
+        sel = (bi >= ia) & (bi < ia + nrows)
+        b_i, b_j = np.ascontiguousarray(bi[sel]), np.ascontiguousarray(bj[sel])
+        nb = b_i.shape[0]
+        if nb == 0:
+            continue
+        for da in range(0, n_bins, nbb):
+            nd = min(n_bins, da + nbb) - da
+            nc = -(-nd // jc)
+            wt = wbuf[: nb * nc * K * jc * pmax].view(nb, nc, K, jc * pmax)
+            ft = fbuf[: nb * nc * C * K].view(nb, nc, C, K)
+            rt = rbuf[: nb * nc * C * jc * pmax].view(nb, nc, C, jc * pmax)
+            _fast._parallel_for(_volume_weights, nb, b_i, b_j, ghr, glr, coef, vlr, slope, planar, phib, d0, sig,
+                                offs, ry0, ry1, cx0, cx1, cyv, cxv, pmax, da, nd, wt.numpy(), ft.numpy(), inv, lm)
+            torch.bmm(ft.view(nb * nc, C, K), wt.view(nb * nc, K, jc * pmax), out=rt.view(nb * nc, C, jc * pmax))
+            _fast._parallel_for(_volume_scatter, C, b_i, b_j, rt.numpy(), inv, d0, ry0, ry1, cx0, cx1, pmax, da, nd,
+                                half, banded, vol)
         if progress is not None:
-            last = int(b_i[-1]) if e == bi.shape[0] or bi[e] != b_i[-1] else int(b_i[-1]) - 1
-            rows = int(ry1[last]) if last >= 0 else 0
+            rows = int(ry1[min(h, ia + nrows) - 1])
             if rows > done:
                 done = rows
                 progress(rows, H)

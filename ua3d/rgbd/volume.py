@@ -229,7 +229,7 @@ def estimate_volume_bytes(
     if _engine(backend, torch.device("cpu"), out_dtype) == "fast":
         from ua3d.core.fast_volume import volume_working_bytes
 
-        _, working = volume_working_bytes(
+        _, _, working = volume_working_bytes(
             (H, W), lr_size or (H, W), channels, n_bins, radius, fsize, budget_bytes
         )
     osize = torch.empty((), dtype=out_dtype).element_size()
