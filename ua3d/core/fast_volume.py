@@ -55,6 +55,10 @@ __all__ = ["AVAILABLE", "BIN_CHUNK", "half_bits", "kernel_render_volume", "volum
 
 #: bins per pass of the weights kernel (keeps a block's chunk of logits in the L2 cache)
 BIN_CHUNK = 4
+#: working-set cap of one batch (bytes); large batches amortise each call's start (16 MiB batches ran 2x slower)
+BATCH_BYTES = 256 << 20
+#: blocks per batch before the bins are split (keeps both threads busy)
+MIN_BATCH_BLOCKS = 4
 #: logit floor below a column's max, as the reference (``ua3d.rgbd.volume._EXP_FLOOR``)
 EXP_FLOOR = -80.0
 
@@ -268,30 +272,31 @@ def _blocks(ry0: np.ndarray, ry1: np.ndarray, cx0: np.ndarray, cx1: np.ndarray) 
 
 def volume_working_bytes(out_size: tuple[int, int], lr_size: tuple[int, int], channels: int, n_bins: int,
                          radius: float, itemsize: int = 4, budget_bytes: int = 256 << 20) -> tuple[int, int, int]:
-    """``(anchor rows per batch, bins per batch, working bytes)`` of :func:`kernel_render_volume`.
+    """``(blocks per batch, bins per batch, working bytes)`` of :func:`kernel_render_volume`.
 
-    A batch is whole anchor rows of blocks (so that the scatter writes whole volume rows) times a
-    range of bins; per block and bin it holds the weights ``[K, P]``, the product ``[C, P]`` and the
-    inverse sums ``[P]`` (``P`` the largest block), per block and chunk of :data:`BIN_CHUNK` bins the
-    features ``[C, K]``. As many rows as fit ``budget_bytes``, else one row and as many chunks of
-    bins as fit (at least one chunk).
+    A batch is consecutive blocks (row-major) times a range of bins; per block and bin it holds the
+    weights ``[K, P]``, the product ``[C, P]`` and the inverse sums ``[P]`` (``P`` the largest block),
+    per block and chunk of :data:`BIN_CHUNK` bins the features ``[C, K]``. The batch is sized to
+    ``min(budget_bytes, BATCH_BYTES)``: all bins of as many blocks as fit, else chunks of bins of
+    :data:`MIN_BATCH_BLOCKS` blocks (at least one chunk of one block).
     """
     H, W = out_size
     h, w = lr_size
     P = (-(-H // h) + 1) * (-(-W // w) + 1)
     K = window_size(radius)
     jc = max(1, min(BIN_CHUNK, n_bins))
+    budget = max(1, min(int(budget_bytes), BATCH_BYTES))
 
-    def row_bytes(nbins: int) -> int:
+    def block_bytes(nbins: int) -> int:
         nch = -(-nbins // jc)
-        return w * ((K + channels) * nch * jc * P + nch * channels * K + nbins * P) * itemsize
+        return ((K + channels) * nch * jc * P + nch * channels * K + nbins * P) * itemsize
 
-    full = row_bytes(n_bins)
-    if full <= budget_bytes:
-        rows = max(1, min(h, budget_bytes // full))
-        return int(rows), int(n_bins), int(rows * full)
-    nbb = min(n_bins, max(jc, (budget_bytes // max(row_bytes(jc), 1)) * jc))
-    return 1, int(nbb), int(row_bytes(nbb))
+    if MIN_BATCH_BLOCKS * block_bytes(n_bins) <= budget:
+        nbb = n_bins
+    else:
+        nbb = min(n_bins, max(jc, (budget // max(MIN_BATCH_BLOCKS * block_bytes(jc), 1)) * jc))
+    nbk = int(max(1, min(h * w, budget // block_bytes(nbb))))
+    return nbk, int(nbb), int(nbk * block_bytes(nbb))
 
 
 def kernel_render_volume(
@@ -371,22 +376,20 @@ def kernel_render_volume(
     pmax = int((ry1 - ry0).max()) * int((cx1 - cx0).max())
     K = offs.shape[0]
     itemsize = 8 if cdt == torch.float64 else 4
-    nrows, nbb, _ = volume_working_bytes((H, W), (h, w), C, n_bins, radius, itemsize, budget_bytes)
+    nbm, nbb, _ = volume_working_bytes((H, W), (h, w), C, n_bins, radius, itemsize, budget_bytes)
+    nbm = min(nbm, bi.shape[0])
     jc = max(1, min(BIN_CHUNK, n_bins))
     nch = -(-nbb // jc)
-    nbm = nrows * w
     # flat buffers, allocated once (zeroed: padding columns stay finite) and viewed contiguously per batch
     wbuf = torch.zeros(nbm * nch * K * jc * pmax, dtype=cdt)
     fbuf = torch.empty(nbm * nch * C * K, dtype=cdt)
     rbuf = torch.empty(nbm * nch * C * jc * pmax, dtype=cdt)
     inv = np.empty((nbm, nbb * pmax), ndt)
     done = 0
-    for ia in range(0, h, nrows):
-        sel = (bi >= ia) & (bi < ia + nrows)
-        b_i, b_j = np.ascontiguousarray(bi[sel]), np.ascontiguousarray(bj[sel])
-        nb = b_i.shape[0]
-        if nb == 0:
-            continue
+    for s in range(0, bi.shape[0], nbm):
+        e = min(bi.shape[0], s + nbm)
+        b_i, b_j = bi[s:e], bj[s:e]
+        nb = e - s
         for da in range(0, n_bins, nbb):
             nd = min(n_bins, da + nbb) - da
             nc = -(-nd // jc)
@@ -399,8 +402,8 @@ def kernel_render_volume(
             _fast._parallel_for(_volume_scatter, C, b_i, b_j, rt.numpy(), inv, d0, ry0, ry1, cx0, cx1, pmax, da, nd,
                                 half, banded, vol)
         if progress is not None:
-            rows = int(ry1[min(h, ia + nrows) - 1])
+            last = int(b_i[-1]) if e == bi.shape[0] or bi[e] != b_i[-1] else int(b_i[-1]) - 1
+            rows = int(ry1[last]) if last >= 0 else 0
             if rows > done:
                 done = rows
                 progress(rows, H)
-
