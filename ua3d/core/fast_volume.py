@@ -56,7 +56,7 @@ __all__ = ["AVAILABLE", "BIN_CHUNK", "half_bits", "kernel_render_volume", "volum
 #: bins per pass of the weights kernel (keeps a block's chunk of logits in the L2 cache)
 BIN_CHUNK = 4
 #: working-set cap of one batch (bytes); large batches amortise each call's start (16 MiB batches ran 2x slower)
-BATCH_BYTES = 256 << 20
+BATCH_BYTES = 128 << 20
 #: blocks per batch before the bins are split (keeps both threads busy)
 MIN_BATCH_BLOCKS = 4
 #: logit floor below a column's max, as the reference (``ua3d.rgbd.volume._EXP_FLOOR``)
