@@ -165,3 +165,18 @@ def test_cuda_inputs_use_the_reference_path(lk64, feats64):
     assert v.device.type == "cuda"
     torch.testing.assert_close(v.cpu(), cpu, atol=1e-10, rtol=0)
     torch.testing.assert_close(m.cpu(), cpu_mass, atol=1e-5, rtol=1e-5)
+
+
+def test_batched_bmm_path_matches_the_fused_one(lk64, feats64, monkeypatch):
+    """The fallback without scipy's BLAS (batches of weights, ``torch.bmm``) renders the same volume."""
+    from ua3d.core import fast_volume
+
+    fused, fm, _ = render_volume(lk64, feats64, bins=7, backend="fast", band=2, out_dtype=torch.float16)
+    ref, _, _ = render_volume(lk64, feats64, bins=7, backend="fast", band=2)
+    monkeypatch.setattr(fast_volume, "FUSED", False)
+    for budget in (256 << 20, 1):  # one batch; one block and one chunk of bins per batch
+        batched, bm, _ = render_volume(lk64, feats64, bins=7, backend="fast", band=2, budget_bytes=budget)
+        torch.testing.assert_close(batched, ref, atol=1e-12, rtol=0)
+        torch.testing.assert_close(bm, fm)
+    b16, _, _ = render_volume(lk64, feats64, bins=7, backend="fast", band=2, out_dtype=torch.float16)
+    assert torch.equal(b16, fused)

@@ -44,6 +44,10 @@ independent of the thread count). ``AVAILABLE`` is False when numba cannot be im
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+from functools import lru_cache
+
 import numpy as np
 import torch
 
@@ -53,8 +57,10 @@ from .memory import window_size
 
 __all__ = ["AVAILABLE", "BIN_CHUNK", "half_bits", "kernel_render_volume", "volume_working_bytes"]
 
+#: one pass per block, the product by numba's np.dot (scipy BLAS) in the cache; False: batches + torch.bmm
+FUSED = True
 #: bins per pass of the weights kernel (keeps a block's chunk of logits in the L2 cache)
-BIN_CHUNK = 4
+BIN_CHUNK = 2
 #: working-set cap of one batch (bytes); large batches amortise each call's start (16 MiB batches ran 2x slower)
 BATCH_BYTES = 128 << 20
 #: blocks per batch before the bins are split (keeps both threads busy)
@@ -206,11 +212,11 @@ if AVAILABLE:
 
     @njit(**_JIT)
     def _volume_scatter(c0, c1, bi, bj, res, inv, d0, ry0, ry1, cx0, cx1, pmax, da, n_bins, half, banded, out):
-        """Channels ``c0 <= c < c1`` of a batch of whole anchor rows of blocks (``bi, bj`` row-major):
+        """Channels ``c0 <= c < c1`` of a batch of consecutive blocks (``bi, bj`` row-major):
         ``out[c, d0 + d, y, x] = res[t, ch, c, jj P + p] inv[t, (d - da) P + p]`` for the bins
-        ``d = da + ch jc + jj < da + n_bins`` (float16 bits when ``half``). Each ``(c, d)`` plane's rows
-        of the anchor row are written block after block while they stay in the L1 cache (whole lines
-        reach memory), reading each block's result sequentially.
+        ``d = da + ch jc + jj < da + n_bins`` (float16 bits when ``half``). Per anchor row, each
+        ``(c, d)`` plane's rows are written block after block while they stay in the L1 cache (whole
+        lines reach memory), reading each block's result sequentially.
         ``banded`` False promises ``d0 == 0`` (contiguous row segments)."""
         _wide_vectors()
         P = pmax
@@ -255,6 +261,127 @@ if AVAILABLE:
             ts = te
 
 
+if AVAILABLE:
+
+    @njit(**_JIT)
+    def _volume_fused(t0, t1, bi, bj, ghr, glr, coef, vlr, slope, planar, phib, d0, sig, offs, ry0, ry1, cx0, cx1,
+                      cyv, cxv, pmax, n_bins, jc, half, banded, out, log_mass):
+        """Blocks ``t0 <= t < t1`` end to end, every intermediate in the cache: per chunk of ``jc`` bins
+        the weights ``[K, jc P]`` (as :func:`_volume_weights`), their product with the block's features
+        ``[C, K]`` (``np.dot``: BLAS sgemm / dgemm, one thread per caller), and the scatter into
+        ``out [C, D, H, W]`` (float16 bits when ``half``) and ``log_mass``."""
+        _wide_vectors()
+        w = glr.shape[3]
+        Cg = glr.shape[1]
+        Cc = Cg - 1
+        K = offs.shape[0]
+        C = sig.shape[0]
+        P = pmax
+        dt = glr.dtype.type
+        floor = dt(EXP_FLOOR)
+        (rec, nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b, nb_r, nb_v, nb_g, nb_k, px, py, pg, pv, _pw, _wl, _mx, _tot,
+         _d) = _block_scratch(glr, K, 2, pmax)
+        sm = np.ones((1, 1, 1), np.uint8)
+        vhr = np.ones((1, 1, 1, 1), np.uint8)
+        base = np.empty((K, pmax), glr.dtype)
+        cen = np.empty((K, pmax), glr.dtype)
+        prec = np.empty(K, glr.dtype)
+        phb = np.empty((jc, pmax), glr.dtype)
+        mx = np.empty((jc, pmax), glr.dtype)
+        acc = np.empty((jc, pmax), glr.dtype)
+        fm = np.zeros((C, K), glr.dtype)
+        wm = np.zeros((K, jc * pmax), glr.dtype)
+        for t in range(t0, t1):
+            i, j = bi[t], bj[t]
+            y0, y1 = ry0[i], ry1[i]
+            x0, x1 = cx0[j], cx1[j]
+            bw = x1 - x0
+            kb, _kanc = _gather_block(0, i, j, glr, coef, vlr, sm, offs, cyv, cxv, y0, y1, x0, x1, 0.0, True,
+                                      False, rec, nb_v, nb_k)
+            n = _block_pixels(0, y0, y1, x0, x1, ghr, vhr, False, px, py, pg, pv)
+            for k in range(kb):
+                kk = nb_k[k]
+                qi, qj = i + offs[kk, 0], j + offs[kk, 1]
+                ck, sk, ak, bk, rc = nb_c[k], nb_s[k], nb_a[k], nb_b[k], nb_r[0, k]
+                cyk, cxk = nb_cy[k], nb_cx[k]
+                prec[k] = nb_r[1, k] * nb_v[1, k]
+                phik = nb_g[Cc, k]
+                gy = slope[0, qi, qj] if planar else dt(0.0)
+                gx = slope[1, qi, qj] if planar else dt(0.0)
+                for p in range(n):
+                    dx = px[p] - cxk
+                    dy = py[p] - cyk
+                    a = ck * dx + sk * dy
+                    b = ck * dy - sk * dx
+                    base[k, p] = -(a * a * ak + b * b * bk)
+                    cen[k, p] = phik + gy * dy + gx * dx
+                for c in range(Cc):
+                    gk = nb_g[c, k]
+                    for p in range(n):
+                        e = pg[c, p] - gk
+                        base[k, p] -= e * e * rc
+                q = qi * w + qj
+                for c in range(C):
+                    fm[c, k] = sig[c, q]
+            for k in range(kb, K):  # rows past the list: zero features (their weights stay finite)
+                for c in range(C):
+                    fm[c, k] = 0.0
+            for ja in range(0, n_bins, jc):
+                nj = min(n_bins, ja + jc) - ja
+                for jj in range(nj):
+                    for p in range(n):
+                        yy = p // bw
+                        phb[jj, p] = phib[d0[y0 + yy, x0 + p - yy * bw] + ja + jj]
+                        mx[jj, p] = dt(-3.0e38)
+                        acc[jj, p] = dt(0.0)
+                for k in range(kb):
+                    pk = prec[k]
+                    for jj in range(nj):
+                        o = jj * P
+                        for p in range(n):
+                            dz = phb[jj, p] - cen[k, p]
+                            v = base[k, p] - dz * dz * pk
+                            wm[k, o + p] = v
+                            mx[jj, p] = max(mx[jj, p], v)
+                for k in range(kb):
+                    for jj in range(nj):
+                        o = jj * P
+                        for p in range(n):
+                            e = _fexp(max(wm[k, o + p] - mx[jj, p], floor))
+                            wm[k, o + p] = e
+                            acc[jj, p] += e
+                res = np.dot(fm, wm)  # [C, jc P]
+                for jj in range(nj):
+                    o = jj * P
+                    for p in range(n):
+                        yy = p // bw
+                        y, x = y0 + yy, x0 + p - yy * bw
+                        log_mass[d0[y, x] + ja + jj, y, x] = mx[jj, p] + np.log(acc[jj, p])
+                        acc[jj, p] = dt(1.0) / acc[jj, p]
+                for c in range(C):
+                    for jj in range(nj):
+                        o = jj * P
+                        d = ja + jj
+                        for yy in range(y1 - y0):
+                            y = y0 + yy
+                            pp = o + yy * bw
+                            if not banded:
+                                for xx in range(bw):
+                                    v = res[c, pp + xx] * acc[jj, yy * bw + xx]
+                                    if half:
+                                        out[c, d, y, x0 + xx] = _half_bits(np.float32(v))
+                                    else:
+                                        out[c, d, y, x0 + xx] = v
+                                continue
+                            for xx in range(bw):
+                                x = x0 + xx
+                                v = res[c, pp + xx] * acc[jj, yy * bw + xx]
+                                if half:
+                                    out[c, d0[y, x] + d, y, x] = _half_bits(np.float32(v))
+                                else:
+                                    out[c, d0[y, x] + d, y, x] = v
+
+
 def half_bits(x: np.ndarray) -> np.ndarray:
     """float16 bit patterns (uint16) of float32 ``x [N]`` by the engine's converter (for tests)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
@@ -297,6 +424,44 @@ def volume_working_bytes(out_size: tuple[int, int], lr_size: tuple[int, int], ch
         nbb = min(n_bins, max(jc, (budget // max(MIN_BATCH_BLOCKS * block_bytes(jc), 1)) * jc))
     nbk = int(max(1, min(h * w, budget // block_bytes(nbb))))
     return nbk, int(nbb), int(nbk * block_bytes(nbb))
+
+
+@lru_cache(maxsize=1)
+def _scipy_blas_threads():
+    """``(get, set)`` of the thread count of the BLAS that numba's ``np.dot`` calls (scipy's OpenBLAS),
+    or None when there is no scipy (then the batched path with ``torch.bmm`` runs)."""
+    try:
+        import scipy.linalg.cython_blas  # noqa: F401  (loads the library numba calls)
+    except Exception:  # noqa: BLE001  # pragma: no cover - no scipy: numba's np.dot is unavailable
+        return None
+    try:
+        with open("/proc/self/maps") as f:
+            paths = sorted({ln.split()[-1] for ln in f if "openblas" in ln.lower() and "scipy.libs" in ln})
+        for p in paths:
+            lib = ctypes.CDLL(p)
+            for g, s in (("scipy_openblas_get_num_threads", "scipy_openblas_set_num_threads"),
+                         ("openblas_get_num_threads", "openblas_set_num_threads")):
+                if hasattr(lib, g) and hasattr(lib, s):
+                    return getattr(lib, g), getattr(lib, s)
+    except OSError:  # pragma: no cover - no /proc: leave scipy's BLAS threads as they are
+        pass
+    return (lambda: 1), (lambda n: None)
+
+
+@contextlib.contextmanager
+def _one_blas_thread():
+    """The engine's threads each call BLAS: make it single-threaded meanwhile (restored after)."""
+    gs = _scipy_blas_threads()
+    if gs is None:
+        yield
+        return
+    get, set_ = gs
+    before = int(get())
+    set_(1)
+    try:
+        yield
+    finally:
+        set_(before)
 
 
 def kernel_render_volume(
@@ -376,6 +541,14 @@ def kernel_render_volume(
     pmax = int((ry1 - ry0).max()) * int((cx1 - cx0).max())
     K = offs.shape[0]
     itemsize = 8 if cdt == torch.float64 else 4
+    if FUSED and _scipy_blas_threads() is not None:
+        with _one_blas_thread():
+            _fast._parallel_for(_volume_fused, bi.shape[0], bi, bj, ghr, glr, coef, vlr, slope, planar, phib, d0, sig,
+                                offs, ry0, ry1, cx0, cx1, cyv, cxv, pmax, n_bins, max(1, min(BIN_CHUNK, n_bins)),
+                                half, banded, vol, lm)
+        if progress is not None:
+            progress(H, H)
+        return
     nbm, nbb, _ = volume_working_bytes((H, W), (h, w), C, n_bins, radius, itemsize, budget_bytes)
     nbm = min(nbm, bi.shape[0])
     jc = max(1, min(BIN_CHUNK, n_bins))
