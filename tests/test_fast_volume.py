@@ -55,11 +55,14 @@ def _both(lk, f, **kw):
 
 
 @pytest.mark.parametrize("model", ["planar", "constant"])
-@pytest.mark.parametrize(("band", "spacing", "mass_mode"), [(None, "uniform", "raw"), (2, "inverse", "normalized"),
-                                                            (0, "uniform", "raw")])
+@pytest.mark.parametrize(
+    ("band", "spacing", "mass_mode"),
+    [(None, "uniform", "raw"), (2, "inverse", "normalized"), (0, "uniform", "raw")],
+)
 def test_float64_parity(lk64, feats64, model, band, spacing, mass_mode):
-    (v0, m0, b0), (v1, m1, b1) = _both(lk64, feats64, bins=9, depth_model=model, band=band, spacing=spacing,
-                                       mass_mode=mass_mode)
+    (v0, m0, b0), (v1, m1, b1) = _both(
+        lk64, feats64, bins=9, depth_model=model, band=band, spacing=spacing, mass_mode=mass_mode
+    )
     assert v1.dtype == torch.float64 and v1.shape == (5, 9, 29, 37)
     torch.testing.assert_close(v1, v0, atol=1e-10, rtol=0)
     torch.testing.assert_close(m1, m0, atol=1e-5, rtol=1e-5)  # log M is float32 in both
@@ -86,8 +89,23 @@ def test_half_rounding_is_bit_exact():
 
     g = np.random.default_rng(0)
     x = (g.standard_normal(200_000) * 10.0 ** g.uniform(-9, 5.5, 200_000)).astype(np.float32)
-    specials = [0.0, -0.0, np.inf, -np.inf, 65504.0, 65519.99, 65520.0, 1e6, 2.0**-24, 2.0**-25, 1.5 * 2.0**-25,
-                2.0**-14, 2.0**-14 * (1 - 2.0**-11), 1 + 2.0**-11, 1 + 3 * 2.0**-11]  # ties round to even
+    specials = [
+        0.0,
+        -0.0,
+        np.inf,
+        -np.inf,
+        65504.0,
+        65519.99,
+        65520.0,
+        1e6,
+        2.0**-24,
+        2.0**-25,
+        1.5 * 2.0**-25,
+        2.0**-14,
+        2.0**-14 * (1 - 2.0**-11),
+        1 + 2.0**-11,
+        1 + 3 * 2.0**-11,
+    ]  # ties round to even
     x = np.concatenate([x, np.array(specials, np.float32), -np.array(specials, np.float32)])
     with np.errstate(over="ignore"):
         np.testing.assert_array_equal(half_bits(x), x.astype(np.float16).view(np.uint16))
@@ -96,8 +114,9 @@ def test_half_rounding_is_bit_exact():
 
 def test_float16_and_memmap_outputs(lk64, feats64, tmp_path):
     ref, ref_mass, _ = render_volume(lk64, feats64, bins=6, backend="reference", out_dtype=torch.float16)
-    out, mass, _ = render_volume(lk64, feats64, bins=6, backend="fast", out_dtype=torch.float16,
-                                 out=tmp_path / "v.npy")
+    out, mass, _ = render_volume(
+        lk64, feats64, bins=6, backend="fast", out_dtype=torch.float16, out=tmp_path / "v.npy"
+    )
     assert out.dtype == torch.float16
     # float64 -> float16 (reference) vs float64 -> float32 -> float16 (engine): equal or one half ulp apart
     diff = (out.double() - ref.double()).abs()
@@ -122,10 +141,14 @@ def test_batches_bins_and_threads_do_not_change_the_result(lk64, feats64):
 
 def test_progress_and_estimate(lk64, feats64):
     seen = []
-    render_volume(lk64, feats64, bins=3, backend="fast", budget_bytes=1, progress=lambda r, n: seen.append((r, n)))
+    render_volume(
+        lk64, feats64, bins=3, backend="fast", budget_bytes=1, progress=lambda r, n: seen.append((r, n))
+    )
     assert seen[-1] == (29, 29) and [r for r, _ in seen] == sorted({r for r, _ in seen})
     est = estimate_volume_bytes(64, 64, (480, 640), torch.float16, radius=8, lr_size=(30, 40), backend="fast")
-    ref = estimate_volume_bytes(64, 64, (480, 640), torch.float16, radius=8, lr_size=(30, 40), backend="reference")
+    ref = estimate_volume_bytes(
+        64, 64, (480, 640), torch.float16, radius=8, lr_size=(30, 40), backend="reference"
+    )
     assert est.volume == ref.volume and 0 < est.working <= 256 << 20
 
 
@@ -141,16 +164,40 @@ def test_errors(lk64, feats64):
 
     k = lk64.kernel
     with pytest.raises(ValueError, match="kernel_render_volume needs one frame with a depth group"):
-        kernel_render_volume(k.params, k.guide_hr, k.guide_lr, k.valid_lr[:, :1], feats64, k.radius, None,
-                             torch.zeros(3), torch.zeros(29, 37, dtype=torch.int64), 3,
-                             torch.zeros(5, 3, 29, 37), torch.zeros(3, 29, 37))
+        kernel_render_volume(
+            k.params,
+            k.guide_hr,
+            k.guide_lr,
+            k.valid_lr[:, :1],
+            feats64,
+            k.radius,
+            None,
+            torch.zeros(3),
+            torch.zeros(29, 37, dtype=torch.int64),
+            3,
+            torch.zeros(5, 3, 29, 37),
+            torch.zeros(3, 29, 37),
+        )
     with pytest.raises(ValueError, match=r"volume must be \[5, 3, 29, 37\]"):
-        kernel_render_volume(k.params, k.guide_hr, k.guide_lr, k.valid_lr, feats64, k.radius, None,
-                             torch.zeros(3), torch.zeros(29, 37, dtype=torch.int64), 3,
-                             torch.zeros(5, 3, 29, 36), torch.zeros(3, 29, 37))
+        kernel_render_volume(
+            k.params,
+            k.guide_hr,
+            k.guide_lr,
+            k.valid_lr,
+            feats64,
+            k.radius,
+            None,
+            torch.zeros(3),
+            torch.zeros(29, 37, dtype=torch.int64),
+            3,
+            torch.zeros(5, 3, 29, 36),
+            torch.zeros(3, 29, 37),
+        )
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the CUDA path (reference) is not tested")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device: the CUDA path (reference) is not tested"
+)
 def test_cuda_inputs_use_the_reference_path(lk64, feats64):
     import copy
 

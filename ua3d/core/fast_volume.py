@@ -18,24 +18,33 @@ Organisation (the layout of :mod:`ua3d.core.fast`'s render):
   cells for radius 8); the neighbours' records are gathered once per block with
   :func:`ua3d.core.fast._gather_block`. Per block and neighbour the bin-independent parts, the
   spatial + colour logit ``s`` and the depth centre ``mu``, are computed once (``[K, n]``).
-* **Weights** (:func:`_volume_weights`): for chunks of :data:`BIN_CHUNK` bins (so that the chunk's
-  ``[K, chunk n]`` logits stay in the L2 cache) one pass writes the logits and their per-column
-  max, a second one replaces them with ``exp`` (the vectorisable :func:`ua3d.core.fast._fexp`) and
-  sums them; the block's weights ``[K, Db n]`` are never normalised (the scatter divides).
-* **Contraction.** ``torch.bmm`` multiplies the block's gathered features ``[C, K]`` with its
-  weights ``[K, Db n]`` (the only ``O(pairs x C)`` work: BLAS at near peak), a batch of blocks at
-  a time, sized to the working budget.
-* **Scatter** (:func:`_volume_scatter`): divides by the weight sums and writes every block's
-  ``[C, Db, n]`` result to the volume ``[C, D, H, W]`` at each pixel's own bins (``band``), with
-  the float32 -> float16 rounding done in numba (:func:`_half_bits`, round to nearest even, as
-  numpy and torch) when the volume is float16, so a float16 or memmap (``np.memmap``) volume is
-  written in place with no float32 copy; ``log M`` goes to ``log_mass [D, H, W]``.
+* **Weights**: for chunks of :data:`BIN_CHUNK` bins one pass writes the logits ``[K, chunk n]``
+  and their per-column max, a second one replaces them with ``exp`` (the vectorisable
+  :func:`ua3d.core.fast._fexp`) and sums them; the weights are never normalised (the scatter
+  multiplies by the inverse sums).
+* **Contraction**: the chunk's weights times the block's gathered features ``[C, K]``, the only
+  ``O(pairs x C)`` work, by BLAS.
+* **Scatter**: each block's ``[C, chunk, n]`` result goes to the volume ``[C, D, H, W]`` at each
+  pixel's own bins (``band``), with the float32 -> float16 rounding done in numba
+  (:func:`_half_bits`: ``vcvtps2ph``, round to nearest even, bit-exact with numpy and torch), so a
+  float16 or memmap (``np.memmap``) volume is written in place with no float32 copy; ``log M``
+  goes to ``log_mass [D, H, W]``.
+
+Two drivers of these steps. **Fused** (:func:`_volume_fused`, default when scipy is present): each
+thread runs the three steps per block and chunk, the product by numba's ``np.dot`` (scipy's
+OpenBLAS sgemm, held at one thread per caller meanwhile), so weights and products never leave
+the cache: measured here, 640x480 / 64 channels / 16 bins took 2.9 s of CPU against 4.1 s for the
+batched driver, which moves every weight through memory twice (written by numba, read by BLAS:
+``2 x 4 K`` bytes per voxel against ``2`` for the float16 volume itself). **Batched**
+(:func:`_volume_weights`, ``torch.bmm``, :func:`_volume_scatter`; the fallback without scipy, or
+``FUSED = False``): batches of consecutive blocks x bins sized to the budget
+(:func:`volume_working_bytes`).
 
 Work and its physical bound (640x480, 30x40 grid, radius 8, 64 bins, 64 channels): ``3.9e9``
 (pixel, bin, neighbour) pairs, each one ``exp`` and ``~8`` flops of logits in numba plus ``2 C``
 flops in the contraction: ``5.0e11`` flops of BLAS, which at this CPU's AVX-512 FMA peak (2 x 16
-lanes x 2 flops per cycle, ~2.6 GHz: ~170 GFLOP/s per core) is ~1.5 s per core; figures in the
-note of issue 16 / ``scripts/bench_volume.py``.
+lanes x 2 flops per cycle, ~2.6 GHz: ~170 GFLOP/s per core) is ~2.9 s of one core, ~1.5 s on two; single-threaded
+sgemm of these shapes reached ~100 GFLOP/s here. Figures: ``scripts/bench_volume.py``.
 
 The weights kernel and the scatter release the GIL and run on :func:`ua3d.core.fast._parallel_for`'s
 pool (``torch.get_num_threads()`` threads); each block is written by one thread (no races, results
@@ -98,8 +107,35 @@ if AVAILABLE:
             out[i] = _half_bits(x[i])
 
     @njit(**_JIT)
-    def _volume_weights(t0, t1, bi, bj, ghr, glr, coef, vlr, slope, planar, phib, d0, sig, offs, ry0, ry1, cx0,
-                        cx1, cyv, cxv, pmax, da, n_bins, wmat, fmat, inv, log_mass):
+    def _volume_weights(
+        t0,
+        t1,
+        bi,
+        bj,
+        ghr,
+        glr,
+        coef,
+        vlr,
+        slope,
+        planar,
+        phib,
+        d0,
+        sig,
+        offs,
+        ry0,
+        ry1,
+        cx0,
+        cx1,
+        cyv,
+        cxv,
+        pmax,
+        da,
+        n_bins,
+        wmat,
+        fmat,
+        inv,
+        log_mass,
+    ):
         """Unnormalised weights of blocks ``t0 <= t < t1`` (block ``(bi[t], bj[t])``).
 
         The bins ``da <= d < da + n_bins`` (counted from each pixel's ``d0``) come in chunks of
@@ -122,8 +158,28 @@ if AVAILABLE:
         jc = wmat.shape[3] // P
         dt = glr.dtype.type
         floor = dt(EXP_FLOOR)
-        (rec, nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b, nb_r, nb_v, nb_g, nb_k, px, py, pg, pv, _pw, _wl, _mx, _tot,
-         _d) = _block_scratch(glr, K, 2, pmax)
+        (
+            rec,
+            nb_cy,
+            nb_cx,
+            nb_c,
+            nb_s,
+            nb_a,
+            nb_b,
+            nb_r,
+            nb_v,
+            nb_g,
+            nb_k,
+            px,
+            py,
+            pg,
+            pv,
+            _pw,
+            _wl,
+            _mx,
+            _tot,
+            _d,
+        ) = _block_scratch(glr, K, 2, pmax)
         sm = np.ones((1, 1, 1), np.uint8)
         vhr = np.ones((1, 1, 1, 1), np.uint8)
         base = np.empty((K, pmax), glr.dtype)
@@ -137,8 +193,9 @@ if AVAILABLE:
             y0, y1 = ry0[i], ry1[i]
             x0, x1 = cx0[j], cx1[j]
             bw = x1 - x0
-            kb, _kanc = _gather_block(0, i, j, glr, coef, vlr, sm, offs, cyv, cxv, y0, y1, x0, x1, 0.0, True,
-                                      False, rec, nb_v, nb_k)
+            kb, _kanc = _gather_block(
+                0, i, j, glr, coef, vlr, sm, offs, cyv, cxv, y0, y1, x0, x1, 0.0, True, False, rec, nb_v, nb_k
+            )
             n = _block_pixels(0, y0, y1, x0, x1, ghr, vhr, False, px, py, pg, pv)
             for k in range(kb):
                 kk = nb_k[k]
@@ -211,7 +268,9 @@ if AVAILABLE:
                         log_mass[d0[y, x] + da + ja + jj, y, x] = mx[jj, p] + np.log(acc[jj, p])
 
     @njit(**_JIT)
-    def _volume_scatter(c0, c1, bi, bj, res, inv, d0, ry0, ry1, cx0, cx1, pmax, da, n_bins, half, banded, out):
+    def _volume_scatter(
+        c0, c1, bi, bj, res, inv, d0, ry0, ry1, cx0, cx1, pmax, da, n_bins, half, banded, out
+    ):
         """Channels ``c0 <= c < c1`` of a batch of consecutive blocks (``bi, bj`` row-major):
         ``out[c, d0 + d, y, x] = res[t, ch, c, jj P + p] inv[t, (d - da) P + p]`` for the bins
         ``d = da + ch jc + jj < da + n_bins`` (float16 bits when ``half``). Per anchor row, each
@@ -264,8 +323,35 @@ if AVAILABLE:
 if AVAILABLE:
 
     @njit(**_JIT)
-    def _volume_fused(t0, t1, bi, bj, ghr, glr, coef, vlr, slope, planar, phib, d0, sig, offs, ry0, ry1, cx0, cx1,
-                      cyv, cxv, pmax, n_bins, jc, half, banded, out, log_mass):
+    def _volume_fused(
+        t0,
+        t1,
+        bi,
+        bj,
+        ghr,
+        glr,
+        coef,
+        vlr,
+        slope,
+        planar,
+        phib,
+        d0,
+        sig,
+        offs,
+        ry0,
+        ry1,
+        cx0,
+        cx1,
+        cyv,
+        cxv,
+        pmax,
+        n_bins,
+        jc,
+        half,
+        banded,
+        out,
+        log_mass,
+    ):
         """Blocks ``t0 <= t < t1`` end to end, every intermediate in the cache: per chunk of ``jc`` bins
         the weights ``[K, jc P]`` (as :func:`_volume_weights`), their product with the block's features
         ``[C, K]`` (``np.dot``: BLAS sgemm / dgemm, one thread per caller), and the scatter into
@@ -279,8 +365,28 @@ if AVAILABLE:
         P = pmax
         dt = glr.dtype.type
         floor = dt(EXP_FLOOR)
-        (rec, nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b, nb_r, nb_v, nb_g, nb_k, px, py, pg, pv, _pw, _wl, _mx, _tot,
-         _d) = _block_scratch(glr, K, 2, pmax)
+        (
+            rec,
+            nb_cy,
+            nb_cx,
+            nb_c,
+            nb_s,
+            nb_a,
+            nb_b,
+            nb_r,
+            nb_v,
+            nb_g,
+            nb_k,
+            px,
+            py,
+            pg,
+            pv,
+            _pw,
+            _wl,
+            _mx,
+            _tot,
+            _d,
+        ) = _block_scratch(glr, K, 2, pmax)
         sm = np.ones((1, 1, 1), np.uint8)
         vhr = np.ones((1, 1, 1, 1), np.uint8)
         base = np.empty((K, pmax), glr.dtype)
@@ -296,8 +402,9 @@ if AVAILABLE:
             y0, y1 = ry0[i], ry1[i]
             x0, x1 = cx0[j], cx1[j]
             bw = x1 - x0
-            kb, _kanc = _gather_block(0, i, j, glr, coef, vlr, sm, offs, cyv, cxv, y0, y1, x0, x1, 0.0, True,
-                                      False, rec, nb_v, nb_k)
+            kb, _kanc = _gather_block(
+                0, i, j, glr, coef, vlr, sm, offs, cyv, cxv, y0, y1, x0, x1, 0.0, True, False, rec, nb_v, nb_k
+            )
             n = _block_pixels(0, y0, y1, x0, x1, ghr, vhr, False, px, py, pg, pv)
             for k in range(kb):
                 kk = nb_k[k]
@@ -390,15 +497,24 @@ def half_bits(x: np.ndarray) -> np.ndarray:
     return out.view(np.uint16)
 
 
-def _blocks(ry0: np.ndarray, ry1: np.ndarray, cx0: np.ndarray, cx1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _blocks(
+    ry0: np.ndarray, ry1: np.ndarray, cx0: np.ndarray, cx1: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Anchor rows and columns of the non-empty blocks, row-major."""
     ii, jj = np.meshgrid(np.arange(ry0.shape[0]), np.arange(cx0.shape[0]), indexing="ij")
     ok = ((ry1 - ry0)[:, None] > 0) & ((cx1 - cx0)[None, :] > 0)
     return np.ascontiguousarray(ii[ok], dtype=np.int64), np.ascontiguousarray(jj[ok], dtype=np.int64)
 
 
-def volume_working_bytes(out_size: tuple[int, int], lr_size: tuple[int, int], channels: int, n_bins: int,
-                         radius: float, itemsize: int = 4, budget_bytes: int = 256 << 20) -> tuple[int, int, int]:
+def volume_working_bytes(
+    out_size: tuple[int, int],
+    lr_size: tuple[int, int],
+    channels: int,
+    n_bins: int,
+    radius: float,
+    itemsize: int = 4,
+    budget_bytes: int = 256 << 20,
+) -> tuple[int, int, int]:
     """``(blocks per batch, bins per batch, working bytes)`` of :func:`kernel_render_volume`.
 
     A batch is consecutive blocks (row-major) times a range of bins; per block and bin it holds the
@@ -439,8 +555,10 @@ def _scipy_blas_threads():
             paths = sorted({ln.split()[-1] for ln in f if "openblas" in ln.lower() and "scipy.libs" in ln})
         for p in paths:
             lib = ctypes.CDLL(p)
-            for g, s in (("scipy_openblas_get_num_threads", "scipy_openblas_set_num_threads"),
-                         ("openblas_get_num_threads", "openblas_set_num_threads")):
+            for g, s in (
+                ("scipy_openblas_get_num_threads", "scipy_openblas_set_num_threads"),
+                ("openblas_get_num_threads", "openblas_set_num_threads"),
+            ):
                 if hasattr(lib, g) and hasattr(lib, s):
                     return getattr(lib, g), getattr(lib, s)
     except OSError:  # pragma: no cover - no /proc: leave scipy's BLAS threads as they are
@@ -450,7 +568,8 @@ def _scipy_blas_threads():
 
 @contextlib.contextmanager
 def _one_blas_thread():
-    """The engine's threads each call BLAS: make it single-threaded meanwhile (restored after)."""
+    """The engine's threads each call BLAS: make it single-threaded meanwhile (restored after; the
+    setting is process-wide, so scipy BLAS calls of other threads run single-threaded meanwhile)."""
     gs = _scipy_blas_threads()
     if gs is None:
         yield
@@ -516,8 +635,10 @@ def kernel_render_volume(
     D = phi_bins.numel()
     vol = volume.numpy() if isinstance(volume, torch.Tensor) else volume
     if tuple(vol.shape) != (C, D, H, W) or tuple(log_mass.shape) != (D, H, W):
-        raise ValueError(f"volume must be [{C}, {D}, {H}, {W}] and log_mass [{D}, {H}, {W}], got "
-                         f"{tuple(vol.shape)} and {tuple(log_mass.shape)}")
+        raise ValueError(
+            f"volume must be [{C}, {D}, {H}, {W}] and log_mass [{D}, {H}, {W}], got "
+            f"{tuple(vol.shape)} and {tuple(log_mass.shape)}"
+        )
     half = vol.dtype == np.float16
     if half:
         vol = vol.view(np.int16)
@@ -543,9 +664,35 @@ def kernel_render_volume(
     itemsize = 8 if cdt == torch.float64 else 4
     if FUSED and _scipy_blas_threads() is not None:
         with _one_blas_thread():
-            _fast._parallel_for(_volume_fused, bi.shape[0], bi, bj, ghr, glr, coef, vlr, slope, planar, phib, d0, sig,
-                                offs, ry0, ry1, cx0, cx1, cyv, cxv, pmax, n_bins, max(1, min(BIN_CHUNK, n_bins)),
-                                half, banded, vol, lm)
+            _fast._parallel_for(
+                _volume_fused,
+                bi.shape[0],
+                bi,
+                bj,
+                ghr,
+                glr,
+                coef,
+                vlr,
+                slope,
+                planar,
+                phib,
+                d0,
+                sig,
+                offs,
+                ry0,
+                ry1,
+                cx0,
+                cx1,
+                cyv,
+                cxv,
+                pmax,
+                n_bins,
+                max(1, min(BIN_CHUNK, n_bins)),
+                half,
+                banded,
+                vol,
+                lm,
+            )
         if progress is not None:
             progress(H, H)
         return
@@ -569,11 +716,57 @@ def kernel_render_volume(
             wt = wbuf[: nb * nc * K * jc * pmax].view(nb, nc, K, jc * pmax)
             ft = fbuf[: nb * nc * C * K].view(nb, nc, C, K)
             rt = rbuf[: nb * nc * C * jc * pmax].view(nb, nc, C, jc * pmax)
-            _fast._parallel_for(_volume_weights, nb, b_i, b_j, ghr, glr, coef, vlr, slope, planar, phib, d0, sig,
-                                offs, ry0, ry1, cx0, cx1, cyv, cxv, pmax, da, nd, wt.numpy(), ft.numpy(), inv, lm)
-            torch.bmm(ft.view(nb * nc, C, K), wt.view(nb * nc, K, jc * pmax), out=rt.view(nb * nc, C, jc * pmax))
-            _fast._parallel_for(_volume_scatter, C, b_i, b_j, rt.numpy(), inv, d0, ry0, ry1, cx0, cx1, pmax, da, nd,
-                                half, banded, vol)
+            _fast._parallel_for(
+                _volume_weights,
+                nb,
+                b_i,
+                b_j,
+                ghr,
+                glr,
+                coef,
+                vlr,
+                slope,
+                planar,
+                phib,
+                d0,
+                sig,
+                offs,
+                ry0,
+                ry1,
+                cx0,
+                cx1,
+                cyv,
+                cxv,
+                pmax,
+                da,
+                nd,
+                wt.numpy(),
+                ft.numpy(),
+                inv,
+                lm,
+            )
+            torch.bmm(
+                ft.view(nb * nc, C, K), wt.view(nb * nc, K, jc * pmax), out=rt.view(nb * nc, C, jc * pmax)
+            )
+            _fast._parallel_for(
+                _volume_scatter,
+                C,
+                b_i,
+                b_j,
+                rt.numpy(),
+                inv,
+                d0,
+                ry0,
+                ry1,
+                cx0,
+                cx1,
+                pmax,
+                da,
+                nd,
+                half,
+                banded,
+                vol,
+            )
         if progress is not None:
             last = int(b_i[-1]) if e == bi.shape[0] or bi[e] != b_i[-1] else int(b_i[-1]) - 1
             rows = int(ry1[last]) if last >= 0 else 0
