@@ -40,11 +40,12 @@ batched driver, which moves every weight through memory twice (written by numba,
 ``FUSED = False``): batches of consecutive blocks x bins sized to the budget
 (:func:`volume_working_bytes`).
 
-Work and its physical bound (640x480, 30x40 grid, radius 8, 64 bins, 64 channels): ``3.9e9``
-(pixel, bin, neighbour) pairs, each one ``exp`` and ``~8`` flops of logits in numba plus ``2 C``
-flops in the contraction: ``5.0e11`` flops of BLAS, which at this CPU's AVX-512 FMA peak (2 x 16
-lanes x 2 flops per cycle, ~2.6 GHz: ~170 GFLOP/s per core) is ~2.9 s of one core, ~1.5 s on two; single-threaded
-sgemm of these shapes reached ~100 GFLOP/s here. Figures: ``scripts/bench_volume.py``.
+Work and its physical bound (640x480, 30x40 grid, radius 8, 64 bins, 64 channels): ``3.15e9``
+(pixel, bin, in-grid neighbour) pairs, each one ``exp`` and ``~8`` flops of logits in numba plus
+``2 C`` flops in the contraction: ``4.0e11`` flops of BLAS, which at this CPU's AVX-512 FMA peak
+(2 x 16 lanes x 2 flops per cycle, ~2.6 GHz: ~170 GFLOP/s per core) is ~2.4 s of one core, ~1.2 s
+on two; single-threaded sgemm of these shapes reached ~100 GFLOP/s here. Figures:
+``scripts/bench_volume.py``.
 
 The weights kernel and the scatter release the GIL and run on :func:`ua3d.core.fast._parallel_for`'s
 pool (``torch.get_num_threads()`` threads); each block is written by one thread (no races, results

@@ -52,7 +52,7 @@ contraction with the features, and numba scatters into the volume (float16 round
 into a memmap), with no ``[Db, n, K]`` temporaries. The tensor code below (:func:`_stream_reference`)
 is the readable reference twin (parity tests in ``tests/test_fast_volume.py``) and the path for
 CUDA kernels (row chunks, memory linear in pixels). Work at 640x480, 64 channels on a 30x40 grid,
-64 bins, radius 8: ``3.7e9`` (pixel, bin, neighbour) pairs; figures in ``scripts/bench_volume.py``.
+64 bins, radius 8: ``3.15e9`` (pixel, bin, neighbour) pairs; figures in ``scripts/bench_volume.py``.
 """
 
 from __future__ import annotations
