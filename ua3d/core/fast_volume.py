@@ -396,8 +396,8 @@ if AVAILABLE:
         phb = np.empty((jc, pmax), glr.dtype)
         mx = np.empty((jc, pmax), glr.dtype)
         acc = np.empty((jc, pmax), glr.dtype)
-        fm = np.zeros((C, K), glr.dtype)
-        wm = np.zeros((K, jc * pmax), glr.dtype)
+        fmf = np.zeros(C * K, glr.dtype)  # flat: viewed as [C, kb] and [kb, jc P] per block (contiguous,
+        wmf = np.zeros(K * jc * pmax, glr.dtype)  # so BLAS skips the cells outside the grid)
         for t in range(t0, t1):
             i, j = bi[t], bj[t]
             y0, y1 = ry0[i], ry1[i]
@@ -407,6 +407,8 @@ if AVAILABLE:
                 0, i, j, glr, coef, vlr, sm, offs, cyv, cxv, y0, y1, x0, x1, 0.0, True, False, rec, nb_v, nb_k
             )
             n = _block_pixels(0, y0, y1, x0, x1, ghr, vhr, False, px, py, pg, pv)
+            fm = fmf[: C * kb].reshape((C, kb))
+            wm = wmf[: kb * jc * P].reshape((kb, jc * P))
             for k in range(kb):
                 kk = nb_k[k]
                 qi, qj = i + offs[kk, 0], j + offs[kk, 1]
@@ -431,9 +433,6 @@ if AVAILABLE:
                 q = qi * w + qj
                 for c in range(C):
                     fm[c, k] = sig[c, q]
-            for k in range(kb, K):  # rows past the list: zero features (their weights stay finite)
-                for c in range(C):
-                    fm[c, k] = 0.0
             for ja in range(0, n_bins, jc):
                 nj = min(n_bins, ja + jc) - ja
                 for jj in range(nj):
