@@ -587,7 +587,7 @@ def kernel_render_volume(
     params: torch.Tensor,
     guide_hr: torch.Tensor,
     guide_lr: torch.Tensor,
-    valid_lr: torch.Tensor,
+    valid_lr: torch.Tensor | None,
     features: torch.Tensor,
     radius: float,
     slopes: torch.Tensor | None,
@@ -626,10 +626,11 @@ def kernel_render_volume(
     _fast._require()
     B, _, h, w = params.shape
     Cg, H, W = guide_hr.shape[1:]
-    if B != 1 or tuple(guide_lr.shape) != (1, Cg, h, w) or tuple(valid_lr.shape) != (1, 2, h, w) or Cg < 2:
+    vshape = None if valid_lr is None else tuple(valid_lr.shape)
+    if B != 1 or tuple(guide_lr.shape) != (1, Cg, h, w) or vshape != (1, 2, h, w) or Cg < 2:
         raise ValueError(
             f"kernel_render_volume needs one frame with a depth group: params {tuple(params.shape)}, guide_hr "
-            f"{tuple(guide_hr.shape)}, guide_lr {tuple(guide_lr.shape)}, valid_lr {tuple(valid_lr.shape)}"
+            f"{tuple(guide_hr.shape)}, guide_lr {tuple(guide_lr.shape)}, valid_lr {vshape}"
         )
     C = features.shape[1]
     D = phi_bins.numel()
@@ -650,9 +651,10 @@ def kernel_render_volume(
     ghr = _fast._np(guide_hr, cdt)
     glr = _fast._np(guide_lr, cdt)
     coef = _fast._coefficients(params, glr, cdt, 0.0)
+    assert valid_lr is not None  # checked above
     vlr = _fast._np(valid_lr != 0, torch.uint8)
     planar = slopes is not None
-    slope = _fast._np(slopes[0], cdt) if planar else np.zeros((2, 1, 1), ndt)
+    slope = _fast._np(slopes[0], cdt) if slopes is not None else np.zeros((2, 1, 1), ndt)
     phib = _fast._np(phi_bins, cdt)
     d0 = _fast._np(band_start, torch.int64)
     sig = _fast._np(features[0].reshape(C, h * w), cdt)
