@@ -45,13 +45,14 @@ kernel-rendered depth where the observation is a hole), the other voxels being 0
 memmap. :func:`estimate_volume_bytes` says what a call will use, and :func:`render_volume`
 refuses with a ``ValueError`` when the output does not fit in the available memory (or disk).
 
-Speed (``scripts/bench_volume.py``, 640x480, 64 channels on a 30x40 grid, 64 bins, radius 8):
-about 1.2 G weights x 197 neighbours; the work is ~9 elementwise passes over ``[Db, n, K]`` per
-block plus the matrix products. A fused engine entry point in :mod:`ua3d.core.fast`, e.g.
-``kernel_render_volume(params, guide_hr, guide_lr, signal, radius, groups, valid_lr, bin_features
-[D], slopes [2, h, w] | None, band_start [H, W], n_bins) -> (out [C, Db, H, W], log_mass [Db, H, W])``,
-would compute each weight once in registers (no ``[Db, n, K]`` buffers) and make this several
-times faster.
+Engines (``backend``): on CPU the fused numba engine
+:func:`ua3d.core.fast_volume.kernel_render_volume` (default when numba imports): each weight is
+computed once in numba in cache-sized chunks of bins, one ``torch.bmm`` per batch of blocks does the
+contraction with the features, and numba scatters into the volume (float16 rounded in place, also
+into a memmap), with no ``[Db, n, K]`` temporaries. The tensor code below (:func:`_stream_reference`)
+is the readable reference twin (parity tests in ``tests/test_fast_volume.py``) and the path for
+CUDA kernels (row chunks, memory linear in pixels). Work at 640x480, 64 channels on a 30x40 grid,
+64 bins, radius 8: ``3.15e9`` (pixel, bin, neighbour) pairs; figures in ``scripts/bench_volume.py``.
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ from ua3d.core.kernel import (
     window_offsets,
 )
 from ua3d.core.memory import check_memory, check_window
+from ua3d.core.ops import resolve_backend
 from ua3d.rgbd.lift import LiftedKernel
 
 __all__ = [
@@ -195,6 +197,7 @@ def estimate_volume_bytes(
     channel_chunk: int | None = None,
     budget_bytes: int = _DEFAULT_BUDGET,
     on_disk: bool = False,
+    backend: str = "auto",
 ) -> VolumeEstimate:
     """Bytes a :func:`render_volume` call needs, before anything is allocated.
 
@@ -210,6 +213,9 @@ def estimate_volume_bytes(
     channel_chunk : channels per chunk (default: all, capped at 64).
     budget_bytes : target size of the streaming buffers.
     on_disk : True when the volume goes to a memmap.
+    backend : the engine (``"auto"``: the fused CPU engine when numba imports): its working set is
+        a batch of blocks' weights (:func:`ua3d.core.fast_volume.volume_working_bytes`), the
+        reference's the row chunks below.
     """
     H, W = out_size
     n_bins = bins if band is None else min(bins, 2 * int(band) + 1)
@@ -220,15 +226,33 @@ def estimate_volume_bytes(
     per_row = _per_row_floats(block_w, K, n_bins, cc) * fsize
     block_h = H if lr_size is None else -(-H // lr_size[0]) + 1  # a chunk never spans two anchor rows
     rows = int(max(1, min(block_h, budget_bytes // max(per_row, 1))))
+    working = rows * per_row
+    if _engine(backend, torch.device("cpu"), out_dtype) == "fast":
+        from ua3d.core.fast_volume import volume_working_bytes
+
+        _, _, working = volume_working_bytes(
+            (H, W), lr_size or (H, W), channels, n_bins, radius, fsize, budget_bytes
+        )
     osize = torch.empty((), dtype=out_dtype).element_size()
     return VolumeEstimate(
         volume=channels * bins * H * W * osize,
         mass=2 * bins * H * W * 4,
-        working=rows * per_row,
+        working=working,
         rows_per_chunk=rows,
         channel_chunk=cc,
         on_disk=on_disk,
     )
+
+
+def _engine(backend: str, device: torch.device, out_dtype: torch.dtype) -> str:
+    """``"fast"`` (the fused numba engine :mod:`ua3d.core.fast_volume`: CPU, float16/32/64 volumes) or
+    ``"reference"`` (the tensor code below, any device; CUDA inputs use it) for ``backend``."""
+    which = resolve_backend(backend, device)
+    if which == "fast" and out_dtype not in (torch.float16, torch.float32, torch.float64):
+        if backend == "fast":
+            raise ValueError(f"backend='fast' writes float16/32/64 volumes, got out_dtype={out_dtype}")
+        which = "reference"
+    return which
 
 
 def _check_fits(est: VolumeEstimate, out: Path | None, device: torch.device) -> None:
@@ -349,6 +373,7 @@ def render_volume(
     budget_bytes: int = _DEFAULT_BUDGET,
     verbose: bool = False,
     progress: Any = None,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Render LR features into a dense feature volume over depth bins.
 
@@ -367,6 +392,8 @@ def render_volume(
     budget_bytes : size of the streaming buffers (default 256 MiB).
     verbose : print the memory estimate before allocating.
     progress : optional ``progress(rows_done, rows_total)`` called as HR rows are finished (progress bars).
+    backend : ``"auto"`` (the fused CPU engine :func:`ua3d.core.fast_volume.kernel_render_volume` for CPU
+        kernels when numba imports, else the tensor reference, e.g. for CUDA), ``"fast"`` or ``"reference"``.
 
     Returns
     -------
@@ -401,12 +428,13 @@ def render_volume(
         raise ValueError(f"out must be a path ending in .npy, got {str(out)!r}")
     work = lifted.params.dtype
     out_dtype = out_dtype or f.dtype
+    which = _engine(backend, lifted.params.device, out_dtype)
     C = f.shape[1]
     H, W = lifted.out_size
     D = int(bins)
     est = estimate_volume_bytes(
         C, D, (H, W), out_dtype, band=band, radius=lifted.kernel.radius, lr_size=lifted.lr_size, work_dtype=work,
-        channel_chunk=channel_chunk, budget_bytes=budget_bytes, on_disk=out_path is not None,
+        channel_chunk=channel_chunk, budget_bytes=budget_bytes, on_disk=out_path is not None, backend=which,
     )
     if verbose:
         print(f"render_volume: C={C} D={D} H={H} W={W}: {est}")
@@ -419,7 +447,19 @@ def render_volume(
     d0, n_bins = _band_start(lifted, bin_depths, spacing, band)
     volume, mm = _allocate((C, D, H, W), out_dtype, out_path, n_bins < D, dev)
     log_mass = torch.full((D, H, W), float("-inf"), dtype=torch.float32, device=dev)
-    _stream(lifted, f.to(device=dev, dtype=work), terms, phi_bins, d0, n_bins, est, volume, log_mass, progress)
+    if which == "fast":
+        from ua3d.core.fast_volume import kernel_render_volume
+
+        k = lifted.kernel
+        slopes = lifted.depth_lr_grad if depth_model == "planar" else None
+        kernel_render_volume(
+            k.params, k.guide_hr, k.guide_lr, k.valid_lr, f.to(work), k.radius, slopes, phi_bins, d0, n_bins,
+            volume if mm is None else mm, log_mass, budget_bytes=budget_bytes, progress=progress,
+        )
+    else:
+        _stream_reference(
+            lifted, f.to(device=dev, dtype=work), terms, phi_bins, d0, n_bins, est, volume, log_mass, progress
+        )
     if mm is not None:
         mm.flush()
     if mass_mode == "normalized":
@@ -459,7 +499,7 @@ def _block_weights(base, centre, prec, phi_b):
     return lg, (mx + tot.log()).squeeze(-1)
 
 
-def _stream(lifted, f, terms, phi_bins, d0, n_bins, est: VolumeEstimate, volume, log_mass, progress=None) -> None:
+def _stream_reference(lifted, f, terms, phi_bins, d0, n_bins, est: VolumeEstimate, volume, log_mass, progress=None) -> None:
     """Fill ``volume [C, D, H, W]`` and ``log_mass [D, H, W]``.
 
     Rows are processed in chunks inside one LR anchor row; inside a chunk the pixels of one anchor

@@ -1,0 +1,777 @@
+r"""Fused CPU engine (numba) for the dense feature volume of :func:`ua3d.rgbd.volume.render_volume`.
+
+Numerically the same function as the tensor twin ``ua3d.rgbd.volume._stream_reference`` (see
+:mod:`ua3d.rgbd.volume` for the maths): for every HR pixel ``p``, computed bin ``d`` and window
+neighbour ``q``
+
+.. math:: \ell = s(p, q) - \pi_q (\phi_d - \mu_q(p))^2, \qquad
+          \text{volume}[c, d, p] = \frac{\sum_q e^{\max(\ell - m, -80)} f_c(q)}{\sum_q e^{\max(\ell - m, -80)}},
+          \qquad \log M_d(p) = m + \log \sum_q e^{\max(\ell - m, -80)}
+
+with ``s`` the spatial + colour logit, ``pi_q = 1 / (2 sigma_z^2)`` (0 for cells without depth),
+``mu_q(p) = phi_q + g_q . (p - c_q)`` (planar; ``g_q = 0`` for the constant model) and ``m`` the
+largest logit of the ``(p, d)`` column.
+
+Organisation (the layout of :mod:`ua3d.core.fast`'s render):
+
+* **Blocks.** The HR pixels sharing a nearest LR anchor share their neighbour list (``K <= 197``
+  cells for radius 8); the neighbours' records are gathered once per block with
+  :func:`ua3d.core.fast._gather_block`. Per block and neighbour the bin-independent parts, the
+  spatial + colour logit ``s`` and the depth centre ``mu``, are computed once (``[K, n]``).
+* **Weights**: for chunks of :data:`BIN_CHUNK` bins one pass writes the logits ``[K, chunk n]``
+  and their per-column max, a second one replaces them with ``exp`` (the vectorisable
+  :func:`ua3d.core.fast._fexp`) and sums them; the weights are never normalised (the scatter
+  multiplies by the inverse sums).
+* **Contraction**: the chunk's weights times the block's gathered features ``[C, K]``, the only
+  ``O(pairs x C)`` work, by BLAS.
+* **Scatter**: each block's ``[C, chunk, n]`` result goes to the volume ``[C, D, H, W]`` at each
+  pixel's own bins (``band``), with the float32 -> float16 rounding done in numba
+  (:func:`_half_bits`: ``vcvtps2ph``, round to nearest even, bit-exact with numpy and torch), so a
+  float16 or memmap (``np.memmap``) volume is written in place with no float32 copy; ``log M``
+  goes to ``log_mass [D, H, W]``.
+
+Two drivers of these steps. **Fused** (:func:`_volume_fused`, default when scipy is present): each
+thread runs the three steps per block and chunk, the product by numba's ``np.dot`` (scipy's
+OpenBLAS sgemm, held at one thread per caller meanwhile), so weights and products never leave
+the cache: measured here, 640x480 / 64 channels / 16 bins took 2.9 s of CPU against 4.1 s for the
+batched driver, which moves every weight through memory twice (written by numba, read by BLAS:
+``2 x 4 K`` bytes per voxel against ``2`` for the float16 volume itself). **Batched**
+(:func:`_volume_weights`, ``torch.bmm``, :func:`_volume_scatter`; the fallback without scipy, or
+``FUSED = False``): batches of consecutive blocks x bins sized to the budget
+(:func:`volume_working_bytes`).
+
+Work and its physical bound (640x480, 30x40 grid, radius 8, 64 bins, 64 channels): ``3.15e9``
+(pixel, bin, in-grid neighbour) pairs, each one ``exp`` and ``~8`` flops of logits in numba plus
+``2 C`` flops in the contraction: ``4.0e11`` flops of BLAS, which at this CPU's AVX-512 FMA peak
+(2 x 16 lanes x 2 flops per cycle, ~2.6 GHz: ~170 GFLOP/s per core) is ~2.4 s of one core, ~1.2 s
+on two; single-threaded sgemm of these shapes reached ~100 GFLOP/s here. Figures:
+``scripts/bench_volume.py``.
+
+The weights kernel and the scatter release the GIL and run on :func:`ua3d.core.fast._parallel_for`'s
+pool (``torch.get_num_threads()`` threads); each block is written by one thread (no races, results
+independent of the thread count). ``AVAILABLE`` is False when numba cannot be imported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from . import fast as _fast
+from .fast import AVAILABLE
+from .memory import window_size
+
+__all__ = ["AVAILABLE", "BIN_CHUNK", "half_bits", "kernel_render_volume", "volume_working_bytes"]
+
+#: one pass per block, the product by numba's np.dot (scipy BLAS) in the cache; False: batches + torch.bmm
+FUSED = True
+#: bins per pass of the weights kernel (keeps a block's chunk of logits in the L2 cache)
+BIN_CHUNK = 2
+#: working-set cap of one batch (bytes); large batches amortise each call's start (16 MiB batches ran 2x slower)
+BATCH_BYTES = 128 << 20
+#: blocks per batch before the bins are split (keeps both threads busy)
+MIN_BATCH_BLOCKS = 4
+#: logit floor below a column's max, as the reference (``ua3d.rgbd.volume._EXP_FLOOR``)
+EXP_FLOOR = -80.0
+
+if AVAILABLE:
+    from llvmlite import ir as _llir
+    from numba import njit, types
+    from numba.extending import intrinsic
+
+    _JIT = _fast._JIT
+    _fexp = _fast._fexp
+    _wide_vectors = _fast._wide_vectors
+    _gather_block = _fast._gather_block
+    _block_pixels = _fast._block_pixels
+    _block_scratch = _fast._block_scratch
+
+    @intrinsic
+    def _half_bits(typingctx, x):
+        """IEEE binary16 bits (int16) of a float32: LLVM's ``fptrunc`` to ``half`` (``vcvtps2ph`` on
+        F16C / AVX-512 CPUs, vectorised), round to nearest even, as numpy and torch."""
+        sig = types.int16(types.float32)
+
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(builder.fptrunc(args[0], _llir.HalfType()), _llir.IntType(16))
+
+        return sig, codegen
+
+    @njit(**_JIT)
+    def _half_bits_array(x, out):
+        """``out[i] = _half_bits(x[i])`` (for tests)."""
+        for i in range(x.shape[0]):
+            out[i] = _half_bits(x[i])
+
+    @njit(**_JIT)
+    def _volume_weights(
+        t0,
+        t1,
+        bi,
+        bj,
+        ghr,
+        glr,
+        coef,
+        vlr,
+        slope,
+        planar,
+        phib,
+        d0,
+        sig,
+        offs,
+        ry0,
+        ry1,
+        cx0,
+        cx1,
+        cyv,
+        cxv,
+        pmax,
+        da,
+        n_bins,
+        wmat,
+        fmat,
+        inv,
+        log_mass,
+    ):
+        """Unnormalised weights of blocks ``t0 <= t < t1`` (block ``(bi[t], bj[t])``).
+
+        The bins ``da <= d < da + n_bins`` (counted from each pixel's ``d0``) come in chunks of
+        ``jc = wmat.shape[3] // pmax``: ``wmat[t, ch, k, jj P + p]`` is the weight of neighbour ``k``
+        (the block's compact list) for bin ``da + ch jc + jj`` of block pixel ``p`` (row-major),
+        ``P = pmax``; each chunk's ``[K, jc P]`` matrix is contiguous (it stays in the L2 cache
+        between the two passes). ``fmat[t, ch, c, k]``: the gathered features (one copy per chunk,
+        zero rows past the list); ``inv[t, (d - da) P + p]``: the inverse weight sums;
+        ``log_mass[d0 + d, y, x] = log M`` is written directly.
+        """
+        _wide_vectors()
+        w = glr.shape[3]
+        Cg = glr.shape[1]
+        Cc = Cg - 1  # colour channels; the last guide channel (the depth feature) is not used
+        K = offs.shape[0]
+        nch = wmat.shape[1]
+        Kmax = wmat.shape[2]
+        C = fmat.shape[2]
+        P = pmax
+        jc = wmat.shape[3] // P
+        dt = glr.dtype.type
+        floor = dt(EXP_FLOOR)
+        (
+            rec,
+            nb_cy,
+            nb_cx,
+            nb_c,
+            nb_s,
+            nb_a,
+            nb_b,
+            nb_r,
+            nb_v,
+            nb_g,
+            nb_k,
+            px,
+            py,
+            pg,
+            pv,
+            _pw,
+            _wl,
+            _mx,
+            _tot,
+            _d,
+        ) = _block_scratch(glr, K, 2, pmax)
+        sm = np.ones((1, 1, 1), np.uint8)
+        vhr = np.ones((1, 1, 1, 1), np.uint8)
+        base = np.empty((K, pmax), glr.dtype)
+        cen = np.empty((K, pmax), glr.dtype)
+        prec = np.empty(K, glr.dtype)
+        phb = np.empty((jc, pmax), glr.dtype)
+        mx = np.empty((jc, pmax), glr.dtype)
+        acc = np.empty((jc, pmax), glr.dtype)
+        for t in range(t0, t1):
+            i, j = bi[t], bj[t]
+            y0, y1 = ry0[i], ry1[i]
+            x0, x1 = cx0[j], cx1[j]
+            bw = x1 - x0
+            kb, _kanc = _gather_block(
+                0, i, j, glr, coef, vlr, sm, offs, cyv, cxv, y0, y1, x0, x1, 0.0, True, False, rec, nb_v, nb_k
+            )
+            n = _block_pixels(0, y0, y1, x0, x1, ghr, vhr, False, px, py, pg, pv)
+            for k in range(kb):
+                kk = nb_k[k]
+                qi, qj = i + offs[kk, 0], j + offs[kk, 1]
+                ck, sk, ak, bk, rc = nb_c[k], nb_s[k], nb_a[k], nb_b[k], nb_r[0, k]
+                cyk, cxk = nb_cy[k], nb_cx[k]
+                prec[k] = nb_r[1, k] * nb_v[1, k]
+                phik = nb_g[Cc, k]
+                gy = slope[0, qi, qj] if planar else dt(0.0)
+                gx = slope[1, qi, qj] if planar else dt(0.0)
+                bk_ = base[k]
+                ck_ = cen[k]
+                for p in range(n):
+                    dx = px[p] - cxk
+                    dy = py[p] - cyk
+                    a = ck * dx + sk * dy
+                    b = ck * dy - sk * dx
+                    bk_[p] = -(a * a * ak + b * b * bk)
+                    ck_[p] = phik + gy * dy + gx * dx
+                for c in range(Cc):
+                    gk = nb_g[c, k]
+                    for p in range(n):
+                        e = pg[c, p] - gk
+                        bk_[p] -= e * e * rc
+                q = qi * w + qj
+                for ch in range(nch):
+                    for c in range(C):
+                        fmat[t, ch, c, k] = sig[c, q]
+            for ch in range(nch):
+                for k in range(kb, Kmax):
+                    for c in range(C):
+                        fmat[t, ch, c, k] = 0.0
+                    wmat[t, ch, k] = 0.0
+            for ch in range(nch):
+                ja = ch * jc
+                nj = min(n_bins, ja + jc) - ja
+                for jj in range(nj):
+                    for p in range(n):
+                        yy = p // bw
+                        phb[jj, p] = phib[d0[y0 + yy, x0 + p - yy * bw] + da + ja + jj]
+                        mx[jj, p] = dt(-3.0e38)
+                        acc[jj, p] = dt(0.0)
+                wch = wmat[t, ch]
+                for k in range(kb):
+                    pk = prec[k]
+                    row = wch[k]
+                    bk_ = base[k]
+                    ck_ = cen[k]
+                    for jj in range(nj):
+                        o = jj * P
+                        for p in range(n):
+                            dz = phb[jj, p] - ck_[p]
+                            v = bk_[p] - dz * dz * pk
+                            row[o + p] = v
+                            mx[jj, p] = max(mx[jj, p], v)
+                for k in range(kb):
+                    row = wch[k]
+                    for jj in range(nj):
+                        o = jj * P
+                        for p in range(n):
+                            e = _fexp(max(row[o + p] - mx[jj, p], floor))
+                            row[o + p] = e
+                            acc[jj, p] += e
+                for jj in range(nj):
+                    o = (ja + jj) * P
+                    for p in range(n):
+                        inv[t, o + p] = dt(1.0) / acc[jj, p]
+                        yy = p // bw
+                        y, x = y0 + yy, x0 + p - yy * bw
+                        log_mass[d0[y, x] + da + ja + jj, y, x] = mx[jj, p] + np.log(acc[jj, p])
+
+    @njit(**_JIT)
+    def _volume_scatter(
+        c0, c1, bi, bj, res, inv, d0, ry0, ry1, cx0, cx1, pmax, da, n_bins, half, banded, out
+    ):
+        """Channels ``c0 <= c < c1`` of a batch of consecutive blocks (``bi, bj`` row-major):
+        ``out[c, d0 + d, y, x] = res[t, ch, c, jj P + p] inv[t, (d - da) P + p]`` for the bins
+        ``d = da + ch jc + jj < da + n_bins`` (float16 bits when ``half``). Per anchor row, each
+        ``(c, d)`` plane's rows are written block after block while they stay in the L1 cache (whole
+        lines reach memory), reading each block's result sequentially.
+        ``banded`` False promises ``d0 == 0`` (contiguous row segments)."""
+        _wide_vectors()
+        P = pmax
+        jc = res.shape[3] // P
+        nb = bi.shape[0]
+        ts = 0
+        while ts < nb:
+            te = ts
+            while te < nb and bi[te] == bi[ts]:
+                te += 1
+            i = bi[ts]
+            y0, y1 = ry0[i], ry1[i]
+            for c in range(c0, c1):
+                for dd in range(n_bins):
+                    ch = dd // jc
+                    oc = (dd - ch * jc) * P
+                    o = dd * P
+                    d = da + dd
+                    for t in range(ts, te):  # a (c, d) plane's rows of this anchor row stay in L1 meanwhile
+                        j = bj[t]
+                        x0, x1 = cx0[j], cx1[j]
+                        bw = x1 - x0
+                        for yy in range(y1 - y0):  # plain indexing: a view per row would cost refcounting
+                            y = y0 + yy
+                            ps = oc + yy * bw
+                            pi = o + yy * bw
+                            if not banded:  # contiguous: a vectorised row segment
+                                for xx in range(bw):
+                                    v = res[t, ch, c, ps + xx] * inv[t, pi + xx]
+                                    if half:
+                                        out[c, d, y, x0 + xx] = _half_bits(np.float32(v))
+                                    else:
+                                        out[c, d, y, x0 + xx] = v
+                                continue
+                            for xx in range(bw):
+                                x = x0 + xx
+                                v = res[t, ch, c, ps + xx] * inv[t, pi + xx]
+                                if half:
+                                    out[c, d0[y, x] + d, y, x] = _half_bits(np.float32(v))
+                                else:
+                                    out[c, d0[y, x] + d, y, x] = v
+            ts = te
+
+
+if AVAILABLE:
+
+    @njit(**_JIT)
+    def _volume_fused(
+        t0,
+        t1,
+        bi,
+        bj,
+        ghr,
+        glr,
+        coef,
+        vlr,
+        slope,
+        planar,
+        phib,
+        d0,
+        sig,
+        offs,
+        ry0,
+        ry1,
+        cx0,
+        cx1,
+        cyv,
+        cxv,
+        pmax,
+        n_bins,
+        jc,
+        half,
+        banded,
+        out,
+        log_mass,
+    ):
+        """Blocks ``t0 <= t < t1`` end to end, every intermediate in the cache: per chunk of ``jc`` bins
+        the weights ``[K, jc P]`` (as :func:`_volume_weights`), their product with the block's features
+        ``[C, K]`` (``np.dot``: BLAS sgemm / dgemm, one thread per caller), and the scatter into
+        ``out [C, D, H, W]`` (float16 bits when ``half``) and ``log_mass``."""
+        _wide_vectors()
+        w = glr.shape[3]
+        Cg = glr.shape[1]
+        Cc = Cg - 1
+        K = offs.shape[0]
+        C = sig.shape[0]
+        P = pmax
+        dt = glr.dtype.type
+        floor = dt(EXP_FLOOR)
+        (
+            rec,
+            nb_cy,
+            nb_cx,
+            nb_c,
+            nb_s,
+            nb_a,
+            nb_b,
+            nb_r,
+            nb_v,
+            nb_g,
+            nb_k,
+            px,
+            py,
+            pg,
+            pv,
+            _pw,
+            _wl,
+            _mx,
+            _tot,
+            _d,
+        ) = _block_scratch(glr, K, 2, pmax)
+        sm = np.ones((1, 1, 1), np.uint8)
+        vhr = np.ones((1, 1, 1, 1), np.uint8)
+        base = np.empty((K, pmax), glr.dtype)
+        cen = np.empty((K, pmax), glr.dtype)
+        prec = np.empty(K, glr.dtype)
+        phb = np.empty((jc, pmax), glr.dtype)
+        mx = np.empty((jc, pmax), glr.dtype)
+        acc = np.empty((jc, pmax), glr.dtype)
+        fmf = np.zeros(C * K, glr.dtype)  # flat: viewed as [C, kb] and [kb, jc P] per block (contiguous,
+        wmf = np.zeros(K * jc * pmax, glr.dtype)  # so BLAS skips the cells outside the grid)
+        for t in range(t0, t1):
+            i, j = bi[t], bj[t]
+            y0, y1 = ry0[i], ry1[i]
+            x0, x1 = cx0[j], cx1[j]
+            bw = x1 - x0
+            kb, _kanc = _gather_block(
+                0, i, j, glr, coef, vlr, sm, offs, cyv, cxv, y0, y1, x0, x1, 0.0, True, False, rec, nb_v, nb_k
+            )
+            n = _block_pixels(0, y0, y1, x0, x1, ghr, vhr, False, px, py, pg, pv)
+            fm = fmf[: C * kb].reshape((C, kb))
+            wm = wmf[: kb * jc * P].reshape((kb, jc * P))
+            for k in range(kb):
+                kk = nb_k[k]
+                qi, qj = i + offs[kk, 0], j + offs[kk, 1]
+                ck, sk, ak, bk, rc = nb_c[k], nb_s[k], nb_a[k], nb_b[k], nb_r[0, k]
+                cyk, cxk = nb_cy[k], nb_cx[k]
+                prec[k] = nb_r[1, k] * nb_v[1, k]
+                phik = nb_g[Cc, k]
+                gy = slope[0, qi, qj] if planar else dt(0.0)
+                gx = slope[1, qi, qj] if planar else dt(0.0)
+                for p in range(n):
+                    dx = px[p] - cxk
+                    dy = py[p] - cyk
+                    a = ck * dx + sk * dy
+                    b = ck * dy - sk * dx
+                    base[k, p] = -(a * a * ak + b * b * bk)
+                    cen[k, p] = phik + gy * dy + gx * dx
+                for c in range(Cc):
+                    gk = nb_g[c, k]
+                    for p in range(n):
+                        e = pg[c, p] - gk
+                        base[k, p] -= e * e * rc
+                q = qi * w + qj
+                for c in range(C):
+                    fm[c, k] = sig[c, q]
+            for ja in range(0, n_bins, jc):
+                nj = min(n_bins, ja + jc) - ja
+                for jj in range(nj):
+                    for p in range(n):
+                        yy = p // bw
+                        phb[jj, p] = phib[d0[y0 + yy, x0 + p - yy * bw] + ja + jj]
+                        mx[jj, p] = dt(-3.0e38)
+                        acc[jj, p] = dt(0.0)
+                for k in range(kb):
+                    pk = prec[k]
+                    for jj in range(nj):
+                        o = jj * P
+                        for p in range(n):
+                            dz = phb[jj, p] - cen[k, p]
+                            v = base[k, p] - dz * dz * pk
+                            wm[k, o + p] = v
+                            mx[jj, p] = max(mx[jj, p], v)
+                for k in range(kb):
+                    for jj in range(nj):
+                        o = jj * P
+                        for p in range(n):
+                            e = _fexp(max(wm[k, o + p] - mx[jj, p], floor))
+                            wm[k, o + p] = e
+                            acc[jj, p] += e
+                res = np.dot(fm, wm)  # [C, jc P]
+                for jj in range(nj):
+                    o = jj * P
+                    for p in range(n):
+                        yy = p // bw
+                        y, x = y0 + yy, x0 + p - yy * bw
+                        log_mass[d0[y, x] + ja + jj, y, x] = mx[jj, p] + np.log(acc[jj, p])
+                        acc[jj, p] = dt(1.0) / acc[jj, p]
+                for c in range(C):
+                    for jj in range(nj):
+                        o = jj * P
+                        d = ja + jj
+                        for yy in range(y1 - y0):
+                            y = y0 + yy
+                            pp = o + yy * bw
+                            if not banded:
+                                for xx in range(bw):
+                                    v = res[c, pp + xx] * acc[jj, yy * bw + xx]
+                                    if half:
+                                        out[c, d, y, x0 + xx] = _half_bits(np.float32(v))
+                                    else:
+                                        out[c, d, y, x0 + xx] = v
+                                continue
+                            for xx in range(bw):
+                                x = x0 + xx
+                                v = res[c, pp + xx] * acc[jj, yy * bw + xx]
+                                if half:
+                                    out[c, d0[y, x] + d, y, x] = _half_bits(np.float32(v))
+                                else:
+                                    out[c, d0[y, x] + d, y, x] = v
+
+
+def half_bits(x: np.ndarray) -> np.ndarray:
+    """float16 bit patterns (uint16) of float32 ``x [N]`` by the engine's converter (for tests)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.empty(x.shape[0], np.int16)
+    _half_bits_array(x, out)
+    return out.view(np.uint16)
+
+
+def _blocks(
+    ry0: np.ndarray, ry1: np.ndarray, cx0: np.ndarray, cx1: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Anchor rows and columns of the non-empty blocks, row-major."""
+    ii, jj = np.meshgrid(np.arange(ry0.shape[0]), np.arange(cx0.shape[0]), indexing="ij")
+    ok = ((ry1 - ry0)[:, None] > 0) & ((cx1 - cx0)[None, :] > 0)
+    return np.ascontiguousarray(ii[ok], dtype=np.int64), np.ascontiguousarray(jj[ok], dtype=np.int64)
+
+
+def volume_working_bytes(
+    out_size: tuple[int, int],
+    lr_size: tuple[int, int],
+    channels: int,
+    n_bins: int,
+    radius: float,
+    itemsize: int = 4,
+    budget_bytes: int = 256 << 20,
+) -> tuple[int, int, int]:
+    """``(blocks per batch, bins per batch, working bytes)`` of :func:`kernel_render_volume`.
+
+    A batch is consecutive blocks (row-major) times a range of bins; per block and bin it holds the
+    weights ``[K, P]``, the product ``[C, P]`` and the inverse sums ``[P]`` (``P`` the largest block),
+    per block and chunk of :data:`BIN_CHUNK` bins the features ``[C, K]``. The batch is sized to
+    ``min(budget_bytes, BATCH_BYTES)``: all bins of as many blocks as fit, else chunks of bins of
+    :data:`MIN_BATCH_BLOCKS` blocks (at least one chunk of one block).
+    """
+    H, W = out_size
+    h, w = lr_size
+    P = (-(-H // h) + 1) * (-(-W // w) + 1)
+    K = window_size(radius)
+    jc = max(1, min(BIN_CHUNK, n_bins))
+    budget = max(1, min(int(budget_bytes), BATCH_BYTES))
+
+    def block_bytes(nbins: int) -> int:
+        nch = -(-nbins // jc)
+        return ((K + channels) * nch * jc * P + nch * channels * K + nbins * P) * itemsize
+
+    if MIN_BATCH_BLOCKS * block_bytes(n_bins) <= budget:
+        nbb = n_bins
+    else:
+        nbb = min(n_bins, max(jc, (budget // max(MIN_BATCH_BLOCKS * block_bytes(jc), 1)) * jc))
+    nbk = int(max(1, min(h * w, budget // block_bytes(nbb))))
+    return nbk, int(nbb), int(nbk * block_bytes(nbb))
+
+
+@lru_cache(maxsize=1)
+def _scipy_blas_threads():
+    """``(get, set)`` of the thread count of the BLAS that numba's ``np.dot`` calls (scipy's OpenBLAS),
+    or None when there is no scipy (then the batched path with ``torch.bmm`` runs)."""
+    try:
+        import scipy.linalg.cython_blas  # noqa: F401  (loads the library numba calls)
+    except Exception:  # noqa: BLE001  # pragma: no cover - no scipy: numba's np.dot is unavailable
+        return None
+    try:
+        with open("/proc/self/maps") as f:
+            paths = sorted({ln.split()[-1] for ln in f if "openblas" in ln.lower() and "scipy.libs" in ln})
+        for p in paths:
+            lib = ctypes.CDLL(p)
+            for g, s in (
+                ("scipy_openblas_get_num_threads", "scipy_openblas_set_num_threads"),
+                ("openblas_get_num_threads", "openblas_set_num_threads"),
+            ):
+                if hasattr(lib, g) and hasattr(lib, s):
+                    return getattr(lib, g), getattr(lib, s)
+    except OSError:  # pragma: no cover - no /proc: leave scipy's BLAS threads as they are
+        pass
+    return (lambda: 1), (lambda n: None)
+
+
+@contextlib.contextmanager
+def _one_blas_thread():
+    """The engine's threads each call BLAS: make it single-threaded meanwhile (restored after; the
+    setting is process-wide, so scipy BLAS calls of other threads run single-threaded meanwhile)."""
+    gs = _scipy_blas_threads()
+    if gs is None:
+        yield
+        return
+    get, set_ = gs
+    before = int(get())
+    set_(1)
+    try:
+        yield
+    finally:
+        set_(before)
+
+
+def kernel_render_volume(
+    params: torch.Tensor,
+    guide_hr: torch.Tensor,
+    guide_lr: torch.Tensor,
+    valid_lr: torch.Tensor | None,
+    features: torch.Tensor,
+    radius: float,
+    slopes: torch.Tensor | None,
+    phi_bins: torch.Tensor,
+    band_start: torch.Tensor,
+    n_bins: int,
+    volume: torch.Tensor | np.ndarray,
+    log_mass: torch.Tensor,
+    budget_bytes: int = 256 << 20,
+    progress=None,
+) -> None:
+    """Fill ``volume`` and ``log_mass`` with the lifted kernel's feature volume (fused).
+
+    Parameters
+    ----------
+    params : ``[1, 5, h, w]`` raw kernel parameters (two range groups: colour, depth feature).
+    guide_hr : ``[1, Cc + 1, H, W]`` colour channels then the depth feature (only the colour is used:
+        every pixel is evaluated at the bin depths).
+    guide_lr : ``[1, Cc + 1, h, w]``; the last channel is the cells' depth feature ``phi_q``.
+    valid_lr : ``[1, 2, h, w]`` bool; group 1 False drops the cell's depth term.
+    features : ``[1, C, h, w]``.
+    radius : window radius in LR cells.
+    slopes : ``[1, 2, h, w]`` ``(d/dy, d/dx)`` of the depth feature per cell (planar model) or None
+        (constant model).
+    phi_bins : ``[D]`` depth feature of the bins.
+    band_start : ``[H, W]`` int64 first computed bin of each pixel (``0 <= start <= D - n_bins``).
+    n_bins : computed bins per pixel ``Db``.
+    volume : ``[C, D, H, W]`` output, float16 / float32 / float64 (a tensor, or a numpy array such
+        as an ``np.memmap``), written at the computed bins only.
+    log_mass : ``[D, H, W]`` float32 output ``log M``, written at the computed bins only.
+    budget_bytes : working-memory budget (:func:`volume_working_bytes`).
+    progress : optional ``progress(rows_done, rows_total)``.
+
+    The computation runs in float64 when ``params`` is float64, else float32.
+    """
+    _fast._require()
+    B, _, h, w = params.shape
+    Cg, H, W = guide_hr.shape[1:]
+    vshape = None if valid_lr is None else tuple(valid_lr.shape)
+    if B != 1 or tuple(guide_lr.shape) != (1, Cg, h, w) or vshape != (1, 2, h, w) or Cg < 2:
+        raise ValueError(
+            f"kernel_render_volume needs one frame with a depth group: params {tuple(params.shape)}, guide_hr "
+            f"{tuple(guide_hr.shape)}, guide_lr {tuple(guide_lr.shape)}, valid_lr {vshape}"
+        )
+    C = features.shape[1]
+    D = phi_bins.numel()
+    vol = volume.numpy() if isinstance(volume, torch.Tensor) else volume
+    if tuple(vol.shape) != (C, D, H, W) or tuple(log_mass.shape) != (D, H, W):
+        raise ValueError(
+            f"volume must be [{C}, {D}, {H}, {W}] and log_mass [{D}, {H}, {W}], got "
+            f"{tuple(vol.shape)} and {tuple(log_mass.shape)}"
+        )
+    half = vol.dtype == np.float16
+    if half:
+        vol = vol.view(np.int16)
+    elif vol.dtype not in (np.float32, np.float64):
+        raise ValueError(f"volume must be float16, float32 or float64, got {vol.dtype}")
+    cdt = _fast._compute_dtype(params)
+    ndt = np.float64 if cdt == torch.float64 else np.float32
+    offs, ry0, ry1, cx0, cx1, cyv, cxv = _fast._geometry(H, W, h, w, float(radius), np.dtype(ndt).name)
+    ghr = _fast._np(guide_hr, cdt)
+    glr = _fast._np(guide_lr, cdt)
+    coef = _fast._coefficients(params, glr, cdt, 0.0)
+    assert valid_lr is not None  # checked above
+    vlr = _fast._np(valid_lr != 0, torch.uint8)
+    planar = slopes is not None
+    slope = _fast._np(slopes[0], cdt) if slopes is not None else np.zeros((2, 1, 1), ndt)
+    phib = _fast._np(phi_bins, cdt)
+    d0 = _fast._np(band_start, torch.int64)
+    sig = _fast._np(features[0].reshape(C, h * w), cdt)
+    lm = log_mass.numpy()
+    bi, bj = _blocks(ry0, ry1, cx0, cx1)
+    banded = bool(d0.any())
+    pmax = int((ry1 - ry0).max()) * int((cx1 - cx0).max())
+    K = offs.shape[0]
+    itemsize = 8 if cdt == torch.float64 else 4
+    if FUSED and _scipy_blas_threads() is not None:
+        with _one_blas_thread():
+            _fast._parallel_for(
+                _volume_fused,
+                bi.shape[0],
+                bi,
+                bj,
+                ghr,
+                glr,
+                coef,
+                vlr,
+                slope,
+                planar,
+                phib,
+                d0,
+                sig,
+                offs,
+                ry0,
+                ry1,
+                cx0,
+                cx1,
+                cyv,
+                cxv,
+                pmax,
+                n_bins,
+                max(1, min(BIN_CHUNK, n_bins)),
+                half,
+                banded,
+                vol,
+                lm,
+            )
+        if progress is not None:
+            progress(H, H)
+        return
+    nbm, nbb, _ = volume_working_bytes((H, W), (h, w), C, n_bins, radius, itemsize, budget_bytes)
+    nbm = min(nbm, bi.shape[0])
+    jc = max(1, min(BIN_CHUNK, n_bins))
+    nch = -(-nbb // jc)
+    # flat buffers, allocated once (zeroed: padding columns stay finite) and viewed contiguously per batch
+    wbuf = torch.zeros(nbm * nch * K * jc * pmax, dtype=cdt)
+    fbuf = torch.empty(nbm * nch * C * K, dtype=cdt)
+    rbuf = torch.empty(nbm * nch * C * jc * pmax, dtype=cdt)
+    inv = np.empty((nbm, nbb * pmax), ndt)
+    done = 0
+    for s in range(0, bi.shape[0], nbm):
+        e = min(bi.shape[0], s + nbm)
+        b_i, b_j = bi[s:e], bj[s:e]
+        nb = e - s
+        for da in range(0, n_bins, nbb):
+            nd = min(n_bins, da + nbb) - da
+            nc = -(-nd // jc)
+            wt = wbuf[: nb * nc * K * jc * pmax].view(nb, nc, K, jc * pmax)
+            ft = fbuf[: nb * nc * C * K].view(nb, nc, C, K)
+            rt = rbuf[: nb * nc * C * jc * pmax].view(nb, nc, C, jc * pmax)
+            _fast._parallel_for(
+                _volume_weights,
+                nb,
+                b_i,
+                b_j,
+                ghr,
+                glr,
+                coef,
+                vlr,
+                slope,
+                planar,
+                phib,
+                d0,
+                sig,
+                offs,
+                ry0,
+                ry1,
+                cx0,
+                cx1,
+                cyv,
+                cxv,
+                pmax,
+                da,
+                nd,
+                wt.numpy(),
+                ft.numpy(),
+                inv,
+                lm,
+            )
+            torch.bmm(
+                ft.view(nb * nc, C, K), wt.view(nb * nc, K, jc * pmax), out=rt.view(nb * nc, C, jc * pmax)
+            )
+            _fast._parallel_for(
+                _volume_scatter,
+                C,
+                b_i,
+                b_j,
+                rt.numpy(),
+                inv,
+                d0,
+                ry0,
+                ry1,
+                cx0,
+                cx1,
+                pmax,
+                da,
+                nd,
+                half,
+                banded,
+                vol,
+            )
+        if progress is not None:
+            last = int(b_i[-1]) if e == bi.shape[0] or bi[e] != b_i[-1] else int(b_i[-1]) - 1
+            rows = int(ry1[last]) if last >= 0 else 0
+            if rows > done:
+                done = rows
+                progress(rows, H)
