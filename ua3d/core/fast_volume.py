@@ -16,11 +16,11 @@ Organisation (the layout of :mod:`ua3d.core.fast`'s render):
 
 * **Blocks.** The HR pixels sharing a nearest LR anchor share their neighbour list (``K <= 197``
   cells for radius 8); the neighbours' records are gathered once per block with
-  :func:`ua3d.core.fast._gather_block`. Per block and neighbour the bin-independent parts, the
+  :func:`ua3d.core.fast.blocks._gather_block`. Per block and neighbour the bin-independent parts, the
   spatial + colour logit ``s`` and the depth centre ``mu``, are computed once (``[K, n]``).
 * **Weights**: for chunks of :data:`BIN_CHUNK` bins one pass writes the logits ``[K, chunk n]``
   and their per-column max, a second one replaces them with ``exp`` (the vectorisable
-  :func:`ua3d.core.fast._fexp`) and sums them; the weights are never normalised (the scatter
+  :func:`ua3d.core.fast._jit._fexp`) and sums them; the weights are never normalised (the scatter
   multiplies by the inverse sums).
 * **Contraction**: the chunk's weights times the block's gathered features ``[C, K]``, the only
   ``O(pairs x C)`` work, by BLAS.
@@ -61,8 +61,9 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from . import fast as _fast
-from .fast import AVAILABLE
+from .fast import inputs as _inputs
+from .fast import pool as _pool
+from .fast._jit import AVAILABLE
 from .memory import window_size
 
 __all__ = ["AVAILABLE", "BIN_CHUNK", "half_bits", "kernel_render_volume", "volume_working_bytes"]
@@ -83,12 +84,8 @@ if AVAILABLE:
     from numba import njit, types
     from numba.extending import intrinsic
 
-    _JIT = _fast._JIT
-    _fexp = _fast._fexp
-    _wide_vectors = _fast._wide_vectors
-    _gather_block = _fast._gather_block
-    _block_pixels = _fast._block_pixels
-    _block_scratch = _fast._block_scratch
+    from .fast._jit import _JIT, _fexp, _wide_vectors
+    from .fast.blocks import _block_pixels, _block_scratch, _gather_block
 
     @intrinsic
     def _half_bits(typingctx, x):
@@ -159,28 +156,8 @@ if AVAILABLE:
         jc = wmat.shape[3] // P
         dt = glr.dtype.type
         floor = dt(EXP_FLOOR)
-        (
-            rec,
-            nb_cy,
-            nb_cx,
-            nb_c,
-            nb_s,
-            nb_a,
-            nb_b,
-            nb_r,
-            nb_v,
-            nb_g,
-            nb_k,
-            px,
-            py,
-            pg,
-            pv,
-            _pw,
-            _wl,
-            _mx,
-            _tot,
-            _d,
-        ) = _block_scratch(glr, K, 2, pmax)
+        rec, nb, nb_k, px, py, pg, pv, _pw, _wl, _mx, _tot, _d = _block_scratch(glr, K, 2, pmax)
+        nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b, nb_r, nb_v, nb_g = nb
         sm = np.ones((1, 1, 1), np.uint8)
         vhr = np.ones((1, 1, 1, 1), np.uint8)
         base = np.empty((K, pmax), glr.dtype)
@@ -366,28 +343,8 @@ if AVAILABLE:
         P = pmax
         dt = glr.dtype.type
         floor = dt(EXP_FLOOR)
-        (
-            rec,
-            nb_cy,
-            nb_cx,
-            nb_c,
-            nb_s,
-            nb_a,
-            nb_b,
-            nb_r,
-            nb_v,
-            nb_g,
-            nb_k,
-            px,
-            py,
-            pg,
-            pv,
-            _pw,
-            _wl,
-            _mx,
-            _tot,
-            _d,
-        ) = _block_scratch(glr, K, 2, pmax)
+        rec, nb, nb_k, px, py, pg, pv, _pw, _wl, _mx, _tot, _d = _block_scratch(glr, K, 2, pmax)
+        nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b, nb_r, nb_v, nb_g = nb
         sm = np.ones((1, 1, 1), np.uint8)
         vhr = np.ones((1, 1, 1, 1), np.uint8)
         base = np.empty((K, pmax), glr.dtype)
@@ -623,7 +580,7 @@ def kernel_render_volume(
 
     The computation runs in float64 when ``params`` is float64, else float32.
     """
-    _fast._require()
+    _inputs._require()
     B, _, h, w = params.shape
     Cg, H, W = guide_hr.shape[1:]
     vshape = None if valid_lr is None else tuple(valid_lr.shape)
@@ -645,19 +602,20 @@ def kernel_render_volume(
         vol = vol.view(np.int16)
     elif vol.dtype not in (np.float32, np.float64):
         raise ValueError(f"volume must be float16, float32 or float64, got {vol.dtype}")
-    cdt = _fast._compute_dtype(params)
+    cdt = _inputs._compute_dtype(params)
     ndt = np.float64 if cdt == torch.float64 else np.float32
-    offs, ry0, ry1, cx0, cx1, cyv, cxv = _fast._geometry(H, W, h, w, float(radius), np.dtype(ndt).name)
-    ghr = _fast._np(guide_hr, cdt)
-    glr = _fast._np(guide_lr, cdt)
-    coef = _fast._coefficients(params, glr, cdt, 0.0)
-    assert valid_lr is not None  # checked above
-    vlr = _fast._np(valid_lr != 0, torch.uint8)
+    offs, ry0, ry1, cx0, cx1, cyv, cxv = _pool._geometry(H, W, h, w, float(radius), np.dtype(ndt).name)
+    ghr = _inputs._np(guide_hr, cdt)
+    glr = _inputs._np(guide_lr, cdt)
+    coef = _inputs._coefficients(params, glr, cdt, 0.0)
+    if valid_lr is None:  # checked by the caller
+        raise ValueError("valid_lr is required")
+    vlr = _inputs._np(valid_lr != 0, torch.uint8)
     planar = slopes is not None
-    slope = _fast._np(slopes[0], cdt) if slopes is not None else np.zeros((2, 1, 1), ndt)
-    phib = _fast._np(phi_bins, cdt)
-    d0 = _fast._np(band_start, torch.int64)
-    sig = _fast._np(features[0].reshape(C, h * w), cdt)
+    slope = _inputs._np(slopes[0], cdt) if slopes is not None else np.zeros((2, 1, 1), ndt)
+    phib = _inputs._np(phi_bins, cdt)
+    d0 = _inputs._np(band_start, torch.int64)
+    sig = _inputs._np(features[0].reshape(C, h * w), cdt)
     lm = log_mass.numpy()
     bi, bj = _blocks(ry0, ry1, cx0, cx1)
     banded = bool(d0.any())
@@ -666,7 +624,7 @@ def kernel_render_volume(
     itemsize = 8 if cdt == torch.float64 else 4
     if FUSED and _scipy_blas_threads() is not None:
         with _one_blas_thread():
-            _fast._parallel_for(
+            _pool._parallel_for(
                 _volume_fused,
                 bi.shape[0],
                 bi,
@@ -718,7 +676,7 @@ def kernel_render_volume(
             wt = wbuf[: nb * nc * K * jc * pmax].view(nb, nc, K, jc * pmax)
             ft = fbuf[: nb * nc * C * K].view(nb, nc, C, K)
             rt = rbuf[: nb * nc * C * jc * pmax].view(nb, nc, C, jc * pmax)
-            _fast._parallel_for(
+            _pool._parallel_for(
                 _volume_weights,
                 nb,
                 b_i,
@@ -750,7 +708,7 @@ def kernel_render_volume(
             torch.bmm(
                 ft.view(nb * nc, C, K), wt.view(nb * nc, K, jc * pmax), out=rt.view(nb * nc, C, jc * pmax)
             )
-            _fast._parallel_for(
+            _pool._parallel_for(
                 _volume_scatter,
                 C,
                 b_i,
