@@ -30,7 +30,15 @@ def machine_info(threads: int | None = None, **extra: object) -> dict:
     except ImportError:  # the engine falls back to the reference without numba
         numba_version = None
     return {
-        "machine": platform.machine(), "cpu": cpu_model(), "logical_cpus": os.cpu_count(), "threads": threads,
-        "load_average": os.getloadavg(), "python": platform.python_version(), "torch": torch.__version__,
-        "numpy": numpy.__version__, "numba": numba_version, "platform": platform.platform(), **extra,
+        "machine": platform.machine(),
+        "cpu": cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "threads": threads,
+        "load_average": os.getloadavg(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "numba": numba_version,
+        "platform": platform.platform(),
+        **extra,
     }

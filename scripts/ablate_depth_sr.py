@@ -106,14 +106,22 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated: middlebury-gdsr,nyuv2")
     ap.add_argument("--scales", type=int, nargs="+", default=[4, 8, 16])
-    ap.add_argument("--variants", default=",".join(VARIANTS),
-                    help=f"comma-separated subset of {list(VARIANTS)}")
-    ap.add_argument("--baselines", default=",".join(BASELINES),
-                    help="comma-separated harness methods ('' = none)")
-    ap.add_argument("--protocol", choices=[*EVAL_PROTOCOLS, "default"], default="default",
-                    help="LR generation (default: B for middlebury-gdsr / nyuv2, area for the sensor frames, "
-                    "given for park2011); 'matched' variants use the model that generated it")
-    ap.add_argument("--metrics", default="rmse,edge_rmse", help="tables printed (all metrics are in the JSON)")
+    ap.add_argument(
+        "--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {list(VARIANTS)}"
+    )
+    ap.add_argument(
+        "--baselines", default=",".join(BASELINES), help="comma-separated harness methods ('' = none)"
+    )
+    ap.add_argument(
+        "--protocol",
+        choices=[*EVAL_PROTOCOLS, "default"],
+        default="default",
+        help="LR generation (default: B for middlebury-gdsr / nyuv2, area for the sensor frames, "
+        "given for park2011); 'matched' variants use the model that generated it",
+    )
+    ap.add_argument(
+        "--metrics", default="rmse,edge_rmse", help="tables printed (all metrics are in the JSON)"
+    )
     ap.add_argument("--limit", type=int, default=None, help="first N images per dataset")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default="bench_results/ablate_depth_sr.json")
@@ -130,15 +138,25 @@ def main(argv: list[str] | None = None) -> int:
         if ds not in DATASETS:
             raise SystemExit(f"unknown dataset {ds!r}; known: {list(DATASETS)}")
         if not DATASETS[ds].is_dir():
-            raise SystemExit(f"dataset folder {DATASETS[ds]} not found "
-                             f"(expected ../shared/data beside the checkout)")
+            raise SystemExit(
+                f"dataset folder {DATASETS[ds]} not found (expected ../shared/data beside the checkout)"
+            )
         protocol = _protocol(args.protocol, ds)
         for name in variants:
             register_method(name, _variant(VARIANTS[name], protocol))
         scales = [s for s in args.scales if ds != "park2011" or s in (2, 4, 8, 16)]
         t0 = time.perf_counter()
-        res = evaluate(ds, DATASETS[ds], scales, protocol, methods, limit=args.limit, progress=False,
-                       verbose=False, metrics=args.metrics)
+        res = evaluate(
+            ds,
+            DATASETS[ds],
+            scales,
+            protocol,
+            methods,
+            limit=args.limit,
+            progress=False,
+            verbose=False,
+            metrics=args.metrics,
+        )
         res["wall_s"] = time.perf_counter() - t0
         out["results"][ds] = res
         tables.append(res["table"])

@@ -77,7 +77,9 @@ def worker(args: argparse.Namespace) -> None:
     if args.stages:
         from ua3d.baselines.anyup import IMAGENET_MEAN, IMAGENET_STD
 
-        normed = (guide - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        normed = (guide - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(
+            1, 3, 1, 1
+        )
         with torch.no_grad():
             c0 = time.process_time()
             qp, k = model._attention_inputs(normed, feats, (out, out))
@@ -85,12 +87,30 @@ def worker(args: argparse.Namespace) -> None:
             model._attend_projected(qp, k, feats, None, None)
             c2 = time.process_time()
         stages = {"encode_cpu_s": c1 - c0, "attention_cpu_s": c2 - c1}
-    report({"times_s": times, "cpu_s": cpu, "peak_rss_bytes": peak, "rss_before_forward_bytes": rss_before, **stages})
+    report(
+        {
+            "times_s": times,
+            "cpu_s": cpu,
+            "peak_rss_bytes": peak,
+            "rss_before_forward_bytes": rss_before,
+            **stages,
+        }
+    )
 
 
 def run_case(lr: int, out: int, repeats: int, args: argparse.Namespace) -> dict:
-    cmd = [str(lr), str(out), "--repeats", str(repeats),
-           "--channels", str(args.channels), "--threads", str(args.threads), "--guide", args.guide]
+    cmd = [
+        str(lr),
+        str(out),
+        "--repeats",
+        str(repeats),
+        "--channels",
+        str(args.channels),
+        "--threads",
+        str(args.threads),
+        "--guide",
+        args.guide,
+    ]
     if args.budget_mib is not None:
         cmd += ["--budget-mib", str(args.budget_mib)]
     if args.stages:
@@ -102,10 +122,16 @@ def run_case(lr: int, out: int, repeats: int, args: argparse.Namespace) -> dict:
     res, wall = done.record, done.wall_s
     out_bytes = 4 * args.channels * out * out
     return {
-        "lr": lr, "out": out, "channels": args.channels, "repeats": repeats,
-        "median_s": statistics.median(res["times_s"]), "times_s": res["times_s"],
-        "median_cpu_s": statistics.median(res["cpu_s"]), "cpu_s": res["cpu_s"],
-        "load_average_before": load_before, "load_average_after": os.getloadavg(),
+        "lr": lr,
+        "out": out,
+        "channels": args.channels,
+        "repeats": repeats,
+        "median_s": statistics.median(res["times_s"]),
+        "times_s": res["times_s"],
+        "median_cpu_s": statistics.median(res["cpu_s"]),
+        "cpu_s": res["cpu_s"],
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
         "peak_rss_gib": res["peak_rss_bytes"] / 2**30,
         "rss_before_forward_gib": res["rss_before_forward_bytes"] / 2**30,
         "output_tensor_gib": out_bytes / 2**30,
@@ -143,18 +169,28 @@ def main() -> None:
         print(f"running {lr}x{lr} -> {out}x{out}, C={args.channels}, {reps} repeat(s) ...", file=sys.stderr)
         rows.append(run_case(lr, out, reps, args))
         if args.json is not None:  # after every case, so a long run that gets cut keeps its results
-            _write_json(args.json, machine_info(args.threads, dtype="float32", weights="random (torch.manual_seed(0))"), rows)
+            _write_json(
+                args.json,
+                machine_info(args.threads, dtype="float32", weights="random (torch.manual_seed(0))"),
+                rows,
+            )
 
     info = machine_info(args.threads, dtype="float32", weights="random (torch.manual_seed(0))")
-    print(f"\nAnyUp (ua3d, fused encoders + tiled window attention), {info['cpu']}, {args.threads} threads, torch {info['torch']}, "
-          f"float32, random weights, guide={args.guide}\n")
-    print("| LR -> output | C | repeats | median wall (s) | median CPU (s) | peak RSS (GiB) "
-          "| RSS before forward (GiB) | output tensor (GiB) | load avg (1 min) |")
+    print(
+        f"\nAnyUp (ua3d, fused encoders + tiled window attention), {info['cpu']}, {args.threads} threads, torch {info['torch']}, "
+        f"float32, random weights, guide={args.guide}\n"
+    )
+    print(
+        "| LR -> output | C | repeats | median wall (s) | median CPU (s) | peak RSS (GiB) "
+        "| RSS before forward (GiB) | output tensor (GiB) | load avg (1 min) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['lr']}² -> {r['out']}² | {r['channels']} | {r['repeats']} | {r['median_s']:.1f} "
-              f"| {r['median_cpu_s']:.1f} | {r['peak_rss_gib']:.2f} | {r['rss_before_forward_gib']:.2f} "
-              f"| {r['output_tensor_gib']:.2f} | {r['load_average_before'][0]:.1f} |")
+        print(
+            f"| {r['lr']}² -> {r['out']}² | {r['channels']} | {r['repeats']} | {r['median_s']:.1f} "
+            f"| {r['median_cpu_s']:.1f} | {r['peak_rss_gib']:.2f} | {r['rss_before_forward_gib']:.2f} "
+            f"| {r['output_tensor_gib']:.2f} | {r['load_average_before'][0]:.1f} |"
+        )
     if args.stages:
         print("\n| LR -> output | encoders + query projection, CPU (s) | attention, CPU (s) |")
         print("|---|---|---|")

@@ -53,9 +53,15 @@ def _inputs(scale: int, which: str = "nyuv2"):
         depth = np.where(raw > 0, raw / 1000.0, np.nan).astype(np.float32)
         rgb = np.asarray(Image.open(REDWOOD / "color" / "00000.jpg").convert("RGB"))
         hr, lr = make_lr(depth, scale, "area")
-        guide = torch.from_numpy(rgb[: hr.shape[0], : hr.shape[1]].copy()).permute(2, 0, 1)[None].float() / 255
-        return (torch.from_numpy(np.nan_to_num(lr))[None, None], guide,
-                torch.from_numpy(np.ascontiguousarray(hr)), str(REDWOOD) + " (area LR)")
+        guide = (
+            torch.from_numpy(rgb[: hr.shape[0], : hr.shape[1]].copy()).permute(2, 0, 1)[None].float() / 255
+        )
+        return (
+            torch.from_numpy(np.nan_to_num(lr))[None, None],
+            guide,
+            torch.from_numpy(np.ascontiguousarray(hr)),
+            str(REDWOOD) + " (area LR)",
+        )
     if (DATA / "depth.npy").is_file():
         from PIL import Image
 
@@ -117,13 +123,18 @@ def worker(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--settings", default=",".join(SETTINGS),
-                    help=f"comma-separated subset of {list(SETTINGS)}")
+    ap.add_argument(
+        "--settings", default=",".join(SETTINGS), help=f"comma-separated subset of {list(SETTINGS)}"
+    )
     ap.add_argument("--scale", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--input", choices=("nyuv2", "redwood"), default="nyuv2",
-                    help="NYUv2 frame 1000 (protocol B LR) or Redwood frame 0 (area LR with holes)")
+    ap.add_argument(
+        "--input",
+        choices=("nyuv2", "redwood"),
+        default="nyuv2",
+        help="NYUv2 frame 1000 (protocol B LR) or Redwood frame 0 (area LR with holes)",
+    )
     ap.add_argument("--json", default="bench_results/depth_sr.json")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -137,26 +148,49 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in names:
         load0 = os.getloadavg()[0]
-        done = run_worker(__file__, [name, "--scale", str(args.scale), "--repeats", str(args.repeats),
-                                     "--threads", str(args.threads), "--input", args.input])
+        done = run_worker(
+            __file__,
+            [
+                name,
+                "--scale",
+                str(args.scale),
+                "--repeats",
+                str(args.repeats),
+                "--threads",
+                str(args.threads),
+                "--input",
+                args.input,
+            ],
+        )
         if not done.ok:
             raise SystemExit(f"setting {name} failed:\n{done.stderr[-3000:]}")
         rec = done.record
         rec["loadavg_1min_before"], rec["loadavg_1min_after"] = load0, os.getloadavg()[0]
         rows.append(rec)
-    print(f"upsample_depth, {rows[0]['hr_shape'][1]}x{rows[0]['hr_shape'][0]} at x{args.scale} "
-          f"(LR {rows[0]['lr_shape'][1]}x{rows[0]['lr_shape'][0]}), {args.threads} threads, median of "
-          f"{args.repeats} ({rows[0]['source']})\n")
-    print("| setting | median wall (s) | min wall (s) | median CPU (s) | CPU / threads (s) | RMSE (cm) | "
-          "peak RSS (MiB) | load avg before/after |")
+    print(
+        f"upsample_depth, {rows[0]['hr_shape'][1]}x{rows[0]['hr_shape'][0]} at x{args.scale} "
+        f"(LR {rows[0]['lr_shape'][1]}x{rows[0]['lr_shape'][0]}), {args.threads} threads, median of "
+        f"{args.repeats} ({rows[0]['source']})\n"
+    )
+    print(
+        "| setting | median wall (s) | min wall (s) | median CPU (s) | CPU / threads (s) | RMSE (cm) | "
+        "peak RSS (MiB) | load avg before/after |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['setting']} | {r['median_s']:.2f} | {r['min_s']:.2f} | {r['median_cpu_s']:.2f} | "
-              f"{r['median_cpu_s'] / args.threads:.2f} | {r['rmse_cm']:.3f} | "
-              f"{r['peak_rss_bytes'] / 2**20:.0f} | "
-              f"{r['loadavg_1min_before']:.1f} / {r['loadavg_1min_after']:.1f} |")
-    out = {"case": f"640x480 x{args.scale}", "threads": args.threads, "repeats": args.repeats,
-           "versions": machine_info(args.threads), "results": rows}
+        print(
+            f"| {r['setting']} | {r['median_s']:.2f} | {r['min_s']:.2f} | {r['median_cpu_s']:.2f} | "
+            f"{r['median_cpu_s'] / args.threads:.2f} | {r['rmse_cm']:.3f} | "
+            f"{r['peak_rss_bytes'] / 2**20:.0f} | "
+            f"{r['loadavg_1min_before']:.1f} / {r['loadavg_1min_after']:.1f} |"
+        )
+    out = {
+        "case": f"640x480 x{args.scale}",
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "versions": machine_info(args.threads),
+        "results": rows,
+    }
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))

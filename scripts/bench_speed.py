@@ -72,7 +72,7 @@ def _photo(name: str, size: int):
     img = getattr(data, name)()
     h, w = img.shape[:2]
     s = min(h, w)
-    img = img[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+    img = img[(h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s]
     im = Image.fromarray(img).resize((size, size), Image.BICUBIC)
     return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)[None].float() / 255.0
 
@@ -130,10 +130,19 @@ def work_kernel(spec: dict) -> dict:
     del out
     rscale = C / Cr
     return {
-        "fit_s": statistics.median(fw) * scale, "fit_cpu_s": statistics.median(fc) * scale,
-        "fit_times_s": fw, "steps": cfg.steps, "steps_run": steps_run, "extrapolated": steps_run != cfg.steps,
-        "render_s": statistics.median(rw) * rscale, "render_cpu_s": statistics.median(rc) * rscale,
-        "render_times_s": rw, "render_channels_run": Cr, "psnr_db": psnr, "rss_after_fit_gib": rss_fit / 2**30, "peak_rss_gib": _rss() / 2**30,
+        "fit_s": statistics.median(fw) * scale,
+        "fit_cpu_s": statistics.median(fc) * scale,
+        "fit_times_s": fw,
+        "steps": cfg.steps,
+        "steps_run": steps_run,
+        "extrapolated": steps_run != cfg.steps,
+        "render_s": statistics.median(rw) * rscale,
+        "render_cpu_s": statistics.median(rc) * rscale,
+        "render_times_s": rw,
+        "render_channels_run": Cr,
+        "psnr_db": psnr,
+        "rss_after_fit_gib": rss_fit / 2**30,
+        "peak_rss_gib": _rss() / 2**30,
     }
 
 
@@ -144,11 +153,19 @@ def work_bilinear(spec: dict) -> dict:
     size, C = spec["size"], spec["channels"]
     feats = torch.randn(1, C, size // 16, size // 16, generator=torch.Generator().manual_seed(2))
     F.interpolate(feats, size=(size, size), mode="bilinear", align_corners=False)
-    rw, rc, out = _timed(lambda: F.interpolate(feats, size=(size, size), mode="bilinear", align_corners=False),
-                         spec["repeats_render"])
+    rw, rc, out = _timed(
+        lambda: F.interpolate(feats, size=(size, size), mode="bilinear", align_corners=False),
+        spec["repeats_render"],
+    )
     del out
-    return {"fit_s": 0.0, "fit_cpu_s": 0.0, "render_s": statistics.median(rw), "render_cpu_s": statistics.median(rc),
-            "render_times_s": rw, "peak_rss_gib": _rss() / 2**30}
+    return {
+        "fit_s": 0.0,
+        "fit_cpu_s": 0.0,
+        "render_s": statistics.median(rw),
+        "render_cpu_s": statistics.median(rc),
+        "render_times_s": rw,
+        "peak_rss_gib": _rss() / 2**30,
+    }
 
 
 def work_options(spec: dict) -> dict:
@@ -175,13 +192,24 @@ def work_options(spec: dict) -> dict:
             totals.append(statistics.median(fw) + statistics.median(rw))
             psnrs.append(_psnr(k.render(k.guide_lr), guide))
             if cfg.adaptive_support is not None:
-                rec, _ = kernel_render(k.params, k.guide_hr, k.guide_lr, k.guide_lr, k.radius,
-                                       support_sigmas=cfg.adaptive_support)
+                rec, _ = kernel_render(
+                    k.params,
+                    k.guide_hr,
+                    k.guide_lr,
+                    k.guide_lr,
+                    k.radius,
+                    support_sigmas=cfg.adaptive_support,
+                )
                 psnrs_cut.append(_psnr(rec, guide))
-        rows[name] = {"config": over, "fit_s": statistics.median(fits), "fit_cpu_s": statistics.median(cpus),
-                      "fit_render_s": statistics.median(totals), "psnr_db": psnrs,
-                      "psnr_mean_db": sum(psnrs) / len(psnrs),
-                      "psnr_cut_render_mean_db": (sum(psnrs_cut) / len(psnrs_cut)) if psnrs_cut else None}
+        rows[name] = {
+            "config": over,
+            "fit_s": statistics.median(fits),
+            "fit_cpu_s": statistics.median(cpus),
+            "fit_render_s": statistics.median(totals),
+            "psnr_db": psnrs,
+            "psnr_mean_db": sum(psnrs) / len(psnrs),
+            "psnr_cut_render_mean_db": (sum(psnrs_cut) / len(psnrs_cut)) if psnrs_cut else None,
+        }
     base = rows["default"]["psnr_mean_db"]
     for r in rows.values():
         r["psnr_loss_db"] = base - r["psnr_mean_db"]
@@ -205,39 +233,55 @@ def _fmt(v, nd=2) -> str:
 
 
 def print_tables(results: list[dict], info: dict) -> None:
-    print(f"\nua3d speed, {info['cpu']}, {info['threads']} threads, torch {info['torch']}, numba {info['numba']}, "
-          f"load average at start {info['load_average'][0]:.1f}\n")
-    print("| path | size | LR | C | fit 50 steps (s) | fit CPU (s) | render (s) | fit + render (s) | "
-          "peak RSS (GiB) | recon. PSNR (dB) | note |")
+    print(
+        f"\nua3d speed, {info['cpu']}, {info['threads']} threads, torch {info['torch']}, numba {info['numba']}, "
+        f"load average at start {info['load_average'][0]:.1f}\n"
+    )
+    print(
+        "| path | size | LR | C | fit 50 steps (s) | fit CPU (s) | render (s) | fit + render (s) | "
+        "peak RSS (GiB) | recon. PSNR (dB) | note |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         if r.get("kind") == "options":
             continue
         if "error" in r:
-            print(f"| {r['label']} | {r['size']} | | | error | | | | | | {r['error'].splitlines()[-1][:60]} |")
+            print(
+                f"| {r['label']} | {r['size']} | | | error | | | | | | {r['error'].splitlines()[-1][:60]} |"
+            )
             continue
         note = []
         if r.get("extrapolated"):
             note.append(f"fit: {r['steps_run']} steps x {r['steps'] / r['steps_run']:.1f}")
         if r.get("render_channels_run", r.get("channels")) != r.get("channels"):
-            note.append(f"render: {r['render_channels_run']} channels x {r['channels'] / r['render_channels_run']:.0f}")
+            note.append(
+                f"render: {r['render_channels_run']} channels x {r['channels'] / r['render_channels_run']:.0f}"
+            )
         if r.get("config"):
             note.append(json.dumps(r["config"]))
         note.append(f"{len(r.get('render_times_s', []))} repeats")
-        print(f"| {r['label']} | {r['size']} | {r['size'] // 16} | {r['channels']} | {_fmt(r['fit_s'])} "
-              f"| {_fmt(r['fit_cpu_s'])} | {_fmt(r['render_s'])} | {_fmt(r['fit_s'] + r['render_s'])} "
-              f"| {_fmt(r['peak_rss_gib'])} | {_fmt(r.get('psnr_db'))} | {'; '.join(note)} |")
+        print(
+            f"| {r['label']} | {r['size']} | {r['size'] // 16} | {r['channels']} | {_fmt(r['fit_s'])} "
+            f"| {_fmt(r['fit_cpu_s'])} | {_fmt(r['render_s'])} | {_fmt(r['fit_s'] + r['render_s'])} "
+            f"| {_fmt(r['peak_rss_gib'])} | {_fmt(r.get('psnr_db'))} | {'; '.join(note)} |"
+        )
     for r in results:
         if r.get("kind") != "options" or "error" in r:
             continue
-        print(f"\nSpeed options at {r['size']} px (LR {r['size'] // 16}, 384-channel render), mean over "
-              f"{', '.join(PHOTOS)}:\n")
-        print("| option | fit (s) | fit CPU (s) | fit + render (s) | recon. PSNR (dB) | loss vs default (dB) "
-              "| PSNR, cut render (dB) |")
+        print(
+            f"\nSpeed options at {r['size']} px (LR {r['size'] // 16}, 384-channel render), mean over "
+            f"{', '.join(PHOTOS)}:\n"
+        )
+        print(
+            "| option | fit (s) | fit CPU (s) | fit + render (s) | recon. PSNR (dB) | loss vs default (dB) "
+            "| PSNR, cut render (dB) |"
+        )
         print("|---|---|---|---|---|---|---|")
         for name, o in r["options"].items():
-            print(f"| {name} | {_fmt(o['fit_s'], 3)} | {_fmt(o['fit_cpu_s'], 3)} | {_fmt(o['fit_render_s'], 3)} "
-                  f"| {_fmt(o['psnr_mean_db'])} | {_fmt(o['psnr_loss_db'])} | {_fmt(o['psnr_cut_render_mean_db'])} |")
+            print(
+                f"| {name} | {_fmt(o['fit_s'], 3)} | {_fmt(o['fit_cpu_s'], 3)} | {_fmt(o['fit_render_s'], 3)} "
+                f"| {_fmt(o['psnr_mean_db'])} | {_fmt(o['psnr_loss_db'])} | {_fmt(o['psnr_cut_render_mean_db'])} |"
+            )
 
 
 def main() -> None:
@@ -247,8 +291,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5, help="timed repeats (median reported)")
     ap.add_argument("--large-repeats", type=int, default=2, help="repeats for sizes >= 2048")
     ap.add_argument("--reference-steps", type=int, default=3, help="reference steps run (extrapolated to 50)")
-    ap.add_argument("--reference-channels", type=int, default=24,
-                    help="channels the reference renders (time scaled linearly to --channels)")
+    ap.add_argument(
+        "--reference-channels",
+        type=int,
+        default=24,
+        help="channels the reference renders (time scaled linearly to --channels)",
+    )
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--no-options", action="store_true")
@@ -268,20 +316,63 @@ def main() -> None:
     specs = []
     for s in sizes:
         reps = args.large_repeats if s >= 2048 else args.repeats
-        specs.append({"kind": "kernel", "label": "fast", "backend": "fast", "size": s, "channels": args.channels,
-                      "repeats_fit": reps, "repeats_render": reps})
-        specs.append({"kind": "bilinear", "label": "bilinear", "size": s, "channels": args.channels,
-                      "repeats_render": reps})
+        specs.append(
+            {
+                "kind": "kernel",
+                "label": "fast",
+                "backend": "fast",
+                "size": s,
+                "channels": args.channels,
+                "repeats_fit": reps,
+                "repeats_render": reps,
+            }
+        )
+        specs.append(
+            {
+                "kind": "bilinear",
+                "label": "bilinear",
+                "size": s,
+                "channels": args.channels,
+                "repeats_render": reps,
+            }
+        )
     if not args.no_reference and 224 in sizes:
-        specs.append({"kind": "kernel", "label": "reference", "backend": "reference", "size": 224,
-                      "channels": args.channels, "steps_run": args.reference_steps, "repeats_fit": 1,
-                      "repeats_render": 1, "render_channels": args.reference_channels})
+        specs.append(
+            {
+                "kind": "kernel",
+                "label": "reference",
+                "backend": "reference",
+                "size": 224,
+                "channels": args.channels,
+                "steps_run": args.reference_steps,
+                "repeats_fit": 1,
+                "repeats_render": 1,
+                "render_channels": args.reference_channels,
+            }
+        )
     if not args.no_options:
-        specs.append({"kind": "options", "label": "options", "size": 224, "channels": args.channels,
-                      "repeats_fit": max(1, min(args.repeats, 3))})
+        specs.append(
+            {
+                "kind": "options",
+                "label": "options",
+                "size": 224,
+                "channels": args.channels,
+                "repeats_fit": max(1, min(args.repeats, 3)),
+            }
+        )
     if not args.no_depth:
-        specs.append({"kind": "kernel", "label": "fast (depth)", "backend": "fast", "size": 4096, "channels": 1,
-                      "config": DEPTH_4096_CONFIG, "repeats_fit": 1, "repeats_render": 1})
+        specs.append(
+            {
+                "kind": "kernel",
+                "label": "fast (depth)",
+                "backend": "fast",
+                "size": 4096,
+                "channels": 1,
+                "config": DEPTH_4096_CONFIG,
+                "repeats_fit": 1,
+                "repeats_render": 1,
+            }
+        )
     results = []
     for spec in specs:
         print(f"running {spec['label']} {spec['size']} ...", file=sys.stderr, flush=True)

@@ -136,10 +136,22 @@ def work(spec: dict) -> dict:
         return out
     mode = MODES[spec["mode"]]
     dt = getattr(torch, mode["out_dtype"])
-    kw = {"out_dtype": dt, "band": mode.get("band"), "depth_model": spec["depth_model"], "backend": spec["backend"]}
+    kw = {
+        "out_dtype": dt,
+        "band": mode.get("band"),
+        "depth_model": spec["depth_model"],
+        "backend": spec["backend"],
+    }
     est = estimate_volume_bytes(
-        spec["channels"], spec["bins"], (H, W), dt, band=mode.get("band"), radius=spec["radius"], lr_size=lr,
-        on_disk="out" in mode, backend=spec["backend"],
+        spec["channels"],
+        spec["bins"],
+        (H, W),
+        dt,
+        band=mode.get("band"),
+        radius=spec["radius"],
+        lr_size=lr,
+        on_disk="out" in mode,
+        backend=spec["backend"],
     )
     render_volume(lifted, feats[:, :1], bins=2, backend=spec["backend"])  # warm-up: kernels, pools
     with tempfile.TemporaryDirectory(dir=spec.get("tmpdir")) as tmp:
@@ -152,16 +164,28 @@ def work(spec: dict) -> dict:
         del vol, mass
     n_bins = spec["bins"] if mode.get("band") is None else min(spec["bins"], 2 * mode["band"] + 1)
     pairs = _pairs(H, W, *lr, spec["radius"], n_bins)
-    out.update(peak_rss_bytes=peak.peak, estimate_ram_bytes=est.memory, estimate_volume_bytes=est.volume,
-               pairs=pairs, contraction_flops=2 * spec["channels"] * pairs)
+    out.update(
+        peak_rss_bytes=peak.peak,
+        estimate_ram_bytes=est.memory,
+        estimate_volume_bytes=est.volume,
+        pairs=pairs,
+        contraction_flops=2 * spec["channels"] * pairs,
+    )
     return out
 
 
 # --------------------------------------------------------------------------- driver side
 def run_worker(spec: dict) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], check=False, capture_output=True,
-                          text=True, env=env)
+    env = dict(
+        os.environ, OMP_NUM_THREADS=str(spec["threads"]), PYTHONPATH=str(Path(__file__).resolve().parents[1])
+    )
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(spec)],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     if proc.returncode != 0:
         raise SystemExit(f"worker failed for {spec}:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -207,9 +231,18 @@ def main() -> None:
     from _machine import machine_info
 
     info = machine_info(args.threads)
-    base = {"width": args.width, "height": args.height, "channels": args.channels, "bins": args.bins,
-            "scale": args.scale, "radius": args.radius, "steps": args.steps, "depth_model": args.depth_model,
-            "threads": args.threads, "tmpdir": args.tmpdir}
+    base = {
+        "width": args.width,
+        "height": args.height,
+        "channels": args.channels,
+        "bins": args.bins,
+        "scale": args.scale,
+        "radius": args.radius,
+        "steps": args.steps,
+        "depth_model": args.depth_model,
+        "threads": args.threads,
+        "tmpdir": args.tmpdir,
+    }
     backends = [b for b in args.backends.split(",") if b]
     rows = []
     for mode in [m for m in args.modes.split(",") if m]:
@@ -221,20 +254,29 @@ def main() -> None:
                 if b == "reference" and r >= args.reference_repeats:
                     continue
                 res = run_worker({**base, "what": "volume", "mode": mode, "backend": b})
-                print(f"  {mode} {b}: wall {res['wall_s']:.1f} s, cpu {res['cpu_s']:.1f} s, "
-                      f"peak {res['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
+                print(
+                    f"  {mode} {b}: wall {res['wall_s']:.1f} s, cpu {res['cpu_s']:.1f} s, "
+                    f"peak {res['peak_rss_bytes'] / 2**30:.2f} GiB",
+                    flush=True,
+                )
                 runs[b].append(res)
         for b in backends:
-            rows.append({"what": "render_volume", "mode": mode, "backend": b, **MODES[mode], **_summary(runs[b])})
+            rows.append(
+                {"what": "render_volume", "mode": mode, "backend": b, **MODES[mode], **_summary(runs[b])}
+            )
     if not args.no_points:
         pts = [run_worker({**base, "what": "points", "backend": "auto"}) for _ in range(args.repeats)]
         rows.append({"what": "render_points", "mode": "pixels", "backend": "auto", **_summary(pts)})
 
     gib = 2.0**30
-    print(f"\nrender_volume / render_points, {args.width}x{args.height}, {args.channels} channels, {args.bins} bins, "
-          f"radius {args.radius}, {args.threads} threads, {info['cpu']}, load average at start "
-          f"{info['load_average'][0]:.1f} (measured under load: wall times inflated, CPU times the better guide)\n")
-    print("| what | mode | backend | est RAM GiB | peak RSS GiB | wall s (median) | CPU s (median) | bound s | runs |")
+    print(
+        f"\nrender_volume / render_points, {args.width}x{args.height}, {args.channels} channels, {args.bins} bins, "
+        f"radius {args.radius}, {args.threads} threads, {info['cpu']}, load average at start "
+        f"{info['load_average'][0]:.1f} (measured under load: wall times inflated, CPU times the better guide)\n"
+    )
+    print(
+        "| what | mode | backend | est RAM GiB | peak RSS GiB | wall s (median) | CPU s (median) | bound s | runs |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         bound = None
@@ -242,20 +284,32 @@ def main() -> None:
             bound = r["contraction_flops"] / (args.peak_gflops * 1e9 * args.threads)
             r["bound_s"] = bound
         est = r.get("estimate_ram_bytes")
-        print(f"| {r['what']} | {r['mode']} | {r['backend']} | {'-' if est is None else f'{est / gib:.2f}'} | "
-              f"{r['peak_rss_bytes'] / gib:.2f} | {r['median_wall_s']:.2f} | {r['median_cpu_s']:.2f} | "
-              f"{'-' if bound is None else f'{bound:.2f}'} | {len(r['wall_times_s'])} |")
+        print(
+            f"| {r['what']} | {r['mode']} | {r['backend']} | {'-' if est is None else f'{est / gib:.2f}'} | "
+            f"{r['peak_rss_bytes'] / gib:.2f} | {r['median_wall_s']:.2f} | {r['median_cpu_s']:.2f} | "
+            f"{'-' if bound is None else f'{bound:.2f}'} | {len(r['wall_times_s'])} |"
+        )
     ratios = {}
     for mode in {r["mode"] for r in rows if r["what"] == "render_volume"}:
         by = {r["backend"]: r for r in rows if r["what"] == "render_volume" and r["mode"] == mode}
         if "reference" in by and "fast" in by:
-            ratios[mode] = {"wall": by["reference"]["median_wall_s"] / by["fast"]["median_wall_s"],
-                            "cpu": by["reference"]["median_cpu_s"] / by["fast"]["median_cpu_s"]}
-            print(f"\n{mode}: reference / fast = {ratios[mode]['wall']:.1f}x wall, {ratios[mode]['cpu']:.1f}x CPU "
-                  "(alternate runs, same window)")
-    report = {"benchmark": "render_volume", "config": base, "results": rows, "ratios": ratios,
-              "peak_gflops_per_core": args.peak_gflops, "machine": info,
-              "load_average_end": os.getloadavg()}
+            ratios[mode] = {
+                "wall": by["reference"]["median_wall_s"] / by["fast"]["median_wall_s"],
+                "cpu": by["reference"]["median_cpu_s"] / by["fast"]["median_cpu_s"],
+            }
+            print(
+                f"\n{mode}: reference / fast = {ratios[mode]['wall']:.1f}x wall, {ratios[mode]['cpu']:.1f}x CPU "
+                "(alternate runs, same window)"
+            )
+    report = {
+        "benchmark": "render_volume",
+        "config": base,
+        "results": rows,
+        "ratios": ratios,
+        "peak_gflops_per_core": args.peak_gflops,
+        "machine": info,
+        "load_average_end": os.getloadavg(),
+    }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.json}")

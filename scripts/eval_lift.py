@@ -131,19 +131,32 @@ def eval_synthetic(seeds, size, cfg: FitConfig, scale: int, fit_kw: dict) -> lis
         fit_s = time.perf_counter() - t0
         near = torch.from_numpy(dilate(depth_jumps(s["depth_gt"]), 3)) & (ids > 0)
         acc = label_accuracies(
-            ids, int(ids.max()) + 1, grid,
+            ids,
+            int(ids.max()) + 1,
+            grid,
             {"lift": lift.render_2d, "2d": k2d.render, "bilinear": bilinear((H, W))},
             {"near_edges": near, "all": ids > 0},
         )
         # the volume needs finer cells than the label test; 4x grid, fit without TTO
         vk = fit_rgbd(s["rgb"], s["depth"], s["camera"], (H // 4, W // 4), cfg.replace(steps=0, radius=3))
         peaks = {m: peak_accuracy(vk, 16, m)[0] for m in ("planar", "constant")}
-        rows.append({"seed": seed, "size": [H, W], "grid": list(grid), "fit_s": fit_s, "labels": acc,
-                     "mass_peak_16bins_grid4x": peaks})
-        print(f"seed {seed}: near depth edges  lift {acc['lift']['near_edges']:.4f}  2D {acc['2d']['near_edges']:.4f}  "
-              f"bilinear {acc['bilinear']['near_edges']:.4f} | all objects  lift {acc['lift']['all']:.4f}  "
-              f"2D {acc['2d']['all']:.4f}  bilinear {acc['bilinear']['all']:.4f} | mass peak (16 bins, 4x grid) "
-              f"planar {peaks['planar']:.3f} constant {peaks['constant']:.3f}  [fits {fit_s:.0f} s]", flush=True)
+        rows.append(
+            {
+                "seed": seed,
+                "size": [H, W],
+                "grid": list(grid),
+                "fit_s": fit_s,
+                "labels": acc,
+                "mass_peak_16bins_grid4x": peaks,
+            }
+        )
+        print(
+            f"seed {seed}: near depth edges  lift {acc['lift']['near_edges']:.4f}  2D {acc['2d']['near_edges']:.4f}  "
+            f"bilinear {acc['bilinear']['near_edges']:.4f} | all objects  lift {acc['lift']['all']:.4f}  "
+            f"2D {acc['2d']['all']:.4f}  bilinear {acc['bilinear']['all']:.4f} | mass peak (16 bins, 4x grid) "
+            f"planar {peaks['planar']:.3f} constant {peaks['constant']:.3f}  [fits {fit_s:.0f} s]",
+            flush=True,
+        )
     return rows
 
 
@@ -156,14 +169,23 @@ def real_frames():
     if red.is_dir():
         cam = read_intrinsics(red / "camera_primesense.json")
         for i in (0, 2, 4):
-            yield (f"redwood/{i:05d}", read_color(red / "color" / f"{i:05d}.jpg"),
-                   read_depth(red / "depth" / f"{i:05d}.png"), cam)
+            yield (
+                f"redwood/{i:05d}",
+                read_color(red / "color" / f"{i:05d}.jpg"),
+                read_depth(red / "depth" / f"{i:05d}.png"),
+                cam,
+            )
     nyu = DATA / "nyuv2-dkn-test"
     for i in (1000, 1001, 1002):
         if (nyu / str(i)).is_dir():
             rgb = cv2.cvtColor(cv2.imread(str(nyu / str(i) / "rgb.jpg")), cv2.COLOR_BGR2RGB)
             fx, fy, cx, cy = NYU_K
-            yield f"nyuv2/{i}", rgb, np.load(nyu / str(i) / "depth.npy"), PinholeCamera(fx, fy, cx, cy, 640, 480)
+            yield (
+                f"nyuv2/{i}",
+                rgb,
+                np.load(nyu / str(i) / "depth.npy"),
+                PinholeCamera(fx, fy, cx, cy, 640, 480),
+            )
 
 
 def resize_frame(rgb, depth, cam: PinholeCamera, size):
@@ -184,29 +206,43 @@ def eval_real(size, cfg: FitConfig, scale: int, fit_kw: dict) -> list[dict]:
         seg = torch.from_numpy(depth_segments(depth))
         near = torch.from_numpy(dilate(depth_jumps(depth), 3) & (depth > 0)) & (seg > 0)
         t0 = time.perf_counter()
-        lifts = {m: fit_rgbd(rgb, depth, cam, grid, cfg, depth_mode=m, **fit_kw) for m in ("relative", "absolute")}
+        lifts = {
+            m: fit_rgbd(rgb, depth, cam, grid, cfg, depth_mode=m, **fit_kw) for m in ("relative", "absolute")
+        }
         k2d = ua3d.fit(rgb, grid, cfg)
         fit_s = time.perf_counter() - t0
         renders = {f"lift-{m}": lk.render_2d for m, lk in lifts.items()}
         renders.update({"2d": k2d.render, "bilinear": bilinear((H, W))})
         acc = label_accuracies(seg, int(seg.max()) + 1, grid, renders, {"near_edges": near})
-        row = {"frame": name, "size": [H, W], "grid": list(grid), "fit_s": fit_s,
-               "segments_near_edges": {k: v["near_edges"] for k, v in acc.items()}}
+        row = {
+            "frame": name,
+            "size": [H, W],
+            "grid": list(grid),
+            "fit_s": fit_s,
+            "segments_near_edges": {k: v["near_edges"] for k, v in acc.items()},
+        }
         for m, lk in lifts.items():
             exact, pm1 = peak_accuracy(lk, 32)
             zr = lk.render_depth()[0, 0]
             v = lk.depth_valid[0, 0]
             absrel = float(((zr - lk.depth[0, 0]).abs() / lk.depth[0, 0])[v].mean())
-            row[m] = {"mass_peak_exact": exact, "mass_peak_pm1": pm1, "depth_absrel": absrel,
-                      "sigma_z_median_m": float(lk.sigma_z().median())}
+            row[m] = {
+                "mass_peak_exact": exact,
+                "mass_peak_pm1": pm1,
+                "depth_absrel": absrel,
+                "sigma_z_median_m": float(lk.sigma_z().median()),
+            }
         rows.append(row)
         s = row["segments_near_edges"]
-        print(f"{name}: segments near edges  rel {s['lift-relative']:.4f}  abs {s['lift-absolute']:.4f}  "
-              f"2D {s['2d']:.4f}  bilinear {s['bilinear']:.4f} | mass peak exact/±1  rel "
-              f"{row['relative']['mass_peak_exact']:.3f}/{row['relative']['mass_peak_pm1']:.3f}  abs "
-              f"{row['absolute']['mass_peak_exact']:.3f}/{row['absolute']['mass_peak_pm1']:.3f} | depth AbsRel  "
-              f"rel {row['relative']['depth_absrel']:.4f}  abs {row['absolute']['depth_absrel']:.4f}  "
-              f"[fits {fit_s:.0f} s]", flush=True)
+        print(
+            f"{name}: segments near edges  rel {s['lift-relative']:.4f}  abs {s['lift-absolute']:.4f}  "
+            f"2D {s['2d']:.4f}  bilinear {s['bilinear']:.4f} | mass peak exact/±1  rel "
+            f"{row['relative']['mass_peak_exact']:.3f}/{row['relative']['mass_peak_pm1']:.3f}  abs "
+            f"{row['absolute']['mass_peak_exact']:.3f}/{row['absolute']['mass_peak_pm1']:.3f} | depth AbsRel  "
+            f"rel {row['relative']['depth_absrel']:.4f}  abs {row['absolute']['depth_absrel']:.4f}  "
+            f"[fits {fit_s:.0f} s]",
+            flush=True,
+        )
     return rows
 
 
@@ -229,7 +265,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--radius", type=float, default=2.0)
     ap.add_argument("--backend", default="auto")
-    ap.add_argument("--depth-weight", type=float, default=None, help="fit_rgbd depth_weight (default: its default)")
+    ap.add_argument(
+        "--depth-weight", type=float, default=None, help="fit_rgbd depth_weight (default: its default)"
+    )
     ap.add_argument("--skip-synthetic", action="store_true")
     ap.add_argument("--skip-real", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -239,15 +277,27 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     cfg = FitConfig(steps=args.steps, radius=args.radius, backend=args.backend)
     dw = {} if args.depth_weight is None else {"depth_weight": args.depth_weight}
-    print(f"config: steps {cfg.steps}, radius {cfg.radius}, backend {cfg.backend}, LR guide {cfg.guide_downsample}, "
-          f"grid 1/{args.scale}, depth weight {dw.get('depth_weight', 'fit_rgbd default')}")
-    report = {"config": cfg.to_dict(), "fit_rgbd": dw, "scale": args.scale, "machine": platform.platform(),
-              "torch": torch.__version__, "ua3d": ua3d.__version__}
+    print(
+        f"config: steps {cfg.steps}, radius {cfg.radius}, backend {cfg.backend}, LR guide {cfg.guide_downsample}, "
+        f"grid 1/{args.scale}, depth weight {dw.get('depth_weight', 'fit_rgbd default')}"
+    )
+    report = {
+        "config": cfg.to_dict(),
+        "fit_rgbd": dw,
+        "scale": args.scale,
+        "machine": platform.platform(),
+        "torch": torch.__version__,
+        "ua3d": ua3d.__version__,
+    }
     if not args.skip_synthetic:
         rows = eval_synthetic(args.seeds, tuple(args.size), cfg, args.scale, dw)
         report["synthetic"] = rows
-        print("synthetic mean, near depth edges: " + "  ".join(
-            f"{k} {_mean(rows, ('labels', k, 'near_edges')):.4f}" for k in ("lift", "2d", "bilinear")))
+        print(
+            "synthetic mean, near depth edges: "
+            + "  ".join(
+                f"{k} {_mean(rows, ('labels', k, 'near_edges')):.4f}" for k in ("lift", "2d", "bilinear")
+            )
+        )
     if not args.skip_real:
         if not DATA.is_dir():
             print(f"real data not found at {DATA}; skipping part 2")
@@ -255,11 +305,15 @@ def main() -> None:
             rows = eval_real(tuple(args.real_size), cfg, args.scale, dw)
             report["real"] = rows
             keys = ("lift-relative", "lift-absolute", "2d", "bilinear")
-            print("real mean, segments near edges: " + "  ".join(
-                f"{k} {_mean(rows, ('segments_near_edges', k)):.4f}" for k in keys))
+            print(
+                "real mean, segments near edges: "
+                + "  ".join(f"{k} {_mean(rows, ('segments_near_edges', k)):.4f}" for k in keys)
+            )
             for m in ("relative", "absolute"):
-                print(f"real mean, {m}: mass peak exact {_mean(rows, (m, 'mass_peak_exact')):.3f}  ±1 "
-                      f"{_mean(rows, (m, 'mass_peak_pm1')):.3f}  depth AbsRel {_mean(rows, (m, 'depth_absrel')):.4f}")
+                print(
+                    f"real mean, {m}: mass peak exact {_mean(rows, (m, 'mass_peak_exact')):.3f}  ±1 "
+                    f"{_mean(rows, (m, 'mass_peak_pm1')):.3f}  depth AbsRel {_mean(rows, (m, 'depth_absrel')):.4f}"
+                )
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.json}")
 

@@ -32,7 +32,9 @@ def load(name: str, size: int) -> torch.Tensor:
 
     img = getattr(skimage.data, name)()
     t = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
-    return F.interpolate(t, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+    return F.interpolate(t, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(
+        0, 1
+    )
 
 
 def main(argv=None) -> dict:
@@ -58,7 +60,9 @@ def main(argv=None) -> dict:
     print("|---|---|---|---|---|")
     for r in rows:
         gain = r["tto_db"] - r["bicubic_db"]
-        print(f"| {r['image']} | {r['bicubic_db']:.2f} | {r['tto_db']:.2f} | {gain:+.2f} | {r['seconds']:.2f} |")
+        print(
+            f"| {r['image']} | {r['bicubic_db']:.2f} | {r['tto_db']:.2f} | {gain:+.2f} | {r['seconds']:.2f} |"
+        )
     out = {
         "rows": rows,
         "settings": vars(a),

@@ -67,7 +67,10 @@ def test_parity_with_official(fixture, fixture_model, index):
     case = fixture["cases"][index]
     with torch.no_grad():
         out = fixture_model(
-            case["guide"], case["features"], output_size=case["output_size"], q_chunk_size=case["q_chunk_size"]
+            case["guide"],
+            case["features"],
+            output_size=case["output_size"],
+            q_chunk_size=case["q_chunk_size"],
         )
     torch.testing.assert_close(out, case["expected"], rtol=1e-5, atol=1e-5)
     # every output is a convex combination of the same channel's LR values
@@ -100,7 +103,9 @@ def test_window_bounds_float32_quirk():
     # independent numpy float32 arithmetic for a few sizes
     for n_out, n_lr in [(224, 16), (70, 10), (98, 14), (200, 12), (1024, 64), (37, 41)]:
         c = (np.arange(n_out, dtype=np.float32) + np.float32(0.5)) / np.float32(n_out)
-        s = np.floor(np.clip(c - np.float32(0.1), 0, 1).astype(np.float32) * np.float32(n_lr)).astype(np.int64)
+        s = np.floor(np.clip(c - np.float32(0.1), 0, 1).astype(np.float32) * np.float32(n_lr)).astype(
+            np.int64
+        )
         e = np.ceil(np.clip(c + np.float32(0.1), 0, 1).astype(np.float32) * np.float32(n_lr)).astype(np.int64)
         start, end = window_bounds(n_out, n_lr, 0.1)
         np.testing.assert_array_equal(start.numpy(), s)
@@ -261,7 +266,9 @@ def test_load_anyup_from_fixture_derived_checkpoint(fixture, fixture_model, tmp_
 
 def test_load_anyup_errors(tmp_path):
     missing = tmp_path / "nope.pth"
-    with pytest.raises(FileNotFoundError, match=r"AnyUp checkpoint not found: .*nope\.pth \(ua3d never downloads"):
+    with pytest.raises(
+        FileNotFoundError, match=r"AnyUp checkpoint not found: .*nope\.pth \(ua3d never downloads"
+    ):
         load_anyup(missing)
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint")
@@ -272,12 +279,17 @@ def test_load_anyup_errors(tmp_path):
     sd["extra.weight"] = torch.zeros(1)
     bad = tmp_path / "bad.pth"
     torch.save(sd, bad)
-    with pytest.raises(ValueError, match=r"AnyUp checkpoint .*bad\.pth: the checkpoint does not match the AnyUp; missing keys \(1\): rope\.freqs; unexpected keys \(1\): extra\.weight$"):
+    with pytest.raises(
+        ValueError,
+        match=r"AnyUp checkpoint .*bad\.pth: the checkpoint does not match the AnyUp; missing keys \(1\): rope\.freqs; unexpected keys \(1\): extra\.weight$",
+    ):
         load_anyup(bad)
     sd = AnyUp().state_dict()
     sd["rope.freqs"] = torch.zeros(2, 64)
     torch.save(sd, bad)
-    with pytest.raises(ValueError, match=r"shape mismatches \(1\): rope\.freqs \(2, 64\) vs model \(2, 128\)$"):
+    with pytest.raises(
+        ValueError, match=r"shape mismatches \(1\): rope\.freqs \(2, 64\) vs model \(2, 128\)$"
+    ):
         load_anyup(bad)
     torch.save([1, 2, 3], bad)
     with pytest.raises(ValueError, match=r"bad\.pth: not a state dict of tensors \(found list\)"):
@@ -291,11 +303,17 @@ def test_input_errors():
         model(guide[0], feats)
     with pytest.raises(ValueError, match=r"features must have 4 dimensions, got shape \(3, 4, 4\)"):
         model(guide, feats[0])
-    with pytest.raises(ValueError, match=r"batch size of features \(1, 3, 4, 4\) does not match image \(2, 3, 16, 16\)"):
+    with pytest.raises(
+        ValueError, match=r"batch size of features \(1, 3, 4, 4\) does not match image \(2, 3, 16, 16\)"
+    ):
         model(guide, feats[:1])
-    with pytest.raises(ValueError, match=r"image must have 3 channels \[B, 3, H, W\], got shape \(2, 4, 16, 16\)"):
+    with pytest.raises(
+        ValueError, match=r"image must have 3 channels \[B, 3, H, W\], got shape \(2, 4, 16, 16\)"
+    ):
         model(torch.randn(2, 4, 16, 16), feats)
-    with pytest.raises(ValueError, match=r"features must be at least 2x2 spatially, got shape \(2, 3, 1, 4\)"):
+    with pytest.raises(
+        ValueError, match=r"features must be at least 2x2 spatially, got shape \(2, 3, 1, 4\)"
+    ):
         model(guide, feats[:, :, :1])
     with pytest.raises(ValueError, match=r"output_size must be positive"):
         model(guide, feats, output_size=(0, 4))
@@ -303,9 +321,13 @@ def test_input_errors():
     nan[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"features contains 1 NaN/Inf value"):
         model(guide, nan)
-    with pytest.raises(ValueError, match=r"must share one floating dtype, got torch.float32 and torch.float64"):
+    with pytest.raises(
+        ValueError, match=r"must share one floating dtype, got torch.float32 and torch.float64"
+    ):
         model(guide, feats.double())
-    with pytest.raises(ValueError, match=r"model parameters are torch.float32 on cpu but the inputs are torch.float64"):
+    with pytest.raises(
+        ValueError, match=r"model parameters are torch.float32 on cpu but the inputs are torch.float64"
+    ):
         model(guide.double(), feats.double())
     with pytest.raises(ValueError, match=r"q_chunk_size must be positive, got 0"):
         model(guide, feats, q_chunk_size=0)
@@ -315,7 +337,9 @@ def test_input_errors():
     rgb = torch.rand(2, 3, 16, 16)
     with pytest.raises(ValueError, match=r"exactly one of model= \(an AnyUp\) or checkpoint="):
         anyup(rgb, feats)
-    with pytest.raises(ValueError, match=r"batch size of features \(1, 3, 4, 4\) does not match guide \(2, 3, 16, 16\)"):
+    with pytest.raises(
+        ValueError, match=r"batch size of features \(1, 3, 4, 4\) does not match guide \(2, 3, 16, 16\)"
+    ):
         anyup(rgb, feats[:1], model=model)
     with pytest.raises(ValueError, match=r"guide must have 4 dimensions, got shape \(3, 16, 16\)"):
         anyup(rgb[0], feats, model=model)
@@ -337,7 +361,9 @@ def _reference_forward(model: AnyUp, guide, feats, size):
 
 
 @pytest.mark.parametrize(
-    ("kernel_size", "batch", "out_size"), [(1, 2, (26, 33)), (3, 1, (20, 28))], ids=["1x1-stem-pooled", "3x3-stem"]
+    ("kernel_size", "batch", "out_size"),
+    [(1, 2, (26, 33)), (3, 1, (20, 28))],
+    ids=["1x1-stem-pooled", "3x3-stem"],
 )
 def test_fused_encoder_matches_reference(kernel_size, batch, out_size):
     # 37-pixel strips: many strips and a ragged last one, so the strip statistics are merged
@@ -477,9 +503,14 @@ def test_anyup_depth_excludes_holes_and_is_unit_free():
 def test_anyup_depth_input_errors():
     model = AnyUp().eval()
     rgb, depth = _depth_case()
-    with pytest.raises(ValueError, match=r"depth_lr must be a floating \[B, 1, h, w\] tensor, got torch.float32 \(1, 2, 8, 10\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"depth_lr must be a floating \[B, 1, h, w\] tensor, got torch.float32 \(1, 2, 8, 10\)",
+    ):
         anyup_depth(depth.repeat(1, 2, 1, 1), rgb, model=model)
-    with pytest.raises(ValueError, match=r"mask_lr must have the shape of depth_lr \(1, 1, 8, 10\), got \(8, 10\)"):
+    with pytest.raises(
+        ValueError, match=r"mask_lr must have the shape of depth_lr \(1, 1, 8, 10\), got \(8, 10\)"
+    ):
         anyup_depth(depth, rgb, model=model, mask_lr=torch.ones(8, 10, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"exactly one of model="):
         anyup_depth(depth, rgb)

@@ -30,8 +30,15 @@ ROOT = Path(__file__).resolve().parents[1]
 def _ua3d(*args, cwd=None, env_path=None, timeout=300):
     """Run the real ``ua3d`` command (``python -m ua3d.cli``) in a subprocess."""
     env = {**os.environ, "PYTHONPATH": str(env_path or ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "ua3d.cli", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "ua3d.cli", *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def _open3d_renders():
@@ -63,15 +70,49 @@ def files(tmp_path, scene):
 
 
 def _lift_args(d, out, *extra):
-    return ["lift", "--rgb", d / "rgb.png", "--depth", d / "depth.png", "--intrinsics", d / "K.json",
-            "--features", d / "feats.npy", "--bins", "4", "--steps", "2", "--radius", "2", "--out", out, *extra]
+    return [
+        "lift",
+        "--rgb",
+        d / "rgb.png",
+        "--depth",
+        d / "depth.png",
+        "--intrinsics",
+        d / "K.json",
+        "--features",
+        d / "feats.npy",
+        "--bins",
+        "4",
+        "--steps",
+        "2",
+        "--radius",
+        "2",
+        "--out",
+        out,
+        *extra,
+    ]
 
 
 # --------------------------------------------------------------------------- upsample
 def test_upsample_writes_hr_features_inside_the_lr_range(files, capsys):
     d, _rgb, feats = files
-    rc = main(["upsample", "--image", str(d / "rgb.png"), "--signal", str(d / "feats.npy"), "--layout", "chw",
-               "--out", str(d / "hr.npy"), "--steps", "3", "--radius", "3", "--quiet"])
+    rc = main(
+        [
+            "upsample",
+            "--image",
+            str(d / "rgb.png"),
+            "--signal",
+            str(d / "feats.npy"),
+            "--layout",
+            "chw",
+            "--out",
+            str(d / "hr.npy"),
+            "--steps",
+            "3",
+            "--radius",
+            "3",
+            "--quiet",
+        ]
+    )
     assert rc == 0
     hr = np.load(d / "hr.npy")
     assert hr.shape == (5, 64, 96)
@@ -83,8 +124,21 @@ def test_upsample_png_figure_in_a_real_run(files):
     """[20.1] --png used to fail on every run (PCA colours were passed where features belong); [20.7] the
     fit shows a bar naming its stage on stderr."""
     d, _, _ = files
-    r = _ua3d("upsample", "--image", d / "rgb.png", "--signal", d / "feats.npy", "--out", d / "hr.npy",
-              "--png", d / "fig.png", "--steps", "3", "--radius", "3")
+    r = _ua3d(
+        "upsample",
+        "--image",
+        d / "rgb.png",
+        "--signal",
+        d / "feats.npy",
+        "--out",
+        d / "hr.npy",
+        "--png",
+        d / "fig.png",
+        "--steps",
+        "3",
+        "--radius",
+        "3",
+    )
     assert r.returncode == 0, r.stderr
     img = cv2.imread(str(d / "fig.png"))
     assert img is not None and img.std() > 5
@@ -97,21 +151,67 @@ def test_upsample_any_grid_ratio_and_layout_by_aspect(files):
     reads an [h, w, C] array by the image's aspect ratio, not the smallest axis."""
     d, _, _ = files
     np.save(d / "odd.npy", np.random.default_rng(1).standard_normal((3, 5, 7)).astype(np.float32))  # 7x5 grid
-    assert main(["upsample", "--image", str(d / "rgb.png"), "--signal", str(d / "odd.npy"), "--out",
-                 str(d / "odd_hr.npy"), "--steps", "2", "--radius", "2", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "upsample",
+                "--image",
+                str(d / "rgb.png"),
+                "--signal",
+                str(d / "odd.npy"),
+                "--out",
+                str(d / "odd_hr.npy"),
+                "--steps",
+                "2",
+                "--radius",
+                "2",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert np.load(d / "odd_hr.npy").shape == (3, 64, 96)
     # [h=8, w=12, C=30]: the smallest-axis rule would read C=8 on a 30x12 grid; the 12x8 grid has the image's 3:2
     np.save(d / "hwc.npy", np.random.default_rng(2).standard_normal((8, 12, 30)).astype(np.float32))
-    assert main(["upsample", "--image", str(d / "rgb.png"), "--signal", str(d / "hwc.npy"), "--out",
-                 str(d / "hwc_hr.npy"), "--steps", "2", "--radius", "2", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "upsample",
+                "--image",
+                str(d / "rgb.png"),
+                "--signal",
+                str(d / "hwc.npy"),
+                "--out",
+                str(d / "hwc_hr.npy"),
+                "--steps",
+                "2",
+                "--radius",
+                "2",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert np.load(d / "hwc_hr.npy").shape == (30, 64, 96)
 
 
 # --------------------------------------------------------------------------- depth-sr
 def test_depth_sr_round_trips_16bit_png_in_mm(files, scene):
     d, _, _ = files
-    rc = main(["depth-sr", "--rgb", str(d / "rgb.png"), "--depth", str(d / "depth_lr.png"), "--out",
-               str(d / "hr.png"), "--steps", "3", "--quiet"])
+    rc = main(
+        [
+            "depth-sr",
+            "--rgb",
+            str(d / "rgb.png"),
+            "--depth",
+            str(d / "depth_lr.png"),
+            "--out",
+            str(d / "hr.png"),
+            "--steps",
+            "3",
+            "--quiet",
+        ]
+    )
     assert rc == 0
     raw = cv2.imread(str(d / "hr.png"), cv2.IMREAD_UNCHANGED)
     assert raw.dtype == np.uint16 and raw.shape == (64, 96)
@@ -146,7 +246,9 @@ def test_lift_writes_volume_and_point_cloud(files, scene):
     cols = np.asarray(pcd.colors)
     assert cols.max() > 0.5  # real colours (up to 1.0), not float colours read back as 1/255 steps
     np.testing.assert_allclose(cols, rgb[valid] / 255.0, atol=1e-6)  # row-major valid pixels
-    np.testing.assert_allclose(np.sort(np.asarray(pcd.points)[:, 2]), np.sort(scene["depth_gt"][valid]), atol=6e-4)
+    np.testing.assert_allclose(
+        np.sort(np.asarray(pcd.points)[:, 2]), np.sort(scene["depth_gt"][valid]), atol=6e-4
+    )
     t = o3d.t.io.read_point_cloud(str(out / "points.ply"))
     assert {"features_0", "features_4"} <= set(t.point)
 
@@ -174,15 +276,50 @@ def test_view_reads_what_lift_wrote(files, capsys):
     d, _, _ = files
     out = d / "lift"
     assert main([str(a) for a in _lift_args(d, out, "--quiet")]) == 0
-    assert main(["view", "points", str(out / "points.ply"), "--png", str(d / "p.png"), "--query-pixel", "40", "30",
-                 "--width", "160", "--height", "120"]) == 0
+    assert (
+        main(
+            [
+                "view",
+                "points",
+                str(out / "points.ply"),
+                "--png",
+                str(d / "p.png"),
+                "--query-pixel",
+                "40",
+                "30",
+                "--width",
+                "160",
+                "--height",
+                "120",
+            ]
+        )
+        == 0
+    )
     assert "6144 points" in capsys.readouterr().out
-    assert main(["view", "volume", str(out / "volume.npz"), "--png", str(d / "v.png"), "--show-rgbd",
-                 "--width", "160", "--height", "120", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "view",
+                "volume",
+                str(out / "volume.npz"),
+                "--png",
+                str(d / "v.png"),
+                "--show-rgbd",
+                "--width",
+                "160",
+                "--height",
+                "120",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     for f in ("p.png", "v.png"):
         img = cv2.imread(str(d / f))
         assert img is not None and img.std() > 5
-    rc = main(["view", "points", str(out / "points.ply"), "--png", str(d / "q.png"), "--query-pixel", "500", "3"])
+    rc = main(
+        ["view", "points", str(out / "points.ply"), "--png", str(d / "q.png"), "--query-pixel", "500", "3"]
+    )
     assert rc == 2 and "no point at pixel (u=500, v=3)" in capsys.readouterr().err
 
 
@@ -192,7 +329,10 @@ def test_npz_readers_name_a_file_of_the_wrong_kind(files, capsys):
     np.savez(d / "pts.npz", positions=np.zeros((3, 3), np.float32), features=np.zeros((3, 2), np.float32))
     assert main(["view", "volume", str(d / "rgb.png")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("ua3d: error:") and "rgb.png is a PNG image: expected a ua3d feature volume .npz" in err
+    assert (
+        err.startswith("ua3d: error:")
+        and "rgb.png is a PNG image: expected a ua3d feature volume .npz" in err
+    )
     assert main(["view", "volume", str(d / "pts.npz")]) == 2
     assert "pts.npz is a ua3d feature point cloud, not a feature volume" in capsys.readouterr().err
     assert main(["view", "points", str(d / "rgb.png")]) == 2
@@ -216,8 +356,22 @@ def test_lift_refuses_a_large_volume_before_any_work(files, capsys):
 def test_model_random_runs_without_weights_and_missing_weights_name_it(files, monkeypatch, capsys):
     """[20.14] --model random works without weights; missing weights or timm: one line naming the models."""
     d, _, _ = files
-    base = ["lift", "--rgb", str(d / "rgb.png"), "--depth", str(d / "depth.png"), "--intrinsics", str(d / "K.json"),
-            "--bins", "2", "--steps", "1", "--radius", "1", "--quiet"]
+    base = [
+        "lift",
+        "--rgb",
+        str(d / "rgb.png"),
+        "--depth",
+        str(d / "depth.png"),
+        "--intrinsics",
+        str(d / "K.json"),
+        "--bins",
+        "2",
+        "--steps",
+        "1",
+        "--radius",
+        "1",
+        "--quiet",
+    ]
     assert main([*base, "--model", "random", "--out", str(d / "r")]) == 0
     assert (d / "r" / "points.ply").is_file()
     monkeypatch.setenv("TORCH_HOME", str(d / "no-cache"))
@@ -241,8 +395,25 @@ def test_eval_depth_sr_on_a_tiny_gdsr_layout(tmp_path, capsys):
         depth = np.tile(np.linspace(40, 200, 32, dtype=np.float64), (32, 1)).astype(np.uint8)
         cv2.imwrite(str(root / name / f"M_{i:02d}_output_color.png"), rgb[..., ::-1])
         cv2.imwrite(str(root / name / f"M_{i:02d}_output_depth.png"), depth)
-    rc = main(["eval", "depth-sr", "--dataset", "middlebury-gdsr", "--root", str(root), "--scales", "4",
-               "--protocol", "B", "--methods", "bicubic,nearest", "--json", str(tmp_path / "r.json"), "--quiet"])
+    rc = main(
+        [
+            "eval",
+            "depth-sr",
+            "--dataset",
+            "middlebury-gdsr",
+            "--root",
+            str(root),
+            "--scales",
+            "4",
+            "--protocol",
+            "B",
+            "--methods",
+            "bicubic,nearest",
+            "--json",
+            str(tmp_path / "r.json"),
+            "--quiet",
+        ]
+    )
     assert rc == 0
     res = json.loads((tmp_path / "r.json").read_text())
     text = json.dumps(res)
@@ -255,7 +426,10 @@ def test_eval_depth_sr_on_a_tiny_gdsr_layout(tmp_path, capsys):
 def test_eval_passes_device_on_and_refuses_missing_cuda(capsys):
     rc = main(["eval", "depth-sr", "--dataset", "motorcycle", "--scales", "4", "--device", "cuda"])
     assert rc == 2
-    assert capsys.readouterr().err.strip() == "ua3d: error: --device cuda requested but no CUDA device is available"
+    assert (
+        capsys.readouterr().err.strip()
+        == "ua3d: error: --device cuda requested but no CUDA device is available"
+    )
 
 
 def test_eval_errors_and_transfer_guard(capsys):
@@ -271,7 +445,8 @@ def test_eval_errors_and_transfer_guard(capsys):
     if missing:
         assert main(["eval", "transfer"]) == 2
         assert capsys.readouterr().err.strip() == (
-            "ua3d: error: ua3d eval transfer needs the module ua3d.eval.transfer, which this installation does not have")
+            "ua3d: error: ua3d eval transfer needs the module ua3d.eval.transfer, which this installation does not have"
+        )
 
 
 # --------------------------------------------------------------------------- view
@@ -279,8 +454,12 @@ def test_view_renders_png_headless(tmp_path):
     _open3d_renders()
     rng = np.random.default_rng(0)
     pos = rng.random((500, 3)).astype(np.float32) + np.array([0, 0, 2], np.float32)
-    np.savez(tmp_path / "p.npz", positions=pos, colors=rng.random((500, 3)).astype(np.float32),
-             features=rng.standard_normal((500, 8)).astype(np.float32))
+    np.savez(
+        tmp_path / "p.npz",
+        positions=pos,
+        colors=rng.random((500, 3)).astype(np.float32),
+        features=rng.standard_normal((500, 8)).astype(np.float32),
+    )
     rc = main(["view", "points", str(tmp_path / "p.npz"), "--png", str(tmp_path / "p.png")])
     assert rc == 0
     img = cv2.imread(str(tmp_path / "p.png"))
@@ -294,8 +473,11 @@ def test_interactive_view_without_display_is_one_ua3d_error(tmp_path, monkeypatc
     monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
     monkeypatch.setattr(sys, "platform", "linux")
     rng = np.random.default_rng(0)
-    np.savez(tmp_path / "p.npz", positions=rng.random((50, 3)).astype(np.float32) + 2,
-             features=rng.standard_normal((50, 4)).astype(np.float32))
+    np.savez(
+        tmp_path / "p.npz",
+        positions=rng.random((50, 3)).astype(np.float32) + 2,
+        features=rng.standard_normal((50, 4)).astype(np.float32),
+    )
     assert main(["view", "points", str(tmp_path / "p.npz")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("ua3d: error:") and "use --png" in err and len(err.splitlines()) == 1
@@ -307,16 +489,52 @@ def test_interactive_view_without_display_is_one_ua3d_error(tmp_path, monkeypatc
     [
         (["upsample", "--image", "nope.png", "--signal", "x.npy", "--out", "o.npy"], "nope.png"),
         (["depth-sr", "--rgb", "{d}/rgb.png", "--depth", "{d}/feats.npy", "--out", "{d}/o.png"], "feats.npy"),
-        (["upsample", "--image", "{d}/rgb.png", "--signal", "{d}/bad.npy", "--layout", "chw", "--out", "{d}/o.npy"],
-         "grid 7x200 is larger than the image 96x64 (WxH)"),
-        (["lift", "--rgb", "{d}/rgb.png", "--depth", "{d}/depth_lr.png", "--intrinsics", "{d}/K.json",
-          "--features", "{d}/feats.npy", "--layout", "chw", "--out", "{d}/o"],
-         "depth 24x16 does not match the colour image 96x64 (WxH)"),
-        (["upsample", "--image", "{d}/notimage.png", "--signal", "{d}/feats.npy", "--out", "{d}/o.npy"],
-         "notimage.png"),
+        (
+            [
+                "upsample",
+                "--image",
+                "{d}/rgb.png",
+                "--signal",
+                "{d}/bad.npy",
+                "--layout",
+                "chw",
+                "--out",
+                "{d}/o.npy",
+            ],
+            "grid 7x200 is larger than the image 96x64 (WxH)",
+        ),
+        (
+            [
+                "lift",
+                "--rgb",
+                "{d}/rgb.png",
+                "--depth",
+                "{d}/depth_lr.png",
+                "--intrinsics",
+                "{d}/K.json",
+                "--features",
+                "{d}/feats.npy",
+                "--layout",
+                "chw",
+                "--out",
+                "{d}/o",
+            ],
+            "depth 24x16 does not match the colour image 96x64 (WxH)",
+        ),
+        (
+            ["upsample", "--image", "{d}/notimage.png", "--signal", "{d}/feats.npy", "--out", "{d}/o.npy"],
+            "notimage.png",
+        ),
         (["lift", "--rgb", "{d}/rgb.png"], "the following arguments are required"),
     ],
-    ids=["missing-file", "unreadable-depth", "grid-too-large", "mismatched-sizes", "unreadable-image", "argparse"],
+    ids=[
+        "missing-file",
+        "unreadable-depth",
+        "grid-too-large",
+        "mismatched-sizes",
+        "unreadable-image",
+        "argparse",
+    ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(files, argv, msg, capsys):
     d, _, _ = files
@@ -335,15 +553,47 @@ def test_bad_input_is_one_line_and_exit_code_2(files, argv, msg, capsys):
 @pytest.mark.parametrize(
     "argv,msg",
     [
-        (["upsample", "--image", "{d}/rgb.png", "--signal", "{d}/feats.npy", "--out", "{d}/x.txt"],
-         "--out {d}/x.txt: unsupported file type '.txt'"),
-        (["upsample", "--image", "{d}/rgb.png", "--signal", "{d}/feats.npy", "--out", "{d}/x.npy", "--png",
-          "{d}/f.txt"], "--png {d}/f.txt: unsupported file type"),
-        (["depth-sr", "--rgb", "{d}/rgb.png", "--depth", "{d}/depth_lr.png", "--out", "{d}/x.jpg"],
-         "--out {d}/x.jpg: unsupported file type '.jpg'"),
+        (
+            ["upsample", "--image", "{d}/rgb.png", "--signal", "{d}/feats.npy", "--out", "{d}/x.txt"],
+            "--out {d}/x.txt: unsupported file type '.txt'",
+        ),
+        (
+            [
+                "upsample",
+                "--image",
+                "{d}/rgb.png",
+                "--signal",
+                "{d}/feats.npy",
+                "--out",
+                "{d}/x.npy",
+                "--png",
+                "{d}/f.txt",
+            ],
+            "--png {d}/f.txt: unsupported file type",
+        ),
+        (
+            ["depth-sr", "--rgb", "{d}/rgb.png", "--depth", "{d}/depth_lr.png", "--out", "{d}/x.jpg"],
+            "--out {d}/x.jpg: unsupported file type '.jpg'",
+        ),
         (["demo", "--bins", "0", "--out", "{d}/demo"], "--bins must be > 0, got 0"),
-        (["lift", "--rgb", "{d}/rgb.png", "--depth", "{d}/depth.png", "--intrinsics", "{d}/K.json", "--features",
-          "{d}/feats.npy", "--bins", "0", "--out", "{d}/lift0"], "--bins must be > 0, got 0"),
+        (
+            [
+                "lift",
+                "--rgb",
+                "{d}/rgb.png",
+                "--depth",
+                "{d}/depth.png",
+                "--intrinsics",
+                "{d}/K.json",
+                "--features",
+                "{d}/feats.npy",
+                "--bins",
+                "0",
+                "--out",
+                "{d}/lift0",
+            ],
+            "--bins must be > 0, got 0",
+        ),
         (["view", "volume", "{d}/missing.npz"], "view {d}/missing.npz: file not found"),
     ],
     ids=["upsample-out", "upsample-png", "depth-sr-out", "demo-bins", "lift-bins", "view-missing"],
@@ -353,7 +603,11 @@ def test_bad_options_fail_before_any_work(files, argv, msg, capsys):
     d, _, _ = files
     rc = main([a.format(d=d) for a in argv])
     err = capsys.readouterr().err
-    assert rc == 2 and err.strip().startswith("ua3d: error: " + msg.format(d=d)) and len(err.strip().splitlines()) == 1
+    assert (
+        rc == 2
+        and err.strip().startswith("ua3d: error: " + msg.format(d=d))
+        and len(err.strip().splitlines()) == 1
+    )
     assert "fit (TTO steps)" not in err and "demo:" not in err
     assert not (d / "demo").exists() and not (d / "lift0").exists()
 
@@ -362,10 +616,21 @@ def test_a_real_bad_option_fails_at_once_and_errors_start_a_line(files):
     """[20.8] by timing in a real process; [20.7] an error during a stage is not printed onto the bar's line."""
     d, _, _ = files
     t0 = time.perf_counter()
-    r = _ua3d("upsample", "--image", d / "rgb.png", "--signal", d / "feats.npy", "--out", d / "x.txt", "--steps",
-              "100000")
+    r = _ua3d(
+        "upsample",
+        "--image",
+        d / "rgb.png",
+        "--signal",
+        d / "feats.npy",
+        "--out",
+        d / "x.txt",
+        "--steps",
+        "100000",
+    )
     assert r.returncode == 2 and time.perf_counter() - t0 < 60 and "TTO" not in r.stderr
-    r = _ua3d(*_lift_args(d, d / "holes", "--depth-max", "0.001"))  # every pixel a hole: fails inside the fit stage
+    r = _ua3d(
+        *_lift_args(d, d / "holes", "--depth-max", "0.001")
+    )  # every pixel a hole: fails inside the fit stage
     assert r.returncode == 2
     lines = re.split(r"[\r\n]", r.stderr)
     assert any(ln.startswith("ua3d: error:") and "no valid pixel" in ln for ln in lines)
@@ -375,15 +640,35 @@ def test_a_real_bad_option_fails_at_once_and_errors_start_a_line(files):
 def test_debug_shows_the_traceback(files):
     d, _, _ = files
     with pytest.raises((FileNotFoundError, ValueError)):
-        main(["upsample", "--image", str(d / "missing.png"), "--signal", str(d / "feats.npy"), "--out",
-              str(d / "o.npy"), "--debug"])
+        main(
+            [
+                "upsample",
+                "--image",
+                str(d / "missing.png"),
+                "--signal",
+                str(d / "feats.npy"),
+                "--out",
+                str(d / "o.npy"),
+                "--debug",
+            ]
+        )
 
 
 # --------------------------------------------------------------------------- help, version, start-up
 def test_every_subcommand_has_help(capsys):
     """[20.6] `ua3d eval --help` and every (sub-)subcommand's --help work."""
-    for cmd in [[], ["demo"], ["upsample"], ["depth-sr"], ["lift"], ["eval"], ["eval", "depth-sr"], ["view"],
-                ["view", "volume"], ["view", "points"]]:
+    for cmd in [
+        [],
+        ["demo"],
+        ["upsample"],
+        ["depth-sr"],
+        ["lift"],
+        ["eval"],
+        ["eval", "depth-sr"],
+        ["view"],
+        ["view", "volume"],
+        ["view", "points"],
+    ]:
         with pytest.raises(SystemExit) as e:
             main([*cmd, "--help"])
         assert e.value.code == 0, cmd
@@ -411,12 +696,20 @@ def test_version_and_fast_start(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"ua3d {ua3d.__version__}"
-    code = ("import sys, contextlib, io, ua3d.cli as c\n"
-            "with contextlib.redirect_stdout(io.StringIO()):\n"
-            "    try: c.main(['--help'])\n    except SystemExit: pass\n"
-            "print(sorted(m for m in ('torch', 'numpy', 'matplotlib', 'open3d') if m in sys.modules))")
-    r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)},
-                       capture_output=True, text=True, timeout=120, check=False)
+    code = (
+        "import sys, contextlib, io, ua3d.cli as c\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    try: c.main(['--help'])\n    except SystemExit: pass\n"
+        "print(sorted(m for m in ('torch', 'numpy', 'matplotlib', 'open3d') if m in sys.modules))"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
 
@@ -453,19 +746,44 @@ def test_demo_from_a_built_wheel_outside_the_tree(tmp_path):
     pytest.importorskip("setuptools", reason="building the wheel needs setuptools (the dev extra has it)")
     o3d = pytest.importorskip("open3d")
     wheels = tmp_path / "wheels"
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                        str(wheels), str(ROOT)], capture_output=True, text=True, timeout=300, cwd=tmp_path, check=False)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(wheels),
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        check=False,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     whl = next(wheels.glob("ua3d-*.whl"))
     with zipfile.ZipFile(whl) as z:
         names = set(z.namelist())
         z.extractall(tmp_path / "site")
-    for f in ("ua3d/sample_data/rgb.png", "ua3d/sample_data/depth_holes.png", "ua3d/sample_data/intrinsics.json",
-              "ua3d/viz/volume_slices.py", "ua3d/viz/feature_points.py", "ua3d/rgbd/formats.py"):
+    for f in (
+        "ua3d/sample_data/rgb.png",
+        "ua3d/sample_data/depth_holes.png",
+        "ua3d/sample_data/intrinsics.json",
+        "ua3d/viz/volume_slices.py",
+        "ua3d/viz/feature_points.py",
+        "ua3d/rgbd/formats.py",
+    ):
         assert f in names, f
     run = tmp_path / "elsewhere"
     run.mkdir()
-    r = _ua3d("demo", "--tiny", "--steps", "4", "--bins", "6", "--out", "demo", cwd=run, env_path=tmp_path / "site")
+    r = _ua3d(
+        "demo", "--tiny", "--steps", "4", "--bins", "6", "--out", "demo", cwd=run, env_path=tmp_path / "site"
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     out = run / "demo"
     for f in ["summary.txt", "summary.json", "features.png", "depth_sr.png", "points.ply", "volume.npz"]:

@@ -151,7 +151,9 @@ def test_lr_valid_mask():
     neg = torch.tensor([[[[1.0, -2.0]]]])  # the one depth rule: negative depth is an error ...
     with pytest.raises(ValueError, match=r"depth_lr has 1 negative value\(s\) \(min -2"):
         lr_valid_mask(neg)
-    assert lr_valid_mask(neg, torch.tensor([[[[True, False]]]])).tolist() == [[[[True, False]]]]  # ... unless masked
+    assert lr_valid_mask(neg, torch.tensor([[[[True, False]]]])).tolist() == [
+        [[[True, False]]]
+    ]  # ... unless masked
 
 
 def test_input_errors():

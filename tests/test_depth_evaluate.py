@@ -174,14 +174,26 @@ def test_ua3d_wrapper_passes_the_mask(monkeypatch):
 # ---------------------------------------------------------------- real sensor sets, add_arguments / run
 def test_real_frame_area_protocol_reports_edge_rmse_leaks_and_cpu_time():
     root = shared("redwood-open3d/sample5")
-    res = evaluate("redwood", root, (8,), None, "bicubic,ua3d", limit=1, progress=False, verbose=False,
-                   metrics=("rmse", "edge_rmse"))
+    res = evaluate(
+        "redwood",
+        root,
+        (8,),
+        None,
+        "bicubic,ua3d",
+        limit=1,
+        progress=False,
+        verbose=False,
+        metrics=("rmse", "edge_rmse"),
+    )
     st = res["settings"]
     assert st["protocol"] == "area" and st["edge_dilate"] == 3 and st["metrics"] == ["rmse", "edge_rmse"]
     rec = {r["method"]: r for r in res["per_image"]}
     assert rec["ua3d"]["n_leak"] == 0 and rec["ua3d"]["lr_holes"] > 0.02
     assert rec["ua3d"]["pred_min"] > 0 and rec["ua3d"]["cpu_s"] > 0
-    assert rec["ua3d"]["rmse"] < rec["bicubic"]["rmse"] and rec["ua3d"]["edge_rmse"] < rec["bicubic"]["edge_rmse"]
+    assert (
+        rec["ua3d"]["rmse"] < rec["bicubic"]["rmse"]
+        and rec["ua3d"]["edge_rmse"] < rec["bicubic"]["edge_rmse"]
+    )
     cell = res["mean"]["ua3d"]["8"]
     assert cell["worst_vs_bicubic"] == pytest.approx(rec["ua3d"]["rmse"] / rec["bicubic"]["rmse"])
     table = res["table"]
@@ -193,7 +205,10 @@ def test_park2011_uses_its_own_noisy_inputs_and_confidence(monkeypatch):
     seen = {}
 
     def probe(depth_lr, guide_hr, *, mask_lr=None, confidence=None):
-        seen["lr"], seen["conf"] = tuple(depth_lr.shape), None if confidence is None else tuple(confidence.shape)
+        seen["lr"], seen["conf"] = (
+            tuple(depth_lr.shape),
+            None if confidence is None else tuple(confidence.shape),
+        )
         return baselines.bicubic(depth_lr, guide_hr, mask_lr=mask_lr)
 
     probe.accepts_confidence = True
@@ -213,7 +228,9 @@ def test_add_arguments_and_run_raise_value_errors():
 
     parser = add_arguments(argparse.ArgumentParser(prog="ua3d eval depth-sr"))
     args = parser.parse_args(["--dataset", "motorcycle", "--protocol", "given", "--no-progress"])
-    with pytest.raises(ValueError, match=r"protocol 'given' needs a dataset that ships LR inputs \(park2011\)"):
+    with pytest.raises(
+        ValueError, match=r"protocol 'given' needs a dataset that ships LR inputs \(park2011\)"
+    ):
         run(args)
     args = parser.parse_args(["--dataset", "motorcycle", "--metrics", "rmse,psnr", "--no-progress"])
     with pytest.raises(ValueError, match=r"metrics must be a non-empty subset of"):

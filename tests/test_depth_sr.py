@@ -146,7 +146,9 @@ def test_float16_depth_is_computed_in_float32_and_returned_in_float16():
     d_lr, guide, _ = _scene()
     out = upsample_depth(d_lr.half(), guide, **QUICK)
     assert out.dtype == torch.float16
-    torch.testing.assert_close(out.float(), upsample_depth(d_lr.half().float(), guide, **QUICK), rtol=2e-3, atol=1.0)
+    torch.testing.assert_close(
+        out.float(), upsample_depth(d_lr.half().float(), guide, **QUICK), rtol=2e-3, atol=1.0
+    )
 
 
 def test_beats_bicubic_on_a_step_edge():
@@ -179,8 +181,9 @@ def test_synthetic_holes_never_leak_and_support_is_reported():
     holes[..., 5:14, 8:20] = True  # a 9 x 12 cell hole: its centre is farther than the window radius (2)
     zero_filled = torch.where(holes, torch.tensor(0.0), d_lr)
     out0, sup0 = upsample_depth(zero_filled, guide, return_support=True, **QUICK)
-    out1, sup1 = upsample_depth(torch.where(holes, torch.tensor(9e9), d_lr), guide, mask_lr=~holes,
-                                return_support=True, **QUICK)
+    out1, sup1 = upsample_depth(
+        torch.where(holes, torch.tensor(9e9), d_lr), guide, mask_lr=~holes, return_support=True, **QUICK
+    )
     out2 = upsample_depth(torch.where(holes, torch.tensor(float("nan")), d_lr), guide, **QUICK)
     assert torch.equal(sup0, sup1)
     assert not bool(sup0.all()) and bool(sup0.any())
@@ -220,8 +223,7 @@ D, G = torch.rand(1, 1, 10, 12) + 1, torch.rand(1, 3, 40, 48)
         (torch.rand(1, 1, 0, 12), torch.rand(1, 3, 40, 48), {}, r"depth_lr is empty"),
         ([[1.0]], torch.rand(1, 3, 40, 48), {}, r"depth_lr must be a torch.Tensor or numpy array"),
         (torch.rand(1, 1, 10, 12) + 1, torch.full((1, 3, 40, 48), float("nan")), {}, r"guide_hr contains"),
-        (D, G, {"mask_lr": torch.ones(1, 1, 5, 6, dtype=torch.bool)},
-         r"mask_lr must have depth_lr's shape"),
+        (D, G, {"mask_lr": torch.ones(1, 1, 5, 6, dtype=torch.bool)}, r"mask_lr must have depth_lr's shape"),
         (D, G, {"iterz": 3}, r"unknown DepthSRConfig option"),
         (D, G, {"consistency": "lanczos"}, r"consistency must be"),
         (D, G, {"sigma_range": 0.0}, r"sigma_range must be"),

@@ -86,7 +86,11 @@ def test_cli_runs_anyup_with_a_local_checkpoint(dataset, checkpoint, tmp_path, m
 
     monkeypatch.setattr(anyup_module, "load_anyup", counting_load)
     out = tmp_path / "res.json"
-    code = main(_argv(dataset, "--methods", "bicubic,anyup", "--anyup-checkpoint", str(checkpoint), "--json", str(out)))
+    code = main(
+        _argv(
+            dataset, "--methods", "bicubic,anyup", "--anyup-checkpoint", str(checkpoint), "--json", str(out)
+        )
+    )
     assert code == 0, capsys.readouterr().err
     assert len(loads) == 1  # once per evaluation, not per image
     res = json.loads(out.read_text())
@@ -107,8 +111,14 @@ def test_anyup_through_evaluate_matches_anyup_depth(dataset, checkpoint):
     from ua3d.depth.protocols import make_lr
 
     res = evaluate(
-        "middlebury-gdsr", dataset, (4,), "B", ["anyup"], options={"anyup": {"checkpoint": str(checkpoint)}},
-        progress=False, verbose=False,
+        "middlebury-gdsr",
+        dataset,
+        (4,),
+        "B",
+        ["anyup"],
+        options={"anyup": {"checkpoint": str(checkpoint)}},
+        progress=False,
+        verbose=False,
     )
     sample = load_dataset("middlebury-gdsr", dataset)[0]
     rgb, depth = sample.load()

@@ -44,8 +44,14 @@ def case(B=1, Cg=3, h=5, w=4, H=23, W=17, groups=None, masks=False, seed=0, dtyp
     if masks:
         vhr = torch.rand(B, G, H, W, generator=g) > 0.2
         vlr = torch.rand(B, G, h, w, generator=g) > 0.2
-    return {"params": params, "guide_hr": guide, "guide_lr": guide_lr, "groups": groups, "valid_hr": vhr,
-            "valid_lr": vlr}
+    return {
+        "params": params,
+        "guide_hr": guide,
+        "guide_lr": guide_lr,
+        "groups": groups,
+        "valid_hr": vhr,
+        "valid_lr": vlr,
+    }
 
 
 def rel_err(a, b):
@@ -59,19 +65,37 @@ CASES = {
     "3ch-23x17-from-5x4-r8": ({"B": 1, "Cg": 3, "h": 5, "w": 4, "H": 23, "W": 17}, 8.0),
     "1ch-batch2-37x50-from-6x7-r3": ({"B": 2, "Cg": 1, "h": 6, "w": 7, "H": 37, "W": 50, "seed": 1}, 3.0),
     "7ch-two-groups-masks-31x29-r4": (
-        {"B": 2, "Cg": 7, "h": 5, "w": 6, "H": 31, "W": 29, "groups": (4, 3), "masks": True, "seed": 2}, 4.0),
-    "3ch-integer-ratio-32x24-from-4x3-r2.5": ({"B": 1, "Cg": 3, "h": 4, "w": 3, "H": 32, "W": 24, "seed": 3}, 2.5),
+        {"B": 2, "Cg": 7, "h": 5, "w": 6, "H": 31, "W": 29, "groups": (4, 3), "masks": True, "seed": 2},
+        4.0,
+    ),
+    "3ch-integer-ratio-32x24-from-4x3-r2.5": (
+        {"B": 1, "Cg": 3, "h": 4, "w": 3, "H": 32, "W": 24, "seed": 3},
+        2.5,
+    ),
     "rgbd-groups-3-1-masks-30x40-r5": (
-        {"B": 1, "Cg": 4, "h": 6, "w": 8, "H": 30, "W": 40, "groups": (3, 1), "masks": True, "seed": 4}, 5.0),
+        {"B": 1, "Cg": 4, "h": 6, "w": 8, "H": 30, "W": 40, "groups": (3, 1), "masks": True, "seed": 4},
+        5.0,
+    ),
     # the engine's expanded-form RGB path, with HR/LR validity masks
     "3ch-masks-batch2-27x22-from-5x4-r6": (
-        {"B": 2, "Cg": 3, "h": 5, "w": 4, "H": 27, "W": 22, "masks": True, "seed": 5}, 6.0),
+        {"B": 2, "Cg": 3, "h": 5, "w": 4, "H": 27, "W": 22, "masks": True, "seed": 5},
+        6.0,
+    ),
 }
 
 
 def _render_both(c, signal, radius, signal_mask=None, cut=None):
-    args = (c["params"], c["guide_hr"], c["guide_lr"], signal, radius, c["groups"], c["valid_hr"], c["valid_lr"],
-            signal_mask)
+    args = (
+        c["params"],
+        c["guide_hr"],
+        c["guide_lr"],
+        signal,
+        radius,
+        c["groups"],
+        c["valid_hr"],
+        c["valid_lr"],
+        signal_mask,
+    )
     ref = kernel_render(*args, backend="reference", support_sigmas=cut)
     out = kernel_render(*args, backend="fast", support_sigmas=cut)
     return ref, out
@@ -114,7 +138,9 @@ def test_adaptive_support_cut_matches_reference(cut):
     for name in ("3ch-23x17-from-5x4-r8", "7ch-two-groups-masks-31x29-r4"):
         kw, radius = CASES[name]
         c = case(**kw)
-        sig = torch.randn(kw["B"], 20, kw["h"], kw["w"], generator=torch.Generator().manual_seed(7), dtype=F64)
+        sig = torch.randn(
+            kw["B"], 20, kw["h"], kw["w"], generator=torch.Generator().manual_seed(7), dtype=F64
+        )
         (ref, rsup), (out, fsup) = _render_both(c, sig, radius, cut=cut)
         assert torch.equal(rsup, fsup) and fsup.all()  # the anchor always stays
         assert rel_err(out, ref) < 1e-5
@@ -129,8 +155,9 @@ def test_support_cut_changes_the_kernel_and_shrinks_towards_the_anchor():
     c = case(**kw)
     sig = torch.randn(1, 4, 5, 4, generator=torch.Generator().manual_seed(8), dtype=F64)
     full, _ = kernel_render(c["params"], c["guide_hr"], c["guide_lr"], sig, radius, backend="fast")
-    tiny, _ = kernel_render(c["params"], c["guide_hr"], c["guide_lr"], sig, radius, backend="fast",
-                            support_sigmas=1e-6)
+    tiny, _ = kernel_render(
+        c["params"], c["guide_hr"], c["guide_lr"], sig, radius, backend="fast", support_sigmas=1e-6
+    )
     # with a vanishing cut only the anchor is left: nearest-anchor upsampling
     from ua3d.core.kernel import nearest_anchor
 
@@ -141,9 +168,16 @@ def test_support_cut_changes_the_kernel_and_shrinks_towards_the_anchor():
 
 # --------------------------------------------------------------------------- gradient parity
 def _fit_args(c, channel_weights=None, pixel_mask=None):
-    return {"params": c["params"], "guide_hr": c["guide_hr"], "guide_lr": c["guide_lr"], "groups": c["groups"],
-            "valid_hr": c["valid_hr"], "valid_lr": c["valid_lr"], "channel_weights": channel_weights,
-            "pixel_mask": pixel_mask}
+    return {
+        "params": c["params"],
+        "guide_hr": c["guide_hr"],
+        "guide_lr": c["guide_lr"],
+        "groups": c["groups"],
+        "valid_hr": c["valid_hr"],
+        "valid_lr": c["valid_lr"],
+        "channel_weights": channel_weights,
+        "pixel_mask": pixel_mask,
+    }
 
 
 @pytest.mark.parametrize("weighted", [False, True], ids=["plain", "channel-weights+pixel-mask"])
@@ -180,13 +214,32 @@ def test_float32_agrees_with_float64_reference(name):
     kw, radius = CASES[name]
     B, h, w = kw["B"], kw["h"], kw["w"]
     c64 = case(**kw)
-    c32 = {k: (v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in c64.items()}
+    c32 = {
+        k: (v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in c64.items()
+    }
     sig = torch.randn(B, 30, h, w, generator=torch.Generator().manual_seed(11), dtype=F64)
-    ref, _ = kernel_render_reference(c64["params"], c64["guide_hr"], c64["guide_lr"], sig, radius, c64["groups"],
-                                     c64["valid_hr"], c64["valid_lr"])
+    ref, _ = kernel_render_reference(
+        c64["params"],
+        c64["guide_hr"],
+        c64["guide_lr"],
+        sig,
+        radius,
+        c64["groups"],
+        c64["valid_hr"],
+        c64["valid_lr"],
+    )
     for C in (3, 30):
-        out, _ = kernel_render(c32["params"], c32["guide_hr"], c32["guide_lr"], sig[:, :C].float(), radius,
-                               c32["groups"], c32["valid_hr"], c32["valid_lr"], backend="fast")
+        out, _ = kernel_render(
+            c32["params"],
+            c32["guide_hr"],
+            c32["guide_lr"],
+            sig[:, :C].float(),
+            radius,
+            c32["groups"],
+            c32["valid_hr"],
+            c32["valid_lr"],
+            backend="fast",
+        )
         assert out.dtype == torch.float32
         assert rel_err(out.double(), ref[:, :C]) < 2e-5
     lr_, gr = kernel_fit_loss_grad_reference(**_fit_args(c64), radius=radius)
@@ -238,7 +291,9 @@ def test_tiles_and_threads_do_not_change_the_result():
     args = (c["params"], c["guide_hr"], c["guide_lr"])
     big, _ = fast.kernel_render(*args, sig, radius)
     small, _ = fast.kernel_render(*args, sig, radius, tile_bytes=1)  # one row of blocks per tile
-    torch.testing.assert_close(big, small, rtol=1e-13, atol=1e-13)  # BLAS may block a smaller batch differently
+    torch.testing.assert_close(
+        big, small, rtol=1e-13, atol=1e-13
+    )  # BLAS may block a smaller batch differently
     big, _ = fast.kernel_render(*args, sig[:, :2], radius)
     small, _ = fast.kernel_render(*args, sig[:, :2], radius, tile_bytes=1)
     assert torch.equal(big, small)
@@ -250,7 +305,9 @@ def test_tiles_and_threads_do_not_change_the_result():
         l2, g2 = fast.kernel_fit_loss_grad(*args, radius)
     finally:
         torch.set_num_threads(n)
-    assert torch.equal(g1, g2) and torch.equal(l1, l2)  # deterministic: per-row buffers, fixed reduction order
+    assert torch.equal(g1, g2) and torch.equal(
+        l1, l2
+    )  # deterministic: per-row buffers, fixed reduction order
 
 
 def test_engine_threads_flush_denormals_but_the_caller_keeps_them():
@@ -273,8 +330,9 @@ def test_float16_output_equals_the_float32_result_rounded():
     c = {k: (v.float() if isinstance(v, torch.Tensor) else v) for k, v in case(**kw).items()}
     sig = torch.randn(2, 33, 6, 7, generator=torch.Generator().manual_seed(15))
     full, _ = kernel_render(c["params"], c["guide_hr"], c["guide_lr"], sig, radius, backend="fast")
-    half, _ = kernel_render(c["params"], c["guide_hr"], c["guide_lr"], sig, radius, backend="fast",
-                            out_dtype=torch.float16)
+    half, _ = kernel_render(
+        c["params"], c["guide_hr"], c["guide_lr"], sig, radius, backend="fast", out_dtype=torch.float16
+    )
     assert half.dtype == torch.float16
     assert torch.equal(half, full.half())
 
@@ -285,7 +343,9 @@ def test_fast_engine_rejects_bad_input_with_value_errors():
     c = case()
     p, g, gl = c["params"], c["guide_hr"], c["guide_lr"]
     sig = torch.zeros(1, 2, 5, 4, dtype=F64)
-    with pytest.raises(ValueError, match=r"signal must be \[B, C, h, w\] = \[1, C, 5, 4\], got \(1, 2, 4, 5\)"):
+    with pytest.raises(
+        ValueError, match=r"signal must be \[B, C, h, w\] = \[1, C, 5, 4\], got \(1, 2, 4, 5\)"
+    ):
         fast.kernel_render(p, g, gl, sig.transpose(2, 3), 2.0)
     with pytest.raises(ValueError, match=r"params has 5 channels, expected 3 \+ 1 range groups"):
         fast.kernel_render(torch.cat([p, p[:, :1]], 1), g, gl, sig, 2.0)
@@ -299,7 +359,9 @@ def test_fast_engine_rejects_bad_input_with_value_errors():
         fast.kernel_fit_loss_grad(p, g, gl, float("nan"))
     with pytest.raises(ValueError, match=r"support_sigmas must be a positive finite number or None, got -1"):
         kernel_render(p, g, gl, sig, 2.0, backend="reference", support_sigmas=-1)
-    with pytest.raises(ValueError, match=r"guide_hr \(1, 3, 23, 17\) and guide_lr \(1, 3, 4, 4\) do not match"):
+    with pytest.raises(
+        ValueError, match=r"guide_hr \(1, 3, 23, 17\) and guide_lr \(1, 3, 4, 4\) do not match"
+    ):
         fast.kernel_render(p, g, gl[:, :, :4], sig, 2.0)
 
 
@@ -311,7 +373,9 @@ def test_memory_estimate_refuses_renders_that_do_not_fit(monkeypatch):
     assert half["output"] < 0.51 * need["output"]
     c = case()
     monkeypatch.setattr(memory, "available_memory_bytes", lambda: 1 << 10)
-    with pytest.raises(ValueError, match=r"rendering 64 channels at \(23, 17\) needs about .* GiB .* only 0.00 GiB"):
+    with pytest.raises(
+        ValueError, match=r"rendering 64 channels at \(23, 17\) needs about .* GiB .* only 0.00 GiB"
+    ):
         kernel_render(c["params"], c["guide_hr"], c["guide_lr"], torch.zeros(1, 64, 5, 4, dtype=F64), 2.0)
 
 
@@ -348,8 +412,10 @@ def test_coarse_to_fine_fits_at_reduced_size_then_full_size():
     from ua3d.core.tto import _stages
 
     assert _stages(FitConfig(steps=50), (224, 224), (14, 14)) == [((224, 224), 50)]
-    assert _stages(FitConfig(steps=50, coarse_to_fine=0.5), (224, 200), (14, 14)) == [((112, 100), 40),
-                                                                                         ((224, 200), 10)]
+    assert _stages(FitConfig(steps=50, coarse_to_fine=0.5), (224, 200), (14, 14)) == [
+        ((112, 100), 40),
+        ((224, 200), 10),
+    ]
     assert _stages(FitConfig(steps=8, coarse_to_fine=0.5), (224, 224), (14, 14)) == [((224, 224), 8)]
     assert _stages(FitConfig(steps=50, coarse_to_fine=0.01), (224, 224), (14, 14))[0][0] == (14, 14)
     # the coarse stage works in coarse pixels but hands back full-resolution sigmas
@@ -358,9 +424,11 @@ def test_coarse_to_fine_fits_at_reduced_size_then_full_size():
     guide_lr = resample_guide(guide, (4, 4))
     p, _ = fit_params(guide, guide_lr, FitConfig(steps=3, lr=1e-12, coarse_to_fine=0.5, fine_steps=0))
     torch.testing.assert_close(p, init_params(1, (4, 4), (64, 64), dtype=F64), rtol=0, atol=1e-9)
-    for bad, match in [({"coarse_to_fine": 0.0}, "coarse_to_fine must be in"),
-                       ({"fine_steps": -1}, "fine_steps must be an integer >= 0"),
-                       ({"adaptive_support": 0.0}, "adaptive_support must be None or a positive number")]:
+    for bad, match in [
+        ({"coarse_to_fine": 0.0}, "coarse_to_fine must be in"),
+        ({"fine_steps": -1}, "fine_steps must be an integer >= 0"),
+        ({"adaptive_support": 0.0}, "adaptive_support must be None or a positive number"),
+    ]:
         with pytest.raises(ValueError, match=match):
             FitConfig(**bad)
 

@@ -275,7 +275,9 @@ def test_patch_tokens_are_reshaped_row_major():
 
 
 def test_forward_features_rejects_non_multiple_sizes():
-    with pytest.raises(ValueError, match=r"image size \(30, 28\) must be a positive multiple of the patch size 14"):
+    with pytest.raises(
+        ValueError, match=r"image size \(30, 28\) must be a positive multiple of the patch size 14"
+    ):
         tiny_model().forward_features(torch.zeros(1, 3, 30, 28))
     with pytest.raises(ValueError, match=r"x must be \[B, 3, H, W\]"):
         tiny_model().forward_features(torch.zeros(3, 28, 28))
@@ -324,8 +326,10 @@ def test_extract_features_loads_both_namings_strictly(tmp_path, no_caches):
     f3, _ = extract_features(image, "dinov2_tiny", checkpoint=tmp_path / "official.pth")
     assert torch.equal(f1, f3)  # deterministic
     # the same numbers as running the model by hand on the normalised image
-    x = (torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255 - torch.tensor([0.485, 0.456, 0.406]).view(
-        1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    x = (
+        torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+        - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    ) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     with torch.no_grad():
         torch.testing.assert_close(f1, tiny_model().forward_features(x), atol=1e-6, rtol=0)
 
@@ -333,13 +337,17 @@ def test_extract_features_loads_both_namings_strictly(tmp_path, no_caches):
 def test_extract_features_reads_timm_safetensors_with_registers(tmp_path, no_caches, monkeypatch):
     pytest.importorskip("safetensors")
     monkeypatch.setitem(CONFIGS, "tiny_reg", TINY_REG)
-    monkeypatch.setitem(DINOV2_MODELS, "dinov2_tiny_reg", replace(DINOV2_MODELS["dinov2_tiny"], arch="tiny_reg"))
+    monkeypatch.setitem(
+        DINOV2_MODELS, "dinov2_tiny_reg", replace(DINOV2_MODELS["dinov2_tiny"], arch="tiny_reg")
+    )
     _save_tiny(tmp_path / "model.safetensors", "timm", cfg=TINY_REG)
     _save_tiny(tmp_path / "official.pth", "dinov2", cfg=TINY_REG)
     image = rgb(28, 42)
     feats, info = extract_features(image, "dinov2_tiny_reg", checkpoint=tmp_path / "model.safetensors")
     ref, info_ref = extract_features(image, "dinov2_tiny_reg", checkpoint=tmp_path / "official.pth")
-    assert feats.shape == (1, 32, 2, 3) and info["key_naming"] == "timm" and info_ref["key_naming"] == "dinov2"
+    assert (
+        feats.shape == (1, 32, 2, 3) and info["key_naming"] == "timm" and info_ref["key_naming"] == "dinov2"
+    )
     torch.testing.assert_close(feats, ref, atol=1e-6, rtol=0)
 
 
@@ -351,11 +359,15 @@ def test_strict_loading_lists_missing_unexpected_and_shapes(tmp_path, no_caches)
     with pytest.raises(ValueError) as e:
         extract_features(rgb(28, 28), "dinov2_tiny", checkpoint=tmp_path / "broken.pth")
     msg = str(e.value)
-    assert msg.startswith(f"{tmp_path / 'broken.pth'} (dinov2 naming) for dinov2_tiny: the checkpoint does not")
+    assert msg.startswith(
+        f"{tmp_path / 'broken.pth'} (dinov2 naming) for dinov2_tiny: the checkpoint does not"
+    )
     assert "missing keys (1): blocks.1.mlp.fc2.bias" in msg and "unexpected keys (1): extra.weight" in msg
     wide = VisionTransformer(replace(TINY, embed_dim=16, num_heads=2)).state_dict()
     torch.save(wide, tmp_path / "wide.pth")
-    with pytest.raises(ValueError, match=r"shape mismatches \(\d+\): .*cls_token \(1, 1, 16\) vs model \(1, 1, 32\)"):
+    with pytest.raises(
+        ValueError, match=r"shape mismatches \(\d+\): .*cls_token \(1, 1, 16\) vs model \(1, 1, 32\)"
+    ):
         extract_features(rgb(28, 28), "dinov2_tiny", checkpoint=tmp_path / "wide.pth")
     (tmp_path / "junk.pth").write_bytes(b"junk")
     with pytest.raises(ValueError, match="cannot read the checkpoint"):
@@ -367,10 +379,18 @@ def test_missing_checkpoint_says_how_to_get_it(no_caches):
         extract_features(rgb(28, 28), "dinov2_vits14")
     msg = str(e.value)
     hub = no_caches / "torch" / "hub" / "checkpoints"
-    for part in ("No local weights for dinov2_vits14; ua3d never downloads", "dinov2_vits14_pretrain.pth",
-                 "--checkpoint PATH", str(hub), "UA3D_WEIGHTS_DIR", "timm/vit_small_patch14_dinov2.lvd142m"):
+    for part in (
+        "No local weights for dinov2_vits14; ua3d never downloads",
+        "dinov2_vits14_pretrain.pth",
+        "--checkpoint PATH",
+        str(hub),
+        "UA3D_WEIGHTS_DIR",
+        "timm/vit_small_patch14_dinov2.lvd142m",
+    ):
         assert part in msg
-    with pytest.raises(CheckpointNotFoundError, match=r"checkpoint '/no/such/file.pth' does not exist\. No local"):
+    with pytest.raises(
+        CheckpointNotFoundError, match=r"checkpoint '/no/such/file.pth' does not exist\. No local"
+    ):
         extract_features(rgb(28, 28), "dinov2_vitb14", checkpoint="/no/such/file.pth")
 
 
@@ -386,10 +406,14 @@ def test_checkpoint_found_in_local_caches(no_caches, monkeypatch):
     weights.mkdir()
     _save_tiny(weights / "dinov2_tiny_pretrain.pth")
     monkeypatch.setenv("UA3D_WEIGHTS_DIR", str(weights))
-    assert extract_features(image, "dinov2_tiny")[1]["checkpoint"] == str(weights / "dinov2_tiny_pretrain.pth")
+    assert extract_features(image, "dinov2_tiny")[1]["checkpoint"] == str(
+        weights / "dinov2_tiny_pretrain.pth"
+    )
     monkeypatch.delenv("UA3D_WEIGHTS_DIR")
     # timm's copy in the Hugging Face cache
-    monkeypatch.setitem(DINOV2_MODELS, "dinov2_tiny", replace(DINOV2_MODELS["dinov2_tiny"], hf_repo="timm/tiny_test"))
+    monkeypatch.setitem(
+        DINOV2_MODELS, "dinov2_tiny", replace(DINOV2_MODELS["dinov2_tiny"], hf_repo="timm/tiny_test")
+    )
     snap = no_caches / "hf" / "hub" / "models--timm--tiny_test" / "snapshots" / "0123abc"
     snap.mkdir(parents=True)
     _save_tiny(snap / "pytorch_model.bin", "timm")
@@ -417,7 +441,9 @@ def test_non_multiple_image_is_resized_to_the_patch_grid(tmp_path, no_caches):
     assert info["guide"].startswith("original image 100x150: the 7x11 feature grid is mapped onto it")
     # identical to resizing first (bicubic, antialiased, clamped) and giving the model the resized image
     x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
-    resized = F.interpolate(x, size=(98, 154), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+    resized = F.interpolate(x, size=(98, 154), mode="bicubic", antialias=True, align_corners=False).clamp(
+        0, 1
+    )
     pre, info2 = extract_features(resized[0].permute(1, 2, 0), "dinov2_tiny", checkpoint=tmp_path / "t.pth")
     assert info2["input_size"] == (98, 154)
     torch.testing.assert_close(feats, pre, atol=1e-6, rtol=0)
@@ -445,7 +471,12 @@ def test_timm_models_need_timm(no_caches, monkeypatch):
 class _FakeTimmViT(VisionTransformer):
     """Stands in for a timm ViT: ``forward_features`` returns tokens ``[B, 1 + h*w, C]``."""
 
-    pretrained_cfg: ClassVar[dict] = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "classifier": "head", "hf_hub_id": None}
+    pretrained_cfg: ClassVar[dict] = {
+        "mean": (0.5, 0.5, 0.5),
+        "std": (0.5, 0.5, 0.5),
+        "classifier": "head",
+        "hf_hub_id": None,
+    }
 
     def forward_features(self, x):
         return self.forward_tokens(x)

@@ -83,7 +83,9 @@ def test_weights_sum_to_one_and_constant_in_constant_out(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_output_inside_per_channel_range_of_signal(backend):
     params, guide, guide_lr = make_inputs(B=1, h=7, w=9, H=40, W=51, seed=3)
-    sig = torch.randn(1, 6, 7, 9, dtype=torch.float64) * torch.arange(1, 7, dtype=torch.float64).view(1, 6, 1, 1)
+    sig = torch.randn(1, 6, 7, 9, dtype=torch.float64) * torch.arange(1, 7, dtype=torch.float64).view(
+        1, 6, 1, 1
+    )
     out, _ = kernel_render(params, guide, guide_lr, sig, 8.0, backend=backend)
     lo = sig.amin(dim=(2, 3), keepdim=True)
     hi = sig.amax(dim=(2, 3), keepdim=True)
@@ -186,8 +188,15 @@ def test_isotropic_limit_equals_brute_force_jbu():
     guide = torch.rand(1, 3, H, W, generator=g, dtype=torch.float64)
     sig = torch.randn(1, 3, h, w, generator=g, dtype=torch.float64)
     ss, sr, radius = 2.0, 0.15, 2.0
-    out = jbu(guide, sig, sigma_spatial=ss, sigma_range=sr, radius=radius, range_centre="bilinear",
-              backend="reference")
+    out = jbu(
+        guide,
+        sig,
+        sigma_spatial=ss,
+        sigma_range=sr,
+        radius=radius,
+        range_centre="bilinear",
+        backend="reference",
+    )
     # brute force: classic JBU with the guide sampled at the LR centres (integer ratio 3 -> pixel centres)
     gq = guide[0, :, 1::3, 1::3].numpy()  # (i + 0.5) * 3 - 0.5 = 3i + 1
     expect = np.zeros((3, H, W))
@@ -301,15 +310,30 @@ def test_render_with_mask_excludes_holes_and_reports_support():
 @pytest.mark.parametrize(
     "call,match",
     [
-        (lambda: ua3d.fit(torch.rand(1, 3, 8, 8), (9, 4)), r"lr_size \(9, 4\) is larger than the guide/output size \(8, 8\)"),
+        (
+            lambda: ua3d.fit(torch.rand(1, 3, 8, 8), (9, 4)),
+            r"lr_size \(9, 4\) is larger than the guide/output size \(8, 8\)",
+        ),
         (lambda: ua3d.fit(torch.rand(1, 3, 8, 8), (0, 4)), r"lr_size must be positive"),
         (lambda: ua3d.fit(torch.rand(1, 3, 8, 8), (2.5, 4)), r"lr_size must hold integers"),
-        (lambda: ua3d.fit(torch.rand(3, 8), (2, 2)), r"guide must have 3 or 4 dimensions, got shape \(3, 8\)"),
+        (
+            lambda: ua3d.fit(torch.rand(3, 8), (2, 2)),
+            r"guide must have 3 or 4 dimensions, got shape \(3, 8\)",
+        ),
         (lambda: ua3d.fit(torch.rand(1, 3, 0, 8), (2, 2)), r"guide is empty"),
         (lambda: ua3d.fit(torch.full((1, 3, 8, 8), float("nan")), (2, 2)), r"guide contains 192 NaN/Inf"),
-        (lambda: ua3d.fit(torch.zeros(1, 3, 8, 8, dtype=torch.int64), (2, 2)), r"guide must be floating point"),
-        (lambda: ua3d.upsample(torch.rand(2, 3, 8, 8), torch.rand(1, 4, 2, 2)), r"batch size of signal \(1, 4, 2, 2\) does not match guide \(2, 3, 8, 8\)"),
-        (lambda: ua3d.upsample(torch.rand(1, 3, 8, 8), torch.rand(1, 1, 4, 2, 2)), r"signal must have 4 dimensions"),
+        (
+            lambda: ua3d.fit(torch.zeros(1, 3, 8, 8, dtype=torch.int64), (2, 2)),
+            r"guide must be floating point",
+        ),
+        (
+            lambda: ua3d.upsample(torch.rand(2, 3, 8, 8), torch.rand(1, 4, 2, 2)),
+            r"batch size of signal \(1, 4, 2, 2\) does not match guide \(2, 3, 8, 8\)",
+        ),
+        (
+            lambda: ua3d.upsample(torch.rand(1, 3, 8, 8), torch.rand(1, 1, 4, 2, 2)),
+            r"signal must have 4 dimensions",
+        ),
         (lambda: ua3d.fit(torch.rand(1, 3, 8, 8), (2, 2), steps=-1), r"steps must be an integer >= 0"),
         (lambda: ua3d.fit(torch.rand(1, 3, 8, 8), (2, 2), bogus=1), r"unknown FitConfig field"),
     ],
@@ -321,7 +345,9 @@ def test_bad_input_raises_value_error_naming_the_argument(call, match):
 
 def test_render_rejects_wrong_grid_nan_and_batch():
     k = ua3d.fit(torch.rand(1, 3, 8, 8), (2, 2), steps=0)
-    with pytest.raises(ValueError, match=r"signal grid \(3, 3\) does not match the kernel's LR grid \(2, 2\)"):
+    with pytest.raises(
+        ValueError, match=r"signal grid \(3, 3\) does not match the kernel's LR grid \(2, 2\)"
+    ):
         k.render(torch.rand(1, 4, 3, 3))
     with pytest.raises(ValueError, match=r"signal contains 1 NaN/Inf"):
         s = torch.rand(1, 4, 2, 2)
@@ -360,9 +386,28 @@ def test_tto_adam_matches_torch_adam_with_exponential_lr():
     ours = _Adam(mine, 0.1, 0.9)
     lr = 0.1
     for gr in grads:
-        adam([ref], [gr], [m], [v], [], [step], foreach=False, capturable=False, differentiable=False, fused=None,
-             grad_scale=None, found_inf=None, has_complex=False, amsgrad=False, beta1=0.9, beta2=0.999, lr=lr,
-             weight_decay=0.0, eps=1e-8, maximize=False)
+        adam(
+            [ref],
+            [gr],
+            [m],
+            [v],
+            [],
+            [step],
+            foreach=False,
+            capturable=False,
+            differentiable=False,
+            fused=None,
+            grad_scale=None,
+            found_inf=None,
+            has_complex=False,
+            amsgrad=False,
+            beta1=0.9,
+            beta2=0.999,
+            lr=lr,
+            weight_decay=0.0,
+            eps=1e-8,
+            maximize=False,
+        )
         lr *= 0.9
         ours.step(gr)
         torch.testing.assert_close(mine, ref, rtol=0, atol=1e-15)

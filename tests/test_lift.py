@@ -30,14 +30,21 @@ def scene():
 
 @pytest.fixture(scope="module")
 def lifted(scene):
-    return fit_rgbd(scene["rgb"], scene["depth"], scene["camera"], (6, 8), FitConfig(steps=3, radius=2,
-                                                                                       backend="reference"))
+    return fit_rgbd(
+        scene["rgb"],
+        scene["depth"],
+        scene["camera"],
+        (6, 8),
+        FitConfig(steps=3, radius=2, backend="reference"),
+    )
 
 
 # ---------------------------------------------------------------------- bad input
 def test_bad_inputs_raise_clear_errors(scene):
     rgb, depth, cam = scene["rgb"], scene["depth"], scene["camera"]
-    with pytest.raises(ValueError, match=r"rgb/depth has size 48x64 \(HxW\) but the camera intrinsics are for 24x32"):
+    with pytest.raises(
+        ValueError, match=r"rgb/depth has size 48x64 \(HxW\) but the camera intrinsics are for 24x32"
+    ):
         fit_rgbd(rgb, depth, cam.resized(32, 24), (6, 8), CFG0)
     with pytest.raises(ValueError, match=r"has no valid pixel \(all holes"):
         fit_rgbd(rgb, np.zeros_like(depth), cam, (6, 8), CFG0)
@@ -81,10 +88,9 @@ def test_uint16_millimetres_with_depth_scale(scene):
 # ---------------------------------------------------------------------- LR depth
 def test_pool_depth_median_golden():
     # 4x4 HR, 2x2 LR: each cell is a 2x2 block (nearest-anchor partition)
-    z = torch.tensor([[1.0, 2.0, 5.0, 0.0],
-                      [3.0, 9.0, 0.0, 0.0],
-                      [0.0, 0.0, 4.0, 4.0],
-                      [0.0, 0.0, 4.0, 1.0]])[None, None]
+    z = torch.tensor(
+        [[1.0, 2.0, 5.0, 0.0], [3.0, 9.0, 0.0, 0.0], [0.0, 0.0, 4.0, 4.0], [0.0, 0.0, 4.0, 1.0]]
+    )[None, None]
     med, has = pool_depth(z, z > 0, (2, 2))
     # cell (0,0): {1,2,3,9} -> (2+3)/2; (0,1): {5}; (1,0): none; (1,1): {4,4,4,1} -> 4
     torch.testing.assert_close(med[0, 0], torch.tensor([[2.5, 5.0], [0.0, 4.0]]))
@@ -125,7 +131,12 @@ def test_structure(lifted, scene):
     assert tuple(k.guide_hr.shape) == (1, 4, 48, 64) and tuple(k.guide_lr.shape) == (1, 4, 6, 8)
     assert k.valid_hr[:, 0].all() and torch.equal(k.valid_hr[:, 1], lifted.depth_valid[:, 0])
     assert torch.equal(k.valid_lr[:, 1], lifted.depth_lr_valid[:, 0])
-    assert k.config.channel_weights == (4 / 3, 4 / 3, 4 / 3, 0.0)  # colour as in 2D, depth_weight 0 (issue 13)
+    assert k.config.channel_weights == (
+        4 / 3,
+        4 / 3,
+        4 / 3,
+        0.0,
+    )  # colour as in 2D, depth_weight 0 (issue 13)
     v = lifted.depth_valid[0, 0]
     torch.testing.assert_close(k.guide_hr[0, 3][v], lifted.depth_feature(lifted.depth[0, 0][v]))
     sz = lifted.sigma_z()
@@ -140,8 +151,15 @@ def test_structure(lifted, scene):
 def test_depth_feature_is_scale_free(scene, mode):
     """Scaling the scene's depth (or changing units) leaves the guide unchanged in both modes."""
     a = fit_rgbd(scene["rgb"], scene["depth"], scene["camera"], (6, 8), CFG0, depth_mode=mode)
-    b = fit_rgbd(scene["rgb"], scene["depth"] * 1000.0, scene["camera"], (6, 8), CFG0, depth_mode=mode,
-                 depth_scale=1000.0 / 7.0)  # depth x 7 in effect
+    b = fit_rgbd(
+        scene["rgb"],
+        scene["depth"] * 1000.0,
+        scene["camera"],
+        (6, 8),
+        CFG0,
+        depth_mode=mode,
+        depth_scale=1000.0 / 7.0,
+    )  # depth x 7 in effect
     torch.testing.assert_close(a.kernel.guide_hr, b.kernel.guide_hr, atol=2e-5, rtol=0)
     torch.testing.assert_close(a.kernel.guide_lr, b.kernel.guide_lr, atol=2e-5, rtol=0)
     ratio = b.sigma_z() / a.sigma_z()
@@ -155,8 +173,9 @@ def test_holes_fall_back_to_the_2d_kernel_and_stay_finite(lifted):
     k = lifted.kernel
     no_depth = k.valid_hr.clone()
     no_depth[:, 1] = False
-    fallback, _ = kernel_render_reference(k.params, k.guide_hr, k.guide_lr, feats, k.radius, k.groups, no_depth,
-                                          k.valid_lr)
+    fallback, _ = kernel_render_reference(
+        k.params, k.guide_hr, k.guide_lr, feats, k.radius, k.groups, no_depth, k.valid_lr
+    )
     holes = ~lifted.depth_valid[0, 0]
     assert holes.sum() > 20
     torch.testing.assert_close(out[0][:, holes], fallback[0][:, holes])
@@ -200,7 +219,9 @@ def test_labels_near_depth_edges_beat_2d_kernel_and_bilinear():
     grid = (9, 12)
     lr = F.interpolate(F.one_hot(ids, 8).permute(2, 0, 1)[None].float(), size=grid, mode="area")
     # the settings these figures were measured with (not the defaults since issue 13: see docs/transfer.md)
-    cfg = FitConfig(steps=20, radius=2, backend="reference", guide_downsample="bilinear", guide_prefilter="none")
+    cfg = FitConfig(
+        steps=20, radius=2, backend="reference", guide_downsample="bilinear", guide_prefilter="none"
+    )
     lift = fit_rgbd(s["rgb"], s["depth"], s["camera"], grid, cfg, depth_weight=10.0)
     k2d = ua3d.fit(torch.from_numpy(s["rgb"]).permute(2, 0, 1)[None], grid, cfg)
     near = torch.from_numpy(_near_depth_edges(s["depth_gt"])) & (ids > 0)

@@ -86,7 +86,9 @@ def test_voxel_points(lifted, feats):
     uv, z = project(pc.positions.double(), lifted.camera)
     torch.testing.assert_close(uv, pc.pixels.flip(1).double(), atol=1e-4, rtol=0)
     torch.testing.assert_close(z, pc.bin_depths[pc.bins].double(), atol=1e-5, rtol=1e-6)
-    volume, mass, _ = __import__("ua3d.rgbd.volume", fromlist=["render_volume"]).render_volume(lifted, feats, bins=8)
+    volume, mass, _ = __import__("ua3d.rgbd.volume", fromlist=["render_volume"]).render_volume(
+        lifted, feats, bins=8
+    )
     d, v, u = pc.bins, pc.pixels[:, 0], pc.pixels[:, 1]
     assert torch.equal(d, mass.argmax(0)[v, u])
     torch.testing.assert_close(pc.features, volume[:, d, v, u].T)
@@ -120,10 +122,13 @@ def test_open3d_and_file_round_trips(lifted, feats, tmp_path):
 
 
 def test_bad_arguments(lifted, feats):
-    for kw, msg in [({"mode": "mesh"}, "mode must be one of"), ({"frame": "lidar"}, "frame must be one of"),
-                    ({"colors": "depth"}, "colors must be one of"),
-                    ({"bins": 8}, r"volume options \['bins'\] apply only to mode='voxels'"),
-                    ({"mode": "voxels", "mass_threshold": 2.0}, "no voxel has mass >= mass_threshold=2.0")]:
+    for kw, msg in [
+        ({"mode": "mesh"}, "mode must be one of"),
+        ({"frame": "lidar"}, "frame must be one of"),
+        ({"colors": "depth"}, "colors must be one of"),
+        ({"bins": 8}, r"volume options \['bins'\] apply only to mode='voxels'"),
+        ({"mode": "voxels", "mass_threshold": 2.0}, "no voxel has mass >= mass_threshold=2.0"),
+    ]:
         with pytest.raises(ValueError, match=msg):
             render_points(lifted, feats, **kw)
     with pytest.raises(ValueError, match="does not match the kernel's LR grid"):
@@ -140,7 +145,9 @@ def test_redwood_frame_matches_open3d_create_from_depth_image():
     rgb = read_color(REDWOOD / "color" / "00000.jpg")
     pose = read_trajectory_log(REDWOOD / "trajectory.log")[0]
     cam = read_intrinsics(REDWOOD / "camera_primesense.json").with_pose(pose)
-    lk = fit_rgbd(rgb, raw, cam, (30, 40), FitConfig(steps=0, radius=1, backend="reference"), depth_scale=1000.0)
+    lk = fit_rgbd(
+        rgb, raw, cam, (30, 40), FitConfig(steps=0, radius=1, backend="reference"), depth_scale=1000.0
+    )
     feats = torch.randn(1, 3, 30, 40, generator=torch.Generator().manual_seed(0))
     intr = cam.to_open3d()
     for frame, extrinsic in (("camera", np.eye(4)), ("world", np.linalg.inv(pose))):

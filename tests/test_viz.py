@@ -175,4 +175,6 @@ def test_depth_sr_figure_has_colour_bars_units_and_no_empty_panels(monkeypatch) 
     assert with_gt["n"] == 8 and with_gt["ncols"] == 4 and no_gt["n"] == 4 and no_gt["ncols"] == 4
     labels = [b[3] for b in with_gt["bars"] if b is not None]
     assert labels.count("depth (m)") == 4 and "abs. error (m)" in labels
-    assert any(t.startswith("ua3d (RMSE") for t in with_gt["titles"]) and not any("ours" in t for t in with_gt["titles"])
+    assert any(t.startswith("ua3d (RMSE") for t in with_gt["titles"]) and not any(
+        "ours" in t for t in with_gt["titles"]
+    )

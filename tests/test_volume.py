@@ -20,7 +20,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def lifted():
     s = make_scene(1, 48, 36, holes=2)
-    return fit_rgbd(s["rgb"], s["depth"], s["camera"], (6, 8), FitConfig(steps=3, radius=2, backend="reference"))
+    return fit_rgbd(
+        s["rgb"], s["depth"], s["camera"], (6, 8), FitConfig(steps=3, radius=2, backend="reference")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -30,13 +32,19 @@ def feats():
 
 # ---------------------------------------------------------------------- bins
 def test_bin_depths_golden():
-    torch.testing.assert_close(make_bin_depths(1.0, 3.0, 5), torch.tensor([1.0, 1.5, 2.0, 2.5, 3.0], dtype=torch.float64))
+    torch.testing.assert_close(
+        make_bin_depths(1.0, 3.0, 5), torch.tensor([1.0, 1.5, 2.0, 2.5, 3.0], dtype=torch.float64)
+    )
     torch.testing.assert_close(
         make_bin_depths(1.0, 3.0, 5, "inverse"), torch.tensor([1.0, 1.2, 1.5, 2.0, 3.0], dtype=torch.float64)
     )
     assert make_bin_depths(2.0, 2.0, 1).tolist() == [2.0]
-    for args, msg in [((1.0, 3.0, 0), "bins must be an integer >= 1"), ((0.0, 3.0, 4), "near must be positive"),
-                      ((3.0, 1.0, 4), "far must be greater than near"), ((1.0, float("inf"), 4), "near/far finite")]:
+    for args, msg in [
+        ((1.0, 3.0, 0), "bins must be an integer >= 1"),
+        ((0.0, 3.0, 4), "near must be positive"),
+        ((3.0, 1.0, 4), "far must be greater than near"),
+        ((1.0, float("inf"), 4), "near/far finite"),
+    ]:
         with pytest.raises(ValueError, match=msg):
             make_bin_depths(*args)
     with pytest.raises(ValueError, match="spacing must be one of"):
@@ -62,7 +70,9 @@ def test_constant_model_equals_kernel_render_at_each_bin(lifted, feats):
     for d in range(5):
         g = k.guide_hr.clone()
         g[:, 3] = lifted.depth_feature(bins[d]).to(g.dtype)
-        ref, _ = kernel_render_reference(k.params, g, k.guide_lr, feats, k.radius, k.groups, valid_hr, k.valid_lr)
+        ref, _ = kernel_render_reference(
+            k.params, g, k.guide_lr, feats, k.radius, k.groups, valid_hr, k.valid_lr
+        )
         torch.testing.assert_close(volume[:, d], ref[0], atol=2e-5, rtol=1e-5)
 
 
@@ -70,7 +80,9 @@ def _reference(lifted, feats, bins, planar):
     """Dense reference: pair_logits (colour group) + the depth term of each pair, per bin."""
     k = lifted.kernel
     (H, W), (h, w) = lifted.out_size, lifted.lr_size
-    logits, flat, _ = pair_logits(k.params[:, :4], k.guide_hr[:, :3], k.guide_lr[:, :3], (0, H), k.radius, (3,))
+    logits, flat, _ = pair_logits(
+        k.params[:, :4], k.guide_hr[:, :3], k.guide_lr[:, :3], (0, H), k.radius, (3,)
+    )
     centre = k.guide_lr[0, 3].reshape(-1)[flat]  # [K, H, W]
     if planar:
         g = lifted.depth_lr_grad[0].reshape(2, -1)
@@ -151,7 +163,10 @@ def test_estimate_and_refusal(lifted, feats, monkeypatch, capsys):
     render_volume(lifted, feats, bins=4, verbose=True)
     assert "render_volume: C=4 D=4 H=36 W=48: volume 0.00 GiB in memory" in capsys.readouterr().out
     monkeypatch.setattr(memory, "available_memory_bytes", lambda: 1 << 20)
-    with pytest.raises(ValueError, match=r"render_volume \(volume .*\) needs about 0\.\d+ GiB but only 0\.00 GiB is available"):
+    with pytest.raises(
+        ValueError,
+        match=r"render_volume \(volume .*\) needs about 0\.\d+ GiB but only 0\.00 GiB is available",
+    ):
         render_volume(lifted, feats, bins=64)
 
 
@@ -162,10 +177,12 @@ def test_bad_arguments(lifted, feats):
     bad[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="features contain NaN/Inf"):
         render_volume(lifted, bad)
-    for kw, msg in [({"band": -1}, "band must be None or an integer >= 0"),
-                    ({"mass_mode": "sum"}, "mass_mode must be one of"),
-                    ({"depth_model": "quadric"}, "depth_model must be one of"),
-                    ({"near": 3.0, "far": 2.0}, "far must be greater than near")]:
+    for kw, msg in [
+        ({"band": -1}, "band must be None or an integer >= 0"),
+        ({"mass_mode": "sum"}, "mass_mode must be one of"),
+        ({"depth_model": "quadric"}, "depth_model must be one of"),
+        ({"near": 3.0, "far": 2.0}, "far must be greater than near"),
+    ]:
         with pytest.raises(ValueError, match=msg):
             render_volume(lifted, feats, bins=4, **kw)
     with pytest.raises(ValueError, match="lifted must be a LiftedKernel"):
@@ -182,7 +199,9 @@ def test_mass_peaks_at_the_true_depth_bin(spacing):
     0.979. The constant (flat-cell) depth model gets 0.869 / 0.861 / 0.914 (uniform; ``scripts/eval_lift.py``).
     """
     s = make_scene(0, 256, 192, holes=3)
-    lk = fit_rgbd(s["rgb"], s["depth"], s["camera"], (48, 64), FitConfig(steps=0, radius=3, backend="reference"))
+    lk = fit_rgbd(
+        s["rgb"], s["depth"], s["camera"], (48, 64), FitConfig(steps=0, radius=3, backend="reference")
+    )
     _, mass, bins = render_volume(lk, torch.zeros(1, 1, 48, 64), bins=16, spacing=spacing)
     v = lk.depth_valid[0, 0]
     true_bin = depth_to_bin(lk.depth[0, 0], bins, spacing)

@@ -134,7 +134,9 @@ class Kernel:
             if mask.ndim == 2:
                 mask = mask[None, None]
             if tuple(mask.shape) != (sig.shape[0], 1, *self.lr_size):
-                raise ValueError(f"mask must be [B, 1, h, w] = {(sig.shape[0], 1, *self.lr_size)}, got {tuple(mask.shape)}")
+                raise ValueError(
+                    f"mask must be [B, 1, h, w] = {(sig.shape[0], 1, *self.lr_size)}, got {tuple(mask.shape)}"
+                )
             mask = mask.bool()
             check_finite(sig, "signal", mask=mask.expand_as(sig))
             sig = torch.where(mask, sig, torch.zeros((), dtype=sig.dtype, device=sig.device))
@@ -143,8 +145,16 @@ class Kernel:
         sig = sig.to(device=self.device)
         work_dtype = self.params.dtype
         out, support = kernel_render(
-            self.params, self.guide_hr, self.guide_lr, sig.to(work_dtype), self.radius, self.groups,
-            self.valid_hr, self.valid_lr, mask, backend=backend or self.config.backend,
+            self.params,
+            self.guide_hr,
+            self.guide_lr,
+            sig.to(work_dtype),
+            self.radius,
+            self.groups,
+            self.valid_hr,
+            self.valid_lr,
+            mask,
+            backend=backend or self.config.backend,
             out_dtype=out_dtype or sig.dtype,
         )
         return (out, support) if return_support else out
@@ -166,8 +176,14 @@ class Kernel:
             return t.to(device=device, dtype=dtype if (cast and t.is_floating_point()) else None)
 
         return Kernel(
-            mv(self.params), mv(self.guide_hr), mv(self.guide_lr), self.radius, groups=self.groups,
-            valid_hr=mv(self.valid_hr, False), valid_lr=mv(self.valid_lr, False), config=self.config,
+            mv(self.params),
+            mv(self.guide_hr),
+            mv(self.guide_lr),
+            self.radius,
+            groups=self.groups,
+            valid_hr=mv(self.valid_hr, False),
+            valid_lr=mv(self.valid_lr, False),
+            config=self.config,
             losses=self.losses,
         )
 
@@ -236,8 +252,14 @@ class Kernel:
                 if isinstance(cfg.get(k), list):
                     cfg[k] = tuple(cfg[k])
             return cls(
-                d["params"], d["guide_hr"], d["guide_lr"], d["radius"], groups=d["groups"] or None,
-                valid_hr=d.get("valid_hr"), valid_lr=d.get("valid_lr"), config=FitConfig(**cfg),
+                d["params"],
+                d["guide_hr"],
+                d["guide_lr"],
+                d["radius"],
+                groups=d["groups"] or None,
+                valid_hr=d.get("valid_hr"),
+                valid_lr=d.get("valid_lr"),
+                config=FitConfig(**cfg),
                 losses=d["losses"],
             )
         except (KeyError, TypeError) as exc:
@@ -277,7 +299,9 @@ def fit(
     return Kernel(params, g, g_lr, cfg.radius, config=cfg, losses=losses)
 
 
-def upsample(guide: object, signal: object, config: FitConfig | None = None, *, mask=None, **overrides) -> torch.Tensor:
+def upsample(
+    guide: object, signal: object, config: FitConfig | None = None, *, mask=None, **overrides
+) -> torch.Tensor:
     """Fit on ``guide`` and render ``signal [B, C, h, w]`` to the guide's size in one call."""
     g = as_guide(guide)
     sig = as_signal(signal)

@@ -24,7 +24,10 @@ MODEL_HELP = (
 )
 # lazily imported sub-subcommands: name -> (module with add_arguments/run, help)
 EVAL_TASKS = {
-    "depth-sr": ("ua3d.depth.evaluate", "guided depth super-resolution benchmark (Middlebury, NYU, Redwood...)"),
+    "depth-sr": (
+        "ua3d.depth.evaluate",
+        "guided depth super-resolution benchmark (Middlebury, NYU, Redwood...)",
+    ),
     "transfer": ("ua3d.eval.transfer", "feature-transfer benchmark of the lifted kernel"),
 }
 VIEW_KINDS = {
@@ -57,8 +60,15 @@ class _Stage:
     def __init__(self, args, desc: str, total: int | None = None, unit: str = "it"):
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total, desc=desc, unit=unit, disable=bool(getattr(args, "quiet", False)),
-                        leave=False, dynamic_ncols=True, file=sys.stderr)
+        self.bar = tqdm(
+            total=total,
+            desc=desc,
+            unit=unit,
+            disable=bool(getattr(args, "quiet", False)),
+            leave=False,
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
         _BARS.append(self.bar)
 
     def step(self, _step=None, loss=None) -> None:  # fit callback(step, loss)
@@ -109,7 +119,9 @@ def _check_out(path, suffixes: tuple[str, ...], option: str) -> Path:
     """An output file: its suffix is one of ``suffixes`` and it is not a folder."""
     p = Path(path)
     if p.suffix.lower() not in suffixes:
-        raise UserError(f"{option} {p}: unsupported file type {p.suffix or '(none)'!r}; use one of {', '.join(suffixes)}")
+        raise UserError(
+            f"{option} {p}: unsupported file type {p.suffix or '(none)'!r}; use one of {', '.join(suffixes)}"
+        )
     if p.is_dir():
         raise UserError(f"{option} {p} is a folder; give a file name")
     if p.parent.exists() and not p.parent.is_dir():
@@ -248,7 +260,9 @@ def cmd_upsample(args) -> int:
 
         bil = torch.nn.functional.interpolate(feats, size=(H, W), mode="bilinear", align_corners=False)
         with _Stage(args, "upsample: figure", 1):
-            comparison_figure(guide=rgb, lr=feats[0], bilinear=bil[0], ours=out[0].float().cpu(), path=args.png)
+            comparison_figure(
+                guide=rgb, lr=feats[0], bilinear=bil[0], ours=out[0].float().cpu(), path=args.png
+            )
         _say(args, f"figure: {args.png}")
     return 0
 
@@ -278,20 +292,27 @@ def cmd_depth_sr(args) -> int:
         opts["fit_steps"] = args.steps
     with _Stage(args, "depth-sr: fit and render", 1):
         try:
-            out, models = upsample_depth(d, guide, mask_lr=d > 0, fill_holes=args.fill_holes, return_model=True,
-                                         **opts)
+            out, models = upsample_depth(
+                d, guide, mask_lr=d > 0, fill_holes=args.fill_holes, return_model=True, **opts
+            )
         except ValueError as err:
             raise UserError(str(err)) from err
     hr = out[0, 0].cpu().numpy()
     write_depth(args.out, np.nan_to_num(hr, nan=0.0), depth_scale=args.depth_scale)
     if not args.quiet:
         valid = np.isfinite(hr) & (hr > 0)
-        print(f"depth {_wh(h, w)} -> {_wh(H, W)} (x{W / w:.3g} / x{H / h:.3g}), forward model {models[0].describe()}, "
-              f"{valid.mean() * 100:.1f}% with support: {args.out}")
+        print(
+            f"depth {_wh(h, w)} -> {_wh(H, W)} (x{W / w:.3g} / x{H / h:.3g}), forward model {models[0].describe()}, "
+            f"{valid.mean() * 100:.1f}% with support: {args.out}"
+        )
     if args.png:
         from .viz.figures import depth_sr_figure
 
-        up = torch.nn.functional.interpolate(d, size=(H, W), mode="bicubic", align_corners=False)[0, 0].cpu().numpy()
+        up = (
+            torch.nn.functional.interpolate(d, size=(H, W), mode="bicubic", align_corners=False)[0, 0]
+            .cpu()
+            .numpy()
+        )
         depth_sr_figure(guide=rgb, lr=depth_lr, bicubic=up, ours=hr, path=args.png, unit="m")
     return 0
 
@@ -304,9 +325,13 @@ def _volume_plan(args, C: int, H: int, W: int, h: int, w: int):
     from .rgbd.volume import estimate_volume_bytes
 
     dt = torch.float16 if args.half else torch.float32
-    est = estimate_volume_bytes(C, args.bins, (H, W), dt, band=args.band, radius=args.radius or 8.0, lr_size=(h, w))
-    what = (f"volume {C} channels x {args.bins} bins x {_wh(H, W)} {'float16' if args.half else 'float32'}"
-            f"{'' if args.band is None else f', band {2 * args.band + 1} bins'}")
+    est = estimate_volume_bytes(
+        C, args.bins, (H, W), dt, band=args.band, radius=args.radius or 8.0, lr_size=(h, w)
+    )
+    what = (
+        f"volume {C} channels x {args.bins} bins x {_wh(H, W)} {'float16' if args.half else 'float32'}"
+        f"{'' if args.band is None else f', band {2 * args.band + 1} bins'}"
+    )
     _say(args, f"{what}: {est.memory / GIB:.2f} GiB of RAM, file up to {est.volume / GIB:.2f} GiB")
     if est.volume > args.max_volume_gib * GIB:
         raise UserError(
@@ -334,8 +359,11 @@ def cmd_lift(args) -> int:
         _require_file(args.features, "--features")
     if args.checkpoint:
         _require_file(args.checkpoint, "--checkpoint")
-    _check_numbers(args, positive=("steps", "radius", "bins", "depth_scale", "depth_max", "max_volume_gib"),
-                   non_negative=("band",))
+    _check_numbers(
+        args,
+        positive=("steps", "radius", "bins", "depth_scale", "depth_max", "max_volume_gib"),
+        non_negative=("band",),
+    )
     out = _check_out_dir(args.out)
     dev = _device(args)
 
@@ -352,7 +380,9 @@ def cmd_lift(args) -> int:
     cam = read_intrinsics(args.intrinsics)
     H, W = rgb.shape[:2]
     if depth.shape != (H, W):
-        raise UserError(f"{args.depth}: depth {_wh(*depth.shape)} does not match the colour image {_wh(H, W)} (WxH)")
+        raise UserError(
+            f"{args.depth}: depth {_wh(*depth.shape)} does not match the colour image {_wh(H, W)} (WxH)"
+        )
     if args.features:
         feats, layout = _load_signal(args.features, args.layout, H, W)
         desc = f"file {args.features} ({layout})"
@@ -362,21 +392,35 @@ def cmd_lift(args) -> int:
     _check_grid(H, W, h, w, args.features or args.model)
     _volume_plan(args, int(feats.shape[1]), H, W, h, w)
     with _Stage(args, "lift: fit (TTO steps)", args.steps, "step") as bar:
-        lifted = fit_rgbd(rgb, depth, cam, (h, w), _fit_config(args), depth_max=args.depth_max, callback=bar.step)
+        lifted = fit_rgbd(
+            rgb, depth, cam, (h, w), _fit_config(args), depth_max=args.depth_max, callback=bar.step
+        )
     with _Stage(args, f"lift: volume ({args.bins} bins)", H, "row") as bar:
         vol, mass, bins = render_volume(
-            lifted, feats.to(dev), bins=args.bins, band=args.band,
-            out_dtype=torch.float16 if args.half else None, progress=bar.rows,
+            lifted,
+            feats.to(dev),
+            bins=args.bins,
+            band=args.band,
+            out_dtype=torch.float16 if args.half else None,
+            progress=bar.rows,
         )
     with _Stage(args, "lift: points", 1):
         pc = render_points(lifted, feats.to(dev), colors=args.colors)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     with _Stage(args, "lift: writing files", 2, "file") as bar:
-        written.append(save_volume(
-            out / "volume.npz", vol.cpu().numpy(), mass.cpu().numpy(), bins.cpu().numpy(), cam, rgb=rgb,
-            depth=depth, compressed=args.compress,
-        ))
+        written.append(
+            save_volume(
+                out / "volume.npz",
+                vol.cpu().numpy(),
+                mass.cpu().numpy(),
+                bins.cpu().numpy(),
+                cam,
+                rgb=rgb,
+                depth=depth,
+                compressed=args.compress,
+            )
+        )
         bar.step()
         written.append(pc.save(out / f"points.{args.format}"))
         bar.step()
@@ -384,9 +428,12 @@ def cmd_lift(args) -> int:
         from .rgbd.formats import PCD_DROPS
 
         _say(args, f"note: .pcd drops the {PCD_DROPS}")
-    _say(args, f"features: {desc}\nvolume {list(vol.shape)} [C, D, H, W] {str(vol.dtype).replace('torch.', '')} "
-               f"-> {written[0]} ({_size(written[0])})\npoints {len(pc)} (colours: {args.colors}) -> {written[1]} "
-               f"({_size(written[1])})")
+    _say(
+        args,
+        f"features: {desc}\nvolume {list(vol.shape)} [C, D, H, W] {str(vol.dtype).replace('torch.', '')} "
+        f"-> {written[0]} ({_size(written[0])})\npoints {len(pc)} (colours: {args.colors}) -> {written[1]} "
+        f"({_size(written[1])})",
+    )
     return 0
 
 
@@ -399,8 +446,10 @@ def _model_features(args, rgb, device):
     except FileNotFoundError as e:  # no local weights: name what runs without them
         raise UserError(f"{str(e).splitlines()[0]} (models: {MODEL_HELP.split(': ', 1)[1]})") from None
     except ImportError as e:
-        raise UserError(f"--model {args.model}: {e} (install the extra: pip install 'ua3d[models]', or try "
-                        f"--model random)") from None
+        raise UserError(
+            f"--model {args.model}: {e} (install the extra: pip install 'ua3d[models]', or try "
+            f"--model random)"
+        ) from None
     return f, str(info.get("description", info) if isinstance(info, dict) else info)
 
 
@@ -415,8 +464,16 @@ def cmd_demo(args) -> int:
     data = Path(args.data) if args.data else None
     check_data(data)
     run_demo(
-        data=data, out=Path(args.out), steps=args.steps, seed=args.seed, quiet=args.quiet, tiny=args.tiny,
-        bins=args.bins, band=None if args.band < 0 else args.band, device=str(dev), max_volume_gib=args.max_volume_gib,
+        data=data,
+        out=Path(args.out),
+        steps=args.steps,
+        seed=args.seed,
+        quiet=args.quiet,
+        tiny=args.tiny,
+        bins=args.bins,
+        band=None if args.band < 0 else args.band,
+        device=str(dev),
+        max_volume_gib=args.max_volume_gib,
     )
     return 0
 
@@ -440,7 +497,9 @@ def _import_task(module: str, what: str):
         return importlib.import_module(module)
     except ModuleNotFoundError as e:
         if e.name and module.startswith(e.name):
-            raise UserError(f"{what} needs the module {module}, which this installation does not have") from None
+            raise UserError(
+                f"{what} needs the module {module}, which this installation does not have"
+            ) from None
         raise
 
 
@@ -452,8 +511,9 @@ def _lazy_group(sub, name: str, help: str, table: dict, chosen: str | None, dest
         if task != chosen:
             s.add_parser(task, help=task_help, add_help=False)  # listed in the help; built when chosen
             continue
-        tp = s.add_parser(task, help=task_help, description=task_help,
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
+        tp = s.add_parser(
+            task, help=task_help, description=task_help, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
         mod = _import_task(module, f"ua3d {name} {task}")
         mod.add_arguments(tp)
         _add_common(tp, device=name == "eval")
@@ -478,17 +538,27 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     d.add_argument("--data", default=None, help="sample folder (default: the sample scene bundled with ua3d)")
     d.add_argument("--steps", type=int, default=50, help="TTO steps (default 50)")
     d.add_argument("--bins", type=int, default=16, help="depth bins of the feature volume (default 16)")
-    d.add_argument("--band", type=int, default=2,
-                   help="keep 2 band + 1 bins around each pixel's depth in the volume (default 2; -1: all bins)")
+    d.add_argument(
+        "--band",
+        type=int,
+        default=2,
+        help="keep 2 band + 1 bins around each pixel's depth in the volume (default 2; -1: all bins)",
+    )
     d.add_argument("--max-volume-gib", type=float, default=4.0, help="refuse a larger volume (default 4 GiB)")
     d.add_argument("--tiny", action="store_true", help="a quick half-size run (for CI)")
     d.set_defaults(func=cmd_demo)
 
     u = sub.add_parser("upsample", parents=[common], help="image + LR signal file -> HR signal")
     u.add_argument("--image", required=True, help="guide image (PNG/JPG)")
-    u.add_argument("--signal", required=True, help="LR signal: .npy/.pt/.npz, [C,h,w] or [h,w,C]; any grid size")
-    u.add_argument("--layout", default="auto", choices=["auto", "chw", "hwc"],
-                   help="signal layout (default auto: the one whose grid has the image's aspect ratio)")
+    u.add_argument(
+        "--signal", required=True, help="LR signal: .npy/.pt/.npz, [C,h,w] or [h,w,C]; any grid size"
+    )
+    u.add_argument(
+        "--layout",
+        default="auto",
+        choices=["auto", "chw", "hwc"],
+        help="signal layout (default auto: the one whose grid has the image's aspect ratio)",
+    )
     u.add_argument("--out", required=True, help="output .npy/.pt/.npz ([C,H,W])")
     u.add_argument("--png", default=None, help="also write a comparison figure (.png/.pdf/.svg)")
     u.add_argument("--steps", type=int, default=50, help="TTO steps (default 50)")
@@ -496,29 +566,42 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     u.add_argument("--half", action="store_true", help="float16 output")
     u.set_defaults(func=cmd_upsample)
 
-    s = sub.add_parser("depth-sr", parents=[common], help="RGB + LR depth (16-bit PNG) -> HR depth (16-bit PNG)")
+    s = sub.add_parser(
+        "depth-sr", parents=[common], help="RGB + LR depth (16-bit PNG) -> HR depth (16-bit PNG)"
+    )
     s.add_argument("--rgb", required=True, help="HR colour image (PNG/JPEG) that guides the upsampling")
-    s.add_argument("--depth", required=True, help="LR depth, 16-bit PNG (0 = hole); any ratio to the colour image")
-    s.add_argument("--depth-scale", type=float, default=1000.0, help="raw units per metre (1000 = mm, 5000 = TUM)")
+    s.add_argument(
+        "--depth", required=True, help="LR depth, 16-bit PNG (0 = hole); any ratio to the colour image"
+    )
+    s.add_argument(
+        "--depth-scale", type=float, default=1000.0, help="raw units per metre (1000 = mm, 5000 = TUM)"
+    )
     s.add_argument("--out", required=True, help="HR depth, 16-bit PNG in the same units")
     s.add_argument("--fill-holes", action="store_true", help="fill pixels that had no valid LR support")
     s.add_argument("--png", default=None, help="also write a comparison figure")
-    s.add_argument("--steps", type=int, default=None, help="self-supervised depth-fit steps (default: the method's)")
     s.add_argument(
-        "--consistency", default="auto",
-        choices=["auto", "bicubic", "area", "bilinear", "point", "interval", "gauss", "none"],
-        help="forward model: how the LR depth was made from the scene. auto (default) detects it per image; "
-             "bicubic = PIL bicubic downsampling (synthetic benchmarks), area = box average (most sensors), "
-             "point/interval = every s-th pixel, none = no consistency solve",
+        "--steps", type=int, default=None, help="self-supervised depth-fit steps (default: the method's)"
     )
     s.add_argument(
-        "--interval-phase", default="auto", choices=["auto", "end", "start"],
+        "--consistency",
+        default="auto",
+        choices=["auto", "bicubic", "area", "bilinear", "point", "interval", "gauss", "none"],
+        help="forward model: how the LR depth was made from the scene. auto (default) detects it per image; "
+        "bicubic = PIL bicubic downsampling (synthetic benchmarks), area = box average (most sensors), "
+        "point/interval = every s-th pixel, none = no consistency solve",
+    )
+    s.add_argument(
+        "--interval-phase",
+        default="auto",
+        choices=["auto", "end", "start"],
         help="for every-s-th-pixel LR depth, which pixel of each s x s block was kept: end = hr[s-1::s] "
-             "(protocol A), start = hr[::s] (a plain slice); auto (default) detects it",
+        "(protocol A), start = hr[::s] (a plain slice); auto (default) detects it",
     )
     s.set_defaults(func=cmd_depth_sr)
 
-    lf = sub.add_parser("lift", parents=[common], help="RGB-D + intrinsics + features -> volume and point cloud")
+    lf = sub.add_parser(
+        "lift", parents=[common], help="RGB-D + intrinsics + features -> volume and point cloud"
+    )
     lf.add_argument("--rgb", required=True, help="colour image (PNG/JPG)")
     lf.add_argument("--depth", required=True, help="16-bit depth PNG, same size as --rgb (0 = hole)")
     lf.add_argument("--depth-scale", type=float, default=1000.0, help="raw depth units per metre (1000 = mm)")
@@ -528,29 +611,61 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     src.add_argument("--features", help="LR features file (.npy/.pt/.npz), any grid size")
     src.add_argument("--model", help=MODEL_HELP)
     lf.add_argument("--checkpoint", default=None, help="local checkpoint file for --model")
-    lf.add_argument("--layout", default="auto", choices=["auto", "chw", "hwc"],
-                    help="features layout (default auto: the one whose grid has the image's aspect ratio)")
+    lf.add_argument(
+        "--layout",
+        default="auto",
+        choices=["auto", "chw", "hwc"],
+        help="features layout (default auto: the one whose grid has the image's aspect ratio)",
+    )
     lf.add_argument("--bins", type=int, default=32, help="depth bins of the feature volume (default 32)")
-    lf.add_argument("--band", type=int, default=None,
-                    help="keep only 2 band + 1 bins around each pixel's depth (smaller, faster; default: all)")
+    lf.add_argument(
+        "--band",
+        type=int,
+        default=None,
+        help="keep only 2 band + 1 bins around each pixel's depth (smaller, faster; default: all)",
+    )
     lf.add_argument("--half", action="store_true", help="float16 volume (computed and saved; half the size)")
     lf.add_argument("--compress", action="store_true", help="zip-compress volume.npz (slower to write)")
-    lf.add_argument("--max-volume-gib", type=float, default=4.0,
-                    help="refuse (before any work) a volume larger than this (default 4 GiB)")
+    lf.add_argument(
+        "--max-volume-gib",
+        type=float,
+        default=4.0,
+        help="refuse (before any work) a volume larger than this (default 4 GiB)",
+    )
     lf.add_argument("--steps", type=int, default=50, help="TTO steps (default 50)")
     lf.add_argument("--radius", type=float, default=None, help="window radius in LR cells (default 8)")
-    lf.add_argument("--colors", choices=["rgb", "pca"], default="rgb",
-                    help="point colours: the image's (default) or a PCA of the features")
-    lf.add_argument("--format", choices=["ply", "npz", "pcd"], default="ply",
-                    help="point cloud file: ply (uchar RGB + features; Open3D/MeshLab/CloudCompare), npz "
-                         "(lossless), pcd (PCL; drops pixel indices, bins and the colour-mode note)")
+    lf.add_argument(
+        "--colors",
+        choices=["rgb", "pca"],
+        default="rgb",
+        help="point colours: the image's (default) or a PCA of the features",
+    )
+    lf.add_argument(
+        "--format",
+        choices=["ply", "npz", "pcd"],
+        default="ply",
+        help="point cloud file: ply (uchar RGB + features; Open3D/MeshLab/CloudCompare), npz "
+        "(lossless), pcd (PCL; drops pixel indices, bins and the colour-mode note)",
+    )
     lf.add_argument("--out", required=True, help="output folder (volume.npz, points.<format>)")
     lf.set_defaults(func=cmd_lift)
 
-    _lazy_group(sub, "eval", "benchmarks: ua3d eval depth-sr --help, ua3d eval transfer --help", EVAL_TASKS,
-                chosen if argv[:1] == ["eval"] else None, "task")
-    _lazy_group(sub, "view", "open a viewer (or --png for a headless picture): ua3d view points --help",
-                VIEW_KINDS, chosen if argv[:1] == ["view"] else None, "kind")
+    _lazy_group(
+        sub,
+        "eval",
+        "benchmarks: ua3d eval depth-sr --help, ua3d eval transfer --help",
+        EVAL_TASKS,
+        chosen if argv[:1] == ["eval"] else None,
+        "task",
+    )
+    _lazy_group(
+        sub,
+        "view",
+        "open a viewer (or --png for a headless picture): ua3d view points --help",
+        VIEW_KINDS,
+        chosen if argv[:1] == ["view"] else None,
+        "kind",
+    )
 
     from .cli_fuse import add_fuse_parser  # `ua3d fuse` (issue 17): arguments live there
 
@@ -595,8 +710,16 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "command", None) in ("eval", "view"):
             _prepare_task(args)
         return int(_run_quiet(args) or 0)
-    except (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, MemoryError,
-            ImportError, RuntimeError) as e:
+    except (
+        ValueError,
+        FileNotFoundError,
+        IsADirectoryError,
+        NotADirectoryError,
+        PermissionError,
+        MemoryError,
+        ImportError,
+        RuntimeError,
+    ) as e:
         if isinstance(e, RuntimeError) and type(e).__name__ != "RenderingUnavailable":
             raise
         _close_bars()

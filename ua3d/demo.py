@@ -160,12 +160,16 @@ def run_demo(
     C = 32
     est = estimate_volume_bytes(C, bins, (H, W), torch.float16, band=band, lr_size=(H // 16, W // 16))
     log["volume_estimate"] = {"ram_bytes": est.memory, "volume_bytes": est.volume}
-    say(f"feature volume {C} channels x {bins} bins x {W}x{H} float16"
+    say(
+        f"feature volume {C} channels x {bins} bins x {W}x{H} float16"
         f"{'' if band is None else f' (band of {min(bins, 2 * band + 1)} bins)'}: {est.memory / 2**30:.2f} GiB of RAM, "
-        f"file up to {est.volume / 2**30:.2f} GiB before compression")
+        f"file up to {est.volume / 2**30:.2f} GiB before compression"
+    )
     if est.volume > max_volume_gib * 2**30:
-        raise ValueError(f"the feature volume would need {est.volume / 2**30:.2f} GiB, over max_volume_gib "
-                         f"{max_volume_gib:g}: use fewer bins or a band")
+        raise ValueError(
+            f"the feature volume would need {est.volume / 2**30:.2f} GiB, over max_volume_gib "
+            f"{max_volume_gib:g}: use fewer bins or a band"
+        )
     out.mkdir(parents=True, exist_ok=True)
     stage("load", t0)
 
@@ -215,12 +219,24 @@ def run_demo(
         },
     }
     vol, mass, bin_depths = render_volume(lifted, feats, bins=bins, band=band, out_dtype=torch.float16)
-    save_volume(out / "volume.npz", vol.cpu().numpy(), mass.float().cpu().numpy(),
-                bin_depths.cpu().numpy(), cam, rgb=rgb, depth=depth, compressed=True)
+    save_volume(
+        out / "volume.npz",
+        vol.cpu().numpy(),
+        mass.float().cpu().numpy(),
+        bin_depths.cpu().numpy(),
+        cam,
+        rgb=rgb,
+        depth=depth,
+        compressed=True,
+    )
     pts = render_points(lifted, feats, colors="rgb")
     pts.save(out / "points.ply")
-    log["volume"] = {"shape": list(vol.shape), "bins_m": [float(bin_depths[0]), float(bin_depths[-1])],
-                     "dtype": "float16", "band": band}
+    log["volume"] = {
+        "shape": list(vol.shape),
+        "bins_m": [float(bin_depths[0]), float(bin_depths[-1])],
+        "dtype": "float16",
+        "band": band,
+    }
     log["points"] = int(pts.positions.shape[0])
     del vol, mass
     stage("lift", t0)
@@ -248,13 +264,22 @@ def run_demo(
     begin("pictures")
     t0 = time.perf_counter()
     comparison_figure(
-        guide=rgb, lr=feats[0].cpu(), bilinear=bilinear(guide, feats)[0].cpu(), ours=feats_2d[0].cpu(),
-        path=out / "features.png", names=("bilinear", "ua3d"),
+        guide=rgb,
+        lr=feats[0].cpu(),
+        bilinear=bilinear(guide, feats)[0].cpu(),
+        ours=feats_2d[0].cpu(),
+        path=out / "features.png",
+        names=("bilinear", "ua3d"),
     )
     depth_sr_figure(
-        guide=rgb[:Hc, :Wc], lr=d_lr[0, 0].cpu().numpy(), bicubic=d_bic[0, 0].cpu().numpy(),
-        ours=d_up[0, 0].cpu().numpy(), gt=depth_gt[:Hc, :Wc], path=out / "depth_sr.png",
-        names=("bicubic", "ua3d"), unit="m",
+        guide=rgb[:Hc, :Wc],
+        lr=d_lr[0, 0].cpu().numpy(),
+        bicubic=d_bic[0, 0].cpu().numpy(),
+        ours=d_up[0, 0].cpu().numpy(),
+        gt=depth_gt[:Hc, :Wc],
+        path=out / "depth_sr.png",
+        names=("bicubic", "ua3d"),
+        unit="m",
     )
     pictures = ["features.png", "depth_sr.png"]
     try:  # headless Open3D pictures are optional (no EGL: skipped, and the summary says why)
@@ -281,8 +306,10 @@ def _write_summary(out: Path, log: dict, quiet: bool) -> None:
     acc = log["label_accuracy"]
     lines = [
         "ua3d demo on the bundled synthetic RGB-D sample",
-        (f"image {log['image'][1]}x{log['image'][0]}, LR grid {log['grid'][1]}x{log['grid'][0]}, "
-        f"{log['steps']} TTO steps, seed {log['seed']}"),
+        (
+            f"image {log['image'][1]}x{log['image'][0]}, LR grid {log['grid'][1]}x{log['grid'][0]}, "
+            f"{log['steps']} TTO steps, seed {log['seed']}"
+        ),
         f"features: {log['features']}",
         "",
         f"guide reconstruction PSNR: bicubic {log['psnr_db']['bicubic']:.2f} dB, ua3d {log['psnr_db']['ua3d_2d']:.2f} dB",
@@ -293,17 +320,32 @@ def _write_summary(out: Path, log: dict, quiet: bool) -> None:
         "  within 3 px of depth edges:  bilinear {bilinear:.4f}  ua3d-2d {ua3d_2d:.4f}  ua3d-rgbd {ua3d_rgbd:.4f}".format(
             **acc["within_3px_of_depth_edges"]
         ),
-        (f"feature volume {log['volume']['shape']} [C, D, H, W] float16 over {log['volume']['bins_m'][0]:.2f}-"
-        f"{log['volume']['bins_m'][1]:.2f} m"
-        + ("" if log["volume"]["band"] is None else f", {2 * log['volume']['band'] + 1}-bin band around the surface")
-        + " -> volume.npz (compressed)"),
+        (
+            f"feature volume {log['volume']['shape']} [C, D, H, W] float16 over {log['volume']['bins_m'][0]:.2f}-"
+            f"{log['volume']['bins_m'][1]:.2f} m"
+            + (
+                ""
+                if log["volume"]["band"] is None
+                else f", {2 * log['volume']['band'] + 1}-bin band around the surface"
+            )
+            + " -> volume.npz (compressed)"
+        ),
         f"feature point cloud: {log['points']} points (image colours + features) -> points.ply",
-        "depth SR x8 (protocol B) RMSE: bicubic {bicubic:.1f} mm, ua3d {ua3d:.1f} mm".format(**log["depth_sr_x8_rmse_mm"]),
+        "depth SR x8 (protocol B) RMSE: bicubic {bicubic:.1f} mm, ua3d {ua3d:.1f} mm".format(
+            **log["depth_sr_x8_rmse_mm"]
+        ),
         f"pictures: {', '.join(log['pictures'])}"
-        + (f" (viewer pictures skipped: {log['viewer_pictures_skipped']})" if "viewer_pictures_skipped" in log else ""),
-        "files: " + ", ".join(f"{k} {_mb(v)}" for k, v in log["files_bytes"].items())
+        + (
+            f" (viewer pictures skipped: {log['viewer_pictures_skipped']})"
+            if "viewer_pictures_skipped" in log
+            else ""
+        ),
+        "files: "
+        + ", ".join(f"{k} {_mb(v)}" for k, v in log["files_bytes"].items())
         + f"; total {_mb(sum(log['files_bytes'].values()))}",
-        "fused map of {frames} posed views: {voxels} voxels -> fusion/map.npz ({seconds:.1f} s)".format(**log["fused_map"]),
+        "fused map of {frames} posed views: {voxels} voxels -> fusion/map.npz ({seconds:.1f} s)".format(
+            **log["fused_map"]
+        ),
         "timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in log["timings_s"].items()),
     ]
     text = "\n".join(lines) + "\n"

@@ -100,7 +100,9 @@ def jbu(
         if mask.ndim == 2:
             mask = mask[None, None]
         if tuple(mask.shape) != (s.shape[0], 1, *s.shape[-2:]):
-            raise ValueError(f"mask must be [B, 1, h, w] = {(s.shape[0], 1, *s.shape[-2:])}, got {tuple(mask.shape)}")
+            raise ValueError(
+                f"mask must be [B, 1, h, w] = {(s.shape[0], 1, *s.shape[-2:])}, got {tuple(mask.shape)}"
+            )
         mask = mask.bool()
         check_finite(s, "signal", mask=mask.expand_as(s))
         s = torch.where(mask, s, torch.zeros((), dtype=s.dtype, device=s.device))
@@ -113,8 +115,10 @@ def jbu(
     if radius is None:
         radius = max(1.0, math.ceil(3 * ss / min(H / h, W / w)))
     g_lr = resample_guide(g, (h, w), range_centre)
-    params = init_params(g.shape[0], (h, w), size, sigma_spatial=ss, sigma_range=sigma_range,
-                         device=g.device, dtype=g.dtype)
-    out, _ = kernel_render(params, g, g_lr, s.to(g.dtype), radius, signal_mask=mask, backend=backend,
-                           out_dtype=s.dtype)
+    params = init_params(
+        g.shape[0], (h, w), size, sigma_spatial=ss, sigma_range=sigma_range, device=g.device, dtype=g.dtype
+    )
+    out, _ = kernel_render(
+        params, g, g_lr, s.to(g.dtype), radius, signal_mask=mask, backend=backend, out_dtype=s.dtype
+    )
     return out

@@ -173,9 +173,7 @@ def check_size(size: object, name: str) -> tuple[int, int]:
 
 def check_same_batch(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str) -> None:
     if a.shape[0] != b.shape[0]:
-        raise ValueError(
-            f"batch size of {name_a} {tuple(a.shape)} does not match {name_b} {tuple(b.shape)}"
-        )
+        raise ValueError(f"batch size of {name_a} {tuple(a.shape)} does not match {name_b} {tuple(b.shape)}")
 
 
 def check_lr_size(lr_size: object, out_size: tuple[int, ...], name: str = "lr_size") -> tuple[int, int]:
@@ -226,8 +224,11 @@ def as_guide(guide: object, name: str = "guide") -> torch.Tensor:
                 f"{name} numpy array of shape {guide.shape} looks like [C, H, W]; numpy guides are [H, W, C] "
                 f"images: pass np.moveaxis({name}, 0, -1), or a torch tensor [C, H, W]"
             )
-        check_memory(guide.size * 4, f"converting {name} of shape {guide.shape} to float32",
-                     f"pass a smaller {name} (resize it first)")
+        check_memory(
+            guide.size * 4,
+            f"converting {name} of shape {guide.shape} to float32",
+            f"pass a smaller {name} (resize it first)",
+        )
         if guide.dtype == np.uint8:
             arr = guide.astype(np.float32) / 255.0
         elif guide.dtype == np.uint16:
@@ -238,7 +239,9 @@ def as_guide(guide: object, name: str = "guide") -> torch.Tensor:
             raise ValueError(f"{name} numpy dtype {guide.dtype} not supported (uint8, uint16 or float)")
         guide = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))[None]
     if not isinstance(guide, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor [B, C, H, W] or a numpy image, got {type(guide).__name__}")
+        raise ValueError(
+            f"{name} must be a torch.Tensor [B, C, H, W] or a numpy image, got {type(guide).__name__}"
+        )
     check_tensor(guide, name, ndim=(3, 4))
     if guide.shape[-1] <= 4 < guide.shape[-3]:
         perm = "permute(2, 0, 1)" if guide.ndim == 3 else "permute(0, 3, 1, 2)"
@@ -264,7 +267,9 @@ def as_signal(signal: object, lr_size: tuple[int, int] | None = None, name: str 
     float32; complex input is refused.
     """
     if isinstance(signal, np.ndarray):
-        if not (np.issubdtype(signal.dtype, np.number) or signal.dtype == np.bool_) or np.iscomplexobj(signal):
+        if not (np.issubdtype(signal.dtype, np.number) or signal.dtype == np.bool_) or np.iscomplexobj(
+            signal
+        ):
             raise ValueError(f"{name} must be a real numeric array, got numpy dtype {signal.dtype}")
         signal = torch.from_numpy(np.ascontiguousarray(signal))
     if not isinstance(signal, torch.Tensor):
@@ -286,7 +291,9 @@ def as_signal(signal: object, lr_size: tuple[int, int] | None = None, name: str 
     return signal
 
 
-def depth_valid_mask(depth, name: str = "depth", mask=None, depth_max: float | None = None, *, negative: str = "error"):
+def depth_valid_mask(
+    depth, name: str = "depth", mask=None, depth_max: float | None = None, *, negative: str = "error"
+):
     """The one depth-validity rule: valid = finite and ``> 0`` (and ``<= depth_max``, and ``mask``).
 
     0, NaN, +Inf and -Inf are holes. A negative finite value that is not masked out is an error:
@@ -343,6 +350,9 @@ def depth_valid_mask(depth, name: str = "depth", mask=None, depth_max: float | N
             f"0, NaN or Inf marking holes"
         )
     if mask is not None:
-        valid = valid & (torch.as_tensor(mask, device=d.device).bool() if isinstance(valid, torch.Tensor)
-                         else np.asarray(mask, dtype=bool))
+        valid = valid & (
+            torch.as_tensor(mask, device=d.device).bool()
+            if isinstance(valid, torch.Tensor)
+            else np.asarray(mask, dtype=bool)
+        )
     return valid

@@ -82,7 +82,6 @@ __all__ = [
 ]
 
 
-
 # --------------------------------------------------------------------------- geometry
 def window_offsets(radius: float, device: torch.device | str | None = None) -> torch.Tensor:
     """Integer LR offsets ``(di, dj)`` of the disc ``di^2 + dj^2 <= radius^2``.
@@ -365,7 +364,9 @@ def kernel_render_reference(
     out = signal.new_empty(B, C, H, W)
     support = torch.empty(B, 1, H, W, dtype=torch.bool, device=signal.device)
     for y0, y1 in row_chunks(H, rows_per_chunk):
-        logits, flat, _ = pair_logits(params, guide_hr, guide_lr, (y0, y1), radius, groups, valid_hr, valid_lr)
+        logits, flat, _ = pair_logits(
+            params, guide_hr, guide_lr, (y0, y1), radius, groups, valid_hr, valid_lr
+        )
         o, s = _render_rows(logits, flat, signal, signal_mask)
         out[:, :, y0:y1] = o.to(signal.dtype)
         support[:, :, y0:y1] = s
@@ -407,14 +408,19 @@ def kernel_fit_loss_grad_reference(
     Cg, H, _W = guide_hr.shape[1:]
     groups_t = (Cg,) if groups is None else tuple(groups)
     gidx = _group_index(groups_t, Cg)
-    lam = torch.ones(Cg, dtype=params.dtype, device=params.device) if channel_weights is None else channel_weights
+    lam = (
+        torch.ones(Cg, dtype=params.dtype, device=params.device)
+        if channel_weights is None
+        else channel_weights
+    )
     mask = _loss_mask(guide_hr, gidx, valid_hr, pixel_mask)
     # per-sample means, summed over the batch: samples are fitted independently
     if mask is not None:
         denom = mask.sum(dim=(1, 2, 3)).clamp_min(1.0)
     else:
-        denom = torch.full((guide_hr.shape[0],), float(guide_hr[0].numel()), dtype=params.dtype,
-                           device=params.device)
+        denom = torch.full(
+            (guide_hr.shape[0],), float(guide_hr[0].numel()), dtype=params.dtype, device=params.device
+        )
     p = params.detach().requires_grad_(True)
     total = torch.zeros((), dtype=params.dtype, device=params.device)
     for y0, y1 in row_chunks(H, rows_per_chunk):

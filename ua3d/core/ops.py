@@ -180,8 +180,13 @@ def kernel_render(
     check_window(radius, (params.shape[-2], params.shape[-1]), params.shape[0])
     if params.device.type == "cpu":
         need = estimate_render_memory(
-            params.shape[0], signal.shape[1], (guide_hr.shape[-2], guide_hr.shape[-1]), (params.shape[-2], params.shape[-1]), radius,
-            out_dtype or signal.dtype, which,
+            params.shape[0],
+            signal.shape[1],
+            (guide_hr.shape[-2], guide_hr.shape[-1]),
+            (params.shape[-2], params.shape[-1]),
+            radius,
+            out_dtype or signal.dtype,
+            which,
         )
         if not guide_hr.is_contiguous():  # the engines copy a strided (e.g. broadcast-expanded) guide
             need["guide copy"] = guide_hr.numel() * params.element_size()
@@ -191,8 +196,17 @@ def kernel_render(
         from . import fast
 
         return fast.kernel_render(
-            params, guide_hr, guide_lr, signal, radius, groups, valid_hr, valid_lr, signal_mask,
-            out_dtype=out_dtype, support_sigmas=support_sigmas,
+            params,
+            guide_hr,
+            guide_lr,
+            signal,
+            radius,
+            groups,
+            valid_hr,
+            valid_lr,
+            signal_mask,
+            out_dtype=out_dtype,
+            support_sigmas=support_sigmas,
         )
     rows = rows_per_chunk or _rows_for_budget(params, guide_hr, signal.shape[1], radius)
     if support_sigmas is None:
@@ -201,7 +215,16 @@ def kernel_render(
         )
     else:
         out, sup = _render_cut_reference(
-            params, guide_hr, guide_lr, signal, radius, groups, valid_hr, valid_lr, signal_mask, rows,
+            params,
+            guide_hr,
+            guide_lr,
+            signal,
+            radius,
+            groups,
+            valid_hr,
+            valid_lr,
+            signal_mask,
+            rows,
             support_sigmas,
         )
     if out_dtype is not None:
@@ -231,8 +254,9 @@ def kernel_fit_loss_grad(
     ``guide_lr`` stays the range centres.
     """
     if values_lr is not None and tuple(values_lr.shape) != tuple(guide_lr.shape):
-        raise ValueError(f"values_lr must have the shape of guide_lr {tuple(guide_lr.shape)}, "
-                         f"got {tuple(values_lr.shape)}")
+        raise ValueError(
+            f"values_lr must have the shape of guide_lr {tuple(guide_lr.shape)}, got {tuple(values_lr.shape)}"
+        )
     which = resolve_backend(backend, params.device)
     _check_cut(support_sigmas)
     check_window(radius, (params.shape[-2], params.shape[-1]), params.shape[0])
@@ -240,22 +264,52 @@ def kernel_fit_loss_grad(
         from . import fast
 
         return fast.kernel_fit_loss_grad(
-            params, guide_hr, guide_lr, radius, groups, valid_hr, valid_lr, channel_weights, pixel_mask,
-            support_sigmas=support_sigmas, values_lr=values_lr,
+            params,
+            guide_hr,
+            guide_lr,
+            radius,
+            groups,
+            valid_hr,
+            valid_lr,
+            channel_weights,
+            pixel_mask,
+            support_sigmas=support_sigmas,
+            values_lr=values_lr,
         )
     rows = rows_per_chunk or _rows_for_budget(params, guide_hr, guide_hr.shape[1] * 6 + 24, radius)
     if support_sigmas is None:
         return _ref.kernel_fit_loss_grad_reference(
-            params, guide_hr, guide_lr, radius, groups, valid_hr, valid_lr, channel_weights, pixel_mask, rows,
+            params,
+            guide_hr,
+            guide_lr,
+            radius,
+            groups,
+            valid_hr,
+            valid_lr,
+            channel_weights,
+            pixel_mask,
+            rows,
             values_lr,
         )
     return _fit_cut_reference(
-        params, guide_hr, guide_lr, radius, groups, valid_hr, valid_lr, channel_weights, pixel_mask, rows,
-        support_sigmas, values_lr,
+        params,
+        guide_hr,
+        guide_lr,
+        radius,
+        groups,
+        valid_hr,
+        valid_lr,
+        channel_weights,
+        pixel_mask,
+        rows,
+        support_sigmas,
+        values_lr,
     )
 
 
-def _rows_for_budget(params, guide_hr, per_pair_floats: int, radius: float, budget_bytes: int = 256 << 20) -> int:
+def _rows_for_budget(
+    params, guide_hr, per_pair_floats: int, radius: float, budget_bytes: int = 256 << 20
+) -> int:
     """Rows per chunk so that ``B * K * rows * W * per_pair_floats`` elements fit the budget."""
     B = params.shape[0]
     W = guide_hr.shape[-1]
@@ -275,9 +329,12 @@ def _pair_logits_cut(params, guide_hr, guide_lr, rows, radius, groups, valid_hr,
 
     The spatial Mahalanobis distance is ``d^2 = -2 x`` (the logits of an all-zero guide).
     """
-    logits, flat, inside = _ref.pair_logits(params, guide_hr, guide_lr, rows, radius, groups, valid_hr, valid_lr)
-    spatial, _, _ = _ref.pair_logits(params, torch.zeros_like(guide_hr), torch.zeros_like(guide_lr), rows, radius,
-                                     groups)
+    logits, flat, inside = _ref.pair_logits(
+        params, guide_hr, guide_lr, rows, radius, groups, valid_hr, valid_lr
+    )
+    spatial, _, _ = _ref.pair_logits(
+        params, torch.zeros_like(guide_hr), torch.zeros_like(guide_lr), rows, radius, groups
+    )
     offs = _ref.window_offsets(radius, params.device)
     anchor = ((offs[:, 0] == 0) & (offs[:, 1] == 0)).view(1, -1, 1, 1)
     keep = (spatial >= -0.5 * cut * cut) | anchor
@@ -290,7 +347,9 @@ def _masked_softmax_render(logits, flat, signal, signal_mask):
     if signal_mask is not None:
         usable = usable & signal_mask.flatten(2)[:, 0][:, flat]
     support = usable.any(1, keepdim=True)
-    safe = torch.where(usable, logits, torch.full((), float("-inf"), dtype=logits.dtype, device=logits.device))
+    safe = torch.where(
+        usable, logits, torch.full((), float("-inf"), dtype=logits.dtype, device=logits.device)
+    )
     safe = torch.where(support, safe, torch.zeros((), dtype=logits.dtype, device=logits.device))
     wts = torch.softmax(safe, dim=1) * support
     vals = signal.flatten(2)[:, :, flat]
@@ -302,33 +361,51 @@ def _masked_softmax_render(logits, flat, signal, signal_mask):
     return out, support
 
 
-def _render_cut_reference(params, guide_hr, guide_lr, signal, radius, groups, valid_hr, valid_lr, signal_mask,
-                          rows_per_chunk, cut):
+def _render_cut_reference(
+    params, guide_hr, guide_lr, signal, radius, groups, valid_hr, valid_lr, signal_mask, rows_per_chunk, cut
+):
     """Reference render with the adaptive support cut (see :func:`kernel_render`)."""
     H, W = guide_hr.shape[-2:]
     B, C = signal.shape[:2]
     out = signal.new_empty(B, C, H, W)
     support = torch.empty(B, 1, H, W, dtype=torch.bool, device=signal.device)
     for y0, y1 in _ref.row_chunks(H, rows_per_chunk):
-        logits, flat, _ = _pair_logits_cut(params, guide_hr, guide_lr, (y0, y1), radius, groups, valid_hr,
-                                           valid_lr, cut)
+        logits, flat, _ = _pair_logits_cut(
+            params, guide_hr, guide_lr, (y0, y1), radius, groups, valid_hr, valid_lr, cut
+        )
         o, s = _masked_softmax_render(logits, flat, signal, signal_mask)
         out[:, :, y0:y1] = o.to(signal.dtype)
         support[:, :, y0:y1] = s
     return out, support
 
 
-def _fit_cut_reference(params, guide_hr, guide_lr, radius, groups, valid_hr, valid_lr, channel_weights,
-                       pixel_mask, rows_per_chunk, cut, values_lr=None):
+def _fit_cut_reference(
+    params,
+    guide_hr,
+    guide_lr,
+    radius,
+    groups,
+    valid_hr,
+    valid_lr,
+    channel_weights,
+    pixel_mask,
+    rows_per_chunk,
+    cut,
+    values_lr=None,
+):
     """Reference loss and gradient with the adaptive support cut (autograd; the cut is a fixed mask)."""
     B, Cg, H, W = guide_hr.shape
     gs = (Cg,) if groups is None else tuple(groups)
-    lam = torch.ones(Cg, dtype=params.dtype, device=params.device) if channel_weights is None else channel_weights
+    lam = (
+        torch.ones(Cg, dtype=params.dtype, device=params.device)
+        if channel_weights is None
+        else channel_weights
+    )
     mask = torch.ones(B, Cg, H, W, dtype=guide_hr.dtype, device=guide_hr.device)
     if valid_hr is not None:
         c0 = 0
         for g, n in enumerate(gs):
-            mask[:, c0:c0 + n] *= valid_hr[:, g:g + 1].to(mask.dtype)
+            mask[:, c0 : c0 + n] *= valid_hr[:, g : g + 1].to(mask.dtype)
             c0 += n
     if pixel_mask is not None:
         mask = mask * pixel_mask.to(mask.dtype)
@@ -336,7 +413,9 @@ def _fit_cut_reference(params, guide_hr, guide_lr, radius, groups, valid_hr, val
     p = params.detach().requires_grad_(True)
     total = torch.zeros((), dtype=params.dtype, device=params.device)
     for y0, y1 in _ref.row_chunks(H, rows_per_chunk):
-        logits, flat, _ = _pair_logits_cut(p, guide_hr, guide_lr, (y0, y1), radius, gs, valid_hr, valid_lr, cut)
+        logits, flat, _ = _pair_logits_cut(
+            p, guide_hr, guide_lr, (y0, y1), radius, gs, valid_hr, valid_lr, cut
+        )
         rec, _ = _masked_softmax_render(logits, flat, guide_lr if values_lr is None else values_lr, None)
         err = (rec - guide_hr[:, :, y0:y1]).abs() * lam.view(1, -1, 1, 1) * mask[:, :, y0:y1]
         loss = (err.sum(dim=(1, 2, 3)) / denom).sum()

@@ -127,13 +127,17 @@ class FitConfig:
         if self.adaptive_support is not None and (
             not (self.adaptive_support > 0) or not math.isfinite(self.adaptive_support)
         ):
-            raise ValueError(f"adaptive_support must be None or a positive number of sigmas, got {self.adaptive_support!r}")
+            raise ValueError(
+                f"adaptive_support must be None or a positive number of sigmas, got {self.adaptive_support!r}"
+            )
         if not (0 < self.coarse_to_fine <= 1):
             raise ValueError(f"coarse_to_fine must be in (0, 1] (1 = off), got {self.coarse_to_fine!r}")
         if self.sigma_range_min is not None and (
             not (self.sigma_range_min > 0) or not math.isfinite(self.sigma_range_min)
         ):
-            raise ValueError(f"sigma_range_min must be None or a positive number, got {self.sigma_range_min!r}")
+            raise ValueError(
+                f"sigma_range_min must be None or a positive number, got {self.sigma_range_min!r}"
+            )
         if self.fit_values is not None and self.fit_values not in GUIDE_DOWNSAMPLE_MODES:
             raise ValueError(
                 f"fit_values must be None or one of {GUIDE_DOWNSAMPLE_MODES}, got {self.fit_values!r}"
@@ -196,19 +200,32 @@ def _check_types(cfg: FitConfig) -> None:
             raise ValueError(f"{name} must be a string, got {type(v).__name__} {v!r}")
 
 
-def check_fit_memory(guide_hr: torch.Tensor, lr_size: tuple[int, int], config: FitConfig, n_groups: int = 1) -> None:
+def check_fit_memory(
+    guide_hr: torch.Tensor, lr_size: tuple[int, int], config: FitConfig, n_groups: int = 1
+) -> None:
     """Refuse (before allocating) a fit whose window or memory estimate does not fit; see
     :func:`ua3d.core.ops.estimate_fit_memory`. Entry points call it before resampling the guide."""
     B, Cg, H, W = guide_hr.shape
     h, w = lr_size
     check_window(config.radius, (h, w), B)
     need = estimate_fit_memory(
-        B, Cg, (H, W), (h, w), config.radius, n_groups, guide_hr.dtype, contiguous=guide_hr.is_contiguous(),
-        pixel_fraction=config.pixel_fraction, backend=config.backend,
+        B,
+        Cg,
+        (H, W),
+        (h, w),
+        config.radius,
+        n_groups,
+        guide_hr.dtype,
+        contiguous=guide_hr.is_contiguous(),
+        pixel_fraction=config.pixel_fraction,
+        backend=config.backend,
     )
-    check_memory(need, f"fitting a kernel to a {Cg}-channel guide of {H}x{W} on a {h}x{w} grid",
-                 "use a smaller guide (resize it), a smaller radius, or coarse_to_fine < 1",
-                 device=guide_hr.device)
+    check_memory(
+        need,
+        f"fitting a kernel to a {Cg}-channel guide of {H}x{W} on a {h}x{w} grid",
+        "use a smaller guide (resize it), a smaller radius, or coarse_to_fine < 1",
+        device=guide_hr.device,
+    )
 
 
 def fit_params(
@@ -252,15 +269,23 @@ def fit_params(
         if len(sr) != n_groups:
             raise ValueError(f"sigma_range has {len(sr)} values for {n_groups} range groups")
         params = init_params(
-            B, (h, w), (H, W), sigma_spatial=config.sigma_spatial, sigma_range=sr, theta=config.theta,
-            device=guide_hr.device, dtype=guide_hr.dtype,
+            B,
+            (h, w),
+            (H, W),
+            sigma_spatial=config.sigma_spatial,
+            sigma_range=sr,
+            theta=config.theta,
+            device=guide_hr.device,
+            dtype=guide_hr.dtype,
         )
     else:
         params = init.detach().clone()
     lam = None
     if config.channel_weights is not None:
         if len(config.channel_weights) != Cg:
-            raise ValueError(f"channel_weights has {len(config.channel_weights)} values for {Cg} guide channels")
+            raise ValueError(
+                f"channel_weights has {len(config.channel_weights)} values for {Cg} guide channels"
+            )
         lam = torch.tensor(config.channel_weights, dtype=guide_hr.dtype, device=guide_hr.device)
     params = params.detach().clone()
     adam = _Adam(params, config.lr, config.lr_decay)
@@ -287,8 +312,18 @@ def fit_params(
                 pmask = torch.from_numpy(rng.random((B, 1, *size), dtype=np.float32) < config.pixel_fraction)
                 pmask = pmask.to(guide_hr.device)
             loss, grad = kernel_fit_loss_grad(
-                params, g_hr, guide_lr, config.radius, groups, v_hr, valid_lr, lam, pmask,
-                backend=config.backend, support_sigmas=config.adaptive_support, values_lr=values_lr,
+                params,
+                g_hr,
+                guide_lr,
+                config.radius,
+                groups,
+                v_hr,
+                valid_lr,
+                lam,
+                pmask,
+                backend=config.backend,
+                support_sigmas=config.adaptive_support,
+                values_lr=values_lr,
             )
             adam.step(grad.to(params.dtype))
             if floor is not None:
@@ -327,7 +362,11 @@ def prefilter_guide(guide: torch.Tensor, mode: str = "auto") -> torch.Tensor:
     g = pad(guide, (1, 1, 1, 1), mode="replicate").unfold(2, 3, 1).unfold(3, 3, 1).reshape(B, C, H, W, 9)
     c = pad(cand.to(guide.dtype), (1, 1, 1, 1), mode="replicate").unfold(2, 3, 1).unfold(3, 3, 1)
     c = c.reshape(B, 1, H, W, 9) > 0.5
-    med = torch.where(c, torch.full((), float("nan"), dtype=guide.dtype, device=guide.device), g).nanmedian(-1).values
+    med = (
+        torch.where(c, torch.full((), float("nan"), dtype=guide.dtype, device=guide.device), g)
+        .nanmedian(-1)
+        .values
+    )
     med = torch.where(torch.isnan(med), g.median(-1).values, med)
     imp = cand & ((guide - med).abs().amax(1, keepdim=True) > 0.25)
     if mode == "auto" and not bool((imp.flatten(1).float().mean(1) > IMPULSE_SHARE).any()):
@@ -360,14 +399,16 @@ class _Adam:
         self.t += 1
         self.m.lerp_(grad, 1 - self.b1)
         self.v.mul_(self.b2).addcmul_(grad, grad, value=1 - self.b2)
-        bc1 = 1 - self.b1 ** self.t
-        bc2 = 1 - self.b2 ** self.t
+        bc1 = 1 - self.b1**self.t
+        bc2 = 1 - self.b2**self.t
         denom = (self.v.sqrt() / math.sqrt(bc2)).add_(self.eps)
         self.p.addcdiv_(self.m, denom, value=-self.lr / bc1)
         self.lr *= self.decay
 
 
-def _stages(config: FitConfig, out_size: tuple[int, int], lr_size: tuple[int, int]) -> list[tuple[tuple[int, int], int]]:
+def _stages(
+    config: FitConfig, out_size: tuple[int, int], lr_size: tuple[int, int]
+) -> list[tuple[tuple[int, int], int]]:
     """``[(HR size, steps), ...]``: one stage, or a coarse stage then ``fine_steps`` at full size."""
     H, W = out_size
     if config.coarse_to_fine >= 1.0 or config.steps <= config.fine_steps:
@@ -390,6 +431,8 @@ def _stage_guide(guide_hr: torch.Tensor, valid_hr: torch.Tensor | None, size: tu
     return g, v
 
 
-def _sigma_shift(params: torch.Tensor, size: tuple[int, int], out_size: tuple[int, int]) -> tuple[float, float]:
+def _sigma_shift(
+    params: torch.Tensor, size: tuple[int, int], out_size: tuple[int, int]
+) -> tuple[float, float]:
     """Change of ``(log sigma_x, log sigma_y)`` when HR pixels are rescaled from ``out_size`` to ``size``."""
     return math.log(size[1] / out_size[1]), math.log(size[0] / out_size[0])

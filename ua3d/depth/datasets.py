@@ -605,8 +605,10 @@ def read_park2011(root: str | Path) -> list[Sample]:
         weights = {2**k: scene / f"weight_{k}_n.png" for k in range(1, 5)}
         if not (colors and gt.is_file() and all(f.is_file() for f in inputs.values())):
             continue
-        extra = {"lr_inputs": {s: str(f) for s, f in inputs.items()},
-                 "weights": {s: str(f) for s, f in weights.items() if f.is_file()}}
+        extra = {
+            "lr_inputs": {s: str(f) for s, f in inputs.items()},
+            "weights": {s: str(f) for s, f in weights.items() if f.is_file()},
+        }
         meta = DepthMeta("park2011", scene.name, "0-255", None, (str(colors[0]), str(gt)), extra)
         samples.append(Sample(meta, lambda c=colors[0], g=gt: (_read_rgb(c), _positive(_read_gray(g)))))
     if not samples:
@@ -645,10 +647,14 @@ def _nyu_raw_depth(path: Path) -> np.ndarray:
     return depth.astype(np.float32)
 
 
-_SENSOR_EXPECTED = "frame folders holding SUN_color.jpg + SUN_depth.png (sunrgbd) or NYU_color.ppm + NYU_depth.pgm (nyu-raw)"
+_SENSOR_EXPECTED = (
+    "frame folders holding SUN_color.jpg + SUN_depth.png (sunrgbd) or NYU_color.ppm + NYU_depth.pgm (nyu-raw)"
+)
 
 
-def _frames(name: str, root: str | Path, color: str, depth: str, read: Callable[[Path], np.ndarray]) -> list[Sample]:
+def _frames(
+    name: str, root: str | Path, color: str, depth: str, read: Callable[[Path], np.ndarray]
+) -> list[Sample]:
     root = _check_dir(name, root, _SENSOR_EXPECTED)
     samples = []
     for folder in [root, *sorted(p for p in root.iterdir() if p.is_dir())]:

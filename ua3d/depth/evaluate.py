@@ -345,7 +345,9 @@ def _read_lr(path: str) -> np.ndarray:
     return lr
 
 
-def _given_pair(sample: Sample, depth: np.ndarray, scale: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def _given_pair(
+    sample: Sample, depth: np.ndarray, scale: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """HR target, the dataset's own LR input at ``scale`` and its confidence map (HR size) if shipped."""
     inputs = sample.meta.extra.get("lr_inputs", {})
     if scale not in inputs:
@@ -355,7 +357,9 @@ def _given_pair(sample: Sample, depth: np.ndarray, scale: int) -> tuple[np.ndarr
     lr = _read_lr(inputs[scale])
     hr = depth[: lr.shape[0] * scale, : lr.shape[1] * scale]
     if hr.shape != (lr.shape[0] * scale, lr.shape[1] * scale):
-        raise ValueError(f"{inputs[scale]}: LR {lr.shape} times {scale} does not fit the target {depth.shape}")
+        raise ValueError(
+            f"{inputs[scale]}: LR {lr.shape} times {scale} does not fit the target {depth.shape}"
+        )
     conf = None
     wpath = sample.meta.extra.get("weights", {}).get(scale)
     if wpath is not None:

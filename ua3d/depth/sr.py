@@ -161,10 +161,16 @@ class DepthSRConfig:
             if isinstance(v, bool) or not (isinstance(v, (int, float)) and v >= 0 and math.isfinite(v)):
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
         shift = self.blur_shift
-        if not (isinstance(shift, (tuple, list)) and len(shift) == 2
-                and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                        for v in shift)):
-            raise ValueError(f"blur_shift must be a pair of finite numbers (dy, dx) in HR pixels, got {shift!r}")
+        if not (
+            isinstance(shift, (tuple, list))
+            and len(shift) == 2
+            and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in shift
+            )
+        ):
+            raise ValueError(
+                f"blur_shift must be a pair of finite numbers (dy, dx) in HR pixels, got {shift!r}"
+            )
         for name in ("iters", "fit_steps"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -241,8 +247,16 @@ def _point_index(n_hr: int, n_lr: int, phase: str) -> list[int]:
     return [(i * n_hr) // n_lr for i in range(n_lr)]
 
 
-def _axis_matrix(n_hr: int, n_lr: int, mode: str, phase: str, sigma: float, shift: float,
-                 device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def _axis_matrix(
+    n_hr: int,
+    n_lr: int,
+    mode: str,
+    phase: str,
+    sigma: float,
+    shift: float,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> torch.Tensor:
     """``[n_lr, n_hr]`` weights of one axis of a separable forward model (rows sum to 1)."""
     r = n_hr / n_lr
     if mode == "area":  # exact overlap of pixel [p, p+1) with cell [i r, (i+1) r)
@@ -259,14 +273,25 @@ def _axis_matrix(n_hr: int, n_lr: int, mode: str, phase: str, sigma: float, shif
         x = x.clamp(0, n_hr - 1)
         p = torch.arange(n_hr, dtype=torch.float64)
         d = p[None, :] - x[:, None]
-        m = (1 - d.abs()).clamp_min(0) if sigma < 0.3 else torch.exp(-0.5 * (d / sigma) ** 2) * (d.abs() <= 3 * sigma + 1)
+        m = (
+            (1 - d.abs()).clamp_min(0)
+            if sigma < 0.3
+            else torch.exp(-0.5 * (d / sigma) ** 2) * (d.abs() <= 3 * sigma + 1)
+        )
         m = m / m.sum(1, keepdim=True)
     return m.to(device=device, dtype=dtype)
 
 
-def downsample_depth(depth: torch.Tensor, size: tuple[int, int], mode: str | ForwardModel = "bicubic",
-                     support: torch.Tensor | None = None, *, phase: str = "end", sigma: float = 0.0,
-                     shift: tuple[float, float] = (0.0, 0.0)) -> tuple[torch.Tensor, torch.Tensor]:
+def downsample_depth(
+    depth: torch.Tensor,
+    size: tuple[int, int],
+    mode: str | ForwardModel = "bicubic",
+    support: torch.Tensor | None = None,
+    *,
+    phase: str = "end",
+    sigma: float = 0.0,
+    shift: tuple[float, float] = (0.0, 0.0),
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward model ``down``: HR depth ``[B, 1, H, W]`` to the LR grid ``size = (h, w)``, any ratio.
 
     ``"bicubic"`` and ``"bilinear"`` are antialiased (PyTorch's antialiased bicubic uses Pillow's
@@ -295,6 +320,7 @@ def downsample_depth(depth: torch.Tensor, size: tuple[int, int], mode: str | For
         raise ValueError(f"size must be between (1, 1) and the HR size {(H, W)}, got {size}")
 
     if mode in ("bicubic", "bilinear"):
+
         def resize(x: torch.Tensor) -> torch.Tensor:
             return F.interpolate(x, size=size, mode=mode, antialias=True, align_corners=False)
     else:
@@ -371,9 +397,15 @@ def _gmres(apply_a, b: torch.Tensor, ax0: torch.Tensor, iters: int) -> torch.Ten
     return torch.linalg.lstsq(hess[: n + 1, :n].cpu(), e1.cpu()).solution.to(b.device)[:, 0]
 
 
-def consistency_solve(render, d_lr: torch.Tensor, valid: torch.Tensor, mode: str | ForwardModel, iters: int,
-                      solver: str = "gmres", weights: torch.Tensor | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def consistency_solve(
+    render,
+    d_lr: torch.Tensor,
+    valid: torch.Tensor,
+    mode: str | ForwardModel,
+    iters: int,
+    solver: str = "gmres",
+    weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Coefficients ``c`` with ``down(render(c)) ~= d_lr`` on the valid LR cells, and their render.
 
     Parameters
@@ -446,9 +478,7 @@ def _as_depth(depth_lr: object) -> torch.Tensor:
     if isinstance(depth_lr, np.ndarray):
         depth_lr = torch.from_numpy(np.ascontiguousarray(depth_lr))
     if not isinstance(depth_lr, torch.Tensor):
-        raise ValueError(
-            f"depth_lr must be a torch.Tensor or numpy array, got {type(depth_lr).__name__}"
-        )
+        raise ValueError(f"depth_lr must be a torch.Tensor or numpy array, got {type(depth_lr).__name__}")
     d = depth_lr
     if d.ndim == 2:
         d = d[None, None]
@@ -469,15 +499,19 @@ def _check_sizes(d: torch.Tensor, g: torch.Tensor, scale: float | None) -> None:
     if g.shape[0] != d.shape[0]:
         raise ValueError(f"batch size of guide_hr {tuple(g.shape)} does not match depth_lr {tuple(d.shape)}")
     if H < h or W < w:
-        raise ValueError(f"guide_hr {tuple(g.shape)} is smaller than depth_lr {tuple(d.shape)}: expected an "
-                         f"HR guide at least as large as the LR depth")
+        raise ValueError(
+            f"guide_hr {tuple(g.shape)} is smaller than depth_lr {tuple(d.shape)}: expected an "
+            f"HR guide at least as large as the LR depth"
+        )
     if scale is None:
         return
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (1 <= scale < math.inf):
         raise ValueError(f"scale must be a finite number >= 1, got {scale!r}")
     if not (math.isclose(h * scale, H) and math.isclose(w * scale, W)):
-        raise ValueError(f"depth_lr {tuple(d.shape)} times scale {scale} does not give guide_hr "
-                         f"{tuple(g.shape)}: expected guide size ({h * scale:g}, {w * scale:g})")
+        raise ValueError(
+            f"depth_lr {tuple(d.shape)} times scale {scale} does not give guide_hr "
+            f"{tuple(g.shape)}: expected guide size ({h * scale:g}, {w * scale:g})"
+        )
 
 
 def _valid_lr(d: torch.Tensor, mask_lr: object) -> torch.Tensor:
@@ -493,12 +527,15 @@ def _valid_lr(d: torch.Tensor, mask_lr: object) -> torch.Tensor:
         valid = valid & m.bool()
     neg = valid & (d < 0)
     if bool(neg.any()):
-        raise ValueError(f"depth_lr has {int(neg.sum())} negative value(s) (shape {tuple(d.shape)}); "
-                         f"depth must be >= 0 with 0 or NaN marking holes")
+        raise ValueError(
+            f"depth_lr has {int(neg.sum())} negative value(s) (shape {tuple(d.shape)}); "
+            f"depth must be >= 0 with 0 or NaN marking holes"
+        )
     for b in range(d.shape[0]):
         if not bool(valid[b].any()):
-            raise ValueError(f"depth_lr item {b} has no valid value (all 0, NaN or masked out; shape "
-                             f"{tuple(d.shape)})")
+            raise ValueError(
+                f"depth_lr item {b} has no valid value (all 0, NaN or masked out; shape {tuple(d.shape)})"
+            )
     return valid
 
 
@@ -569,7 +606,12 @@ def edge_mixing(d: torch.Tensor, valid: torch.Tensor) -> tuple[float, int]:
             continue
         x0, x1, x2, x3, x4 = (a[:, i : a.shape[1] - 4 + i] for i in range(5))
         jump = x3 - x1
-        ok = (x0 - x1).abs().le(t) & (x3 - x4).abs().le(t) & jump.abs().gt(10 * t) & torch.isfinite(x0 + x1 + x2 + x3 + x4)
+        ok = (
+            (x0 - x1).abs().le(t)
+            & (x3 - x4).abs().le(t)
+            & jump.abs().gt(10 * t)
+            & torch.isfinite(x0 + x1 + x2 + x3 + x4)
+        )
         f = (x2 - x1)[ok] / jump[ok]
         hits += int(((f > 0.15) & (f < 0.85)).sum())
         total += int(f.numel())
@@ -578,8 +620,9 @@ def edge_mixing(d: torch.Tensor, valid: torch.Tensor) -> tuple[float, int]:
 
 def _checkerboard(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     h, w = valid.shape[-2:]
-    yy, xx = torch.meshgrid(torch.arange(h, device=valid.device), torch.arange(w, device=valid.device),
-                            indexing="ij")
+    yy, xx = torch.meshgrid(
+        torch.arange(h, device=valid.device), torch.arange(w, device=valid.device), indexing="ij"
+    )
     even = ((yy + xx) % 2 == 0)[None, None]
     return valid & even, valid & ~even
 
@@ -594,15 +637,19 @@ def _as_confidence(conf: object, d: torch.Tensor) -> torch.Tensor | None:
     elif c.ndim == 3:
         c = c[:, None]
     if c.ndim != 4 or c.shape[1] != 1 or c.shape[0] != d.shape[0] or c.numel() == 0:
-        raise ValueError(f"confidence must be [B, 1, h, w] or [h, w] (LR or HR size) matching depth_lr "
-                         f"{tuple(d.shape)}, got shape {tuple(c.shape)}")
+        raise ValueError(
+            f"confidence must be [B, 1, h, w] or [h, w] (LR or HR size) matching depth_lr "
+            f"{tuple(d.shape)}, got shape {tuple(c.shape)}"
+        )
     c = c.to(torch.float64)
     if not bool(torch.isfinite(c).all()) or bool((c < 0).any()):
         raise ValueError("confidence must be finite and >= 0 (0 = ignore the cell)")
     if tuple(c.shape[-2:]) != tuple(d.shape[-2:]):
         if c.shape[-2] < d.shape[-2] or c.shape[-1] < d.shape[-1]:
-            raise ValueError(f"confidence of size {tuple(c.shape[-2:])} is smaller than depth_lr "
-                             f"{tuple(d.shape[-2:])}: give it at the LR or at the HR size")
+            raise ValueError(
+                f"confidence of size {tuple(c.shape[-2:])} is smaller than depth_lr "
+                f"{tuple(d.shape[-2:])}: give it at the LR or at the HR size"
+            )
         c = downsample_depth(c, tuple(d.shape[-2:]), "area")[0]
     top = c.flatten(1).amax(1).clamp_min(1e-300)[:, None, None, None]
     return (c / top).to(d.dtype)
@@ -611,8 +658,14 @@ def _as_confidence(conf: object, d: torch.Tensor) -> torch.Tensor | None:
 class _Problem:
     """One image: guides, normalised LR depth and its validity, the forward model, and a render."""
 
-    def __init__(self, guide: torch.Tensor, d: torch.Tensor, valid: torch.Tensor, cfg: DepthSRConfig,
-                 confidence: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        guide: torch.Tensor,
+        d: torch.Tensor,
+        valid: torch.Tensor,
+        cfg: DepthSRConfig,
+        confidence: torch.Tensor | None = None,
+    ) -> None:
         self.g = guide
         self.cfg = cfg
         self.size_lr = tuple(d.shape[-2:])
@@ -643,13 +696,28 @@ class _Problem:
         (h, w), (H, W) = self.size_lr, self.size_hr
         ss = self.sigma_spatial
         sigma = (ss * W / w, ss * H / h)  # LR cells -> HR pixels, per axis
-        return init_params(1, (h, w), (H, W), sigma_spatial=sigma, sigma_range=self.sigma_range,
-                           device=self.g.device, dtype=self.g.dtype)
+        return init_params(
+            1,
+            (h, w),
+            (H, W),
+            sigma_spatial=sigma,
+            sigma_range=self.sigma_range,
+            device=self.g.device,
+            dtype=self.g.dtype,
+        )
 
-    def render(self, params: torch.Tensor, c: torch.Tensor, mask: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        return kernel_render(params, self.g, self.g_lr, c, self.cfg.radius,
-                             signal_mask=self.valid if mask is None else mask, backend=self.cfg.backend)
+    def render(
+        self, params: torch.Tensor, c: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return kernel_render(
+            params,
+            self.g,
+            self.g_lr,
+            c,
+            self.cfg.radius,
+            signal_mask=self.valid if mask is None else mask,
+            backend=self.cfg.backend,
+        )
 
     # ---------------------------------------------------------------- forward model
     def _fit_gauss(self, params: torch.Tensor) -> ForwardModel:
@@ -669,21 +737,33 @@ class _Problem:
 
         s = max(sy, sx)
         sigma, shift = 0.0, [0.0, 0.0]
-        for step_s, frac in ((0.15 * s, (-1.0, -0.5, 0.0, 0.5, 1.0)), (0.075 * s, (-0.5, -0.25, 0.0, 0.25, 0.5))):
-            sigma = min((max(0.0, sigma + k * step_s) for k in (-2, -1, 0, 1, 2)), key=lambda v: err(v, tuple(shift)))
+        for step_s, frac in (
+            (0.15 * s, (-1.0, -0.5, 0.0, 0.5, 1.0)),
+            (0.075 * s, (-0.5, -0.25, 0.0, 0.25, 0.5)),
+        ):
+            sigma = min(
+                (max(0.0, sigma + k * step_s) for k in (-2, -1, 0, 1, 2)), key=lambda v: err(v, tuple(shift))
+            )
             for axis, sc in ((0, sy), (1, sx)):
                 half = max((sc - 1) / 2, 0.5)
                 cands = [shift[axis] + half * f for f in frac]
-                shift[axis] = min(cands, key=lambda v, ax=axis: err(sigma, tuple(v if i == ax else shift[i]
-                                                                                 for i in range(2))))
+                shift[axis] = min(
+                    cands,
+                    key=lambda v, ax=axis: err(sigma, tuple(v if i == ax else shift[i] for i in range(2))),
+                )
         sigma = min((max(0.0, sigma + k * 0.075 * s) for k in (-1, 0, 1)), key=lambda v: err(v, tuple(shift)))
-        return ForwardModel("gauss", sigma=float(sigma), shift=(float(shift[0]), float(shift[1])),
-                            score=err(sigma, tuple(shift)))
+        return ForwardModel(
+            "gauss",
+            sigma=float(sigma),
+            shift=(float(shift[0]), float(shift[1])),
+            score=err(sigma, tuple(shift)),
+        )
 
     def guide_phase(self) -> str | None:
         """Phase of point-sampled LR depth from the guide: the depth edges of the LR grid line up with the colour
         edges of the guide point-sampled at the same phase (correlation of gradient magnitudes); None if
         undecided."""
+
         def grad(x: torch.Tensor) -> torch.Tensor:
             gx = (x[..., :, 1:] - x[..., :, :-1]).abs()[..., :-1, :]
             gy = (x[..., 1:, :] - x[..., :-1, :]).abs()[..., :, :-1]
@@ -697,8 +777,13 @@ class _Problem:
         dg = dg - dg.mean()
         corr = {}
         for phase in ("end", "start"):
-            gp = torch.cat([downsample_depth(self.g[:, c : c + 1].double(), self.size_lr, "point", phase=phase)[0]
-                            for c in range(self.g.shape[1])], 1)
+            gp = torch.cat(
+                [
+                    downsample_depth(self.g[:, c : c + 1].double(), self.size_lr, "point", phase=phase)[0]
+                    for c in range(self.g.shape[1])
+                ],
+                1,
+            )
             cg = grad(gp)[ok]
             cg = cg - cg.mean()
             den = float(dg.norm() * cg.norm())
@@ -723,16 +808,28 @@ class _Problem:
         if cfg.consistency in ("point", "interval"):
             return [ForwardModel("point", phase=p) for p in phases]
         if cfg.consistency == "gauss":
-            return [ForwardModel("gauss", sigma=float(cfg.blur_sigma),
-                                 shift=(float(cfg.blur_shift[0]), float(cfg.blur_shift[1])))]
+            return [
+                ForwardModel(
+                    "gauss",
+                    sigma=float(cfg.blur_sigma),
+                    shift=(float(cfg.blur_shift[0]), float(cfg.blur_shift[1])),
+                )
+            ]
         return [ForwardModel(cfg.consistency)]
 
-    def cross_validate(self, params: torch.Tensor, model: ForwardModel, fit: torch.Tensor,
-                       test: torch.Tensor) -> torch.Tensor:
+    def cross_validate(
+        self, params: torch.Tensor, model: ForwardModel, fit: torch.Tensor, test: torch.Tensor
+    ) -> torch.Tensor:
         """Residual ``t - down(D)`` on ``test`` cells, ``D`` solved from the ``fit`` cells only (NaN elsewhere)."""
         zero = torch.zeros((), dtype=self.t.dtype, device=self.t.device)
-        _, out, sup = consistency_solve(lambda c: self.render(params, c, fit), torch.where(fit, self.t, zero),
-                                        fit, model, self.cfg.iters, self.cfg.solver)
+        _, out, sup = consistency_solve(
+            lambda c: self.render(params, c, fit),
+            torch.where(fit, self.t, zero),
+            fit,
+            model,
+            self.cfg.iters,
+            self.cfg.solver,
+        )
         if model.mode == "none":  # predicts the cell-centre value
             low, ok = downsample_depth(out, self.size_lr, "gauss", sup)
         else:
@@ -778,16 +875,20 @@ class _Problem:
                         self.model = dataclasses.replace(self.model, score=score_of(r))
                         r_best, sr_best = r, sr
             params = self.start_params(sr_best)
-        self.model = dataclasses.replace(self.model, sigma_range=self.sigma_range, noise=self.noise,
-                                         sigma_spatial=self.sigma_spatial)
+        self.model = dataclasses.replace(
+            self.model, sigma_range=self.sigma_range, noise=self.noise, sigma_spatial=self.sigma_spatial
+        )
         if self.cfg.robust != "none":
             r = torch.where(b, r_best, self.cross_validate(params, self.model, b, a))
             self._robust_weights(r)
             if self.cfg.robust == "tukey" and self.n_outliers:  # a second round without the outliers found
                 dropped = self.n_outliers
                 a, b = _checkerboard(self.valid)
-                r = torch.where(b, self.cross_validate(params, self.model, a, b),
-                                self.cross_validate(params, self.model, b, a))
+                r = torch.where(
+                    b,
+                    self.cross_validate(params, self.model, a, b),
+                    self.cross_validate(params, self.model, b, a),
+                )
                 self.weights = self.confidence
                 self._robust_weights(r)
                 self.n_outliers += dropped
@@ -849,7 +950,9 @@ class _Problem:
             lo = -lo[:, keep].amax(1).reshape(self.t.shape)
             rng = hi - lo
             ok = torch.isfinite(rng) & (rng > 0)
-            f = torch.where(ok, (self.t - lo) / torch.where(ok, rng, torch.ones_like(rng)), torch.zeros_like(rng))
+            f = torch.where(
+                ok, (self.t - lo) / torch.where(ok, rng, torch.ones_like(rng)), torch.zeros_like(rng)
+            )
             odd = ok & (((f > 0.15) & (f < 0.85)) | (f < -0.15) | (f > 1.15))
             drop = self.valid & (u >= 1.0) & odd
             if int(drop.sum()) < int(self.valid.sum()) // 4:  # never drop a large share
@@ -862,8 +965,15 @@ class _Problem:
     # ---------------------------------------------------------------- solve, fit, bound
     def solve(self, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
-        _, out, sup = consistency_solve(lambda c: self.render(params, c), self.t, self.valid, self.model,
-                                        cfg.iters, cfg.solver, self.weights)
+        _, out, sup = consistency_solve(
+            lambda c: self.render(params, c),
+            self.t,
+            self.valid,
+            self.model,
+            cfg.iters,
+            cfg.solver,
+            self.weights,
+        )
         return out, sup
 
     def fit(self, start: torch.Tensor, target: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
@@ -921,8 +1031,15 @@ class _Problem:
         return out * self.span + self.lo, sup
 
 
-def _prepare(depth_lr: object, guide_hr: object, mask_lr: object, scale: float | None, confidence: object,
-             config: DepthSRConfig | None, options: dict):
+def _prepare(
+    depth_lr: object,
+    guide_hr: object,
+    mask_lr: object,
+    scale: float | None,
+    confidence: object,
+    config: DepthSRConfig | None,
+    options: dict,
+):
     if config is not None and not isinstance(config, DepthSRConfig):
         raise ValueError(f"config must be a DepthSRConfig or None, got {type(config).__name__}")
     cfg = (config or DepthSRConfig()).replace(**options) if options else (config or DepthSRConfig())
@@ -940,9 +1057,15 @@ def _prepare(depth_lr: object, guide_hr: object, mask_lr: object, scale: float |
     return cfg, d, work, g, valid, conf
 
 
-def estimate_forward_model(depth_lr: object, guide_hr: object, *, mask_lr: object = None,
-                           confidence: object = None, config: DepthSRConfig | None = None,
-                           **options) -> list[ForwardModel]:
+def estimate_forward_model(
+    depth_lr: object,
+    guide_hr: object,
+    *,
+    mask_lr: object = None,
+    confidence: object = None,
+    config: DepthSRConfig | None = None,
+    **options,
+) -> list[ForwardModel]:
     """The forward model :func:`upsample_depth` would use for each batch item (``consistency="auto"``:
     point sampling by :func:`edge_mixing`, its phase from the guide, else bicubic vs area by cross-validation).
 
@@ -951,16 +1074,27 @@ def estimate_forward_model(depth_lr: object, guide_hr: object, *, mask_lr: objec
     cfg, d, work, g, valid, conf = _prepare(depth_lr, guide_hr, mask_lr, None, confidence, config, options)
     out = []
     for b in range(d.shape[0]):
-        prob = _Problem(g[b : b + 1], d[b : b + 1].to(work), valid[b : b + 1], cfg,
-                        None if conf is None else conf[b : b + 1])
+        prob = _Problem(
+            g[b : b + 1],
+            d[b : b + 1].to(work),
+            valid[b : b + 1],
+            cfg,
+            None if conf is None else conf[b : b + 1],
+        )
         with torch.no_grad():
             prob.choose_model(prob.start_params())
         out.append(prob.model)
     return out
 
 
-def fit_blur_shift(depth_lr: object, guide_hr: object, *, mask_lr: object = None,
-                   config: DepthSRConfig | None = None, **options) -> list[ForwardModel]:
+def fit_blur_shift(
+    depth_lr: object,
+    guide_hr: object,
+    *,
+    mask_lr: object = None,
+    config: DepthSRConfig | None = None,
+    **options,
+) -> list[ForwardModel]:
     """Gaussian forward model (blur sigma, sub-pixel shift ``(dy, dx)``, HR pixels) that best explains
     ``depth_lr``, per batch item: the cross-validated error of :func:`estimate_forward_model` minimised by a
     coordinate search (sigma in steps of ``0.075 s``, shift in steps of ``(s - 1) / 8``, ``s`` the scale;
@@ -1025,8 +1159,13 @@ def upsample_depth(
     cfg, d, work, g, valid, conf = _prepare(depth_lr, guide_hr, mask_lr, scale, confidence, config, options)
     outs, sups, models = [], [], []
     for b in range(d.shape[0]):
-        prob = _Problem(g[b : b + 1], d[b : b + 1].to(work), valid[b : b + 1], cfg,
-                        None if conf is None else conf[b : b + 1])
+        prob = _Problem(
+            g[b : b + 1],
+            d[b : b + 1].to(work),
+            valid[b : b + 1],
+            cfg,
+            None if conf is None else conf[b : b + 1],
+        )
         out, sup = prob.run()
         outs.append(out.to(d.dtype))
         sups.append(sup)

@@ -90,7 +90,9 @@ class DinoSpec:
 
 
 DINOV2_MODELS: dict[str, DinoSpec] = {
-    "dinov2_vits14": DinoSpec("vits14", "dinov2_vits14_pretrain.pth", "timm/vit_small_patch14_dinov2.lvd142m"),
+    "dinov2_vits14": DinoSpec(
+        "vits14", "dinov2_vits14_pretrain.pth", "timm/vit_small_patch14_dinov2.lvd142m"
+    ),
     "dinov2_vitb14": DinoSpec("vitb14", "dinov2_vitb14_pretrain.pth", "timm/vit_base_patch14_dinov2.lvd142m"),
     "dinov2_vits14_reg": DinoSpec(
         "vits14_reg", "dinov2_vits14_reg4_pretrain.pth", "timm/vit_small_patch14_reg4_dinov2.lvd142m"
@@ -220,7 +222,9 @@ def find_checkpoint(
         found = sorted(glob.glob(place))
         if found:
             return Path(found[-1])
-    raise CheckpointNotFoundError(f"{how_to} Searched: {'; '.join(places) or 'nowhere (no file name known)'}.")
+    raise CheckpointNotFoundError(
+        f"{how_to} Searched: {'; '.join(places) or 'nowhere (no file name known)'}."
+    )
 
 
 def _dinov2_how_to(name: str, spec: DinoSpec) -> str:
@@ -258,7 +262,12 @@ def load_dinov2(
     sd = timm_to_dinov2(raw) if naming == "timm" else raw
     cfg: ViTConfig = CONFIGS[spec.arch]
     pos = sd.get("pos_embed")
-    if pos is not None and pos.ndim == 3 and pos.shape[1] > 1 and math.isqrt(pos.shape[1] - 1) ** 2 == pos.shape[1] - 1:
+    if (
+        pos is not None
+        and pos.ndim == 3
+        and pos.shape[1] > 1
+        and math.isqrt(pos.shape[1] - 1) ** 2 == pos.shape[1] - 1
+    ):
         grid = math.isqrt(pos.shape[1] - 1)
         cfg = replace(cfg, img_size=grid * cfg.patch_size)
     with torch.device("meta"):  # no random init: every tensor comes from the checkpoint
@@ -311,7 +320,11 @@ def _load_timm(name: str, checkpoint, device) -> tuple[nn.Module, dict]:
                 del sd[k]
     load_state_dict_strict(model, sd, f"{path} for timm:{name}")
     model = model.to(device).eval()
-    info = {"checkpoint": str(path), "key_naming": "timm", "num_params": sum(p.numel() for p in model.parameters())}
+    info = {
+        "checkpoint": str(path),
+        "key_naming": "timm",
+        "num_params": sum(p.numel() for p in model.parameters()),
+    }
     return model, info
 
 
@@ -389,8 +402,17 @@ def extract_features(
     if model_name == "random":
         feats, description = random_features(image, device=device)
         h, w = feats.shape[-2:]
-        info = {"model": "random", "checkpoint": None, "key_naming": None, "num_params": 0, "stride": None,
-                "input_size": (H, W), "mean": None, "std": None, "description": description}
+        info = {
+            "model": "random",
+            "checkpoint": None,
+            "key_naming": None,
+            "num_params": 0,
+            "stride": None,
+            "input_size": (H, W),
+            "mean": None,
+            "std": None,
+            "description": description,
+        }
         return feats, _finish(info, (H, W), (h, w))
     if model_name in DINOV2_MODELS:
         model, info = load_dinov2(model_name, checkpoint, device)
@@ -411,7 +433,9 @@ def extract_features(
         out = model.forward_features(inp)
         feats = out if model_name in DINOV2_MODELS else _timm_grid(model, out, grid)
     feats = feats.float().contiguous()
-    info.update(model=model_name, stride=stride, input_size=input_size, mean=mean, std=std, description=description)
+    info.update(
+        model=model_name, stride=stride, input_size=input_size, mean=mean, std=std, description=description
+    )
     return feats, _finish(info, (H, W), tuple(feats.shape[-2:]))
 
 

@@ -75,14 +75,18 @@ def _check_npy_size(path: Path) -> None:
         version = np.lib.format.read_magic(f)
         if version not in ((1, 0), (2, 0)):
             return  # np.load checks the rest
-        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        read = (
+            np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        )
         shape, _, dtype = read(f)
         offset = f.tell()
     nbytes = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
     size = path.stat().st_size
     if nbytes > size - offset:
-        raise ValueError(f"{path}: truncated .npy file: its header declares {shape} {dtype} ({nbytes} bytes) "
-                         f"but the file holds {size - offset} bytes of data")
+        raise ValueError(
+            f"{path}: truncated .npy file: its header declares {shape} {dtype} ({nbytes} bytes) "
+            f"but the file holds {size - offset} bytes of data"
+        )
     check_memory(nbytes * 2, f"{path}: loading features of shape {shape}", "use a smaller feature file")
 
 
@@ -103,7 +107,9 @@ def _read(path: Path, key: str | None) -> object:
             raise
         raise ValueError(f"{path}: cannot read it as a {suffix} feature file ({exc})") from None
     except Exception as exc:  # noqa: BLE001 - torch's unpickler raises IndexError, KeyError, ... on junk
-        raise ValueError(f"{path}: cannot read it as a {suffix} feature file ({type(exc).__name__}: {exc})") from None
+        raise ValueError(
+            f"{path}: cannot read it as a {suffix} feature file ({type(exc).__name__}: {exc})"
+        ) from None
     if isinstance(obj, dict):
         return _pick(obj, key, path)
     if key is not None:
@@ -173,7 +179,9 @@ def load_features(
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such feature file")
     if path.suffix.lower() not in FEATURE_SUFFIXES:
-        raise ValueError(f"{path}: unsupported feature file type {path.suffix!r}; use one of {FEATURE_SUFFIXES}")
+        raise ValueError(
+            f"{path}: unsupported feature file type {path.suffix!r}; use one of {FEATURE_SUFFIXES}"
+        )
     obj = _read(path, key)
     if isinstance(obj, np.ndarray):
         if not (np.issubdtype(obj.dtype, np.number) or obj.dtype == np.bool_):
@@ -208,12 +216,16 @@ def save_features(path: str | os.PathLike, features: torch.Tensor | np.ndarray) 
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in FEATURE_SUFFIXES:
-        raise ValueError(f"{path}: unsupported feature file type {path.suffix!r}; use one of {FEATURE_SUFFIXES}")
+        raise ValueError(
+            f"{path}: unsupported feature file type {path.suffix!r}; use one of {FEATURE_SUFFIXES}"
+        )
     t = torch.from_numpy(np.asarray(features)) if not isinstance(features, torch.Tensor) else features
     if t.ndim == 4 and t.shape[0] == 1:
         t = t[0]
     if t.ndim != 3 or t.numel() == 0:
-        raise ValueError(f"features must be [1, C, h, w] or [C, h, w] and non-empty, got shape {tuple(t.shape)}")
+        raise ValueError(
+            f"features must be [1, C, h, w] or [C, h, w] and non-empty, got shape {tuple(t.shape)}"
+        )
     t = t.detach().to(device="cpu", dtype=torch.float32).contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".npy":

@@ -71,7 +71,9 @@ def random_features(
         y = F.gelu(F.conv2d(y, w2, b2, padding=2, dilation=2))
         grid = (max(1, round(H / stride)), max(1, round(W / stride)))
         y = F.adaptive_avg_pool2d(y, grid)
-        y = (y - y.mean(dim=(2, 3), keepdim=True)) / y.std(dim=(2, 3), keepdim=True, unbiased=False).clamp_min(1e-6)
+        y = (y - y.mean(dim=(2, 3), keepdim=True)) / y.std(
+            dim=(2, 3), keepdim=True, unbiased=False
+        ).clamp_min(1e-6)
     description = (
         f"RANDOM features (not a trained model): a fixed-seed (seed={seed}) 2-layer random conv net, "
         f"{channels} channels on a {grid[0]}x{grid[1]} grid (stride {stride}); they follow local colour "

@@ -90,9 +90,13 @@ class ViTConfig:
         if self.depth < 0 or self.num_register_tokens < 0:
             raise ValueError(f"ViTConfig depth and num_register_tokens must be >= 0, got {self}")
         if self.embed_dim % self.num_heads:
-            raise ValueError(f"ViTConfig.embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+            raise ValueError(
+                f"ViTConfig.embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}"
+            )
         if self.img_size < self.patch_size:
-            raise ValueError(f"ViTConfig.img_size {self.img_size} is smaller than patch_size {self.patch_size}")
+            raise ValueError(
+                f"ViTConfig.img_size {self.img_size} is smaller than patch_size {self.patch_size}"
+            )
 
     @property
     def pos_grid(self) -> int:

@@ -437,15 +437,23 @@ def load_volume(path: PathLike) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------- feature point clouds
 def save_feature_points(
-    path: PathLike, positions: Any, features: Any, colors: Any | None = None, compressed: bool = False,
+    path: PathLike,
+    positions: Any,
+    features: Any,
+    colors: Any | None = None,
+    compressed: bool = False,
     color_mode: str = "rgb",
 ) -> Path:
     """Save a feature point cloud ``positions [N, 3]``, ``features [N, C]``, ``colors [N, 3]`` (uint8 or
     float in [0, 1], default mid grey) as ``.ply``, ``.npz`` or ``.pcd`` (:mod:`ua3d.rgbd.formats`)."""
     cols = None if colors is None else _np(colors)
     return write_point_cloud(
-        path, _np(positions).astype(np.float32), cols, _np(features).astype(np.float32),
-        color_mode=color_mode, compressed=compressed,
+        path,
+        _np(positions).astype(np.float32),
+        cols,
+        _np(features).astype(np.float32),
+        color_mode=color_mode,
+        compressed=compressed,
     )
 
 
@@ -453,5 +461,9 @@ def load_feature_points(path: PathLike) -> dict[str, np.ndarray]:
     """Load a feature point cloud (``.ply``/``.npz``/``.pcd``): dict with ``positions``, ``colors``
     (float [0, 1]), ``features`` (float32), ``color_mode``."""
     d = read_point_cloud(path)
-    return {"positions": d["positions"], "colors": d["colors"], "features": np.asarray(d["features"], np.float32),
-            "color_mode": d["color_mode"]}
+    return {
+        "positions": d["positions"],
+        "colors": d["colors"],
+        "features": np.asarray(d["features"], np.float32),
+        "color_mode": d["color_mode"],
+    }

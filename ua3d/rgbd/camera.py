@@ -107,8 +107,10 @@ class PinholeCamera:
             raise ValueError(f"fx and fy must be positive, got fx={vals['fx']}, fy={vals['fy']}")
         for k in ("width", "height"):
             v = getattr(self, k)
-            if isinstance(v, (bool, str, bytes)) or not isinstance(v, (int, float, np.integer, np.floating)) or (
-                not np.isfinite(v)
+            if (
+                isinstance(v, (bool, str, bytes))
+                or not isinstance(v, (int, float, np.integer, np.floating))
+                or (not np.isfinite(v))
             ):
                 raise ValueError(f"{k} must be a positive integer, got {type(v).__name__} {v!r}")
             if int(v) != v or int(v) <= 0:
@@ -126,8 +128,14 @@ class PinholeCamera:
         if not np.all(np.isfinite(k)):
             raise ValueError(f"K must be finite, got {k.tolist()}")
         if k[2, 0] != 0 or k[2, 1] != 0 or k[2, 2] != 1:
-            hint = (" (it looks transposed: the principal point is in the last row; an Open3D JSON stores "
-                    "intrinsic_matrix column-major)") if (k[2, 0] or k[2, 1]) and not (k[0, 2] or k[1, 2]) else ""
+            hint = (
+                (
+                    " (it looks transposed: the principal point is in the last row; an Open3D JSON stores "
+                    "intrinsic_matrix column-major)"
+                )
+                if (k[2, 0] or k[2, 1]) and not (k[0, 2] or k[1, 2])
+                else ""
+            )
             raise ValueError(f"K must have last row [0, 0, 1], got {k[2].tolist()}{hint}")
         if k[1, 0] != 0:
             raise ValueError(f"K must be upper triangular (K[1, 0] = 0), got {k.tolist()}")

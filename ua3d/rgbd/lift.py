@@ -93,7 +93,9 @@ def as_depth(depth: Any, depth_scale: float = 1.0, name: str = "depth") -> torch
         bad rank, empty, a batch other than 1, non-positive ``depth_scale`` or negative depth.
     """
     if isinstance(depth_scale, bool) or not (
-        isinstance(depth_scale, (int, float, np.integer, np.floating)) and depth_scale > 0 and math.isfinite(depth_scale)
+        isinstance(depth_scale, (int, float, np.integer, np.floating))
+        and depth_scale > 0
+        and math.isfinite(depth_scale)
     ):
         raise ValueError(f"depth_scale must be a positive finite number, got {depth_scale!r}")
     if isinstance(depth, np.ndarray):
@@ -137,7 +139,9 @@ def _cells(H: int, W: int, lr_size: tuple[int, int], device) -> torch.Tensor:
     return (iy[:, None] * w + ix[None, :]).reshape(-1)
 
 
-def _segment_median(values: torch.Tensor, segment: torch.Tensor, n_segments: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _segment_median(
+    values: torch.Tensor, segment: torch.Tensor, n_segments: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Median of ``values [N]`` per segment id ``segment [N]`` (int64 in ``[0, n_segments)``).
 
     Even counts average the two middle values. Returns ``median [n_segments]`` (0 for empty
@@ -165,7 +169,9 @@ def _batched_cells(B: int, H: int, W: int, lr_size: tuple[int, int], device) -> 
     return torch.arange(B, device=device)[:, None, None] * (h * w) + cell[None]
 
 
-def pool_depth(depth: torch.Tensor, valid: torch.Tensor, lr_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+def pool_depth(
+    depth: torch.Tensor, valid: torch.Tensor, lr_size: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Median of the valid HR depth under each LR cell.
 
     Each HR pixel belongs to the LR cell of its nearest anchor (the kernel's own partition, any
@@ -403,7 +409,9 @@ def _lift_config(config: FitConfig | None, n_rgb: int, depth_weight: float) -> F
         c = (n_rgb + 1) / n_rgb
         cw = (c,) * n_rgb + (c * float(depth_weight),)
     elif len(cw) != n_rgb + 1:
-        raise ValueError(f"config.channel_weights must have {n_rgb + 1} values (colour + depth), got {len(cw)}")
+        raise ValueError(
+            f"config.channel_weights must have {n_rgb + 1} values (colour + depth), got {len(cw)}"
+        )
     return cfg.replace(sigma_range=tuple(sr), channel_weights=tuple(cw))
 
 
@@ -489,10 +497,25 @@ def fit_rgbd(
     valid_hr = torch.cat([torch.ones_like(valid), valid], 1)
     valid_lr = torch.cat([torch.ones_like(v_lr), v_lr], 1)
     groups = (g.shape[1], 1)
-    params, losses = fit_params(guide_hr, guide_lr, cfg, groups=groups, valid_hr=valid_hr, valid_lr=valid_lr,
-                                values_lr=values_lr, callback=callback)
+    params, losses = fit_params(
+        guide_hr,
+        guide_lr,
+        cfg,
+        groups=groups,
+        valid_hr=valid_hr,
+        valid_lr=valid_lr,
+        values_lr=values_lr,
+        callback=callback,
+    )
     kernel = Kernel(
-        params, guide_hr, guide_lr, cfg.radius, groups=groups, valid_hr=valid_hr, valid_lr=valid_lr,
-        config=cfg, losses=losses,
+        params,
+        guide_hr,
+        guide_lr,
+        cfg.radius,
+        groups=groups,
+        valid_hr=valid_hr,
+        valid_lr=valid_lr,
+        config=cfg,
+        losses=losses,
     )
     return LiftedKernel(kernel, camera, z, valid, z_lr, v_lr, depth_mode, lo, spread, depth_lr_grad)

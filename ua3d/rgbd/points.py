@@ -109,11 +109,17 @@ class FeaturePointCloud:
         if len(self) == 0:
             raise ValueError("cannot save an empty point cloud")
         return write_point_cloud(
-            path, _np(self.positions, np.float32), _np(self.colors, np.float32), _np(self.features),
-            format=format, color_mode=self.color_mode, pixels=_np(self.pixels, np.int64),
+            path,
+            _np(self.positions, np.float32),
+            _np(self.colors, np.float32),
+            _np(self.features),
+            format=format,
+            color_mode=self.color_mode,
+            pixels=_np(self.pixels, np.int64),
             bins=None if self.bins is None else _np(self.bins, np.int64),
             bin_depths=None if self.bin_depths is None else _np(self.bin_depths, np.float64),
-            frame=self.frame, compressed=compressed,
+            frame=self.frame,
+            compressed=compressed,
         )
 
     @classmethod
@@ -124,8 +130,14 @@ class FeaturePointCloud:
         t = lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(a))
         pixels = t(d["pixels"]) if d["pixels"] is not None else torch.full((n, 2), -1, dtype=torch.int64)
         return cls(
-            t(d["positions"]), t(d["colors"]), t(d["features"]), pixels, t(d["bins"]), t(d["bin_depths"]),
-            d["frame"], d["color_mode"],
+            t(d["positions"]),
+            t(d["colors"]),
+            t(d["features"]),
+            pixels,
+            t(d["bins"]),
+            t(d["bin_depths"]),
+            d["frame"],
+            d["color_mode"],
         )
 
 
@@ -213,7 +225,9 @@ def _pixel_points(lifted: LiftedKernel, f: torch.Tensor):
     n = int(lifted.depth_valid.sum())
     check_memory(  # the HR render, the gathered features and the positions / pixels / colours
         f.shape[1] * (H * W + n) * f.element_size() + n * (3 * 8 + 2 * 8 + 3 * 4 + 3 * 4),
-        f"lifting {f.shape[1]} channels to {n} points", "lift fewer channels at a time", device=f.device,
+        f"lifting {f.shape[1]} channels to {n} points",
+        "lift fewer channels at a time",
+        device=f.device,
     )
     z = lifted.depth[0, 0]
     pos, pixels = backproject(z, lifted.camera, mask=lifted.depth_valid[0, 0])

@@ -425,25 +425,48 @@ def _random_texture(rng: np.random.Generator, obj: dict[str, Any]) -> dict[str, 
     size = float(obj["radius"]) if obj["kind"] == "sphere" else float(np.max(obj["half_extents"]))
     if kind == "stripes" and obj["kind"] == "box":
         axis = int(rng.integers(0, 3))
-        return {"type": "stripes", "axis": axis, "count": int(rng.integers(2, 7)),
-                "half": float(obj["half_extents"][axis]), "colors": colors, "frame": "local"}
+        return {
+            "type": "stripes",
+            "axis": axis,
+            "count": int(rng.integers(2, 7)),
+            "half": float(obj["half_extents"][axis]),
+            "colors": colors,
+            "frame": "local",
+        }
     if kind in ("stripes", "rings"):
-        return {"type": "rings", "count": int(rng.integers(2, 7)), "radius": size, "colors": colors,
-                "frame": "local"}
+        return {
+            "type": "rings",
+            "count": int(rng.integers(2, 7)),
+            "radius": size,
+            "colors": colors,
+            "frame": "local",
+        }
     if kind == "checker3":
-        return {"type": "checker3", "size": size * float(rng.uniform(0.3, 0.7)), "colors": colors, "frame": "local"}
+        return {
+            "type": "checker3",
+            "size": size * float(rng.uniform(0.3, 0.7)),
+            "colors": colors,
+            "frame": "local",
+        }
     if kind == "sines":
         f = rng.normal(0, 1, 3)
         f = f / np.linalg.norm(f) * float(rng.uniform(2.0, 6.0)) / size
-        return {"type": "sines", "freq": f.tolist(), "phase": float(rng.uniform(0, 2 * np.pi)),
-                "colors": colors, "frame": "local"}
+        return {
+            "type": "sines",
+            "freq": f.tolist(),
+            "phase": float(rng.uniform(0, 2 * np.pi)),
+            "colors": colors,
+            "frame": "local",
+        }
     return {"type": "solid", "colors": colors, "frame": "local"}
 
 
 def _rest_on_floor(obj: dict[str, Any]) -> None:
     """Move a box or sphere down (or up) so that it touches the ground plane y = 0."""
     c = np.array(obj["center"], dtype=np.float64)
-    c[1] = obj["radius"] if obj["kind"] == "sphere" else float(np.abs(obj["rotation"][1]) @ obj["half_extents"])
+    c[1] = (
+        obj["radius"] if obj["kind"] == "sphere" else float(np.abs(obj["rotation"][1]) @ obj["half_extents"])
+    )
     obj["center"] = c
 
 
@@ -473,9 +496,10 @@ def make_family_layout(family: str, seed: int = 0) -> SceneLayout:
         if family in ("contact", "thin"):
             _rest_on_floor(obj)
     if family in ("contact", "thin"):
-        layout.objects[0]["texture"] = dict(layout.objects[0]["texture"],
-                                            colors=[list(layout.objects[2 + i % n]["texture"]["colors"][0])
-                                                    for i in range(2)])
+        layout.objects[0]["texture"] = dict(
+            layout.objects[0]["texture"],
+            colors=[list(layout.objects[2 + i % n]["texture"]["colors"][0]) for i in range(2)],
+        )
     if family == "thin":
         next_id = 3 + n
         for _ in range(int(rng.integers(3, 6))):
@@ -484,20 +508,28 @@ def make_family_layout(family: str, seed: int = 0) -> SceneLayout:
             yaw = float(rng.uniform(-0.6, 0.6))
             c, s = np.cos(yaw), np.sin(yaw)
             obj: dict[str, Any] = {
-                "id": next_id, "name": f"pole{next_id}", "kind": "box", "camouflage": False,
+                "id": next_id,
+                "name": f"pole{next_id}",
+                "kind": "box",
+                "camouflage": False,
                 "center": np.array([rng.uniform(-1.8, 1.8), tall, rng.uniform(-2.0, 0.2)]),
                 "half_extents": np.array([t, tall, t]),
                 "rotation": np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]]),
             }
-            obj["texture"] = {"type": "solid", "colors": _palette(rng, (0.0, 0.9), (0.15, 1.0)), "frame": "local"}
+            obj["texture"] = {
+                "type": "solid",
+                "colors": _palette(rng, (0.0, 0.9), (0.15, 1.0)),
+                "frame": "local",
+            }
             layout.objects.append(obj)
             next_id += 1
     layout.extras["family"] = family
     return layout
 
 
-def make_family_scene(family: str, seed: int = 0, width: int = 320, height: int = 240,
-                      holes: int | None = None) -> dict[str, Any]:
+def make_family_scene(
+    family: str, seed: int = 0, width: int = 320, height: int = 240, holes: int | None = None
+) -> dict[str, Any]:
     """Seeded RGB-D frame of a benchmark family (see :func:`make_family_layout`); keys as
     :func:`render_layout` plus ``layout`` and ``family``. ``holes`` defaults to 8 dropout blobs for
     the ``"holes"`` family and 0 otherwise."""

@@ -111,7 +111,9 @@ def _check_bins(bins: int, near: float, far: float, spacing: str) -> None:
         raise ValueError(f"far must be greater than near for bins > 1, got near={near!r}, far={far!r}")
 
 
-def make_bin_depths(near: float, far: float, bins: int, spacing: str = "uniform", device=None) -> torch.Tensor:
+def make_bin_depths(
+    near: float, far: float, bins: int, spacing: str = "uniform", device=None
+) -> torch.Tensor:
     """Depth of each bin in metres, ``[D]`` float64, strictly increasing from ``near`` to ``far``.
 
     ``"uniform"``: equal steps in depth. ``"inverse"``: equal steps in ``1 / z`` (finer near the camera).
@@ -258,8 +260,10 @@ def _engine(backend: str, device: torch.device, out_dtype: torch.dtype) -> str:
 def _check_fits(est: VolumeEstimate, out: Path | None, device: torch.device) -> None:
     hint = "" if est.on_disk else ", pass out='volume.npy' (memmap)"
     check_memory(
-        est.memory, f"render_volume ({est})",
-        f"use fewer bins or channels, a band{hint}, or out_dtype=torch.float16", device=device,
+        est.memory,
+        f"render_volume ({est})",
+        f"use fewer bins or channels, a band{hint}, or out_dtype=torch.float16",
+        device=device,
     )
     if out is not None:
         free = shutil.disk_usage(out.parent).free
@@ -311,7 +315,9 @@ def _colour_terms(lifted: LiftedKernel, dtype: torch.dtype) -> dict[str, torch.T
     }
 
 
-def _block_base(ct: dict, g_hr: torch.Tensor, yy: torch.Tensor, xx: torch.Tensor, nb: torch.Tensor) -> torch.Tensor:
+def _block_base(
+    ct: dict, g_hr: torch.Tensor, yy: torch.Tensor, xx: torch.Tensor, nb: torch.Tensor
+) -> torch.Tensor:
     """Spatial + colour log-weights ``[R, nx, K]`` of a block of pixels and its neighbours ``nb [K]``.
 
     The same expression as :func:`ua3d.core.kernel.pair_logits` for one range group, with the
@@ -433,8 +439,18 @@ def render_volume(
     H, W = lifted.out_size
     D = int(bins)
     est = estimate_volume_bytes(
-        C, D, (H, W), out_dtype, band=band, radius=lifted.kernel.radius, lr_size=lifted.lr_size, work_dtype=work,
-        channel_chunk=channel_chunk, budget_bytes=budget_bytes, on_disk=out_path is not None, backend=which,
+        C,
+        D,
+        (H, W),
+        out_dtype,
+        band=band,
+        radius=lifted.kernel.radius,
+        lr_size=lifted.lr_size,
+        work_dtype=work,
+        channel_chunk=channel_chunk,
+        budget_bytes=budget_bytes,
+        on_disk=out_path is not None,
+        backend=which,
     )
     if verbose:
         print(f"render_volume: C={C} D={D} H={H} W={W}: {est}")
@@ -453,8 +469,20 @@ def render_volume(
         k = lifted.kernel
         slopes = lifted.depth_lr_grad if depth_model == "planar" else None
         kernel_render_volume(
-            k.params, k.guide_hr, k.guide_lr, k.valid_lr, f.to(work), k.radius, slopes, phi_bins, d0, n_bins,
-            volume if mm is None else mm, log_mass, budget_bytes=budget_bytes, progress=progress,
+            k.params,
+            k.guide_hr,
+            k.guide_lr,
+            k.valid_lr,
+            f.to(work),
+            k.radius,
+            slopes,
+            phi_bins,
+            d0,
+            n_bins,
+            volume if mm is None else mm,
+            log_mass,
+            budget_bytes=budget_bytes,
+            progress=progress,
         )
     else:
         _stream_reference(
@@ -499,7 +527,9 @@ def _block_weights(base, centre, prec, phi_b):
     return lg, (mx + tot.log()).squeeze(-1)
 
 
-def _stream_reference(lifted, f, terms, phi_bins, d0, n_bins, est: VolumeEstimate, volume, log_mass, progress=None) -> None:
+def _stream_reference(
+    lifted, f, terms, phi_bins, d0, n_bins, est: VolumeEstimate, volume, log_mass, progress=None
+) -> None:
     """Fill ``volume [C, D, H, W]`` and ``log_mass [D, H, W]``.
 
     Rows are processed in chunks inside one LR anchor row; inside a chunk the pixels of one anchor
@@ -551,7 +581,9 @@ def _stream_reference(lifted, f, terms, phi_bins, d0, n_bins, est: VolumeEstimat
                     log_mass[sel] = lse.to(log_mass.dtype)
                 for c0 in range(0, C, est.channel_chunk):
                     c1 = min(C, c0 + est.channel_chunk)
-                    o = (fq[c0:c1, nb] @ wt).reshape(c1 - c0, n_bins, R, nx).to(volume.dtype)  # [Cc, Db, R, nx]
+                    o = (
+                        (fq[c0:c1, nb] @ wt).reshape(c1 - c0, n_bins, R, nx).to(volume.dtype)
+                    )  # [Cc, Db, R, nx]
                     if full:
                         volume[c0:c1, :, y0:y1, xs:xe] = o
                     else:

@@ -157,7 +157,13 @@ def make_demo_points(seed: int = 0, width: int = 160, height: int = 120) -> dict
     onehot = np.eye(8, dtype=np.float32)[np.clip(scene["ids"][v, u], 0, 7)]
     rng = np.random.default_rng(seed)
     feats = np.concatenate([rgb, onehot], 1) + 0.05 * rng.standard_normal((len(u), 11)).astype(np.float32)
-    return {"positions": pts.numpy(), "colors": rgb, "features": feats, "pixels": pix.numpy(), "color_mode": "rgb"}
+    return {
+        "positions": pts.numpy(),
+        "colors": rgb,
+        "features": feats,
+        "pixels": pix.numpy(),
+        "color_mode": "rgb",
+    }
 
 
 def pixel_to_index(pixels: Any, u: int, v: int) -> int:
@@ -224,8 +230,11 @@ def render_png(
     )
     c = np.asarray(feats).shape[1]
     annotated_render(
-        img, png, title or f"ua3d feature point cloud: {len(pos)} points, {c} channels; colour = {what}",
-        colorbar=bar, note=note or f"{d.get('frame', 'camera')} frame; view yaw {yaw:g}, pitch {pitch:g} deg",
+        img,
+        png,
+        title or f"ua3d feature point cloud: {len(pos)} points, {c} channels; colour = {what}",
+        colorbar=bar,
+        note=note or f"{d.get('frame', 'camera')} frame; view yaw {yaw:g}, pitch {pitch:g} deg",
     )
     return {"path": str(png), "points": len(pos), "query": query_index, "seconds": time.perf_counter() - t0}
 
@@ -236,12 +245,23 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--demo", action="store_true", help="use a synthetic demo cloud instead of a file")
     p.add_argument("--png", help="render headless to this PNG instead of opening a window")
     q = p.add_mutually_exclusive_group()
-    q.add_argument("--query-pixel", type=int, nargs=2, metavar=("U", "V"),
-                   help="colour by cosine similarity to the point seen at image pixel (u = column, v = row)")
+    q.add_argument(
+        "--query-pixel",
+        type=int,
+        nargs=2,
+        metavar=("U", "V"),
+        help="colour by cosine similarity to the point seen at image pixel (u = column, v = row)",
+    )
     q.add_argument("--query-index", type=int, metavar="I", help="colour by cosine similarity to point I")
-    p.add_argument("--mode", choices=("pca", "rgb"), default="pca", help="colours without a query (default pca)")
-    p.add_argument("--vmin", type=float, default=0.0, help="similarity mapped to the low end of the map (default 0)")
-    p.add_argument("--vmax", type=float, default=1.0, help="similarity mapped to the high end of the map (default 1)")
+    p.add_argument(
+        "--mode", choices=("pca", "rgb"), default="pca", help="colours without a query (default pca)"
+    )
+    p.add_argument(
+        "--vmin", type=float, default=0.0, help="similarity mapped to the low end of the map (default 0)"
+    )
+    p.add_argument(
+        "--vmax", type=float, default=1.0, help="similarity mapped to the high end of the map (default 1)"
+    )
     p.add_argument("--width", type=int, default=800, help="picture width in pixels (default 800)")
     p.add_argument("--height", type=int, default=600, help="picture height in pixels (default 600)")
     p.add_argument("--yaw", type=float, default=0.0, help="degrees, orbit right of the camera (default 0)")
@@ -271,13 +291,24 @@ def run(args: argparse.Namespace) -> int:
     data = make_demo_points() if args.demo else read_point_cloud(args.cloud)
     if args.png:
         info = render_png(
-            data, args.png, query_index=args.query_index,
-            query_pixel=None if args.query_pixel is None else tuple(args.query_pixel), mode=args.mode,
-            vmin=args.vmin, vmax=args.vmax, width=args.width, height=args.height, yaw=args.yaw,
-            pitch=args.pitch, point_size=args.point_size, background=args.background,
+            data,
+            args.png,
+            query_index=args.query_index,
+            query_pixel=None if args.query_pixel is None else tuple(args.query_pixel),
+            mode=args.mode,
+            vmin=args.vmin,
+            vmax=args.vmax,
+            width=args.width,
+            height=args.height,
+            yaw=args.yaw,
+            pitch=args.pitch,
+            point_size=args.point_size,
+            background=args.background,
         )
         if not getattr(args, "quiet", False):
-            print(f"wrote {args.png} ({args.width}x{args.height} view, {info['points']} points, {info['seconds']:.2f} s)")
+            print(
+                f"wrote {args.png} ({args.width}x{args.height} view, {info['points']} points, {info['seconds']:.2f} s)"
+            )
         return 0
     q = args.query_index
     if args.query_pixel is not None:
@@ -296,7 +327,9 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Standalone entry point: ``python -m ua3d.viz.feature_points``; errors are ``ua3d: error: ...``, exit 2."""
     p = argparse.ArgumentParser(
-        prog="ua3d view points", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+        prog="ua3d view points",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawTextHelpFormatter,
     )
     args = add_arguments(p).parse_args(argv)
     try:

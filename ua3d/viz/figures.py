@@ -161,7 +161,11 @@ def comparison_figure(
             bars.append(("inferno", 0.0, vmax, "1 - cosine similarity"))
     c = feats["LR"].shape[0]
     return image_grid(
-        images, titles, path, ncols=len(feats) + 1, colorbars=bars,
+        images,
+        titles,
+        path,
+        ncols=len(feats) + 1,
+        colorbars=bars,
         suptitle=f"{c}-channel features coloured by one PCA (top 3 components, fitted on LR); size WxH",
     )
 
@@ -218,7 +222,9 @@ def depth_sr_figure(
         errs = {k: np.where(valid, np.abs(maps[k] - maps["GT"]), np.nan) for k in names}
         for k in names:
             rmse = float(np.sqrt(np.nanmean(errs[k] ** 2)))
-            titles[titles.index(next(t for t in titles if t.startswith(k + " ")))] = f"{k} (RMSE {rmse:.4g} {unit})"
+            titles[titles.index(next(t for t in titles if t.startswith(k + " ")))] = (
+                f"{k} (RMSE {rmse:.4g} {unit})"
+            )
         if errors:
             emax = max(float(np.nanpercentile(e, 99)) for e in errs.values()) or 1.0
             for k, e in errs.items():
@@ -234,7 +240,12 @@ def depth_sr_figure(
             bars.append(("RdBu_r", -dmax, dmax, f"error difference{u}"))
     ncols = 4 if len(images) != 5 else 5
     return image_grid(
-        images, titles, path, ncols=ncols, colorbars=bars, panel_size=3.2,
+        images,
+        titles,
+        path,
+        ncols=ncols,
+        colorbars=bars,
+        panel_size=3.2,
         suptitle="guided depth super-resolution (holes black; size WxH)",
     )
 
@@ -269,8 +280,15 @@ def annotated_render(
     ax.imshow(img, interpolation="nearest")
     ax.set_axis_off()
     for x, y, text in labels:
-        ax.annotate(text, (x, y), fontsize=8, color="black", ha="left", va="center",
-                    bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "0.5", "alpha": 0.8})
+        ax.annotate(
+            text,
+            (x, y),
+            fontsize=8,
+            color="black",
+            ha="left",
+            va="center",
+            bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "0.5", "alpha": 0.8},
+        )
     if title:
         fig.suptitle(title, fontsize=10, y=0.99)
     if note:

@@ -152,13 +152,22 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("map", help="fused feature map .npz written by `ua3d fuse`")
     p.add_argument("--png", help="render headless to this PNG instead of opening a window")
     q = p.add_mutually_exclusive_group()
-    q.add_argument("--query-index", type=int, default=None, metavar="I",
-                   help="colour by cosine similarity to voxel I")
-    q.add_argument("--query-point", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"),
-                   help="colour by cosine similarity to the voxel nearest to this world point (metres)")
+    q.add_argument(
+        "--query-index", type=int, default=None, metavar="I", help="colour by cosine similarity to voxel I"
+    )
+    q.add_argument(
+        "--query-point",
+        type=float,
+        nargs=3,
+        default=None,
+        metavar=("X", "Y", "Z"),
+        help="colour by cosine similarity to the voxel nearest to this world point (metres)",
+    )
     p.add_argument("--width", type=int, default=800, help="picture width in pixels (default 800)")
     p.add_argument("--height", type=int, default=600, help="picture height in pixels (default 600)")
-    p.add_argument("--yaw", type=float, default=0.0, help="view yaw from the first camera, degrees (default 0)")
+    p.add_argument(
+        "--yaw", type=float, default=0.0, help="view yaw from the first camera, degrees (default 0)"
+    )
     p.add_argument("--pitch", type=float, default=10.0, help="view pitch, degrees (default 10)")
     p.add_argument("--point-size", type=float, default=3.0, help="point size in pixels (default 3)")
     return p
@@ -171,8 +180,17 @@ def run(args: argparse.Namespace) -> int:
     if args.png and Path(args.png).suffix.lower() != ".png":
         raise ValueError(f"--png must name a .png file, got {args.png!r}")
     if args.png:
-        path = render_map(args.map, args.png, args.query_index, args.query_point, args.width, args.height,
-                          args.yaw, args.pitch, args.point_size)
+        path = render_map(
+            args.map,
+            args.png,
+            args.query_index,
+            args.query_point,
+            args.width,
+            args.height,
+            args.yaw,
+            args.pitch,
+            args.point_size,
+        )
         if not getattr(args, "quiet", False):
             print(f"wrote {path}")
         return 0

@@ -401,7 +401,9 @@ def render_png(
     cloud = None
     if show_rgbd:
         if d.get("rgb") is None or d.get("depth") is None:
-            raise ValueError("--show-rgbd: the volume file stores no rgb/depth (write it with ua3d lift or ua3d demo)")
+            raise ValueError(
+                "--show-rgbd: the volume file stores no rgb/depth (write it with ua3d lift or ua3d demo)"
+            )
         cloud = rgbd_cloud(d["rgb"], d["depth"], full_cam)
     img, view = render_volume(layers, cam, cloud, width, height, yaw, pitch, background, min_alpha)
     labels = []
@@ -417,14 +419,21 @@ def render_png(
     D, C = len(layers), d["volume"].shape[0]
     H, W = full_cam.height, full_cam.width
     annotated_render(
-        img, png,
+        img,
+        png,
         title=f"ua3d feature volume: {D} depth slices {layers[0].depth:.2f}-{layers[-1].depth:.2f} m, "
         f"{C} channels, {W}x{H} (shown at stride {s})",
         labels=labels,
         note="colour = PCA of the voxel features (no units); opacity = weight mass at that depth; "
         f"view {yaw:g} deg right, {pitch:g} deg above the camera",
     )
-    return {"path": str(png), "slices": D, "stride": s, "seconds": time.perf_counter() - t0, "rgbd": cloud is not None}
+    return {
+        "path": str(png),
+        "slices": D,
+        "stride": s,
+        "seconds": time.perf_counter() - t0,
+        "rgbd": cloud is not None,
+    }
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -433,14 +442,26 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--demo", action="store_true", help="use a synthetic demo volume instead of a file")
     p.add_argument("--png", help="render headless to this PNG instead of opening a window")
     p.add_argument("--slice", type=int, nargs="+", help="only these slice indices (default: all)")
-    p.add_argument("--show-rgbd", action="store_true", help="add the guide RGB-D point cloud (stored by lift and demo)")
-    p.add_argument("--stride", type=int, default=0,
-                   help="pool s x s voxel blocks for display (default 0: auto, <= 20k per slice)")
+    p.add_argument(
+        "--show-rgbd", action="store_true", help="add the guide RGB-D point cloud (stored by lift and demo)"
+    )
+    p.add_argument(
+        "--stride",
+        type=int,
+        default=0,
+        help="pool s x s voxel blocks for display (default 0: auto, <= 20k per slice)",
+    )
     p.add_argument("--width", type=int, default=800, help="picture width in pixels (default 800)")
     p.add_argument("--height", type=int, default=600, help="picture height in pixels (default 600)")
-    p.add_argument("--yaw", type=float, default=35.0, help="degrees, orbit right of the volume camera (default 35)")
-    p.add_argument("--pitch", type=float, default=20.0, help="degrees, orbit above the volume camera (default 20)")
-    p.add_argument("--alpha-max", type=float, default=0.85, help="opacity of the heaviest voxels (default 0.85)")
+    p.add_argument(
+        "--yaw", type=float, default=35.0, help="degrees, orbit right of the volume camera (default 35)"
+    )
+    p.add_argument(
+        "--pitch", type=float, default=20.0, help="degrees, orbit above the volume camera (default 20)"
+    )
+    p.add_argument(
+        "--alpha-max", type=float, default=0.85, help="opacity of the heaviest voxels (default 0.85)"
+    )
     p.add_argument("--min-alpha", type=float, default=0.02, help="voxels below this opacity are not drawn")
     p.add_argument("--background", type=float, nargs=3, default=(1.0, 1.0, 1.0), help="RGB in [0, 1]")
     if not any("--quiet" in a.option_strings for a in p._actions):
@@ -468,18 +489,31 @@ def run(args: argparse.Namespace) -> int:
     data = make_demo_volume() if args.demo else load_volume(args.volume)
     if args.png:
         info = render_png(
-            data, args.png, slices=args.slice, show_rgbd=args.show_rgbd, stride=args.stride, width=args.width,
-            height=args.height, yaw=args.yaw, pitch=args.pitch, alpha_max=args.alpha_max,
-            min_alpha=args.min_alpha, background=args.background,
+            data,
+            args.png,
+            slices=args.slice,
+            show_rgbd=args.show_rgbd,
+            stride=args.stride,
+            width=args.width,
+            height=args.height,
+            yaw=args.yaw,
+            pitch=args.pitch,
+            alpha_max=args.alpha_max,
+            min_alpha=args.min_alpha,
+            background=args.background,
         )
         if not getattr(args, "quiet", False):
-            print(f"wrote {args.png} ({args.width}x{args.height}, {info['slices']} slices, stride {info['stride']}, "
-                  f"{info['seconds']:.2f} s)")
+            print(
+                f"wrote {args.png} ({args.width}x{args.height}, {info['slices']} slices, stride {info['stride']}, "
+                f"{info['seconds']:.2f} s)"
+            )
         return 0
     full_cam = data["camera"]
     stride = args.stride or auto_stride(full_cam.height, full_cam.width)
     volume, mass, cam = downsample_volume(data["volume"], data["mass"], full_cam, stride, data["normalized"])
-    layers, _ = slice_layers(volume, mass, data["bin_depths"], cam, data["normalized"], alpha_max=args.alpha_max)
+    layers, _ = slice_layers(
+        volume, mass, data["bin_depths"], cam, data["normalized"], alpha_max=args.alpha_max
+    )
     if args.slice:
         bad = [k for k in args.slice if not 0 <= k < len(layers)]
         if bad:
@@ -489,7 +523,9 @@ def run(args: argparse.Namespace) -> int:
     if data.get("rgb") is not None and data.get("depth") is not None:
         cloud = rgbd_cloud(data["rgb"], data["depth"], full_cam)
     elif args.show_rgbd:
-        raise ValueError("--show-rgbd: the volume file stores no rgb/depth (write it with ua3d lift or ua3d demo)")
+        raise ValueError(
+            "--show-rgbd: the volume file stores no rgb/depth (write it with ua3d lift or ua3d demo)"
+        )
     run_interactive(layers, cam, cloud, background=args.background, min_alpha=args.min_alpha)
     return 0
 
@@ -497,7 +533,9 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Standalone entry point: ``python -m ua3d.viz.volume_slices``; errors are ``ua3d: error: ...``, exit 2."""
     p = argparse.ArgumentParser(
-        prog="ua3d view volume", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+        prog="ua3d view volume",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawTextHelpFormatter,
     )
     args = add_arguments(p).parse_args(argv)
     try:

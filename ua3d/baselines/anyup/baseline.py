@@ -130,7 +130,9 @@ def anyup_depth(
         if not isinstance(mask_lr, torch.Tensor) or mask_lr.shape != depth_lr.shape:
             got = tuple(mask_lr.shape) if isinstance(mask_lr, torch.Tensor) else type(mask_lr).__name__
             raise ValueError(f"mask_lr must have the shape of depth_lr {tuple(depth_lr.shape)}, got {got}")
-    valid = depth_valid_mask(depth_lr, "depth_lr", mask=mask_lr)  # the one rule: 0/NaN/Inf holes, negative refused
+    valid = depth_valid_mask(
+        depth_lr, "depth_lr", mask=mask_lr
+    )  # the one rule: 0/NaN/Inf holes, negative refused
     if not min_weight >= 0:
         raise ValueError(f"min_weight must be >= 0, got {min_weight}")
     key_feature = valid.to(depth_lr.dtype)

@@ -91,7 +91,9 @@ if AVAILABLE:
         if x == types.float64:
             lo, log2e = -708.0, 1.4426950408889634
             c1, c2 = 6.93147180369123816490e-01, 1.90821492927058770002e-10
-            u2, u3, u4, u5, u6, u7, u8, u9, u10, u11, u12, u13 = (1.0 / math.factorial(k) for k in range(2, 14))
+            u2, u3, u4, u5, u6, u7, u8, u9, u10, u11, u12, u13 = (
+                1.0 / math.factorial(k) for k in range(2, 14)
+            )
 
             def impl64(x):
                 xc = max(x, lo)

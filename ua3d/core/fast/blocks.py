@@ -26,12 +26,33 @@ class Neighbours(NamedTuple):
     nb_v: np.ndarray  # [G, K] LR range validity (0 or 1)
     nb_g: np.ndarray  # [Cg, K] LR guide values (fit: then the separate LR values)
 
+
 if AVAILABLE:
     from ._jit import _JIT, _fexp, _wide_vectors, njit
 
     @njit(**_JIT)
-    def _gather_block(b, i, j, glr, coef, vlr, smask, offs, cyv, cxv, y0, y1, x0, x1, cut,
-                      use_vlr, use_smask, rec, nb_v, nb_k):
+    def _gather_block(
+        b,
+        i,
+        j,
+        glr,
+        coef,
+        vlr,
+        smask,
+        offs,
+        cyv,
+        cxv,
+        y0,
+        y1,
+        x0,
+        x1,
+        cut,
+        use_vlr,
+        use_smask,
+        rec,
+        nb_v,
+        nb_k,
+    ):
         """Compact neighbour list of block ``(b, i, j)``: cells inside the grid (and valid in
         ``smask``, and, with a support cut, whose 3-sigma box meets the block), as columns of
         ``rec`` (:func:`_block_scratch`), their LR validity ``nb_v`` and window slots ``nb_k``.
@@ -189,11 +210,23 @@ if AVAILABLE:
         Cg = glr.shape[1]
         dt = glr.dtype
         rec = np.empty((6 + G + Cg, K), dt)
-        nb = Neighbours(rec[0], rec[1], rec[2], rec[3], rec[4], rec[5], rec[6:6 + G], np.empty((G, K), dt),
-                        rec[6 + G:])
-        return (rec, nb, np.empty(K, np.int64), np.empty(pmax, dt), np.empty(pmax, dt),
-                np.empty((Cg, pmax), dt), np.empty((G, pmax), dt), np.empty((Cg, pmax), dt),
-                np.empty((K, pmax), dt), np.empty(pmax, dt), np.empty(pmax, dt), np.empty(pmax, dt))
+        nb = Neighbours(
+            rec[0], rec[1], rec[2], rec[3], rec[4], rec[5], rec[6 : 6 + G], np.empty((G, K), dt), rec[6 + G :]
+        )
+        return (
+            rec,
+            nb,
+            np.empty(K, np.int64),
+            np.empty(pmax, dt),
+            np.empty(pmax, dt),
+            np.empty((Cg, pmax), dt),
+            np.empty((G, pmax), dt),
+            np.empty((Cg, pmax), dt),
+            np.empty((K, pmax), dt),
+            np.empty(pmax, dt),
+            np.empty(pmax, dt),
+            np.empty(pmax, dt),
+        )
 
     @njit(**_JIT)
     def _rgb_logits(kb, n, px, py, pg, pv, use_vhr, nb, wl, mx, ft, mom):
@@ -273,12 +306,22 @@ if AVAILABLE:
             q6, q7, q8, q9, qc = mom[6, k], mom[7, k], mom[8, k], mom[9, k], mom[10, k]
             row = wl[k]
             for p in range(n):  # without validity q9 = 0 (folded into qc) and ft[9] = 1: the term adds 0
-                v = (qc + q0 * ft[0, p] + q1 * ft[1, p] + q2 * ft[2, p] + q3 * ft[3, p] + q4 * ft[4, p]
-                     + q5 * ft[5, p] + q6 * ft[6, p] + q7 * ft[7, p] + q8 * ft[8, p] + q9 * ft[9, p])
+                v = (
+                    qc
+                    + q0 * ft[0, p]
+                    + q1 * ft[1, p]
+                    + q2 * ft[2, p]
+                    + q3 * ft[3, p]
+                    + q4 * ft[4, p]
+                    + q5 * ft[5, p]
+                    + q6 * ft[6, p]
+                    + q7 * ft[7, p]
+                    + q8 * ft[8, p]
+                    + q9 * ft[9, p]
+                )
                 row[p] = v
                 mx[p] = max(mx[p], v)
         return xc, yc, m0, m1, m2
-
 
     @njit(**_JIT)
     def _block_pixels(b, y0, y1, x0, x1, ghr, vhr, use_vhr, px, py, pg, pv):

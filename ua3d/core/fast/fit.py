@@ -117,14 +117,32 @@ if AVAILABLE:
             g2 = nb_g[2, k] - m2
             txx, tyy, txy, tx, ty = mom[0, k], mom[1, k], mom[2, k], mom[3, k], mom[4, k]
             tt = mom[10, k]
-            saa = ck * ck * txx + sk * sk * tyy + dt(2.0) * ck * sk * txy - dt(2.0) * a0 * (ck * tx + sk * ty) \
+            saa = (
+                ck * ck * txx
+                + sk * sk * tyy
+                + dt(2.0) * ck * sk * txy
+                - dt(2.0) * a0 * (ck * tx + sk * ty)
                 + a0 * a0 * tt
-            sbb = sk * sk * txx + ck * ck * tyy - dt(2.0) * ck * sk * txy - dt(2.0) * b0 * (ck * ty - sk * tx) \
+            )
+            sbb = (
+                sk * sk * txx
+                + ck * ck * tyy
+                - dt(2.0) * ck * sk * txy
+                - dt(2.0) * b0 * (ck * ty - sk * tx)
                 + b0 * b0 * tt
-            sab = ck * sk * (tyy - txx) + (ck * ck - sk * sk) * txy + (a0 * sk - b0 * ck) * tx \
-                - (a0 * ck + b0 * sk) * ty + a0 * b0 * tt
-            sd = mom[5, k] - dt(2.0) * (g0 * mom[6, k] + g1 * mom[7, k] + g2 * mom[8, k]) \
+            )
+            sab = (
+                ck * sk * (tyy - txx)
+                + (ck * ck - sk * sk) * txy
+                + (a0 * sk - b0 * ck) * tx
+                - (a0 * ck + b0 * sk) * ty
+                + a0 * b0 * tt
+            )
+            sd = (
+                mom[5, k]
+                - dt(2.0) * (g0 * mom[6, k] + g1 * mom[7, k] + g2 * mom[8, k])
                 + (g0 * g0 + g1 * g1 + g2 * g2) * mom[9, k]
+            )
             mom[0, k] = saa
             mom[1, k] = sbb
             mom[2, k] = sab
@@ -210,11 +228,32 @@ if AVAILABLE:
                     continue
                 npad = min(pmax, -(-n // 8) * 8)
                 _pad_pixels(n, npad, px, py, pg, pv, pw)
-                kb, kanc = _gather_block(b, i, j, glr, coef, vlr, smask_dummy, offs, cyv, cxv, y0, y1, x0, x1,
-                                         cut, use_vlr, False, rec, nb_v, nb_k)
+                kb, kanc = _gather_block(
+                    b,
+                    i,
+                    j,
+                    glr,
+                    coef,
+                    vlr,
+                    smask_dummy,
+                    offs,
+                    cyv,
+                    cxv,
+                    y0,
+                    y1,
+                    x0,
+                    x1,
+                    cut,
+                    use_vlr,
+                    False,
+                    rec,
+                    nb_v,
+                    nb_k,
+                )
                 if rgb:
-                    loss_row += _fit_block_rgb(kb, npad, px, py, pg, pv, pw, use_vhr, nb, wl, mx, tot, recon, ee,
-                                               sbar, ft, mom, vo)
+                    loss_row += _fit_block_rgb(
+                        kb, npad, px, py, pg, pv, pw, use_vhr, nb, wl, mx, tot, recon, ee, sbar, ft, mom, vo
+                    )
                     for k in range(kb):
                         kk = nb_k[k]
                         slot = offs[kk, 0] + r
@@ -379,8 +418,9 @@ def kernel_fit_loss_grad(
     grad : ``[B, 3 + G, h, w]``, params dtype
     """
     _require()
-    gs, gstart, vhr, use_vhr, vlr, use_vlr = _check_common(params, guide_hr, guide_lr, groups, valid_hr,
-                                                           valid_lr, radius)
+    gs, gstart, vhr, use_vhr, vlr, use_vlr = _check_common(
+        params, guide_hr, guide_lr, groups, valid_hr, valid_lr, radius
+    )
     cut = _check_cut(support_sigmas)
     B, _, h, w = params.shape
     Cg, H, W = guide_hr.shape[1:]
@@ -409,8 +449,10 @@ def kernel_fit_loss_grad(
     glr = _np(guide_lr, cdt)
     if values_lr is not None:  # the values ride in the same per-cell record, after the range centres
         if tuple(values_lr.shape) != tuple(guide_lr.shape):
-            raise ValueError(f"values_lr must have the shape of guide_lr {tuple(guide_lr.shape)}, "
-                             f"got {tuple(values_lr.shape)}")
+            raise ValueError(
+                f"values_lr must have the shape of guide_lr {tuple(guide_lr.shape)}, "
+                f"got {tuple(values_lr.shape)}"
+            )
         glr = np.ascontiguousarray(np.concatenate([glr, _np(values_lr, cdt)], 1))
     coef = _coefficients(params, glr, cdt, cut)
     rowbuf = np.zeros((B * h, 2 * r + 1, w, 3 + G), np.float64)

@@ -37,7 +37,9 @@ def _require() -> None:
 def _groups(groups: Sequence[int] | None, n_channels: int) -> tuple[int, ...]:
     g = (n_channels,) if groups is None else tuple(int(v) for v in groups)
     if sum(g) != n_channels or any(v <= 0 for v in g):
-        raise ValueError(f"groups {g} must be positive channel counts summing to {n_channels} (guide channels)")
+        raise ValueError(
+            f"groups {g} must be positive channel counts summing to {n_channels} (guide channels)"
+        )
     return g
 
 
@@ -92,7 +94,9 @@ def _check_common(params, guide_hr, guide_lr, groups, valid_hr, valid_lr, radius
     Bg, Cg, H, W = guide_hr.shape
     gs = _groups(groups, Cg)
     if P != 3 + len(gs):
-        raise ValueError(f"params has {P} channels, expected 3 + {len(gs)} range groups (shape {tuple(params.shape)})")
+        raise ValueError(
+            f"params has {P} channels, expected 3 + {len(gs)} range groups (shape {tuple(params.shape)})"
+        )
     if Bg != B or tuple(guide_lr.shape) != (B, Cg, h, w):
         raise ValueError(
             f"guide_hr {tuple(guide_hr.shape)} and guide_lr {tuple(guide_lr.shape)} do not match "

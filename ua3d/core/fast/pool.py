@@ -46,7 +46,9 @@ def _pool(n: int) -> ThreadPoolExecutor:
         if _POOL is None or _POOL_KEY != key:
             if _POOL is not None and _POOL_KEY[0] == key[0]:
                 _POOL.shutdown(wait=False)
-            _POOL = ThreadPoolExecutor(max_workers=n, thread_name_prefix="ua3d-fast", initializer=_flush_denormals)
+            _POOL = ThreadPoolExecutor(
+                max_workers=n, thread_name_prefix="ua3d-fast", initializer=_flush_denormals
+            )
             _POOL_KEY = key
         return _POOL
 

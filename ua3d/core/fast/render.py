@@ -57,8 +57,28 @@ if AVAILABLE:
             if y1 <= y0 or x1 <= x0:
                 continue
             bw = x1 - x0
-            kb, kanc = _gather_block(b, i, j, glr, coef, vlr, smask, offs, cyv, cxv, y0, y1, x0, x1, cut,
-                                     use_vlr, use_sm, rec, nb_v, nb_k)
+            kb, kanc = _gather_block(
+                b,
+                i,
+                j,
+                glr,
+                coef,
+                vlr,
+                smask,
+                offs,
+                cyv,
+                cxv,
+                y0,
+                y1,
+                x0,
+                x1,
+                cut,
+                use_vlr,
+                use_sm,
+                rec,
+                nb_v,
+                nb_k,
+            )
             if kb == 0:
                 for y in range(y0, y1):
                     for x in range(x0, x1):
@@ -132,8 +152,28 @@ if AVAILABLE:
             x0, x1 = cx0[j], cx1[j]
             kb = 0
             if y1 > y0 and x1 > x0:
-                kb, kanc = _gather_block(b, i, j, glr, coef, vlr, smask, offs, cyv, cxv, y0, y1, x0, x1, cut,
-                                         use_vlr, use_sm, rec, nb_v, nb_k)
+                kb, kanc = _gather_block(
+                    b,
+                    i,
+                    j,
+                    glr,
+                    coef,
+                    vlr,
+                    smask,
+                    offs,
+                    cyv,
+                    cxv,
+                    y0,
+                    y1,
+                    x0,
+                    x1,
+                    cut,
+                    use_vlr,
+                    use_sm,
+                    rec,
+                    nb_v,
+                    nb_k,
+                )
             if kb == 0:
                 wmat[t] = 0.0
                 sup[t] = 0
@@ -182,7 +222,6 @@ if AVAILABLE:
                 for p in range(n):
                     dst[pidx[p]] = row[p] * tot[p]
 
-
     @njit(**_JIT)
     def _gather_signal(t0, t1, sigt, flat, c0, dst):
         """``dst[t, k, :] = sigt[flat[t, k], c0:c0 + cc]`` (zeros where ``flat < 0``) for blocks
@@ -199,13 +238,15 @@ if AVAILABLE:
                     for c in range(cc):
                         dst[t, k, c] = sigt[q, c0 + c]
 
+
 def _block_dims(H: int, W: int, h: int, w: int) -> tuple[int, int]:
     """Largest block height and width (HR pixels sharing one anchor)."""
     return -(-H // h) + 1, -(-W // w) + 1
 
 
-def render_working_bytes(out_size: tuple[int, int], lr_size: tuple[int, int], channels: int, radius: float,
-                         itemsize: int = 4) -> int:
+def render_working_bytes(
+    out_size: tuple[int, int], lr_size: tuple[int, int], channels: int, radius: float, itemsize: int = 4
+) -> int:
     """Working memory of one render tile (one row of blocks), excluding the output."""
     H, W = out_size
     h, w = lr_size
@@ -248,13 +289,19 @@ def kernel_render(
     support : ``[B, 1, H, W]`` bool
     """
     _require()
-    _, gstart, vhr, use_vhr, vlr, use_vlr = _check_common(params, guide_hr, guide_lr, groups, valid_hr,
-                                                          valid_lr, radius)
+    _, gstart, vhr, use_vhr, vlr, use_vlr = _check_common(
+        params, guide_hr, guide_lr, groups, valid_hr, valid_lr, radius
+    )
     cut = _check_cut(support_sigmas)
     B, _, h, w = params.shape
     H, W = guide_hr.shape[2:]
-    if not isinstance(signal, torch.Tensor) or signal.ndim != 4 or signal.shape[0] != B or \
-            tuple(signal.shape[2:]) != (h, w) or signal.shape[1] == 0:
+    if (
+        not isinstance(signal, torch.Tensor)
+        or signal.ndim != 4
+        or signal.shape[0] != B
+        or tuple(signal.shape[2:]) != (h, w)
+        or signal.shape[1] == 0
+    ):
         raise ValueError(
             f"signal must be [B, C, h, w] = [{B}, C, {h}, {w}], got {tuple(getattr(signal, 'shape', ()))}"
         )
@@ -293,8 +340,9 @@ def kernel_render(
                     continue
                 tile = np.empty((C, yb - ya, W), ndt)
                 sup = np.empty((yb - ya, W), np.uint8)
-                _parallel_for(_render_small, (i1 - i0) * w, fr, geo, sm, use_sm, sig, b, i0, ya, pmax, tile,
-                              sup)
+                _parallel_for(
+                    _render_small, (i1 - i0) * w, fr, geo, sm, use_sm, sig, b, i0, ya, pmax, tile, sup
+                )
                 out[b, :, ya:yb] = torch.from_numpy(tile)
                 support[b, 0, ya:yb] = torch.from_numpy(sup).bool()
         return out, support
@@ -302,8 +350,17 @@ def kernel_render(
     return out, support
 
 
-def _render_bmm(fr: Frame, geo: Geometry, sm: np.ndarray, use_sm: bool, sig_t: torch.Tensor,
-                out: torch.Tensor, support: torch.Tensor, budget: int, itemsize: int) -> None:
+def _render_bmm(
+    fr: Frame,
+    geo: Geometry,
+    sm: np.ndarray,
+    use_sm: bool,
+    sig_t: torch.Tensor,
+    out: torch.Tensor,
+    support: torch.Tensor,
+    budget: int,
+    itemsize: int,
+) -> None:
     """Weights ``[blocks, K, P]`` from numba; the gathered signal ``[blocks, K, C]`` (cell-major,
     used transposed) times them (``torch.bmm``) gives ``[blocks, C, P]``, which is one permuted copy
     away from the output rows (plus a row/column gather when the blocks differ in size:
@@ -351,14 +408,16 @@ def _render_bmm(fr: Frame, geo: Geometry, sm: np.ndarray, use_sm: bool, sig_t: t
             support[b, 0, ya:yb] = _untile(sup_t[None], rows, colpos, uniform)[0].bool()
             for c0 in range(0, C, cc):
                 c1 = min(C, c0 + cc)
-                s = sbuf[:nb * K * (c1 - c0)].view(nb, K, c1 - c0)
+                s = sbuf[: nb * K * (c1 - c0)].view(nb, K, c1 - c0)
                 _parallel_for(_gather_signal, nb, sigt, flat, c0, s.numpy())
-                res = torch.bmm(s.transpose(1, 2), wt, out=rbuf[:nb * (c1 - c0) * P].view(nb, c1 - c0, P))
+                res = torch.bmm(s.transpose(1, 2), wt, out=rbuf[: nb * (c1 - c0) * P].view(nb, c1 - c0, P))
                 res = res.view(ni, w, c1 - c0, bym, bxm).permute(2, 0, 3, 1, 4)
                 if uniform:
                     out[b, c0:c1, ya:yb].view(c1 - c0, ni, bym, w, bxm).copy_(res)
                 else:
-                    out[b, c0:c1, ya:yb] = _untile(res.reshape(c1 - c0, ni * bym, w * bxm), rows, colpos, False)
+                    out[b, c0:c1, ya:yb] = _untile(
+                        res.reshape(c1 - c0, ni * bym, w * bxm), rows, colpos, False
+                    )
     if use_sm:
         out.masked_fill_(~support, float("nan"))
 
