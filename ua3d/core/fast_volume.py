@@ -471,8 +471,12 @@ def volume_working_bytes(
     radius: float,
     itemsize: int = 4,
     budget_bytes: int = 256 << 20,
+    fused: bool | None = None,
 ) -> tuple[int, int, int]:
     """``(blocks per batch, bins per batch, working bytes)`` of :func:`kernel_render_volume`.
+
+    ``fused`` (default: whether the fused path runs, i.e. :data:`FUSED` and scipy's BLAS): the fused
+    engine works block by block in per-thread scratch, so its working set does not depend on the budget.
 
     A batch is consecutive blocks (row-major) times a range of bins; per block and bin it holds the
     weights ``[K, P]``, the product ``[C, P]`` and the inverse sums ``[P]`` (``P`` the largest block),
@@ -491,6 +495,11 @@ def volume_working_bytes(
         nch = -(-nbins // jc)
         return ((K + channels) * nch * jc * P + nch * channels * K + nbins * P) * itemsize
 
+    if fused is None:
+        fused = FUSED and _scipy_blas_threads() is not None
+    if fused:  # per thread: one block's scratch (:func:`_volume_fused`), never a batch
+        per_thread = ((3 + jc) * K + (3 + channels) * jc + 10) * P + (channels + 12) * K
+        return 1, jc, int(_pool.num_threads() * per_thread * itemsize)
     if MIN_BATCH_BLOCKS * block_bytes(n_bins) <= budget:
         nbb = n_bins
     else:
@@ -656,7 +665,7 @@ def kernel_render_volume(
         if progress is not None:
             progress(H, H)
         return
-    nbm, nbb, _ = volume_working_bytes((H, W), (h, w), C, n_bins, radius, itemsize, budget_bytes)
+    nbm, nbb, _ = volume_working_bytes((H, W), (h, w), C, n_bins, radius, itemsize, budget_bytes, fused=False)
     nbm = min(nbm, bi.shape[0])
     jc = max(1, min(BIN_CHUNK, n_bins))
     nch = -(-nbb // jc)
