@@ -22,7 +22,6 @@ the next pick. Close without picking to quit. ``--mode rgb`` starts with the sto
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -326,17 +325,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Standalone entry point: ``python -m ua3d.viz.feature_points``; errors are ``ua3d: error: ...``, exit 2."""
-    p = argparse.ArgumentParser(
-        prog="ua3d view points",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawTextHelpFormatter,
-    )
-    args = add_arguments(p).parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError, r3d.RenderingUnavailable) as e:
-        print(f"ua3d: error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
+    return r3d.viewer_main("ua3d view points", (__doc__ or "").split("\n\n")[0], add_arguments, run, argv)
 
 
 if __name__ == "__main__":

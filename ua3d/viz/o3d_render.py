@@ -17,10 +17,11 @@ window size, so view cameras here have ``cx = (W - 1) / 2``, ``cy = (H - 1) / 2`
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, final
 
@@ -384,3 +385,23 @@ def save_png(path: str | Path, rgb: np.ndarray) -> Path:
     from ua3d.io.rgbd import write_color
 
     return write_color(path, np.clip(rgb, 0.0, 1.0))
+
+
+def viewer_main(
+    prog: str,
+    description: str,
+    add_arguments: Callable[[argparse.ArgumentParser], argparse.ArgumentParser],
+    run: Callable[[argparse.Namespace], int],
+    argv: Sequence[str] | None = None,
+) -> int:
+    """Stand-alone entry point of a viewer module (``python -m ua3d.viz.<viewer>``): parse, run, and
+    print a bad input or a missing renderer as one ``ua3d: error: ...`` line with exit code 2."""
+    p = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.RawTextHelpFormatter
+    )
+    args = add_arguments(p).parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError, RenderingUnavailable) as e:
+        print(f"ua3d: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -532,17 +531,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Standalone entry point: ``python -m ua3d.viz.volume_slices``; errors are ``ua3d: error: ...``, exit 2."""
-    p = argparse.ArgumentParser(
-        prog="ua3d view volume",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawTextHelpFormatter,
-    )
-    args = add_arguments(p).parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError, r3d.RenderingUnavailable) as e:
-        print(f"ua3d: error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
+    return r3d.viewer_main("ua3d view volume", (__doc__ or "").split("\n\n")[0], add_arguments, run, argv)
 
 
 if __name__ == "__main__":
