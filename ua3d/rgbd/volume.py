@@ -67,16 +67,10 @@ import numpy as np
 import torch
 
 from ua3d.core.checks import check_number
-from ua3d.core.kernel import (
-    LOG_SIGMA_MAX,
-    LOG_SIGMA_MIN,
-    lr_centres,
-    nearest_anchor,
-    theta_from_raw,
-    window_offsets,
-)
+from ua3d.core.kernel import lr_centres, nearest_anchor, window_offsets
 from ua3d.core.memory import check_memory, check_window
 from ua3d.core.ops import resolve_backend
+from ua3d.core.params import decode_params
 from ua3d.rgbd.lift import LiftedKernel
 
 __all__ = [
@@ -280,7 +274,7 @@ def _cell_terms(lifted: LiftedKernel, depth_model: str, dtype: torch.dtype) -> d
     k = lifted.kernel
     h, w = lifted.lr_size
     H, W = lifted.out_size
-    lsz = k.params[0, -1].reshape(-1).clamp(LOG_SIGMA_MIN, LOG_SIGMA_MAX).to(dtype)
+    lsz = decode_params(k.params[:1]).log_sigma_r[0, -1].reshape(-1).to(dtype)  # the depth group
     ok = k.valid_lr[0, -1].reshape(-1)
     terms = {
         "phi": k.guide_lr[0, -1].reshape(-1).to(dtype),
@@ -300,15 +294,15 @@ def _colour_terms(lifted: LiftedKernel, dtype: torch.dtype) -> dict[str, torch.T
     k = lifted.kernel
     h, w = lifted.lr_size
     H, W = lifted.out_size
-    p = k.params[0].reshape(k.params.shape[1], -1).to(dtype)  # [5, Q]
-    th = theta_from_raw(p[2])
-    dev = p.device
+    d = decode_params(k.params[:1].to(dtype))  # [1, ...] maps
+    th = d.theta[0].reshape(-1)
+    dev = th.device
     return {
         "cos": torch.cos(th),
         "sin": torch.sin(th),
-        "px": 0.5 * torch.exp(-2 * p[0].clamp(LOG_SIGMA_MIN, LOG_SIGMA_MAX)),
-        "py": 0.5 * torch.exp(-2 * p[1].clamp(LOG_SIGMA_MIN, LOG_SIGMA_MAX)),
-        "pr": 0.5 * torch.exp(-2 * p[3].clamp(LOG_SIGMA_MIN, LOG_SIGMA_MAX)),
+        "px": 0.5 * torch.exp(-2 * d.log_sigma_x[0].reshape(-1)),
+        "py": 0.5 * torch.exp(-2 * d.log_sigma_y[0].reshape(-1)),
+        "pr": 0.5 * torch.exp(-2 * d.log_sigma_r[0, 0].reshape(-1)),
         "cy": lr_centres(h, H, dev, dtype)[:, None].expand(h, w).reshape(-1),
         "cx": lr_centres(w, W, dev, dtype)[None, :].expand(h, w).reshape(-1),
         "g": k.guide_lr[0, :-1].reshape(k.guide_lr.shape[1] - 1, -1).to(dtype),  # [Cc, Q]
