@@ -805,3 +805,9 @@ def test_demo_from_a_built_wheel_outside_the_tree(tmp_path):
     np.testing.assert_allclose(cols.mean(0), rgb.reshape(-1, 3).mean(0), atol=0.05)
     img = cv2.imread(str(out / "features.png"))
     assert img is not None and img.std() > 5
+    # [14 acceptance] every picture, and a viewer run from the installed package, outside the tree
+    assert {"volume_slices.png", "points.png"} <= set(s["pictures"]), s.get("viewer_pictures_skipped")
+    r = _ua3d("view", "volume", "demo/volume.npz", "--png", "slices.png", cwd=run, env_path=tmp_path / "site")
+    assert r.returncode == 0, r.stderr[-3000:]
+    img = cv2.imread(str(run / "slices.png"))
+    assert img is not None and img.std() > 5
