@@ -22,6 +22,7 @@ the next pick. Close without picking to quit. ``--mode rgb`` starts with the sto
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,6 +38,7 @@ from ua3d.viz.pca import PCABasis
 
 __all__ = [
     "add_arguments",
+    "cloud_dict",
     "cosine_similarity_to",
     "main",
     "make_demo_points",
@@ -183,6 +185,28 @@ def pixel_to_index(pixels: Any, u: int, v: int) -> int:
     return int(hit[0])
 
 
+def cloud_dict(data: Any) -> dict[str, Any]:
+    """The viewer's form of a cloud: the dict of :func:`read_point_cloud` from a path, the dict itself,
+    or the fields of a :class:`~ua3d.rgbd.points.FeaturePointCloud` (numpy, no file)."""
+    if isinstance(data, dict):
+        return data
+    if isinstance(data, (str, os.PathLike)):
+        return read_point_cloud(data)
+    if not all(hasattr(data, k) for k in ("positions", "colors", "features")):
+        raise ValueError(
+            f"data must be a point cloud file, a dict or a FeaturePointCloud, got {type(data).__name__}"
+        )
+    arr = lambda t: None if t is None else (t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else t)
+    return {
+        "positions": arr(data.positions),
+        "colors": arr(data.colors),
+        "features": arr(data.features),
+        "pixels": arr(getattr(data, "pixels", None)),
+        "color_mode": getattr(data, "color_mode", "rgb"),
+        "frame": getattr(data, "frame", "camera"),
+    }
+
+
 def render_png(
     data: Any,
     png: Any,
@@ -200,15 +224,16 @@ def render_png(
     background: Sequence[float] = (1.0, 1.0, 1.0),
     title: str | None = None,
 ) -> dict[str, Any]:
-    """Write a headless picture of a feature point cloud (a path or the dict of :func:`read_point_cloud`)
-    to ``png``: a title, and for a similarity query a colour bar and the query marker (magenta).
+    """Write a headless picture of a feature point cloud to ``png``: a title, and for a similarity
+    query a colour bar and the query marker (magenta). ``data``: a file path, the dict of
+    :func:`read_point_cloud`, or a :class:`~ua3d.rgbd.points.FeaturePointCloud` (drawn from memory).
 
-    Returns ``{"path", "points", "query", "seconds"}``.
+    Returns ``{"path", "points", "query", "seconds", "width", "height"}``.
     """
     from ua3d.viz.figures import annotated_render
 
     t0 = time.perf_counter()
-    d = read_point_cloud(data) if not isinstance(data, dict) else data
+    d = cloud_dict(data)
     pos, feats = d["positions"], d["features"]
     if query_pixel is not None:
         query_index = pixel_to_index(d.get("pixels"), *query_pixel)
@@ -235,7 +260,14 @@ def render_png(
         colorbar=bar,
         note=note or f"{d.get('frame', 'camera')} frame; view yaw {yaw:g}, pitch {pitch:g} deg",
     )
-    return {"path": str(png), "points": len(pos), "query": query_index, "seconds": time.perf_counter() - t0}
+    return {
+        "path": str(png),
+        "points": len(pos),
+        "query": query_index,
+        "seconds": time.perf_counter() - t0,
+        "width": width,
+        "height": height,
+    }
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -284,31 +316,21 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--png must name a .png file, got {args.png!r}")
 
 
+#: the ``render_png`` keywords taken from the options of the same names
+PNG_OPTIONS = ("query_index", "query_pixel", "mode", "vmin", "vmax", "width", "height", "yaw", "pitch")
+PNG_OPTIONS += ("point_size", "background")
+
+
+def _describe(info: dict[str, Any]) -> str:
+    return f"{info['width']}x{info['height']} view, {info['points']} points"
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the viewer on parsed options; errors raise (``ValueError``, ``RenderingUnavailable``)."""
     check_args(args)
     data = make_demo_points() if args.demo else read_point_cloud(args.cloud)
     if args.png:
-        info = render_png(
-            data,
-            args.png,
-            query_index=args.query_index,
-            query_pixel=None if args.query_pixel is None else tuple(args.query_pixel),
-            mode=args.mode,
-            vmin=args.vmin,
-            vmax=args.vmax,
-            width=args.width,
-            height=args.height,
-            yaw=args.yaw,
-            pitch=args.pitch,
-            point_size=args.point_size,
-            background=args.background,
-        )
-        if not getattr(args, "quiet", False):
-            print(
-                f"wrote {args.png} ({args.width}x{args.height} view, {info['points']} points, {info['seconds']:.2f} s)"
-            )
-        return 0
+        return r3d.run_png(args, data, render_png, PNG_OPTIONS, _describe)
     q = args.query_index
     if args.query_pixel is not None:
         q = pixel_to_index(data.get("pixels"), *args.query_pixel)

@@ -387,6 +387,26 @@ def save_png(path: str | Path, rgb: np.ndarray) -> Path:
     return write_color(path, np.clip(rgb, 0.0, 1.0))
 
 
+def run_png(
+    args: argparse.Namespace,
+    data: Any,
+    render_png: Callable[..., dict[str, Any]],
+    options: Sequence[str],
+    describe: Callable[[dict[str, Any]], str],
+) -> int:
+    """The ``--png`` branch of a viewer's ``run``: ``render_png(data, args.png, **options)`` with each
+    option ``"name"`` (or ``"keyword=name"``) taken from ``args``, then one ``wrote PNG (describe(info),
+    seconds)`` line unless ``--quiet``."""
+    kw = {}
+    for opt in options:
+        key, _, name = opt.partition("=")
+        kw[key] = getattr(args, name or key)
+    info = render_png(data, args.png, **kw)
+    if not getattr(args, "quiet", False):
+        print(f"wrote {args.png} ({describe(info)}, {info['seconds']:.2f} s)")
+    return 0
+
+
 def viewer_main(
     prog: str,
     description: str,

@@ -117,15 +117,15 @@ def downsample_volume(
     h, w = H // s, W // s
     if h == 0 or w == 0:
         raise ValueError(f"stride {s} is larger than the volume grid {H}x{W}")
-    v = volume[..., : h * s, : w * s].reshape(C, D, h, s, w, s)
-    m = mass[:, : h * s, : w * s].reshape(D, h, s, w, s)
+    m = np.asarray(mass[:, : h * s, : w * s], np.float32).reshape(D, h, s, w, s)
     m_sum = m.sum(axis=(2, 4))
-    if normalized:
-        vs_ = (v * m[None]).sum(axis=(3, 5)) / np.where(m_sum > 0, m_sum, 1.0)[None]
-    else:
-        vs_ = v.mean(axis=(3, 5))
+    inv = 1.0 / np.where(m_sum > 0, m_sum, 1.0) if normalized else np.float32(1.0 / (s * s))
+    out = np.empty((C, D, h, w), np.float32)
+    for c in range(C):  # one channel at a time: no float32 copy of a (float16) volume
+        v = np.asarray(volume[c, :, : h * s, : w * s], np.float32).reshape(D, h, s, w, s)
+        out[c] = (v * m if normalized else v).sum(axis=(2, 4)) * inv
     cropped = PinholeCamera(camera.fx, camera.fy, camera.cx, camera.cy, w * s, h * s, camera.pose)
-    return vs_.astype(np.float32), (m_sum / (s * s)).astype(np.float32), cropped.scaled(1.0 / s)
+    return out, (m_sum / (s * s)).astype(np.float32), cropped.scaled(1.0 / s)
 
 
 def slice_layers(
@@ -379,10 +379,12 @@ def render_png(
     background: Sequence[float] = (1.0, 1.0, 1.0),
     max_labels: int = 8,
 ) -> dict[str, Any]:
-    """Write a headless picture of a feature volume (a path or the dict of :func:`load_volume`) to ``png``,
-    with a title and the depth of (up to ``max_labels``) slices written beside them.
+    """Write a headless picture of a feature volume to ``png``, with a title and the depth of (up to
+    ``max_labels``) slices written beside them. ``data``: a ``.npz`` path, or the dict of
+    :func:`load_volume` / :func:`ua3d.io.rgbd.volume_record` (arrays in memory, e.g. a float16 volume
+    just rendered: drawn without a file).
 
-    Returns ``{"path", "slices", "stride", "seconds", "rgbd"}``.
+    Returns ``{"path", "slices", "stride", "seconds", "rgbd", "width", "height"}``.
     """
     from ua3d.viz.figures import annotated_render
 
@@ -432,6 +434,8 @@ def render_png(
         "stride": s,
         "seconds": time.perf_counter() - t0,
         "rgbd": cloud is not None,
+        "width": width,
+        "height": height,
     }
 
 
@@ -482,31 +486,21 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--png must name a .png file, got {args.png!r}")
 
 
+#: the ``render_png`` keywords taken from the options (``keyword=option`` where they differ)
+PNG_OPTIONS = ("slices=slice", "show_rgbd", "stride", "width", "height", "yaw", "pitch", "alpha_max")
+PNG_OPTIONS += ("min_alpha", "background")
+
+
+def _describe(info: dict[str, Any]) -> str:
+    return f"{info['width']}x{info['height']}, {info['slices']} slices, stride {info['stride']}"
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the viewer on parsed options; errors raise (``ValueError``, ``RenderingUnavailable``)."""
     check_args(args)
     data = make_demo_volume() if args.demo else load_volume(args.volume)
     if args.png:
-        info = render_png(
-            data,
-            args.png,
-            slices=args.slice,
-            show_rgbd=args.show_rgbd,
-            stride=args.stride,
-            width=args.width,
-            height=args.height,
-            yaw=args.yaw,
-            pitch=args.pitch,
-            alpha_max=args.alpha_max,
-            min_alpha=args.min_alpha,
-            background=args.background,
-        )
-        if not getattr(args, "quiet", False):
-            print(
-                f"wrote {args.png} ({args.width}x{args.height}, {info['slices']} slices, stride {info['stride']}, "
-                f"{info['seconds']:.2f} s)"
-            )
-        return 0
+        return r3d.run_png(args, data, render_png, PNG_OPTIONS, _describe)
     full_cam = data["camera"]
     stride = args.stride or auto_stride(full_cam.height, full_cam.width)
     volume, mass, cam = downsample_volume(data["volume"], data["mass"], full_cam, stride, data["normalized"])
