@@ -2,7 +2,8 @@
 
 ``backend`` is one of ``"auto"`` (fast path for CPU tensors when numba imports,
 reference otherwise, with a one-time warning if the fast path is missing),
-``"fast"`` (error if unavailable) or ``"reference"``.
+``"fast"`` (error if unavailable), ``"reference"`` or ``"blocked"`` (the blocked torch engine
+:mod:`ua3d.core.blocked`, any device; ``"auto"`` picks it for non-CPU tensors).
 
 Both entry points accept ``support_sigmas`` (the *adaptive support* speed option):
 neighbours whose spatial Mahalanobis distance ``sqrt(a^2 / sigma_x^2 + b^2 / sigma_y^2)``
@@ -36,7 +37,7 @@ __all__ = [
 ]
 
 _WARNED = False
-BACKENDS = ("auto", "fast", "reference")
+BACKENDS = ("auto", "fast", "reference", "blocked")
 
 
 def fast_available() -> bool:
@@ -49,12 +50,15 @@ def fast_available() -> bool:
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """Return ``"fast"`` or ``"reference"`` for tensors on ``device``."""
+    """Return ``"fast"``, ``"reference"`` or ``"blocked"`` (:mod:`ua3d.core.blocked`, what ``"auto"``
+    picks for non-CPU tensors) for tensors on ``device``."""
     global _WARNED
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "reference":
-        return "reference"
+    if backend in ("reference", "blocked"):
+        return backend
+    if backend == "auto" and torch.device(device).type != "cpu":
+        return "blocked"
     ok = fast_available() and torch.device(device).type == "cpu"
     if backend == "fast":
         if not ok:
@@ -208,6 +212,11 @@ def kernel_render(
             out_dtype=out_dtype,
             support_sigmas=support_sigmas,
         )
+    if which == "blocked":
+        from . import blocked
+
+        args = (params, guide_hr, guide_lr, signal, radius, groups, valid_hr, valid_lr, signal_mask)
+        return blocked.kernel_render(*args, out_dtype=out_dtype, support_sigmas=support_sigmas)
     rows = rows_per_chunk or _rows_for_budget(params, guide_hr, signal.shape[1], radius)
     if support_sigmas is None:
         out, sup = _ref.kernel_render_reference(
@@ -276,6 +285,11 @@ def kernel_fit_loss_grad(
             support_sigmas=support_sigmas,
             values_lr=values_lr,
         )
+    if which == "blocked":
+        from . import blocked
+
+        args = (params, guide_hr, guide_lr, radius, groups, valid_hr, valid_lr, channel_weights, pixel_mask)
+        return blocked.kernel_fit_loss_grad(*args, support_sigmas=support_sigmas, values_lr=values_lr)
     rows = rows_per_chunk or _rows_for_budget(params, guide_hr, guide_hr.shape[1] * 6 + 24, radius)
     if support_sigmas is None:
         return _ref.kernel_fit_loss_grad_reference(
