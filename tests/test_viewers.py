@@ -325,3 +325,113 @@ def test_render_png_pictures_have_titles_depth_labels_and_colour_bars(tmp_path: 
     assert seen[-1]["colorbar"] is None and "PCA" in seen[-1]["title"]
     img = read_color(tmp_path / "q.png")
     assert img.shape[1] > 160 and img.std() > 5
+
+
+# ---------------------------------------------------------------------- in memory (issue 16: the demo's pictures)
+def test_volume_drawn_from_memory_equals_the_file_and_any_compress_level_loads(tmp_path: Path) -> None:
+    """The demo draws the float16 volume it just rendered (no file round trip); the picture is the one
+    of the file, whatever zlib level wrote it; a bad level is refused."""
+    from ua3d.io.rgbd import volume_record
+
+    vol, mass, bins, cam = _staircase_volume()
+    vol16 = vol.astype(np.float16)
+    rec = volume_record(vol16, mass, bins, cam, rgb=np.zeros((12, 18, 3), np.uint8), depth=np.ones((12, 18)))
+    assert rec["volume"] is vol16 and rec["volume"].dtype == np.float16  # no copy, no float32 cast
+    for level in (None, 1, 9):
+        p = save_volume(
+            tmp_path / f"v{level}.npz", vol16, mass, bins, cam, compressed=True, compress_level=level
+        )
+        d = load_volume(p)
+        np.testing.assert_array_equal(d["volume"], vol16.astype(np.float32))
+        np.testing.assert_array_equal(d["mass"], mass)
+        assert d["camera"] == cam
+    with pytest.raises(
+        ValueError, match=r"^compress_level must be None or 1..9 with compressed=True, got 0$"
+    ):
+        save_volume(tmp_path / "x.npz", vol16, mass, bins, cam, compressed=True, compress_level=0)
+    with pytest.raises(
+        ValueError, match=r"^compress_level must be None or 1..9 with compressed=True, got 1$"
+    ):
+        save_volume(tmp_path / "x.npz", vol16, mass, bins, cam, compress_level=1)
+    kw = dict(width=120, height=90, stride=3)
+    vs.render_png(rec, tmp_path / "mem.png", **kw)
+    vs.render_png(tmp_path / "v1.npz", tmp_path / "file.png", **kw)
+    np.testing.assert_array_equal(read_color(tmp_path / "mem.png"), read_color(tmp_path / "file.png"))
+    # display pooling of a float16 volume equals that of its float32 copy (channel by channel, no full copy)
+    a = vs.downsample_volume(vol16, mass, cam, 3)
+    b = vs.downsample_volume(vol16.astype(np.float32), mass, cam, 3)
+    np.testing.assert_array_equal(a[0], b[0])
+    assert a[0].dtype == np.float32
+
+
+def test_points_drawn_from_a_feature_point_cloud_object(tmp_path: Path) -> None:
+    from ua3d.rgbd.points import FeaturePointCloud
+
+    _, pts, feats, colors, pix = _cloud()
+    cloud = FeaturePointCloud(
+        torch.from_numpy(pts).float(),
+        torch.from_numpy(colors).float(),
+        torch.from_numpy(feats),
+        torch.from_numpy(pix),
+    )
+    d = fp.cloud_dict(cloud)
+    assert set(d) >= {"positions", "colors", "features", "pixels", "color_mode", "frame"}
+    info = fp.render_png(cloud, tmp_path / "obj.png", query_pixel=[20, 30], width=160, height=120)
+    fp.render_png(
+        {"positions": pts, "features": feats, "colors": colors, "pixels": pix},
+        tmp_path / "dict.png",
+        query_pixel=(20, 30),
+        width=160,
+        height=120,
+    )
+    assert info["points"] == len(pts) and (info["width"], info["height"]) == (160, 120)
+    np.testing.assert_array_equal(read_color(tmp_path / "obj.png"), read_color(tmp_path / "dict.png"))
+    with pytest.raises(
+        ValueError, match=r"^data must be a point cloud file, a dict or a FeaturePointCloud, got int$"
+    ):
+        fp.cloud_dict(3)
+
+
+def test_viewer_cli_png_line_names_size_and_time(tmp_path: Path, capsys) -> None:
+    vol, mass, bins, cam = _staircase_volume()
+    p = save_volume(tmp_path / "v.npz", vol, mass, bins, cam)
+    assert (
+        vs.main(
+            [
+                str(p),
+                "--png",
+                str(tmp_path / "v.png"),
+                "--width",
+                "120",
+                "--height",
+                "90",
+                "--slice",
+                "0",
+                "2",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert out.startswith(
+        f"wrote {tmp_path / 'v.png'} (120x90, 2 slices, stride 1, "
+    ) and out.rstrip().endswith(" s)")
+    assert (
+        fp.main(
+            [
+                "--demo",
+                "--png",
+                str(tmp_path / "p.png"),
+                "--width",
+                "64",
+                "--height",
+                "48",
+                "--query-pixel",
+                "5",
+                "6",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert out.startswith(f"wrote {tmp_path / 'p.png'} (64x48 view, ") and " points, " in out

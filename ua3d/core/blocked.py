@@ -39,7 +39,7 @@ from typing import NamedTuple
 
 import torch
 
-from .kernel import lr_centres, nearest_anchor, window_offsets
+from .kernel import _group_index, lr_centres, nearest_anchor, window_offsets
 from .memory import MEMORY_FRACTION, available_memory_bytes, check_memory
 from .params import decode_params
 
@@ -101,15 +101,6 @@ class Cells(NamedTuple):
 
 
 # --------------------------------------------------------------------------- checks
-def _groups(groups: Sequence[int] | None, n_channels: int) -> tuple[int, ...]:
-    g = (n_channels,) if groups is None else tuple(int(v) for v in groups)
-    if sum(g) != n_channels or any(v <= 0 for v in g):
-        raise ValueError(
-            f"groups {g} must be positive channel counts summing to {n_channels} (guide channels)"
-        )
-    return g
-
-
 def _check(params, guide_hr, guide_lr, radius, groups, valid_hr, valid_lr) -> tuple[int, ...]:
     """Shapes, dtypes and devices the engine handles; returns the range groups."""
     for name, t in (("params", params), ("guide_hr", guide_hr), ("guide_lr", guide_lr)):
@@ -124,7 +115,8 @@ def _check(params, guide_hr, guide_lr, radius, groups, valid_hr, valid_lr) -> tu
         )
     B, P, h, w = params.shape
     _, Cg, H, W = guide_hr.shape
-    gs = _groups(groups, Cg)
+    gs = (Cg,) if groups is None else tuple(int(v) for v in groups)
+    _group_index(gs, Cg)  # the reference's check of the groups
     if P != 3 + len(gs):
         raise ValueError(
             f"params has {P} channels, expected 3 + {len(gs)} range groups (shape {tuple(params.shape)})"
@@ -364,7 +356,7 @@ def kernel_render(
     )
     out = torch.empty(B, C, H, W, dtype=odt, device=dev)
     support = torch.ones(B, 1, H, W, dtype=torch.bool, device=dev)
-    gidx = _group_slices(gs)
+    gidx = _group_index(gs, sum(gs))
     with torch.no_grad():
         for b in range(B):
             cells = _cells(params[b : b + 1])
@@ -429,7 +421,7 @@ def kernel_fit_loss_grad(
     L = _layout(H, W, h, w, radius, dev, dt)
     K, n = L.offs.shape[0], L.by * L.bx
     per = blocks_per_chunk or _blocks_per_chunk(n, K, Cg, params.element_size(), True, work_budget_bytes(dev))
-    gidx = _group_slices(gs)
+    gidx = _group_index(gs, sum(gs))
     lam = torch.ones(Cg, dtype=dt, device=dev) if channel_weights is None else channel_weights.to(dt)
     chan_group = torch.cat([torch.full((c1 - c0,), g, device=dev) for g, (c0, c1) in enumerate(gidx)])
     p = params.detach().requires_grad_(True)
@@ -469,14 +461,6 @@ def kernel_fit_loss_grad(
 
 
 # --------------------------------------------------------------------------- helpers
-def _group_slices(gs: tuple[int, ...]) -> list[tuple[int, int]]:
-    out, s = [], 0
-    for g in gs:
-        out.append((s, s + g))
-        s += g
-    return out
-
-
 def _cut(support_sigmas: float | None) -> float | None:
     if support_sigmas is None:
         return None
