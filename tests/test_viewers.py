@@ -337,6 +337,11 @@ def test_volume_drawn_from_memory_equals_the_file_and_any_compress_level_loads(t
     vol16 = vol.astype(np.float16)
     rec = volume_record(vol16, mass, bins, cam, rgb=np.zeros((12, 18, 3), np.uint8), depth=np.ones((12, 18)))
     assert rec["volume"] is vol16 and rec["volume"].dtype == np.float16  # no copy, no float32 cast
+    for bad in (np.inf, -np.inf, np.nan):  # the float16 finiteness test (exponent bits) refuses each
+        v = vol16.copy()
+        v[1, 2, 3, 4] = bad
+        with pytest.raises(ValueError, match=r"^volume and mass must be finite \(no NaN/Inf\)$"):
+            volume_record(v, mass, bins, cam)
     for level in (None, 1, 9):
         p = save_volume(
             tmp_path / f"v{level}.npz", vol16, mass, bins, cam, compressed=True, compress_level=level

@@ -326,6 +326,15 @@ def _np(x: Any) -> np.ndarray:
     return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
 
 
+def _all_finite(a: np.ndarray) -> bool:
+    """``np.isfinite(a).all()``; float16 through its exponent bits (numpy's float16 ``isfinite`` is
+    scalar code: 0.3-0.6 s of CPU on the demo's 300 MB volume, the bit test 0.09 s)."""
+    if a.dtype == np.float16 and a.size:  # Inf/NaN: all five exponent bits set
+        bits = np.ascontiguousarray(a).view(np.uint16).reshape(len(a), -1)
+        return all(int(np.max(row & np.uint16(0x7C00))) != 0x7C00 for row in bits)
+    return bool(np.all(np.isfinite(a)))
+
+
 def check_volume(volume: np.ndarray, mass: np.ndarray, bin_depths: np.ndarray, camera: PinholeCamera) -> None:
     """Raise ``ValueError`` unless volume ``[C, D, H, W]``, mass ``[D, H, W]``, bin_depths ``[D]``
     (positive, strictly increasing) and the camera (``W x H``) are consistent and finite."""
@@ -341,7 +350,7 @@ def check_volume(volume: np.ndarray, mass: np.ndarray, bin_depths: np.ndarray, c
         raise ValueError(f"bin_depths must have shape [D] = ({volume.shape[1]},), got {bin_depths.shape}")
     if not (np.all(np.isfinite(bin_depths)) and np.all(bin_depths > 0) and np.all(np.diff(bin_depths) > 0)):
         raise ValueError(f"bin_depths must be positive, finite and strictly increasing, got {bin_depths}")
-    if not np.all(np.isfinite(volume)) or not np.all(np.isfinite(mass)):
+    if not _all_finite(volume) or not _all_finite(mass):
         raise ValueError("volume and mass must be finite (no NaN/Inf)")
     if np.any(mass < 0):
         raise ValueError(f"mass must be non-negative, got min {mass.min():g}")

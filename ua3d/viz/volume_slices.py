@@ -117,15 +117,24 @@ def downsample_volume(
     h, w = H // s, W // s
     if h == 0 or w == 0:
         raise ValueError(f"stride {s} is larger than the volume grid {H}x{W}")
-    m = np.asarray(mass[:, : h * s, : w * s], np.float32).reshape(D, h, s, w, s)
-    m_sum = m.sum(axis=(2, 4))
-    inv = 1.0 / np.where(m_sum > 0, m_sum, 1.0) if normalized else np.float32(1.0 / (s * s))
-    out = np.empty((C, D, h, w), np.float32)
-    for c in range(C):  # one channel at a time: no float32 copy of a (float16) volume
-        v = np.asarray(volume[c, :, : h * s, : w * s], np.float32).reshape(D, h, s, w, s)
-        out[c] = (v * m if normalized else v).sum(axis=(2, 4)) * inv
+    pool = lambda x: torch.nn.functional.avg_pool2d(x, s, divisor_override=1)  # block sums (floor: crop)
+    m = _tensor(mass).float()
+    m_sum = pool(m)
+    inv = 1.0 / torch.where(m_sum > 0, m_sum, 1.0) if normalized else torch.tensor(1.0 / (s * s))
+    out = torch.empty((C, D, h, w), dtype=torch.float32)
+    for c in range(C):  # one channel at a time: no float32 copy of a whole (float16) volume
+        v = _tensor(volume[c]).float()
+        out[c] = pool(v * m if normalized else v) * inv
     cropped = PinholeCamera(camera.fx, camera.fy, camera.cx, camera.cy, w * s, h * s, camera.pose)
-    return out, (m_sum / (s * s)).astype(np.float32), cropped.scaled(1.0 / s)
+    return out.numpy(), (m_sum / (s * s)).numpy(), cropped.scaled(1.0 / s)
+
+
+def _tensor(a: Any) -> torch.Tensor:
+    """A CPU tensor sharing ``a``'s memory (a copy only for read-only or non-contiguous arrays)."""
+    if isinstance(a, torch.Tensor):
+        return a.detach().cpu()
+    a = np.asarray(a)
+    return torch.from_numpy(a if a.flags.writeable and a.flags.c_contiguous else np.array(a))
 
 
 def slice_layers(
