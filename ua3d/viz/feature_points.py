@@ -25,7 +25,6 @@ import argparse
 import os
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -51,6 +50,11 @@ __all__ = [
 ]
 
 MARKER_COLOR = (1.0, 0.0, 1.0)  # magenta: not in the turbo map
+
+#: the ``render_png`` keywords taken from the options of the same names, and its ``wrote`` line
+PNG_OPTIONS = ("query_index", "query_pixel", "mode", "vmin", "vmax", "width", "height", "yaw", "pitch")
+PNG_OPTIONS += ("point_size", "background")
+PNG_LINE = "{width}x{height} view, {points} points"
 
 
 def _features(features: Any) -> torch.Tensor:
@@ -272,9 +276,7 @@ def render_png(
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The viewer's options (shared by ``ua3d view points`` and ``python -m ua3d.viz.feature_points``)."""
-    p.add_argument("cloud", nargs="?", help="feature point cloud .ply/.npz/.pcd written by ua3d")
-    p.add_argument("--demo", action="store_true", help="use a synthetic demo cloud instead of a file")
-    p.add_argument("--png", help="render headless to this PNG instead of opening a window")
+    r3d.add_input_options(p, "cloud", "feature point cloud .ply/.npz/.pcd written by ua3d", "cloud")
     q = p.add_mutually_exclusive_group()
     q.add_argument(
         "--query-pixel",
@@ -293,44 +295,28 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument(
         "--vmax", type=float, default=1.0, help="similarity mapped to the high end of the map (default 1)"
     )
-    p.add_argument("--width", type=int, default=800, help="picture width in pixels (default 800)")
-    p.add_argument("--height", type=int, default=600, help="picture height in pixels (default 600)")
     p.add_argument("--yaw", type=float, default=0.0, help="degrees, orbit right of the camera (default 0)")
     p.add_argument("--pitch", type=float, default=0.0, help="degrees, orbit above the camera (default 0)")
     p.add_argument("--point-size", type=float, default=3.0, help="point size in pixels (default 3)")
-    p.add_argument("--background", type=float, nargs=3, default=(1.0, 1.0, 1.0), help="RGB in [0, 1]")
-    if not any("--quiet" in a.option_strings for a in p._actions):
-        p.add_argument("--quiet", action="store_true", help="no 'wrote ...' line")
-    return p
+    return r3d.add_picture_options(p)
 
 
 def check_args(args: argparse.Namespace) -> None:
     """Validate the options before any work (ValueError naming the option)."""
     if not args.demo and not args.cloud:
         raise ValueError("give a feature point cloud file (.ply/.npz/.pcd) or --demo")
-    if args.width < 16 or args.height < 16:
-        raise ValueError(f"--width/--height must be >= 16, got {args.width}x{args.height}")
+    r3d.check_picture_options(args)
     if not args.vmax > args.vmin:
         raise ValueError(f"--vmax must be larger than --vmin, got {args.vmin} and {args.vmax}")
-    if args.png and Path(args.png).suffix.lower() != ".png":
-        raise ValueError(f"--png must name a .png file, got {args.png!r}")
-
-
-#: the ``render_png`` keywords taken from the options of the same names
-PNG_OPTIONS = ("query_index", "query_pixel", "mode", "vmin", "vmax", "width", "height", "yaw", "pitch")
-PNG_OPTIONS += ("point_size", "background")
-
-
-def _describe(info: dict[str, Any]) -> str:
-    return f"{info['width']}x{info['height']} view, {info['points']} points"
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the viewer on parsed options; errors raise (``ValueError``, ``RenderingUnavailable``)."""
-    check_args(args)
-    data = make_demo_points() if args.demo else read_point_cloud(args.cloud)
-    if args.png:
-        return r3d.run_png(args, data, render_png, PNG_OPTIONS, _describe)
+    load = lambda a: make_demo_points() if a.demo else read_point_cloud(a.cloud)
+    return r3d.run_viewer(args, check_args, load, render_png, PNG_OPTIONS, PNG_LINE, _interactive)
+
+
+def _interactive(args: argparse.Namespace, data: dict[str, Any]) -> None:
     q = args.query_index
     if args.query_pixel is not None:
         q = pixel_to_index(data.get("pixels"), *args.query_pixel)
@@ -342,7 +328,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         colors, _ = pca_colors(feats)
     run_interactive(data["positions"], colors, feats, args.point_size)
-    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

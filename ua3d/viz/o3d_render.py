@@ -387,23 +387,57 @@ def save_png(path: str | Path, rgb: np.ndarray) -> Path:
     return write_color(path, np.clip(rgb, 0.0, 1.0))
 
 
-def run_png(
+def add_input_options(p: argparse.ArgumentParser, name: str, help: str, kind: str) -> None:
+    """A viewer's input: the positional file ``name`` (``help``), ``--demo`` (a synthetic ``kind``) and ``--png``."""
+    p.add_argument(name, nargs="?", help=help)
+    p.add_argument("--demo", action="store_true", help=f"use a synthetic demo {kind} instead of a file")
+    p.add_argument("--png", help="render headless to this PNG instead of opening a window")
+
+
+def add_picture_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options every viewer shares: ``--width``, ``--height``, ``--background`` and ``--quiet``
+    (unless the parser has it already); checked by :func:`check_picture_options`."""
+    p.add_argument("--width", type=int, default=800, help="picture width in pixels (default 800)")
+    p.add_argument("--height", type=int, default=600, help="picture height in pixels (default 600)")
+    p.add_argument("--background", type=float, nargs=3, default=(1.0, 1.0, 1.0), help="RGB in [0, 1]")
+    if not any("--quiet" in a.option_strings for a in p._actions):
+        p.add_argument("--quiet", action="store_true", help="no 'wrote ...' line")
+    return p
+
+
+def check_picture_options(args: argparse.Namespace) -> None:
+    """``--width``/``--height`` of at least 16 pixels and a ``--png`` that names a ``.png`` file."""
+    if args.width < 16 or args.height < 16:
+        raise ValueError(f"--width/--height must be >= 16, got {args.width}x{args.height}")
+    if args.png and Path(args.png).suffix.lower() != ".png":
+        raise ValueError(f"--png must name a .png file, got {args.png!r}")
+
+
+def run_viewer(
     args: argparse.Namespace,
-    data: Any,
+    check: Callable[[argparse.Namespace], None],
+    load: Callable[[argparse.Namespace], Any],
     render_png: Callable[..., dict[str, Any]],
-    options: Sequence[str],
-    describe: Callable[[dict[str, Any]], str],
+    png_options: Sequence[str],
+    png_line: str,
+    interactive: Callable[[argparse.Namespace, Any], None],
 ) -> int:
-    """The ``--png`` branch of a viewer's ``run``: ``render_png(data, args.png, **options)`` with each
-    option ``"name"`` (or ``"keyword=name"``) taken from ``args``, then one ``wrote PNG (describe(info),
-    seconds)`` line unless ``--quiet``."""
+    """A viewer's ``run``: ``check(args)``, ``data = load(args)``, then either the headless picture
+    (``--png``: ``render_png(data, args.png, **options)`` with each of ``png_options``, ``"name"`` or
+    ``"keyword=name"``, taken from ``args``, and one ``wrote PNG (png_line, seconds)`` line unless
+    ``--quiet``; ``png_line`` is formatted with the returned info) or ``interactive(args, data)``."""
+    check(args)
+    data = load(args)
+    if not args.png:
+        interactive(args, data)
+        return 0
     kw = {}
-    for opt in options:
+    for opt in png_options:
         key, _, name = opt.partition("=")
         kw[key] = getattr(args, name or key)
     info = render_png(data, args.png, **kw)
     if not getattr(args, "quiet", False):
-        print(f"wrote {args.png} ({describe(info)}, {info['seconds']:.2f} s)")
+        print(f"wrote {args.png} ({png_line.format(**info)}, {info['seconds']:.2f} s)")
     return 0
 
 

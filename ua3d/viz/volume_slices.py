@@ -27,7 +27,6 @@ import argparse
 import math
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -52,6 +51,12 @@ __all__ = [
     "slice_layers",
     "volume_features",
 ]
+
+#: the ``render_png`` keywords taken from the options (``keyword=option`` where they differ), and its
+#: ``wrote`` line
+PNG_OPTIONS = ("slices=slice", "show_rgbd", "stride", "width", "height", "yaw", "pitch", "alpha_max")
+PNG_OPTIONS += ("min_alpha", "background")
+PNG_LINE = "{width}x{height}, {slices} slices, stride {stride}"
 
 
 class SliceLayer:
@@ -450,9 +455,7 @@ def render_png(
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The viewer's options (shared by ``ua3d view volume`` and ``python -m ua3d.viz.volume_slices``)."""
-    p.add_argument("volume", nargs="?", help="feature volume .npz written by ua3d lift / ua3d demo")
-    p.add_argument("--demo", action="store_true", help="use a synthetic demo volume instead of a file")
-    p.add_argument("--png", help="render headless to this PNG instead of opening a window")
+    r3d.add_input_options(p, "volume", "feature volume .npz written by ua3d lift / ua3d demo", "volume")
     p.add_argument("--slice", type=int, nargs="+", help="only these slice indices (default: all)")
     p.add_argument(
         "--show-rgbd", action="store_true", help="add the guide RGB-D point cloud (stored by lift and demo)"
@@ -463,8 +466,6 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=0,
         help="pool s x s voxel blocks for display (default 0: auto, <= 20k per slice)",
     )
-    p.add_argument("--width", type=int, default=800, help="picture width in pixels (default 800)")
-    p.add_argument("--height", type=int, default=600, help="picture height in pixels (default 600)")
     p.add_argument(
         "--yaw", type=float, default=35.0, help="degrees, orbit right of the volume camera (default 35)"
     )
@@ -475,41 +476,27 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--alpha-max", type=float, default=0.85, help="opacity of the heaviest voxels (default 0.85)"
     )
     p.add_argument("--min-alpha", type=float, default=0.02, help="voxels below this opacity are not drawn")
-    p.add_argument("--background", type=float, nargs=3, default=(1.0, 1.0, 1.0), help="RGB in [0, 1]")
-    if not any("--quiet" in a.option_strings for a in p._actions):
-        p.add_argument("--quiet", action="store_true", help="no 'wrote ...' line")
-    return p
+    return r3d.add_picture_options(p)
 
 
 def check_args(args: argparse.Namespace) -> None:
     """Validate the options before any work (ValueError naming the option)."""
     if not args.demo and not args.volume:
         raise ValueError("give a feature volume .npz or --demo")
-    if args.width < 16 or args.height < 16:
-        raise ValueError(f"--width/--height must be >= 16, got {args.width}x{args.height}")
+    r3d.check_picture_options(args)
     if args.stride < 0:
         raise ValueError(f"--stride must be >= 0, got {args.stride}")
     if not 0 < args.alpha_max <= 1:
         raise ValueError(f"--alpha-max must be in (0, 1], got {args.alpha_max}")
-    if args.png and Path(args.png).suffix.lower() != ".png":
-        raise ValueError(f"--png must name a .png file, got {args.png!r}")
-
-
-#: the ``render_png`` keywords taken from the options (``keyword=option`` where they differ)
-PNG_OPTIONS = ("slices=slice", "show_rgbd", "stride", "width", "height", "yaw", "pitch", "alpha_max")
-PNG_OPTIONS += ("min_alpha", "background")
-
-
-def _describe(info: dict[str, Any]) -> str:
-    return f"{info['width']}x{info['height']}, {info['slices']} slices, stride {info['stride']}"
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the viewer on parsed options; errors raise (``ValueError``, ``RenderingUnavailable``)."""
-    check_args(args)
-    data = make_demo_volume() if args.demo else load_volume(args.volume)
-    if args.png:
-        return r3d.run_png(args, data, render_png, PNG_OPTIONS, _describe)
+    load = lambda a: make_demo_volume() if a.demo else load_volume(a.volume)
+    return r3d.run_viewer(args, check_args, load, render_png, PNG_OPTIONS, PNG_LINE, _interactive)
+
+
+def _interactive(args: argparse.Namespace, data: dict[str, Any]) -> None:
     full_cam = data["camera"]
     stride = args.stride or auto_stride(full_cam.height, full_cam.width)
     volume, mass, cam = downsample_volume(data["volume"], data["mass"], full_cam, stride, data["normalized"])
@@ -529,7 +516,6 @@ def run(args: argparse.Namespace) -> int:
             "--show-rgbd: the volume file stores no rgb/depth (write it with ua3d lift or ua3d demo)"
         )
     run_interactive(layers, cam, cloud, background=args.background, min_alpha=args.min_alpha)
-    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
