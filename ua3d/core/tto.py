@@ -28,12 +28,38 @@ from .kernel import GUIDE_DOWNSAMPLE_MODES, init_params, resample_guide
 from .memory import check_memory, check_window
 from .ops import BACKENDS, estimate_fit_memory, kernel_fit_loss_grad
 
-__all__ = ["IMPULSE_SHARE", "PREFILTERS", "FitConfig", "fit_params", "lr_guides", "prefilter_guide"]
+__all__ = [
+    "CELL_MODES",
+    "IMPULSE_SHARE",
+    "LR_GUIDE_MODES",
+    "NOISE_LEVEL",
+    "PREFILTERS",
+    "FitConfig",
+    "cell_guide",
+    "estimate_blockiness",
+    "estimate_noise",
+    "fit_params",
+    "lr_guides",
+    "prefilter_guide",
+]
 
 #: values of ``FitConfig.guide_prefilter``
-PREFILTERS = ("auto", "impulse", "none")
+PREFILTERS = ("auto", "impulse", "denoise", "none")
 #: share of impulse pixels above which ``guide_prefilter="auto"`` filters the guide
 IMPULSE_SHARE = 0.005
+#: estimated guide noise (std, guide units) above which ``guide_prefilter="auto"`` denoises the guide
+NOISE_LEVEL = 0.02
+#: per-cell robust LR guides computed here (:func:`cell_guide`), beside :data:`GUIDE_DOWNSAMPLE_MODES`
+CELL_MODES = ("median", "mode")
+#: bilateral range sigma of the denoise pre-filter, in units of the estimated noise, and its passes
+DENOISE_RANGE = 2.0
+DENOISE_PASSES = 2
+#: JPEG blockiness (:func:`estimate_blockiness`) above which ``"auto"`` filters the guide, and the
+#: bilateral range sigma it then uses at least (0 = no JPEG rule)
+JPEG_BLOCKINESS = 1.25
+JPEG_RANGE = 0.1
+#: every value of ``FitConfig.guide_downsample`` / ``fit_values``
+LR_GUIDE_MODES = GUIDE_DOWNSAMPLE_MODES + CELL_MODES
 
 
 @dataclass
@@ -76,6 +102,8 @@ class FitConfig:
         scale ``W / w`` or ``H / h``), kept during the fit. Without it a cell can widen until its
         colour is borrowed by pixels several cells away (good for reconstructing the guide, bad for
         labels and features that change between those places).
+    sigma_spatial_min : None, or a floor on the spatial sigmas in LR cells (per axis, like
+        ``sigma_spatial_max``), kept during the fit.
     guide_prefilter : ``"auto"`` (default), ``"impulse"`` or ``"none"``: ``"impulse"`` replaces
         impulse-noise pixels of the guide (every channel at 0 or at 1 and far from the median of the
         other pixels of their 3x3 neighbourhood) by that median before the fit; ``"auto"`` does so only
@@ -105,6 +133,7 @@ class FitConfig:
     fit_values: str | None = None
     sigma_spatial_max: float | None = None
     guide_prefilter: str = "auto"
+    sigma_spatial_min: float | None = None
 
     def __post_init__(self) -> None:
         _check_types(self)  # a wrong type (lr="0.1", seed=-1, sigma_spatial=(1,)) fails here, by name
@@ -118,10 +147,8 @@ class FitConfig:
             raise ValueError(f"radius must be >= 0, got {self.radius!r}")
         if not (0 < self.pixel_fraction <= 1):
             raise ValueError(f"pixel_fraction must be in (0, 1], got {self.pixel_fraction!r}")
-        if self.guide_downsample not in GUIDE_DOWNSAMPLE_MODES:
-            raise ValueError(
-                f"guide_downsample must be one of {GUIDE_DOWNSAMPLE_MODES}, got {self.guide_downsample!r}"
-            )
+        if self.guide_downsample not in LR_GUIDE_MODES:
+            raise ValueError(f"guide_downsample must be one of {LR_GUIDE_MODES}, got {self.guide_downsample!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.adaptive_support is not None and (
@@ -138,15 +165,27 @@ class FitConfig:
             raise ValueError(
                 f"sigma_range_min must be None or a positive number, got {self.sigma_range_min!r}"
             )
-        if self.fit_values is not None and self.fit_values not in GUIDE_DOWNSAMPLE_MODES:
-            raise ValueError(
-                f"fit_values must be None or one of {GUIDE_DOWNSAMPLE_MODES}, got {self.fit_values!r}"
-            )
+        if self.fit_values is not None and self.fit_values not in LR_GUIDE_MODES:
+            raise ValueError(f"fit_values must be None or one of {LR_GUIDE_MODES}, got {self.fit_values!r}")
         if self.sigma_spatial_max is not None and (
             not (self.sigma_spatial_max > 0) or not math.isfinite(self.sigma_spatial_max)
         ):
             raise ValueError(
                 f"sigma_spatial_max must be None or a positive number of LR cells, got {self.sigma_spatial_max!r}"
+            )
+        if self.sigma_spatial_min is not None and (
+            not (self.sigma_spatial_min > 0) or not math.isfinite(self.sigma_spatial_min)
+        ):
+            raise ValueError(
+                f"sigma_spatial_min must be None or a positive number of LR cells, got {self.sigma_spatial_min!r}"
+            )
+        if (
+            self.sigma_spatial_min is not None
+            and self.sigma_spatial_max is not None
+            and self.sigma_spatial_min > self.sigma_spatial_max
+        ):
+            raise ValueError(
+                f"sigma_spatial_min ({self.sigma_spatial_min!r}) must not exceed sigma_spatial_max ({self.sigma_spatial_max!r})"
             )
         if self.guide_prefilter not in PREFILTERS:
             raise ValueError(f"guide_prefilter must be one of {PREFILTERS}, got {self.guide_prefilter!r}")
@@ -300,6 +339,11 @@ def fit_params(
         cap = (math.log(config.sigma_spatial_max * W / w), math.log(config.sigma_spatial_max * H / h))
         params[:, 0].clamp_(max=cap[0])
         params[:, 1].clamp_(max=cap[1])
+    low = None
+    if config.sigma_spatial_min is not None:
+        low = (math.log(config.sigma_spatial_min * W / w), math.log(config.sigma_spatial_min * H / h))
+        params[:, 0].clamp_(min=low[0])
+        params[:, 1].clamp_(min=low[1])
     for size, n_steps in stages:
         g_hr, v_hr = _stage_guide(guide_hr, valid_hr, size)
         g_hr = g_hr.contiguous()  # once per stage, not once per step (an HWC image's permute is not)
@@ -331,6 +375,9 @@ def fit_params(
             if cap is not None:
                 params[:, 0].clamp_(max=cap[0] + shift[0])
                 params[:, 1].clamp_(max=cap[1] + shift[1])
+            if low is not None:
+                params[:, 0].clamp_(min=low[0] + shift[0])
+                params[:, 1].clamp_(min=low[1] + shift[1])
             losses.append(float(loss))
             if callback is not None:
                 callback(len(losses) - 1, losses[-1])
@@ -340,22 +387,71 @@ def fit_params(
 
 
 def prefilter_guide(guide: torch.Tensor, mode: str = "auto") -> torch.Tensor:
-    """The guide ``[B, C, H, W]`` (values in [0, 1]) with impulse noise removed (see ``FitConfig.guide_prefilter``).
+    """The guide ``[B, C, H, W]`` (values in [0, 1]) cleaned of impulse and strong additive noise
+    (see ``FitConfig.guide_prefilter``).
 
-    An impulse is a pixel whose channels are all ``<= 1/255`` or all ``>= 254/255`` and that differs
-    by more than 0.25 (in some channel) from the median of the non-impulse pixels of its 3x3
-    neighbourhood; it is replaced by that median (by the plain 3x3 median where every neighbour is an
-    impulse). Other pixels are never changed. ``"auto"`` returns ``guide`` itself unless the share of
-    impulses exceeds :data:`IMPULSE_SHARE` in some batch item.
+    ``"impulse"``: an impulse is a pixel whose channels are all ``<= 1/255`` or all ``>= 254/255`` and
+    that differs by more than 0.25 (in some channel) from the median of the non-impulse pixels of its
+    3x3 neighbourhood; it is replaced by that median (by the plain 3x3 median where every neighbour is
+    an impulse). Other pixels are never changed.
+    ``"denoise"``: after that, a bilateral filter whose range sigma is ``DENOISE_RANGE`` times the
+    noise :func:`estimate_noise` measures (only on items whose noise exceeds :data:`NOISE_LEVEL`).
+    ``"auto"``: the impulse step only when more than :data:`IMPULSE_SHARE` of the pixels are
+    impulses, the denoise step only when the estimated noise exceeds :data:`NOISE_LEVEL`; a clean
+    guide is returned unchanged (the same tensor).
     """
     if mode not in PREFILTERS:
         raise ValueError(f"guide_prefilter must be one of {PREFILTERS}, got {mode!r}")
     if mode == "none":
         return guide
+    out = _remove_impulses(guide, force=mode != "auto")
+    if mode == "impulse":
+        return out
+    return _denoise(out, force=mode == "denoise")
+
+
+def _denoise(guide: torch.Tensor, force: bool = False) -> torch.Tensor:
+    """Bilateral-filter the batch items whose estimated noise exceeds :data:`NOISE_LEVEL` (range sigma
+    ``DENOISE_RANGE * noise``) or whose JPEG blockiness exceeds :data:`JPEG_BLOCKINESS` (range sigma at
+    least :data:`JPEG_RANGE`); ``force``: every item, with the noise rule's sigma."""
+    noise = estimate_noise(guide)
+    sigma = torch.where(noise > NOISE_LEVEL, DENOISE_RANGE * noise, torch.zeros_like(noise))
+    if force:
+        sigma = DENOISE_RANGE * noise
+    if JPEG_RANGE > 0:
+        blocky = estimate_blockiness(guide) > JPEG_BLOCKINESS
+        sigma = torch.where(blocky, sigma.clamp_min(JPEG_RANGE), sigma)
+    loud = sigma > 0
+    if not bool(loud.any()):
+        return guide
+    out = guide
+    for _ in range(DENOISE_PASSES):
+        out = _bilateral(out, sigma.clamp_min(1e-6))
+    return torch.where(loud.view(-1, 1, 1, 1), out, guide)
+
+
+def estimate_blockiness(guide: torch.Tensor, block: int = 8) -> torch.Tensor:
+    """JPEG blockiness of a guide ``[B, C, H, W]`` -> ``[B]``: the mean absolute step of the channel
+    mean across the borders of the ``block``-pixel grid (JPEG's 8x8 blocks, anchored at the top-left
+    pixel) over the mean step elsewhere. About 1 for an image without such a grid (0.7-1.1 measured on
+    the benchmark's photos and scenes), 1.3-2.2 after JPEG quality 20 (``docs/transfer_defaults.md``)."""
+    y = guide.mean(1)
+    dx = (y[..., 1:] - y[..., :-1]).abs()
+    dy = (y[..., 1:, :] - y[..., :-1, :]).abs()
+    bx = (torch.arange(dx.shape[-1], device=guide.device) % block) == block - 1
+    by = (torch.arange(dy.shape[-2], device=guide.device) % block) == block - 1
+    on = torch.cat([dx[..., bx].flatten(1), dy[..., by, :].flatten(1)], 1)
+    off = torch.cat([dx[..., ~bx].flatten(1), dy[..., ~by, :].flatten(1)], 1)
+    if on.shape[1] == 0 or off.shape[1] == 0:
+        return guide.new_ones(guide.shape[0])
+    return on.mean(1) / off.mean(1).clamp_min(1e-12)
+
+
+def _remove_impulses(guide: torch.Tensor, force: bool) -> torch.Tensor:
     lo, hi = 1.0 / 255, 254.0 / 255
     cand = (guide <= lo).all(1, keepdim=True) | (guide >= hi).all(1, keepdim=True)  # [B, 1, H, W]
     share = cand.flatten(1).float().mean(1)
-    if mode == "auto" and not bool((share > IMPULSE_SHARE).any()):
+    if not force and not bool((share > IMPULSE_SHARE).any()):
         return guide
     B, C, H, W = guide.shape
     pad = torch.nn.functional.pad
@@ -369,17 +465,110 @@ def prefilter_guide(guide: torch.Tensor, mode: str = "auto") -> torch.Tensor:
     )
     med = torch.where(torch.isnan(med), g.median(-1).values, med)
     imp = cand & ((guide - med).abs().amax(1, keepdim=True) > 0.25)
-    if mode == "auto" and not bool((imp.flatten(1).float().mean(1) > IMPULSE_SHARE).any()):
+    if not force and not bool((imp.flatten(1).float().mean(1) > IMPULSE_SHARE).any()):
         return guide
     return torch.where(imp, med, guide)
 
 
+def estimate_noise(guide: torch.Tensor) -> torch.Tensor:
+    """Estimated std of additive white noise in a guide ``[B, C, H, W]`` -> ``[B]`` (guide units).
+
+    The response to Immerkaer's Laplacian-difference mask ``[[1, -2, 1], [-2, 4, -2], [1, -2, 1]]``
+    (zero on constant and linear patches; ``6 sigma`` std on white noise) is taken robustly: the
+    median absolute response over the image / (0.6745 * 6), per channel, then the median over
+    channels, so edges and texture (a minority of pixels) raise it little. Needs ``H, W >= 3``.
+    """
+    B, C, H, W = guide.shape
+    if H < 3 or W < 3:
+        return guide.new_zeros(B)
+    m = torch.tensor([[1.0, -2.0, 1.0], [-2.0, 4.0, -2.0], [1.0, -2.0, 1.0]], dtype=guide.dtype)
+    m = m.to(guide.device).expand(C, 1, 3, 3)
+    r = torch.nn.functional.conv2d(guide, m, groups=C).abs().flatten(2)  # [B, C, (H-2)(W-2)]
+    return (r.median(-1).values / (0.6745 * 6.0)).median(-1).values
+
+
+def _bilateral(guide: torch.Tensor, sigma_r: torch.Tensor, sigma_s: float = 1.5, radius: int = 3) -> torch.Tensor:
+    """Edge-preserving bilateral filter of ``guide [B, C, H, W]`` (range sigma ``sigma_r [B]``, guide units;
+    Gaussian spatial weights of ``sigma_s`` px in a ``(2 radius + 1)^2`` window, borders replicated)."""
+    B, C, H, W = guide.shape
+    k = 2 * radius + 1
+    pad = torch.nn.functional.pad(guide, (radius,) * 4, mode="replicate")
+    acc = torch.zeros_like(guide)
+    norm = torch.zeros(B, 1, H, W, dtype=guide.dtype, device=guide.device)
+    inv = (0.5 / sigma_r.to(guide.dtype) ** 2).view(B, 1, 1, 1)
+    for dy in range(k):
+        for dx in range(k):
+            ds = ((dy - radius) ** 2 + (dx - radius) ** 2) / (2.0 * sigma_s**2)
+            if ds > 0.5 * (radius + 0.5) ** 2 / sigma_s**2:
+                continue  # a disc window
+            q = pad[:, :, dy : dy + H, dx : dx + W]
+            wgt = torch.exp(-ds - inv * ((q - guide) ** 2).sum(1, keepdim=True))
+            acc += wgt * q
+            norm += wgt
+    return acc / norm
+
+
+def _lr_guide(guide: torch.Tensor, lr_size: tuple[int, int], mode: str) -> torch.Tensor:
+    if mode in CELL_MODES:
+        return cell_guide(guide, lr_size, mode)
+    return resample_guide(guide, lr_size, mode)
+
+
 def lr_guides(guide_hr: torch.Tensor, lr_size: tuple[int, int], config: FitConfig):
     """``(range centres, fit values or None)`` on the LR grid for ``config`` (``[B, Cg, h, w]`` each)."""
-    centres = resample_guide(guide_hr, lr_size, config.guide_downsample)
+    centres = _lr_guide(guide_hr, lr_size, config.guide_downsample)
     if config.fit_values is None or config.fit_values == config.guide_downsample:
         return centres, None
-    return centres, resample_guide(guide_hr, lr_size, config.fit_values)
+    return centres, _lr_guide(guide_hr, lr_size, config.fit_values)
+
+
+def _cell_bounds(n_hr: int, n_lr: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Start and stop HR index of every LR cell along one axis (``adaptive_avg_pool2d``'s cells)."""
+    i = torch.arange(n_lr)
+    return (i * n_hr) // n_lr, -((-(i + 1) * n_hr) // n_lr)
+
+
+def _cell_pixels(guide: torch.Tensor, lr_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(pixels [B, C, h, w, K], in_cell [h, w, K])``: the HR pixels of every LR cell (the cells of the
+    ``"box"`` mean), padded to the largest cell; padding entries repeat a cell pixel and are False."""
+    B, C, H, W = guide.shape
+    h, w = lr_size
+    y0, y1 = _cell_bounds(H, h)
+    x0, x1 = _cell_bounds(W, w)
+    ky, kx = int((y1 - y0).max()), int((x1 - x0).max())
+    ry = y0[:, None] + torch.arange(ky)[None]  # [h, ky]
+    rx = x0[:, None] + torch.arange(kx)[None]  # [w, kx]
+    oky, okx = ry < y1[:, None], rx < x1[:, None]
+    ry, rx = torch.minimum(ry, y1[:, None] - 1), torch.minimum(rx, x1[:, None] - 1)
+    dev = guide.device
+    g = guide[:, :, ry.to(dev)][:, :, :, :, rx.to(dev)]  # [B, C, h, ky, w, kx]
+    g = g.permute(0, 1, 2, 4, 3, 5).reshape(B, C, h, w, ky * kx)
+    ok = (oky[:, None, :, None] & okx[None, :, None, :]).reshape(h, w, ky * kx).to(dev)
+    return g, ok
+
+
+def cell_guide(guide: torch.Tensor, lr_size: tuple[int, int], mode: str = "median", bandwidth: float = 0.1):
+    """A robust aggregate of the HR pixels of every LR cell, ``[B, C, H, W] -> [B, C, h, w]``.
+
+    The cells are those of the ``"box"`` mean (``adaptive_avg_pool2d``). ``"median"``: the per-channel
+    median. ``"mode"``: a mean-shift mode seeking step from the median (8 iterations of the Gaussian-
+    weighted mean of the cell's pixels, ``bandwidth`` in guide units): the colour of the cell's
+    dominant region rather than a mix of the regions a boundary or a texture cell contains.
+    """
+    if mode not in CELL_MODES:
+        raise ValueError(f"mode must be one of {CELL_MODES}, got {mode!r}")
+    g, ok = _cell_pixels(guide, lr_size)
+    nan = torch.full((), float("nan"), dtype=guide.dtype, device=guide.device)
+    med = torch.where(ok, g, nan).nanmedian(-1).values
+    if mode == "median":
+        return med
+    m = med
+    okf = ok.to(guide.dtype)
+    for _ in range(8):
+        d2 = ((g - m[..., None]) ** 2).sum(1, keepdim=True)
+        wgt = torch.exp(-0.5 * d2 / bandwidth**2) * okf
+        m = (wgt * g).sum(-1) / wgt.sum(-1).clamp_min(1e-30)
+    return m
 
 
 class _Adam:
