@@ -38,32 +38,49 @@ FAMILIES = ("textured", "contact", "thin", "camouflage", "holes")
 CORRUPT = ("sp20", "gauss05", "gauss10", "jpeg20")
 TASKS = ("rgb", "labels", "features", "corrupt", "depth")
 
-#: the previous pre-filter: impulse clean-up only ("auto" without the noise and JPEG rules)
+#: the previous defaults, pinned: box LR guide rendered as is (``values_mix=0``), impulse clean-up only
+#: (``"auto"`` without the noise and JPEG rules); the mode's mean-shift bandwidth of the first runs
 OLD_PF = {"tto.NOISE_LEVEL": 1e9, "tto.JPEG_RANGE": 0}
-#: name -> FitConfig overrides; ``{}`` is today's default
+OLD = {"guide_downsample": "box", "values_mix": 0.0, "tto.MODE_BANDWIDTH": 0.1, **OLD_PF}
+
+
+def _v(**kw) -> dict:
+    return {**OLD, **{k.replace("__", "."): v for k, v in kw.items()}}
+
+
+#: name -> FitConfig overrides (``tto__NAME`` = a module constant of ua3d.core.tto); ``{}`` = today's default
 VARIANTS: dict[str, dict] = {
     "default": {},
-    # the previous default: box LR guide, impulse clean-up only ("auto" without the denoise step)
-    "box": {"guide_downsample": "box", **OLD_PF},
-    "bilinear": {"guide_downsample": "bilinear", **OLD_PF},
-    "median": {"guide_downsample": "median", **OLD_PF},
-    "mode": {"guide_downsample": "mode", **OLD_PF},
-    "median_box": {"guide_downsample": "median", "fit_values": "box", **OLD_PF},
-    "mode_box": {"guide_downsample": "mode", "fit_values": "box", **OLD_PF},
-    "bilinear_box": {"guide_downsample": "bilinear", "fit_values": "box", **OLD_PF},
-    "box_denoise": {"guide_downsample": "box", "tto.JPEG_RANGE": 0},
-    "box_denoise_jpeg10": {"guide_downsample": "box", "tto.JPEG_RANGE": 0.1},
-    "box_denoise_jpeg05": {"guide_downsample": "box", "tto.JPEG_RANGE": 0.05},
-    "box_srmin05": {"guide_downsample": "box", "sigma_range_min": 0.05, **OLD_PF},
-    "box_srmin08": {"guide_downsample": "box", "sigma_range_min": 0.08, **OLD_PF},
-    "box_smin075": {"guide_downsample": "box", "sigma_spatial_min": 0.75, **OLD_PF},
-    "box_smin1": {"guide_downsample": "box", "sigma_spatial_min": 1.0, **OLD_PF},
-    "mode_smin075": {"guide_downsample": "mode", "fit_values": "box", "sigma_spatial_min": 0.75, **OLD_PF},
-    "mode_mix50": {"guide_downsample": "mode", "fit_values": "mix", "x.mix": [0.5, "mode"], **OLD_PF},
-    "mode_mix75": {"guide_downsample": "mode", "fit_values": "mix", "x.mix": [0.75, "mode"], **OLD_PF},
-    "mode_mix65": {"guide_downsample": "mode", "fit_values": "mix", "x.mix": [0.65, "mode"], **OLD_PF},
-    "box_mix65": {"guide_downsample": "box", "fit_values": "mix", "x.mix": [0.65, "mode"], **OLD_PF},
-    "median_mix50": {"guide_downsample": "median", "fit_values": "mix", "x.mix": [0.5, "median"], **OLD_PF},
+    "box": _v(),  # the previous default
+    "bilinear": _v(guide_downsample="bilinear"),
+    "median": _v(guide_downsample="median"),
+    "mode": _v(guide_downsample="mode"),
+    "median_box": _v(guide_downsample="median", fit_values="box"),
+    "mode_box": _v(guide_downsample="mode", fit_values="box"),
+    "bilinear_box": _v(guide_downsample="bilinear", fit_values="box"),
+    "box_srmin05": _v(sigma_range_min=0.05),
+    "box_srmin08": _v(sigma_range_min=0.08),
+    "box_smin075": _v(sigma_spatial_min=0.75),
+    "box_smin1": _v(sigma_spatial_min=1.0),
+    "mode_smin075": _v(guide_downsample="mode", fit_values="box", sigma_spatial_min=0.75),
+    # values = a * box + (1 - a) * mode (or median); x.mix = [a, robust mode]
+    "mode_mix50": _v(guide_downsample="mode", fit_values="mix", x__mix=[0.5, "mode"]),
+    "mode_mix65": _v(guide_downsample="mode", fit_values="mix", x__mix=[0.65, "mode"]),
+    "mode_mix75": _v(guide_downsample="mode", fit_values="mix", x__mix=[0.75, "mode"]),
+    "median_mix50": _v(guide_downsample="median", fit_values="mix", x__mix=[0.5, "median"]),
+    "box_two50": _v(x__two=[0.5, "mode"]),
+    "box_mix50": _v(values_mix=0.5),
+    "box_mix50_bw05": _v(values_mix=0.5, tto__MODE_BANDWIDTH=0.05),
+    "box_mix50_bw20": _v(values_mix=0.5, tto__MODE_BANDWIDTH=0.2),
+    "box_mix65_bw05": _v(values_mix=0.65, tto__MODE_BANDWIDTH=0.05),
+    "mode_mix50_bw05": _v(guide_downsample="mode", fit_values="box", values_mix=0.5, tto__MODE_BANDWIDTH=0.05),
+    # the guide pre-filter (box LR guide, values_mix 0): noise rule, JPEG rule and their constants
+    "box_denoise": _v(tto__NOISE_LEVEL=0.02),
+    "box_denoise_jpeg05": _v(tto__NOISE_LEVEL=0.02, tto__JPEG_RANGE=0.05),
+    "box_denoise_jpeg10": _v(tto__NOISE_LEVEL=0.02, tto__JPEG_RANGE=0.1),
+    "box_denoise_jpeg15": _v(tto__NOISE_LEVEL=0.02, tto__JPEG_RANGE=0.15),
+    "box_denoise_r3": _v(tto__NOISE_LEVEL=0.02, tto__JPEG_RANGE=0.1, tto__DENOISE_RANGE=3.0),
+    "box_denoise_p3": _v(tto__NOISE_LEVEL=0.02, tto__JPEG_RANGE=0.1, tto__DENOISE_PASSES=3),
 }
 
 
@@ -81,7 +98,7 @@ def _module_constants(overrides: dict) -> dict:
         a, base = overrides["x.mix"]
         orig = tto.cell_guide
 
-        def mixed(guide, lr_size, mode="median", bandwidth=0.1):
+        def mixed(guide, lr_size, mode="median", bandwidth=None):
             if mode != "mix":
                 return orig(guide, lr_size, mode, bandwidth)
             box = tto.resample_guide(guide, lr_size, "box")
@@ -90,13 +107,28 @@ def _module_constants(overrides: dict) -> dict:
         tto.cell_guide = mixed
         tto.CELL_MODES = (*tto.CELL_MODES, "mix")
         tto.LR_GUIDE_MODES = (*tto.LR_GUIDE_MODES, "mix")
+    if "x.two" in overrides:  # experimental: loss = a * L1(box values) + (1 - a) * L1(<robust> values)
+        a2, base2 = overrides["x.two"]
+        orig_lg = tto.kernel_fit_loss_grad
+        cache: dict = {}
+
+        def two(params, g_hr, guide_lr, *args, values_lr=None, **kw):
+            key = (id(g_hr), g_hr.shape)
+            if key not in cache:
+                cache.clear()
+                cache[key] = tto.cell_guide(g_hr, tuple(guide_lr.shape[-2:]), base2)
+            l1, g1 = orig_lg(params, g_hr, guide_lr, *args, values_lr=values_lr, **kw)
+            l2, g2 = orig_lg(params, g_hr, guide_lr, *args, values_lr=cache[key], **kw)
+            return a2 * l1 + (1 - a2) * l2, a2 * g1 + (1 - a2) * g2
+
+        tto.kernel_fit_loss_grad = two
     for k, v in overrides.items():
         if k.startswith("x."):
             continue
         if k.startswith("tto."):
             if not hasattr(tto, k[4:]):
                 raise ValueError(f"ua3d.core.tto has no constant {k[4:]!r}")
-            setattr(tto, k[4:], float(v) if isinstance(v, (int, float)) else v)
+            setattr(tto, k[4:], v)
     return {k: v for k, v in overrides.items() if not k.startswith(("tto.", "x."))}
 
 
@@ -233,9 +265,16 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     todo = [(n, VARIANTS[n] if n != "baselines" else None) for n in a.variants]
     todo += [(n, json.loads(j)) for n, j in a.variant_set]
+    from ua3d.core import tto
+
+    saved = dict(vars(tto))  # the variants' "tto." constants and "x." patches are undone after each
     for name, ov in todo:
         t0 = time.perf_counter()
-        res = score(ov or {}, a.tasks, a.seeds, baselines=ov is None)
+        try:
+            res = score(ov or {}, a.tasks, a.seeds, baselines=ov is None)
+        finally:
+            for k, v in saved.items():
+                setattr(tto, k, v)
         res["machine"] = T.machine_info()
         out.mkdir(parents=True, exist_ok=True)
         f = out / f"{name}.json"

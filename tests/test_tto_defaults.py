@@ -80,7 +80,7 @@ def test_cell_mode_is_the_majority_colour_of_a_mixed_cell():
 
 def test_lr_guides_make_the_cell_modes():
     g = torch.rand(1, 3, 16, 16)
-    c, v = lr_guides(g, (4, 4), FitConfig(guide_downsample="mode", fit_values="box"))
+    c, v = lr_guides(g, (4, 4), FitConfig(guide_downsample="mode", fit_values="box", values_mix=0.0))
     assert torch.equal(c, cell_guide(g, (4, 4), "mode")) and torch.equal(v, resample_guide(g, (4, 4), "box"))
 
 
@@ -177,3 +177,17 @@ def test_prefilter_cleans_jpeg_blocks():
         y = _jpeg(_textured(seed), 20)
         out = prefilter_guide(y, "auto")
         assert _psnr(out, _textured(seed)) >= _psnr(y, _textured(seed)) + 0.5
+
+
+def test_default_lr_guides_are_box_centres_and_half_sharpened_values():
+    g = torch.rand(1, 3, 16, 16, dtype=torch.float64)
+    c, v = lr_guides(g, (4, 4), FitConfig())
+    box, mode = resample_guide(g, (4, 4), "box"), cell_guide(g, (4, 4), "mode")
+    assert FitConfig().values_mix == 0.5 and FitConfig().guide_downsample == "box"
+    assert torch.equal(c, box) and torch.allclose(v, 0.5 * box + 0.5 * mode, atol=1e-12)
+    _, v0 = lr_guides(g, (4, 4), FitConfig(values_mix=0.0))
+    assert v0 is None
+    _, v1 = lr_guides(g, (4, 4), FitConfig(values_mix=1.0))
+    assert torch.allclose(v1, mode, atol=1e-12)
+    with pytest.raises(ValueError, match=r"^values_mix must be in \[0, 1\], got 1.5$"):
+        FitConfig(values_mix=1.5)
