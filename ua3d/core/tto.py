@@ -456,13 +456,15 @@ def estimate_blockiness(guide: torch.Tensor, block: int = 8) -> torch.Tensor:
     H, W = y.shape[-2:]
     if H < 3 * block or W < 3 * block:
         return guide.new_ones(guide.shape[0])
-    dx = (y[..., block:-block, 1:] - y[..., block:-block, :-1]).abs()[..., block - 1 : W - block]
-    dy = (y[..., 1:, block:-block] - y[..., :-1, block:-block]).abs()[..., block - 1 : H - block, :]
-    bx = (torch.arange(block - 1, W - block, device=guide.device) % block) == block - 1
-    by = (torch.arange(block - 1, H - block, device=guide.device) % block) == block - 1
-    on = torch.cat([dx[..., bx].flatten(1), dy[..., by, :].flatten(1)], 1)
-    off = torch.cat([dx[..., ~bx].flatten(1), dy[..., ~by, :].flatten(1)], 1)
-    return on.mean(1) / off.mean(1).clamp_min(1e-12)
+    b = block
+    # steps between columns j and j + 1 for j in [b - 1, W - b), rows [b, H - b) (and the same for rows)
+    dx = (y[:, b:-b, b:-b + 1 if b > 1 else None] - y[:, b:-b, b - 1 : -b]).abs_()
+    dy = (y[:, b:-b + 1 if b > 1 else None, b:-b] - y[:, b - 1 : -b, b:-b]).abs_()
+    on = dx[:, :, ::b].sum((1, 2)) + dy[:, ::b].sum((1, 2))  # j = b - 1, 2b - 1, ...: the grid borders
+    n_on = dx[0, :, ::b].numel() + dy[0, ::b].numel()
+    n_off = dx[0].numel() + dy[0].numel() - n_on
+    off = dx.sum((1, 2)) + dy.sum((1, 2)) - on
+    return (on / n_on) / (off / max(n_off, 1)).clamp_min(1e-12)
 
 
 def _remove_impulses(guide: torch.Tensor, force: bool) -> torch.Tensor:
@@ -500,9 +502,12 @@ def estimate_noise(guide: torch.Tensor) -> torch.Tensor:
     if H < 3 or W < 3:
         return guide.new_zeros(B)
     m = torch.tensor([[1.0, -2.0, 1.0], [-2.0, 4.0, -2.0], [1.0, -2.0, 1.0]], dtype=guide.dtype)
-    m = m.to(guide.device).expand(C, 1, 3, 3)
-    r = torch.nn.functional.conv2d(guide, m, groups=C).abs().flatten(2)  # [B, C, (H-2)(W-2)]
-    return (r.median(-1).values / (0.6745 * 6.0)).median(-1).values
+    m = m.to(guide.device).view(1, 1, 3, 3)
+    per = []
+    for c in range(C):  # one channel at a time: scratch of one HR plane
+        r = torch.nn.functional.conv2d(guide[:, c : c + 1], m).abs_().flatten(1)
+        per.append(r.median(-1).values)
+    return (torch.stack(per, 1) / (0.6745 * 6.0)).median(-1).values
 
 
 def _bilateral(guide: torch.Tensor, sigma_r: torch.Tensor, sigma_s: float = 1.5, radius: int = 3) -> torch.Tensor:
@@ -554,23 +559,32 @@ def _cell_bounds(n_hr: int, n_lr: int) -> tuple[torch.Tensor, torch.Tensor]:
     return (i * n_hr) // n_lr, -((-(i + 1) * n_hr) // n_lr)
 
 
-def _cell_pixels(guide: torch.Tensor, lr_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(pixels [B, C, h, w, K], in_cell [h, w, K])``: the HR pixels of every LR cell (the cells of the
-    ``"box"`` mean), padded to the largest cell; padding entries repeat a cell pixel and are False."""
+def _cell_pixels(
+    guide: torch.Tensor, lr_size: tuple[int, int], rows: tuple[int, int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(pixels [B, C, n, w, K], in_cell [n, w, K])``: the HR pixels of the LR cells of rows
+    ``rows = (i0, i1)`` (default all, ``n = i1 - i0``; the cells of the ``"box"`` mean), padded to the
+    largest cell; padding entries repeat a cell pixel and are False."""
     B, C, H, W = guide.shape
     h, w = lr_size
     y0, y1 = _cell_bounds(H, h)
     x0, x1 = _cell_bounds(W, w)
     ky, kx = int((y1 - y0).max()), int((x1 - x0).max())
-    ry = y0[:, None] + torch.arange(ky)[None]  # [h, ky]
+    i0, i1 = (0, h) if rows is None else rows
+    y0, y1 = y0[i0:i1], y1[i0:i1]
+    ry = y0[:, None] + torch.arange(ky)[None]  # [n, ky]
     rx = x0[:, None] + torch.arange(kx)[None]  # [w, kx]
     oky, okx = ry < y1[:, None], rx < x1[:, None]
     ry, rx = torch.minimum(ry, y1[:, None] - 1), torch.minimum(rx, x1[:, None] - 1)
     dev = guide.device
-    g = guide[:, :, ry.to(dev)][:, :, :, :, rx.to(dev)]  # [B, C, h, ky, w, kx]
-    g = g.permute(0, 1, 2, 4, 3, 5).reshape(B, C, h, w, ky * kx)
-    ok = (oky[:, None, :, None] & okx[None, :, None, :]).reshape(h, w, ky * kx).to(dev)
+    g = guide[:, :, ry.to(dev)][:, :, :, :, rx.to(dev)]  # [B, C, n, ky, w, kx]
+    g = g.permute(0, 1, 2, 4, 3, 5).reshape(B, C, i1 - i0, w, ky * kx)
+    ok = (oky[:, None, :, None] & okx[None, :, None, :]).reshape(i1 - i0, w, ky * kx).to(dev)
     return g, ok
+
+
+#: HR pixels per band of LR rows that :func:`cell_guide` processes at once (bounds its scratch memory)
+CELL_BAND_PIXELS = 1 << 16
 
 
 def cell_guide(
@@ -582,23 +596,27 @@ def cell_guide(
     median. ``"mode"``: a mean-shift mode seeking step from the median (8 iterations of the Gaussian-
     weighted mean of the cell's pixels, ``bandwidth`` in guide units, default :data:`MODE_BANDWIDTH`):
     the colour of the cell's dominant region rather than a mix of the regions a boundary or a texture
-    cell contains.
+    cell contains. Bands of LR rows of about :data:`CELL_BAND_PIXELS` HR pixels at a time.
     """
     if mode not in CELL_MODES:
         raise ValueError(f"mode must be one of {CELL_MODES}, got {mode!r}")
-    g, ok = _cell_pixels(guide, lr_size)
-    nan = torch.full((), float("nan"), dtype=guide.dtype, device=guide.device)
-    med = torch.where(ok, g, nan).nanmedian(-1).values
-    if mode == "median":
-        return med
     bandwidth = MODE_BANDWIDTH if bandwidth is None else float(bandwidth)
-    m = med
-    okf = ok.to(guide.dtype)
-    for _ in range(8):
-        d2 = ((g - m[..., None]) ** 2).sum(1, keepdim=True)
-        wgt = torch.exp(-0.5 * d2 / bandwidth**2) * okf
-        m = (wgt * g).sum(-1) / wgt.sum(-1).clamp_min(1e-30)
-    return m
+    B, C, H, W = guide.shape
+    h, w = lr_size
+    step = max(1, CELL_BAND_PIXELS // max(1, -(-H // h) * W))
+    out = []
+    for i0 in range(0, h, step):
+        g, ok = _cell_pixels(guide, lr_size, (i0, min(h, i0 + step)))
+        nan = torch.full((), float("nan"), dtype=guide.dtype, device=guide.device)
+        m = torch.where(ok, g, nan).nanmedian(-1).values
+        if mode == "mode":
+            okf = ok.to(guide.dtype)
+            for _ in range(8):
+                d2 = ((g - m[..., None]) ** 2).sum(1, keepdim=True)
+                wgt = torch.exp_(d2.mul_(-0.5 / bandwidth**2)).mul_(okf)
+                m = (wgt * g).sum(-1) / wgt.sum(-1).clamp_min(1e-30)
+        out.append(m)
+    return torch.cat(out, 2)
 
 
 class _Adam:
