@@ -49,6 +49,8 @@ PREFILTERS = ("auto", "impulse", "denoise", "none")
 IMPULSE_SHARE = 0.005
 #: estimated guide noise (std, guide units) above which ``guide_prefilter="auto"`` denoises the guide
 NOISE_LEVEL = 0.02
+#: responses per channel whose median :func:`estimate_noise` takes (a regular subsample beyond that)
+NOISE_SAMPLES = 1 << 18
 #: per-cell robust LR guides computed here (:func:`cell_guide`), beside :data:`GUIDE_DOWNSAMPLE_MODES`
 CELL_MODES = ("median", "mode")
 #: bandwidth (guide units) of the mean-shift step of ``cell_guide(..., "mode")``
@@ -501,34 +503,49 @@ def estimate_noise(guide: torch.Tensor) -> torch.Tensor:
     B, C, H, W = guide.shape
     if H < 3 or W < 3:
         return guide.new_zeros(B)
-    m = torch.tensor([[1.0, -2.0, 1.0], [-2.0, 4.0, -2.0], [1.0, -2.0, 1.0]], dtype=guide.dtype)
-    m = m.to(guide.device).view(1, 1, 3, 3)
     per = []
-    for c in range(C):  # one channel at a time: scratch of one HR plane
-        r = torch.nn.functional.conv2d(guide[:, c : c + 1], m).abs_().flatten(1)
-        per.append(r.median(-1).values)
+    for c in range(C):  # one channel at a time, the mask as shifted sums: scratch of about two HR planes
+        x = guide[:, c]
+        r = x[:, :-2, :-2] + x[:, :-2, 2:]
+        r += x[:, 2:, :-2]
+        r += x[:, 2:, 2:]
+        r.add_(x[:, :-2, 1:-1], alpha=-2).add_(x[:, 2:, 1:-1], alpha=-2)
+        r.add_(x[:, 1:-1, :-2], alpha=-2).add_(x[:, 1:-1, 2:], alpha=-2)
+        r.add_(x[:, 1:-1, 1:-1], alpha=4)
+        r = r.abs_().flatten(1)
+        step = max(1, r.shape[1] // NOISE_SAMPLES)  # the median of a regular subsample
+        per.append(r[:, ::step].median(-1).values)
     return (torch.stack(per, 1) / (0.6745 * 6.0)).median(-1).values
 
 
 def _bilateral(guide: torch.Tensor, sigma_r: torch.Tensor, sigma_s: float = 1.5, radius: int = 3) -> torch.Tensor:
     """Edge-preserving bilateral filter of ``guide [B, C, H, W]`` (range sigma ``sigma_r [B]``, guide units;
-    Gaussian spatial weights of ``sigma_s`` px in a ``(2 radius + 1)^2`` window, borders replicated)."""
+    Gaussian spatial weights of ``sigma_s`` px in a disc of ``radius`` px, borders replicated), in bands
+    of rows of about :data:`CELL_BAND_PIXELS` pixels (scratch of a few bands, not of the image)."""
     B, C, H, W = guide.shape
     k = 2 * radius + 1
     pad = torch.nn.functional.pad(guide, (radius,) * 4, mode="replicate")
-    acc = torch.zeros_like(guide)
-    norm = torch.zeros(B, 1, H, W, dtype=guide.dtype, device=guide.device)
+    out = torch.empty_like(guide)
     inv = (0.5 / sigma_r.to(guide.dtype) ** 2).view(B, 1, 1, 1)
-    for dy in range(k):
-        for dx in range(k):
-            ds = ((dy - radius) ** 2 + (dx - radius) ** 2) / (2.0 * sigma_s**2)
-            if ds > 0.5 * (radius + 0.5) ** 2 / sigma_s**2:
-                continue  # a disc window
-            q = pad[:, :, dy : dy + H, dx : dx + W]
-            wgt = torch.exp(-ds - inv * ((q - guide) ** 2).sum(1, keepdim=True))
-            acc += wgt * q
+    rows = max(1, CELL_BAND_PIXELS // max(1, W))
+    taps = [
+        (dy, dx, ((dy - radius) ** 2 + (dx - radius) ** 2) / (2.0 * sigma_s**2))
+        for dy in range(k)
+        for dx in range(k)
+        if (dy - radius) ** 2 + (dx - radius) ** 2 <= (radius + 0.5) ** 2
+    ]
+    for y0 in range(0, H, rows):
+        y1 = min(H, y0 + rows)
+        centre = guide[:, :, y0:y1]
+        acc = torch.zeros_like(centre)
+        norm = torch.zeros(B, 1, y1 - y0, W, dtype=guide.dtype, device=guide.device)
+        for dy, dx, ds in taps:
+            q = pad[:, :, y0 + dy : y1 + dy, dx : dx + W]
+            wgt = (q - centre).square_().sum(1, keepdim=True).mul_(-inv).sub_(ds).exp_()
+            acc.addcmul_(wgt, q)
             norm += wgt
-    return acc / norm
+        out[:, :, y0:y1] = acc / norm
+    return out
 
 
 def _lr_guide(guide: torch.Tensor, lr_size: tuple[int, int], mode: str) -> torch.Tensor:
