@@ -73,7 +73,9 @@ VARIANTS: dict[str, dict] = {
     "box_mix50_bw05": _v(values_mix=0.5, tto__MODE_BANDWIDTH=0.05),
     "box_mix50_bw20": _v(values_mix=0.5, tto__MODE_BANDWIDTH=0.2),
     "box_mix65_bw05": _v(values_mix=0.65, tto__MODE_BANDWIDTH=0.05),
-    "mode_mix50_bw05": _v(guide_downsample="mode", fit_values="box", values_mix=0.5, tto__MODE_BANDWIDTH=0.05),
+    "mode_mix50_bw05": _v(
+        guide_downsample="mode", fit_values="box", values_mix=0.5, tto__MODE_BANDWIDTH=0.05
+    ),
     # the guide pre-filter (box LR guide, values_mix 0): noise rule, JPEG rule and their constants
     "box_denoise": _v(tto__NOISE_LEVEL=0.02),
     "box_denoise_jpeg05": _v(tto__NOISE_LEVEL=0.02, tto__JPEG_RANGE=0.05),
@@ -144,7 +146,9 @@ def score(overrides: dict, tasks, seeds: int, baselines: bool = False) -> dict:
         t0 = time.perf_counter()
         rows = T.task_rgb(sk + data, (14,), ["bicubic", *methods], cfg)
         out["rgb"] = {
-            r["photo"]: {h: {m: r[h][m] - r[h]["bicubic"] for m in r[h] if m != "bicubic"} for h in ("area", "bicubic")}
+            r["photo"]: {
+                h: {m: r[h][m] - r[h]["bicubic"] for m in r[h] if m != "bicubic"} for h in ("area", "bicubic")
+            }
             for r in rows
         }
         out["seconds"]["rgb"] = time.perf_counter() - t0
@@ -154,10 +158,14 @@ def score(overrides: dict, tasks, seeds: int, baselines: bool = False) -> dict:
         lab: dict = {}
         for r in rows:
             for m in methods:
-                d = lab.setdefault(f"{r['family']}/x{r['scale']}", {}).setdefault(m, {"boundary_acc": [], "miou": []})
+                d = lab.setdefault(f"{r['family']}/x{r['scale']}", {}).setdefault(
+                    m, {"boundary_acc": [], "miou": []}
+                )
                 d["boundary_acc"].append(r[m]["boundary_acc"])
                 d["miou"].append(r[m]["miou"])
-        out["labels"] = {k: {m: {q: _mean(x) for q, x in d.items()} for m, d in v.items()} for k, v in lab.items()}
+        out["labels"] = {
+            k: {m: {q: _mean(x) for q, x in d.items()} for m, d in v.items()} for k, v in lab.items()
+        }
         out["seconds"]["labels"] = time.perf_counter() - t0
     if "features" in tasks:
         t0 = time.perf_counter()

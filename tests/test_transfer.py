@@ -221,7 +221,8 @@ def test_prefilter_leaves_a_clean_guide_alone_and_removes_impulses():
     assert float((out - g).abs().mean()) < 0.25 * float((noisy - g).abs().mean())
     assert torch.equal(prefilter_guide(noisy, "none"), noisy)
     with pytest.raises(
-        ValueError, match=r"^guide_prefilter must be one of \('auto', 'impulse', 'denoise', 'none'\), got 'median'$"
+        ValueError,
+        match=r"^guide_prefilter must be one of \('auto', 'impulse', 'denoise', 'none'\), got 'median'$",
     ):
         FitConfig(guide_prefilter="median")
 

@@ -14,7 +14,14 @@ import torch.nn.functional as F
 import ua3d
 from ua3d.core import tto
 from ua3d.core.kernel import resample_guide
-from ua3d.core.tto import FitConfig, cell_guide, estimate_blockiness, estimate_noise, lr_guides, prefilter_guide
+from ua3d.core.tto import (
+    FitConfig,
+    cell_guide,
+    estimate_blockiness,
+    estimate_noise,
+    lr_guides,
+    prefilter_guide,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -22,9 +29,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _smooth(h: int = 64, w: int = 64, seed: int = 0) -> torch.Tensor:
     """A smooth colour image in [0.1, 0.9] (no noise, no block grid)."""
     g = torch.Generator().manual_seed(seed)
-    return F.interpolate(torch.rand(1, 3, 4, 4, generator=g), size=(h, w), mode="bicubic", align_corners=False).clamp(
-        0, 1
-    ) * 0.8 + 0.1
+    return (
+        F.interpolate(
+            torch.rand(1, 3, 4, 4, generator=g), size=(h, w), mode="bicubic", align_corners=False
+        ).clamp(0, 1)
+        * 0.8
+        + 0.1
+    )
 
 
 def _pieces(h: int = 64, w: int = 64, seed: int = 0) -> torch.Tensor:
@@ -96,17 +107,23 @@ def test_new_options_raise_exact_errors():
     ):
         FitConfig(fit_values="y")
     with pytest.raises(
-        ValueError, match=r"^guide_prefilter must be one of \('auto', 'impulse', 'denoise', 'none'\), got 'x'$"
+        ValueError,
+        match=r"^guide_prefilter must be one of \('auto', 'impulse', 'denoise', 'none'\), got 'x'$",
     ):
         FitConfig(guide_prefilter="x")
-    with pytest.raises(ValueError, match=r"^sigma_spatial_min must be None or a positive number of LR cells, got 0$"):
+    with pytest.raises(
+        ValueError, match=r"^sigma_spatial_min must be None or a positive number of LR cells, got 0$"
+    ):
         FitConfig(sigma_spatial_min=0)
-    with pytest.raises(ValueError, match=r"^sigma_spatial_min \(2.0\) must not exceed sigma_spatial_max \(1.0\)$"):
+    with pytest.raises(
+        ValueError, match=r"^sigma_spatial_min \(2.0\) must not exceed sigma_spatial_max \(1.0\)$"
+    ):
         FitConfig(sigma_spatial_min=2.0, sigma_spatial_max=1.0)
     with pytest.raises(ValueError, match=r"^mode must be one of \('median', 'mode'\), got 'box'$"):
         cell_guide(torch.rand(1, 3, 8, 8), (2, 2), "box")
     with pytest.raises(
-        ValueError, match=r"^guide_prefilter must be one of \('auto', 'impulse', 'denoise', 'none'\), got 'x'$"
+        ValueError,
+        match=r"^guide_prefilter must be one of \('auto', 'impulse', 'denoise', 'none'\), got 'x'$",
     ):
         prefilter_guide(torch.rand(1, 3, 8, 8), "x")
 
@@ -167,7 +184,9 @@ def test_denoise_is_per_batch_item():
 
 
 def _textured(seed: int) -> torch.Tensor:
-    return _smooth(64, 64) * 0.5 + _pieces(64, 64, seed=seed) * 0.5 + 0.02 * torch.sin(torch.arange(64.0) * 1.3)
+    return (
+        _smooth(64, 64) * 0.5 + _pieces(64, 64, seed=seed) * 0.5 + 0.02 * torch.sin(torch.arange(64.0) * 1.3)
+    )
 
 
 def test_prefilter_cleans_jpeg_blocks():

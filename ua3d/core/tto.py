@@ -8,9 +8,12 @@ exponential decay ``(1e-8)^(1/5100)`` per step, L1 loss, 50 steps, nearest ancho
 log-sum-exp normalisation, a disc window of radius 8 LR cells) and departs from it
 where it is not (per-axis float scales, cells outside the grid excluded rather
 than clamped, any device and dtype, memory bounded by row chunks), and where the
-transfer benchmark (:mod:`ua3d.eval.transfer`, ``docs/transfer.md``) says so: the LR
-guide is the mean over each cell (``"box"``, what patch features and pooled labels
-are) rather than a point sample, and salt-and-pepper guides are median-cleaned first.
+transfer benchmark (:mod:`ua3d.eval.transfer`, ``docs/transfer.md``,
+``docs/transfer_defaults.md``) says so: the range centres are the mean over each cell
+(``"box"``, what patch features and pooled labels are) rather than a point sample, the
+fit renders values half way between that mean and the cell's dominant colour
+(``values_mix=0.5``), and salt-and-pepper, Gaussian-noise and JPEG guides are cleaned
+first (``guide_prefilter="auto"``).
 """
 
 from __future__ import annotations
@@ -115,11 +118,14 @@ class FitConfig:
         (default 0.5; 0 = the fit renders the LR guide itself). The box-only fit (0) renders cell means
         best but learns kernels that copy labels across object boundaries; half-sharpened values
         gain 1.2 points of label boundary accuracy for 1 dB of RGB transfer (``docs/transfer_defaults.md``).
-    guide_prefilter : ``"auto"`` (default), ``"impulse"`` or ``"none"``: ``"impulse"`` replaces
-        impulse-noise pixels of the guide (every channel at 0 or at 1 and far from the median of the
-        other pixels of their 3x3 neighbourhood) by that median before the fit; ``"auto"`` does so only
-        when more than :data:`IMPULSE_SHARE` of the pixels are impulses (salt-and-pepper noise), so a
-        clean guide is used unchanged. See :func:`prefilter_guide`.
+    guide_prefilter : ``"auto"`` (default), ``"impulse"``, ``"denoise"`` or ``"none"``: ``"impulse"``
+        replaces impulse-noise pixels of the guide (every channel at 0 or at 1 and far from the median
+        of the other pixels of their 3x3 neighbourhood) by that median before the fit; ``"denoise"``
+        then bilateral-filters it with a range sigma of twice the estimated noise; ``"auto"`` does the
+        impulse step only when more than :data:`IMPULSE_SHARE` of the pixels are impulses
+        (salt-and-pepper noise) and the bilateral step only when the estimated Gaussian noise exceeds
+        :data:`NOISE_LEVEL` or the image shows JPEG blocks, so a clean guide is used unchanged. The
+        filtered guide is also the one the kernel renders with. See :func:`prefilter_guide`.
     sigma_range_min : None, or a floor on every range sigma (guide units) kept during the fit: a
         kernel whose range term is sharper than the colour differences inside an object copies
         labels and features across objects of similar colour (see ``docs/transfer.md``).
@@ -160,7 +166,9 @@ class FitConfig:
         if not (0 < self.pixel_fraction <= 1):
             raise ValueError(f"pixel_fraction must be in (0, 1], got {self.pixel_fraction!r}")
         if self.guide_downsample not in LR_GUIDE_MODES:
-            raise ValueError(f"guide_downsample must be one of {LR_GUIDE_MODES}, got {self.guide_downsample!r}")
+            raise ValueError(
+                f"guide_downsample must be one of {LR_GUIDE_MODES}, got {self.guide_downsample!r}"
+            )
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.adaptive_support is not None and (
@@ -408,11 +416,14 @@ def prefilter_guide(guide: torch.Tensor, mode: str = "auto") -> torch.Tensor:
     that differs by more than 0.25 (in some channel) from the median of the non-impulse pixels of its
     3x3 neighbourhood; it is replaced by that median (by the plain 3x3 median where every neighbour is
     an impulse). Other pixels are never changed.
-    ``"denoise"``: after that, a bilateral filter whose range sigma is ``DENOISE_RANGE`` times the
-    noise :func:`estimate_noise` measures (only on items whose noise exceeds :data:`NOISE_LEVEL`).
+    ``"denoise"``: after that (always), :data:`DENOISE_PASSES` bilateral passes whose range sigma is
+    :data:`DENOISE_RANGE` times the noise :func:`estimate_noise` measures.
     ``"auto"``: the impulse step only when more than :data:`IMPULSE_SHARE` of the pixels are
-    impulses, the denoise step only when the estimated noise exceeds :data:`NOISE_LEVEL`; a clean
-    guide is returned unchanged (the same tensor).
+    impulses; the bilateral step only on batch items whose estimated noise exceeds
+    :data:`NOISE_LEVEL` or whose :func:`estimate_blockiness` lies between :data:`JPEG_BLOCKINESS`
+    and :data:`JPEG_BLOCKINESS_MAX` (JPEG blocks; range sigma at least :data:`JPEG_RANGE`). A clean
+    guide is returned unchanged (the same tensor). Thresholds and measurements:
+    ``docs/transfer_defaults.md``.
     """
     if mode not in PREFILTERS:
         raise ValueError(f"guide_prefilter must be one of {PREFILTERS}, got {mode!r}")
@@ -460,8 +471,8 @@ def estimate_blockiness(guide: torch.Tensor, block: int = 8) -> torch.Tensor:
         return guide.new_ones(guide.shape[0])
     b = block
     # steps between columns j and j + 1 for j in [b - 1, W - b), rows [b, H - b) (and the same for rows)
-    dx = (y[:, b:-b, b:-b + 1 if b > 1 else None] - y[:, b:-b, b - 1 : -b]).abs_()
-    dy = (y[:, b:-b + 1 if b > 1 else None, b:-b] - y[:, b - 1 : -b, b:-b]).abs_()
+    dx = (y[:, b:-b, b : -b + 1 if b > 1 else None] - y[:, b:-b, b - 1 : -b]).abs_()
+    dy = (y[:, b : -b + 1 if b > 1 else None, b:-b] - y[:, b - 1 : -b, b:-b]).abs_()
     on = dx[:, :, ::b].sum((1, 2)) + dy[:, ::b].sum((1, 2))  # j = b - 1, 2b - 1, ...: the grid borders
     n_on = dx[0, :, ::b].numel() + dy[0, ::b].numel()
     n_off = dx[0].numel() + dy[0].numel() - n_on
@@ -518,11 +529,13 @@ def estimate_noise(guide: torch.Tensor) -> torch.Tensor:
     return (torch.stack(per, 1) / (0.6745 * 6.0)).median(-1).values
 
 
-def _bilateral(guide: torch.Tensor, sigma_r: torch.Tensor, sigma_s: float = 1.5, radius: int = 3) -> torch.Tensor:
+def _bilateral(
+    guide: torch.Tensor, sigma_r: torch.Tensor, sigma_s: float = 1.5, radius: int = 3
+) -> torch.Tensor:
     """Edge-preserving bilateral filter of ``guide [B, C, H, W]`` (range sigma ``sigma_r [B]``, guide units;
     Gaussian spatial weights of ``sigma_s`` px in a disc of ``radius`` px, borders replicated), in bands
     of rows of about :data:`CELL_BAND_PIXELS` pixels (scratch of a few bands, not of the image)."""
-    B, C, H, W = guide.shape
+    B, _, H, W = guide.shape
     k = 2 * radius + 1
     pad = torch.nn.functional.pad(guide, (radius,) * 4, mode="replicate")
     out = torch.empty_like(guide)
@@ -618,8 +631,8 @@ def cell_guide(
     if mode not in CELL_MODES:
         raise ValueError(f"mode must be one of {CELL_MODES}, got {mode!r}")
     bandwidth = MODE_BANDWIDTH if bandwidth is None else float(bandwidth)
-    B, C, H, W = guide.shape
-    h, w = lr_size
+    H, W = guide.shape[-2:]
+    h = lr_size[0]
     step = max(1, CELL_BAND_PIXELS // max(1, -(-H // h) * W))
     out = []
     for i0 in range(0, h, step):
