@@ -220,7 +220,12 @@ def test_labels_near_depth_edges_beat_2d_kernel_and_bilinear():
     lr = F.interpolate(F.one_hot(ids, 8).permute(2, 0, 1)[None].float(), size=grid, mode="area")
     # the settings these figures were measured with (not the defaults since issue 13: see docs/transfer.md)
     cfg = FitConfig(
-        steps=20, radius=2, backend="reference", guide_downsample="bilinear", guide_prefilter="none"
+        steps=20,
+        radius=2,
+        backend="reference",
+        guide_downsample="bilinear",
+        guide_prefilter="none",
+        values_mix=0.0,
     )
     lift = fit_rgbd(s["rgb"], s["depth"], s["camera"], grid, cfg, depth_weight=10.0)
     k2d = ua3d.fit(torch.from_numpy(s["rgb"]).permute(2, 0, 1)[None], grid, cfg)

@@ -8,9 +8,12 @@ exponential decay ``(1e-8)^(1/5100)`` per step, L1 loss, 50 steps, nearest ancho
 log-sum-exp normalisation, a disc window of radius 8 LR cells) and departs from it
 where it is not (per-axis float scales, cells outside the grid excluded rather
 than clamped, any device and dtype, memory bounded by row chunks), and where the
-transfer benchmark (:mod:`ua3d.eval.transfer`, ``docs/transfer.md``) says so: the LR
-guide is the mean over each cell (``"box"``, what patch features and pooled labels
-are) rather than a point sample, and salt-and-pepper guides are median-cleaned first.
+transfer benchmark (:mod:`ua3d.eval.transfer`, ``docs/transfer.md``,
+``docs/transfer_defaults.md``) says so: the range centres are the mean over each cell
+(``"box"``, what patch features and pooled labels are) rather than a point sample, the
+fit renders values half way between that mean and the cell's dominant colour
+(``values_mix=0.5``), and salt-and-pepper, Gaussian-noise and JPEG guides are cleaned
+first (``guide_prefilter="auto"``).
 """
 
 from __future__ import annotations
@@ -28,12 +31,44 @@ from .kernel import GUIDE_DOWNSAMPLE_MODES, init_params, resample_guide
 from .memory import check_memory, check_window
 from .ops import BACKENDS, estimate_fit_memory, kernel_fit_loss_grad
 
-__all__ = ["IMPULSE_SHARE", "PREFILTERS", "FitConfig", "fit_params", "lr_guides", "prefilter_guide"]
+__all__ = [
+    "CELL_MODES",
+    "IMPULSE_SHARE",
+    "LR_GUIDE_MODES",
+    "NOISE_LEVEL",
+    "PREFILTERS",
+    "FitConfig",
+    "cell_guide",
+    "estimate_blockiness",
+    "estimate_noise",
+    "fit_params",
+    "lr_guides",
+    "prefilter_guide",
+]
 
 #: values of ``FitConfig.guide_prefilter``
-PREFILTERS = ("auto", "impulse", "none")
+PREFILTERS = ("auto", "impulse", "denoise", "none")
 #: share of impulse pixels above which ``guide_prefilter="auto"`` filters the guide
 IMPULSE_SHARE = 0.005
+#: estimated guide noise (std, guide units) above which ``guide_prefilter="auto"`` denoises the guide
+NOISE_LEVEL = 0.02
+#: responses per channel whose median :func:`estimate_noise` takes (a regular subsample beyond that)
+NOISE_SAMPLES = 1 << 18
+#: per-cell robust LR guides computed here (:func:`cell_guide`), beside :data:`GUIDE_DOWNSAMPLE_MODES`
+CELL_MODES = ("median", "mode")
+#: bandwidth (guide units) of the mean-shift step of ``cell_guide(..., "mode")``
+MODE_BANDWIDTH = 0.05
+#: bilateral range sigma of the denoise pre-filter, in units of the estimated noise, and its passes
+DENOISE_RANGE = 2.0
+DENOISE_PASSES = 2
+#: JPEG blockiness (:func:`estimate_blockiness`) above which ``"auto"`` filters the guide, and the
+#: bilateral range sigma it then uses at least (0 = no JPEG rule)
+JPEG_BLOCKINESS = 1.2
+JPEG_RANGE = 0.1
+#: blockiness above which the grid is taken for content (nearest upsampling by 8k), not JPEG
+JPEG_BLOCKINESS_MAX = 4.0
+#: every value of ``FitConfig.guide_downsample`` / ``fit_values``
+LR_GUIDE_MODES = GUIDE_DOWNSAMPLE_MODES + CELL_MODES
 
 
 @dataclass
@@ -76,11 +111,21 @@ class FitConfig:
         scale ``W / w`` or ``H / h``), kept during the fit. Without it a cell can widen until its
         colour is borrowed by pixels several cells away (good for reconstructing the guide, bad for
         labels and features that change between those places).
-    guide_prefilter : ``"auto"`` (default), ``"impulse"`` or ``"none"``: ``"impulse"`` replaces
-        impulse-noise pixels of the guide (every channel at 0 or at 1 and far from the median of the
-        other pixels of their 3x3 neighbourhood) by that median before the fit; ``"auto"`` does so only
-        when more than :data:`IMPULSE_SHARE` of the pixels are impulses (salt-and-pepper noise), so a
-        clean guide is used unchanged. See :func:`prefilter_guide`.
+    sigma_spatial_min : None, or a floor on the spatial sigmas in LR cells (per axis, like
+        ``sigma_spatial_max``), kept during the fit.
+    values_mix : share in [0, 1] of the per-cell mode (``cell_guide(..., "mode")``) in the values the fit
+        renders: ``(1 - values_mix) * <fit_values or guide_downsample LR guide> + values_mix * mode``
+        (default 0.5; 0 = the fit renders the LR guide itself). The box-only fit (0) renders cell means
+        best but learns kernels that copy labels across object boundaries; half-sharpened values
+        gain 1.2 points of label boundary accuracy for 1 dB of RGB transfer (``docs/transfer_defaults.md``).
+    guide_prefilter : ``"auto"`` (default), ``"impulse"``, ``"denoise"`` or ``"none"``: ``"impulse"``
+        replaces impulse-noise pixels of the guide (every channel at 0 or at 1 and far from the median
+        of the other pixels of their 3x3 neighbourhood) by that median before the fit; ``"denoise"``
+        then bilateral-filters it with a range sigma of twice the estimated noise; ``"auto"`` does the
+        impulse step only when more than :data:`IMPULSE_SHARE` of the pixels are impulses
+        (salt-and-pepper noise) and the bilateral step only when the estimated Gaussian noise exceeds
+        :data:`NOISE_LEVEL` or the image shows JPEG blocks, so a clean guide is used unchanged. The
+        filtered guide is also the one the kernel renders with. See :func:`prefilter_guide`.
     sigma_range_min : None, or a floor on every range sigma (guide units) kept during the fit: a
         kernel whose range term is sharper than the colour differences inside an object copies
         labels and features across objects of similar colour (see ``docs/transfer.md``).
@@ -105,6 +150,8 @@ class FitConfig:
     fit_values: str | None = None
     sigma_spatial_max: float | None = None
     guide_prefilter: str = "auto"
+    sigma_spatial_min: float | None = None
+    values_mix: float = 0.5
 
     def __post_init__(self) -> None:
         _check_types(self)  # a wrong type (lr="0.1", seed=-1, sigma_spatial=(1,)) fails here, by name
@@ -118,9 +165,9 @@ class FitConfig:
             raise ValueError(f"radius must be >= 0, got {self.radius!r}")
         if not (0 < self.pixel_fraction <= 1):
             raise ValueError(f"pixel_fraction must be in (0, 1], got {self.pixel_fraction!r}")
-        if self.guide_downsample not in GUIDE_DOWNSAMPLE_MODES:
+        if self.guide_downsample not in LR_GUIDE_MODES:
             raise ValueError(
-                f"guide_downsample must be one of {GUIDE_DOWNSAMPLE_MODES}, got {self.guide_downsample!r}"
+                f"guide_downsample must be one of {LR_GUIDE_MODES}, got {self.guide_downsample!r}"
             )
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
@@ -138,16 +185,30 @@ class FitConfig:
             raise ValueError(
                 f"sigma_range_min must be None or a positive number, got {self.sigma_range_min!r}"
             )
-        if self.fit_values is not None and self.fit_values not in GUIDE_DOWNSAMPLE_MODES:
-            raise ValueError(
-                f"fit_values must be None or one of {GUIDE_DOWNSAMPLE_MODES}, got {self.fit_values!r}"
-            )
+        if self.fit_values is not None and self.fit_values not in LR_GUIDE_MODES:
+            raise ValueError(f"fit_values must be None or one of {LR_GUIDE_MODES}, got {self.fit_values!r}")
         if self.sigma_spatial_max is not None and (
             not (self.sigma_spatial_max > 0) or not math.isfinite(self.sigma_spatial_max)
         ):
             raise ValueError(
                 f"sigma_spatial_max must be None or a positive number of LR cells, got {self.sigma_spatial_max!r}"
             )
+        if self.sigma_spatial_min is not None and (
+            not (self.sigma_spatial_min > 0) or not math.isfinite(self.sigma_spatial_min)
+        ):
+            raise ValueError(
+                f"sigma_spatial_min must be None or a positive number of LR cells, got {self.sigma_spatial_min!r}"
+            )
+        if (
+            self.sigma_spatial_min is not None
+            and self.sigma_spatial_max is not None
+            and self.sigma_spatial_min > self.sigma_spatial_max
+        ):
+            raise ValueError(
+                f"sigma_spatial_min ({self.sigma_spatial_min!r}) must not exceed sigma_spatial_max ({self.sigma_spatial_max!r})"
+            )
+        if not (0 <= self.values_mix <= 1):
+            raise ValueError(f"values_mix must be in [0, 1], got {self.values_mix!r}")
         if self.guide_prefilter not in PREFILTERS:
             raise ValueError(f"guide_prefilter must be one of {PREFILTERS}, got {self.guide_prefilter!r}")
         if isinstance(self.fine_steps, bool) or not isinstance(self.fine_steps, int) or self.fine_steps < 0:
@@ -167,7 +228,7 @@ class FitConfig:
 
 def _check_types(cfg: FitConfig) -> None:
     """Types (and tuple forms) of the config's fields; the value ranges are checked by ``__post_init__``."""
-    for name in ("lr", "lr_decay", "radius", "theta", "pixel_fraction", "coarse_to_fine"):
+    for name in ("lr", "lr_decay", "radius", "theta", "pixel_fraction", "coarse_to_fine", "values_mix"):
         check_number(getattr(cfg, name), name, finite=False)
     check_number(cfg.theta, "theta")
     check_int(cfg.seed, "seed", low=0)
@@ -300,6 +361,11 @@ def fit_params(
         cap = (math.log(config.sigma_spatial_max * W / w), math.log(config.sigma_spatial_max * H / h))
         params[:, 0].clamp_(max=cap[0])
         params[:, 1].clamp_(max=cap[1])
+    low = None
+    if config.sigma_spatial_min is not None:
+        low = (math.log(config.sigma_spatial_min * W / w), math.log(config.sigma_spatial_min * H / h))
+        params[:, 0].clamp_(min=low[0])
+        params[:, 1].clamp_(min=low[1])
     for size, n_steps in stages:
         g_hr, v_hr = _stage_guide(guide_hr, valid_hr, size)
         g_hr = g_hr.contiguous()  # once per stage, not once per step (an HWC image's permute is not)
@@ -331,6 +397,9 @@ def fit_params(
             if cap is not None:
                 params[:, 0].clamp_(max=cap[0] + shift[0])
                 params[:, 1].clamp_(max=cap[1] + shift[1])
+            if low is not None:
+                params[:, 0].clamp_(min=low[0] + shift[0])
+                params[:, 1].clamp_(min=low[1] + shift[1])
             losses.append(float(loss))
             if callback is not None:
                 callback(len(losses) - 1, losses[-1])
@@ -340,22 +409,82 @@ def fit_params(
 
 
 def prefilter_guide(guide: torch.Tensor, mode: str = "auto") -> torch.Tensor:
-    """The guide ``[B, C, H, W]`` (values in [0, 1]) with impulse noise removed (see ``FitConfig.guide_prefilter``).
+    """The guide ``[B, C, H, W]`` (values in [0, 1]) cleaned of impulse and strong additive noise
+    (see ``FitConfig.guide_prefilter``).
 
-    An impulse is a pixel whose channels are all ``<= 1/255`` or all ``>= 254/255`` and that differs
-    by more than 0.25 (in some channel) from the median of the non-impulse pixels of its 3x3
-    neighbourhood; it is replaced by that median (by the plain 3x3 median where every neighbour is an
-    impulse). Other pixels are never changed. ``"auto"`` returns ``guide`` itself unless the share of
-    impulses exceeds :data:`IMPULSE_SHARE` in some batch item.
+    ``"impulse"``: an impulse is a pixel whose channels are all ``<= 1/255`` or all ``>= 254/255`` and
+    that differs by more than 0.25 (in some channel) from the median of the non-impulse pixels of its
+    3x3 neighbourhood; it is replaced by that median (by the plain 3x3 median where every neighbour is
+    an impulse). Other pixels are never changed.
+    ``"denoise"``: after that (always), :data:`DENOISE_PASSES` bilateral passes whose range sigma is
+    :data:`DENOISE_RANGE` times the noise :func:`estimate_noise` measures.
+    ``"auto"``: the impulse step only when more than :data:`IMPULSE_SHARE` of the pixels are
+    impulses; the bilateral step only on batch items whose estimated noise exceeds
+    :data:`NOISE_LEVEL` or whose :func:`estimate_blockiness` lies between :data:`JPEG_BLOCKINESS`
+    and :data:`JPEG_BLOCKINESS_MAX` (JPEG blocks; range sigma at least :data:`JPEG_RANGE`). A clean
+    guide is returned unchanged (the same tensor). Thresholds and measurements:
+    ``docs/transfer_defaults.md``.
     """
     if mode not in PREFILTERS:
         raise ValueError(f"guide_prefilter must be one of {PREFILTERS}, got {mode!r}")
     if mode == "none":
         return guide
+    out = _remove_impulses(guide, force=mode != "auto")
+    if mode == "impulse":
+        return out
+    return _denoise(out, force=mode == "denoise")
+
+
+def _denoise(guide: torch.Tensor, force: bool = False) -> torch.Tensor:
+    """Bilateral-filter the batch items whose estimated noise exceeds :data:`NOISE_LEVEL` (range sigma
+    ``DENOISE_RANGE * noise``) or whose JPEG blockiness exceeds :data:`JPEG_BLOCKINESS` (range sigma at
+    least :data:`JPEG_RANGE`); ``force``: every item, with the noise rule's sigma."""
+    noise = estimate_noise(guide)
+    sigma = torch.where(noise > NOISE_LEVEL, DENOISE_RANGE * noise, torch.zeros_like(noise))
+    if force:
+        sigma = DENOISE_RANGE * noise
+    if JPEG_RANGE > 0:
+        blk = estimate_blockiness(guide)
+        blocky = (blk > JPEG_BLOCKINESS) & (blk < JPEG_BLOCKINESS_MAX)
+        sigma = torch.where(blocky, sigma.clamp_min(JPEG_RANGE), sigma)
+    loud = sigma > 0
+    if not bool(loud.any()):
+        return guide
+    out = guide
+    for _ in range(DENOISE_PASSES):
+        out = _bilateral(out, sigma.clamp_min(1e-6))
+    return torch.where(loud.view(-1, 1, 1, 1), out, guide)
+
+
+def estimate_blockiness(guide: torch.Tensor, block: int = 8) -> torch.Tensor:
+    """JPEG blockiness of a guide ``[B, C, H, W]`` -> ``[B]``: the mean absolute step of the channel
+    mean across the borders of the ``block``-pixel grid (JPEG's 8x8 blocks, anchored at the top-left
+    pixel) over the mean step elsewhere, away from the image border (one block is left out on every
+    side: replicated or constant margins of upsampled images would bias it). About 1 for an image
+    without such a grid (0.7-1.1 measured on the benchmark's photos and scenes), 1.3-2.2 after JPEG
+    quality 20 (``docs/transfer_defaults.md``); 1 when the image is smaller than 3 blocks a side.
+    A nearest-neighbour upsampling by a multiple of 8 has steps only at the grid (a huge ratio):
+    :func:`prefilter_guide` does not take that for JPEG (see :data:`JPEG_BLOCKINESS`)."""
+    y = guide.mean(1)
+    H, W = y.shape[-2:]
+    if H < 3 * block or W < 3 * block:
+        return guide.new_ones(guide.shape[0])
+    b = block
+    # steps between columns j and j + 1 for j in [b - 1, W - b), rows [b, H - b) (and the same for rows)
+    dx = (y[:, b:-b, b : -b + 1 if b > 1 else None] - y[:, b:-b, b - 1 : -b]).abs_()
+    dy = (y[:, b : -b + 1 if b > 1 else None, b:-b] - y[:, b - 1 : -b, b:-b]).abs_()
+    on = dx[:, :, ::b].sum((1, 2)) + dy[:, ::b].sum((1, 2))  # j = b - 1, 2b - 1, ...: the grid borders
+    n_on = dx[0, :, ::b].numel() + dy[0, ::b].numel()
+    n_off = dx[0].numel() + dy[0].numel() - n_on
+    off = dx.sum((1, 2)) + dy.sum((1, 2)) - on
+    return (on / n_on) / (off / max(n_off, 1)).clamp_min(1e-12)
+
+
+def _remove_impulses(guide: torch.Tensor, force: bool) -> torch.Tensor:
     lo, hi = 1.0 / 255, 254.0 / 255
     cand = (guide <= lo).all(1, keepdim=True) | (guide >= hi).all(1, keepdim=True)  # [B, 1, H, W]
     share = cand.flatten(1).float().mean(1)
-    if mode == "auto" and not bool((share > IMPULSE_SHARE).any()):
+    if not force and not bool((share > IMPULSE_SHARE).any()):
         return guide
     B, C, H, W = guide.shape
     pad = torch.nn.functional.pad
@@ -369,17 +498,155 @@ def prefilter_guide(guide: torch.Tensor, mode: str = "auto") -> torch.Tensor:
     )
     med = torch.where(torch.isnan(med), g.median(-1).values, med)
     imp = cand & ((guide - med).abs().amax(1, keepdim=True) > 0.25)
-    if mode == "auto" and not bool((imp.flatten(1).float().mean(1) > IMPULSE_SHARE).any()):
+    if not force and not bool((imp.flatten(1).float().mean(1) > IMPULSE_SHARE).any()):
         return guide
     return torch.where(imp, med, guide)
 
 
+def estimate_noise(guide: torch.Tensor) -> torch.Tensor:
+    """Estimated std of additive white noise in a guide ``[B, C, H, W]`` -> ``[B]`` (guide units).
+
+    The response to Immerkaer's Laplacian-difference mask ``[[1, -2, 1], [-2, 4, -2], [1, -2, 1]]``
+    (zero on constant and linear patches; ``6 sigma`` std on white noise) is taken robustly: the
+    median absolute response over the image / (0.6745 * 6), per channel, then the median over
+    channels, so edges and texture (a minority of pixels) raise it little. Needs ``H, W >= 3``.
+    """
+    B, C, H, W = guide.shape
+    if H < 3 or W < 3:
+        return guide.new_zeros(B)
+    per = []
+    for c in range(C):  # one channel at a time, the mask as shifted sums: scratch of about two HR planes
+        x = guide[:, c]
+        r = x[:, :-2, :-2] + x[:, :-2, 2:]
+        r += x[:, 2:, :-2]
+        r += x[:, 2:, 2:]
+        r.add_(x[:, :-2, 1:-1], alpha=-2).add_(x[:, 2:, 1:-1], alpha=-2)
+        r.add_(x[:, 1:-1, :-2], alpha=-2).add_(x[:, 1:-1, 2:], alpha=-2)
+        r.add_(x[:, 1:-1, 1:-1], alpha=4)
+        r = r.abs_().flatten(1)
+        step = max(1, r.shape[1] // NOISE_SAMPLES)  # the median of a regular subsample
+        per.append(r[:, ::step].median(-1).values)
+    return (torch.stack(per, 1) / (0.6745 * 6.0)).median(-1).values
+
+
+def _bilateral(
+    guide: torch.Tensor, sigma_r: torch.Tensor, sigma_s: float = 1.5, radius: int = 3
+) -> torch.Tensor:
+    """Edge-preserving bilateral filter of ``guide [B, C, H, W]`` (range sigma ``sigma_r [B]``, guide units;
+    Gaussian spatial weights of ``sigma_s`` px in a disc of ``radius`` px, borders replicated), in bands
+    of rows of about :data:`CELL_BAND_PIXELS` pixels (scratch of a few bands, not of the image)."""
+    B, _, H, W = guide.shape
+    k = 2 * radius + 1
+    pad = torch.nn.functional.pad(guide, (radius,) * 4, mode="replicate")
+    out = torch.empty_like(guide)
+    inv = (0.5 / sigma_r.to(guide.dtype) ** 2).view(B, 1, 1, 1)
+    rows = max(1, CELL_BAND_PIXELS // max(1, W))
+    taps = [
+        (dy, dx, ((dy - radius) ** 2 + (dx - radius) ** 2) / (2.0 * sigma_s**2))
+        for dy in range(k)
+        for dx in range(k)
+        if (dy - radius) ** 2 + (dx - radius) ** 2 <= (radius + 0.5) ** 2
+    ]
+    for y0 in range(0, H, rows):
+        y1 = min(H, y0 + rows)
+        centre = guide[:, :, y0:y1]
+        acc = torch.zeros_like(centre)
+        norm = torch.zeros(B, 1, y1 - y0, W, dtype=guide.dtype, device=guide.device)
+        for dy, dx, ds in taps:
+            q = pad[:, :, y0 + dy : y1 + dy, dx : dx + W]
+            wgt = (q - centre).square_().sum(1, keepdim=True).mul_(-inv).sub_(ds).exp_()
+            acc.addcmul_(wgt, q)
+            norm += wgt
+        out[:, :, y0:y1] = acc / norm
+    return out
+
+
+def _lr_guide(guide: torch.Tensor, lr_size: tuple[int, int], mode: str) -> torch.Tensor:
+    if mode in CELL_MODES:
+        return cell_guide(guide, lr_size, mode)
+    return resample_guide(guide, lr_size, mode)
+
+
 def lr_guides(guide_hr: torch.Tensor, lr_size: tuple[int, int], config: FitConfig):
-    """``(range centres, fit values or None)`` on the LR grid for ``config`` (``[B, Cg, h, w]`` each)."""
-    centres = resample_guide(guide_hr, lr_size, config.guide_downsample)
-    if config.fit_values is None or config.fit_values == config.guide_downsample:
-        return centres, None
-    return centres, resample_guide(guide_hr, lr_size, config.fit_values)
+    """``(range centres, fit values or None)`` on the LR grid for ``config`` (``[B, Cg, h, w]`` each).
+
+    The centres are the ``guide_downsample`` LR guide; the values are None (= the centres) unless
+    ``fit_values`` names another mode or ``values_mix > 0`` blends in the per-cell mode."""
+    centres = _lr_guide(guide_hr, lr_size, config.guide_downsample)
+    values = None
+    if config.fit_values is not None and config.fit_values != config.guide_downsample:
+        values = _lr_guide(guide_hr, lr_size, config.fit_values)
+    if config.values_mix > 0:
+        base = centres if values is None else values
+        mode = centres if config.guide_downsample == "mode" else cell_guide(guide_hr, lr_size, "mode")
+        values = torch.lerp(base, mode, config.values_mix)
+    return centres, values
+
+
+def _cell_bounds(n_hr: int, n_lr: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Start and stop HR index of every LR cell along one axis (``adaptive_avg_pool2d``'s cells)."""
+    i = torch.arange(n_lr)
+    return (i * n_hr) // n_lr, -((-(i + 1) * n_hr) // n_lr)
+
+
+def _cell_pixels(
+    guide: torch.Tensor, lr_size: tuple[int, int], rows: tuple[int, int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(pixels [B, C, n, w, K], in_cell [n, w, K])``: the HR pixels of the LR cells of rows
+    ``rows = (i0, i1)`` (default all, ``n = i1 - i0``; the cells of the ``"box"`` mean), padded to the
+    largest cell; padding entries repeat a cell pixel and are False."""
+    B, C, H, W = guide.shape
+    h, w = lr_size
+    y0, y1 = _cell_bounds(H, h)
+    x0, x1 = _cell_bounds(W, w)
+    ky, kx = int((y1 - y0).max()), int((x1 - x0).max())
+    i0, i1 = (0, h) if rows is None else rows
+    y0, y1 = y0[i0:i1], y1[i0:i1]
+    ry = y0[:, None] + torch.arange(ky)[None]  # [n, ky]
+    rx = x0[:, None] + torch.arange(kx)[None]  # [w, kx]
+    oky, okx = ry < y1[:, None], rx < x1[:, None]
+    ry, rx = torch.minimum(ry, y1[:, None] - 1), torch.minimum(rx, x1[:, None] - 1)
+    dev = guide.device
+    g = guide[:, :, ry.to(dev)][:, :, :, :, rx.to(dev)]  # [B, C, n, ky, w, kx]
+    g = g.permute(0, 1, 2, 4, 3, 5).reshape(B, C, i1 - i0, w, ky * kx)
+    ok = (oky[:, None, :, None] & okx[None, :, None, :]).reshape(i1 - i0, w, ky * kx).to(dev)
+    return g, ok
+
+
+#: HR pixels per band of LR rows that :func:`cell_guide` processes at once (bounds its scratch memory)
+CELL_BAND_PIXELS = 1 << 16
+
+
+def cell_guide(
+    guide: torch.Tensor, lr_size: tuple[int, int], mode: str = "median", bandwidth: float | None = None
+) -> torch.Tensor:
+    """A robust aggregate of the HR pixels of every LR cell, ``[B, C, H, W] -> [B, C, h, w]``.
+
+    The cells are those of the ``"box"`` mean (``adaptive_avg_pool2d``). ``"median"``: the per-channel
+    median. ``"mode"``: a mean-shift mode seeking step from the median (8 iterations of the Gaussian-
+    weighted mean of the cell's pixels, ``bandwidth`` in guide units, default :data:`MODE_BANDWIDTH`):
+    the colour of the cell's dominant region rather than a mix of the regions a boundary or a texture
+    cell contains. Bands of LR rows of about :data:`CELL_BAND_PIXELS` HR pixels at a time.
+    """
+    if mode not in CELL_MODES:
+        raise ValueError(f"mode must be one of {CELL_MODES}, got {mode!r}")
+    bandwidth = MODE_BANDWIDTH if bandwidth is None else float(bandwidth)
+    H, W = guide.shape[-2:]
+    h = lr_size[0]
+    step = max(1, CELL_BAND_PIXELS // max(1, -(-H // h) * W))
+    out = []
+    for i0 in range(0, h, step):
+        g, ok = _cell_pixels(guide, lr_size, (i0, min(h, i0 + step)))
+        nan = torch.full((), float("nan"), dtype=guide.dtype, device=guide.device)
+        m = torch.where(ok, g, nan).nanmedian(-1).values
+        if mode == "mode":
+            okf = ok.to(guide.dtype)
+            for _ in range(8):
+                d2 = ((g - m[..., None]) ** 2).sum(1, keepdim=True)
+                wgt = torch.exp_(d2.mul_(-0.5 / bandwidth**2)).mul_(okf)
+                m = (wgt * g).sum(-1) / wgt.sum(-1).clamp_min(1e-30)
+        out.append(m)
+    return torch.cat(out, 2)
 
 
 class _Adam:

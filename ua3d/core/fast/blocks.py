@@ -328,7 +328,7 @@ if AVAILABLE:
         """All pixels of a block, row-major: coordinates, guide values, range validity. Returns n.
         (Channel-outer loops over contiguous row segments: vectorised copies.)"""
         dt = px.dtype.type
-        Cg = pg.shape[0]
+        Cg = ghr.shape[1]  # pg may have more rows (a fit with separate LR values sizes it by guide_lr)
         G = pv.shape[0]
         bw = x1 - x0
         n = (y1 - y0) * bw
