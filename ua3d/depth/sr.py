@@ -28,8 +28,12 @@ depth. The method (``scripts/ablate_depth_sr.py`` measures each part; figures in
 4. **Sharp, range-aware start kernel** (spatial sigma 0.7 LR cells, colour sigma 0.3, window radius 3)
    and a **self-supervised fit on depth**: the first consistent estimate ``D0`` is the target of a short
    Adam fit of the per-cell kernel (``[RGB, D0]`` guide, depth group only a target), then the solve runs
-   again with the fitted kernel.
-5. **Physically possible output** (``bound``): the result is projected onto the range the data allow:
+   again with the fitted kernel; ``fit_rounds`` (2) repeats fit + solve, each round fitted to the previous
+   round's output.
+5. **Noisy input** (``denoise``, ``post_filter``): when the robust LR noise level (:func:`lr_noise`) is
+   above ``NOISE_LEVEL`` the start kernel is wider and the HR estimate goes through a guided filter with
+   the colour guide (window ``post_radius`` LR cells, regulariser ``post_eps``) before the bound.
+6. **Physically possible output** (``bound``): the result is projected onto the range the data allow:
    each HR pixel lies within the [min, max] of the valid LR cells of its window (``"local"``, default)
    or of the whole image (``"global"``), widened by ``overshoot`` times that range only for the averaging
    forward models (a thin peak averaged away by the downsampling), and never below half the smallest
