@@ -25,7 +25,8 @@ park2011: auto), i.e. an oracle choice:
   since round 3); ``iters6``: 6 solver iterations; ``fit10``: 10 fit steps.
 * round 3: ``sr0.6`` / ``sr1.2`` / ``sr2.4`` / ``nocolour`` (fixed colour sigma; 100 = no colour term),
   ``noisy-none`` (no consistency solve), ``iters1`` / ``iters2``, ``ns2.5`` / ``ns2.5-r3`` (noisy spatial
-  sigma 2.5), ``rounds2`` (a second fit + solve round), ``no-post`` (no guided-filter stage on noisy
+  sigma 2.5), ``rounds1`` / ``rounds3`` (one / three fit + solve rounds; the default is 2),
+  ``round2-default`` (the round-2 default: radius 2, one round, no guided-filter stage), ``no-post`` (no guided-filter stage on noisy
   input), ``post-r1`` / ``post-e4`` (its radius 1 LR cell / eps 1e-4).
 
 Examples::
@@ -88,7 +89,9 @@ VARIANTS: dict[str, dict] = {
     "iters1": {"iters": 1},
     "ns2.5": {"noisy_sigma_spatial": 2.5},
     "ns2.5-r3": {"noisy_sigma_spatial": 2.5, "radius": 3.0},
-    "rounds2": {"fit_rounds": 2},
+    "rounds1": {"fit_rounds": 1},
+    "rounds3": {"fit_rounds": 3},
+    "round2-default": {"radius": 2.0, "fit_rounds": 1, "post_filter": "none"},
     "no-post": {"post_filter": "none"},
     "post-r1": {"post_radius": 1.0},
     "post-e4": {"post_eps": 1e-4},
