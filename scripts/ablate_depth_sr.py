@@ -21,8 +21,13 @@ park2011: auto), i.e. an oracle choice:
 * ``ua3d``: the default (``consistency="auto"``: cross-validated forward model, local bound).
 * ``no-bound``, ``global-bound``: the default without the output bound / with the global bound.
 * ``huber``, ``tukey``: the default with robust weights.
-* ``fast``: the :data:`ua3d.depth.sr.FAST` preset; ``r3``: window radius 3; ``iters6``: 6 solver
-  iterations; ``fit10``: 10 fit steps.
+* ``fast``: the :data:`ua3d.depth.sr.FAST` preset; ``r2`` / ``r3``: window radius 2 (round 2) / 3 (default
+  since round 3); ``iters6``: 6 solver iterations; ``fit10``: 10 fit steps.
+* round 3: ``sr0.6`` / ``sr1.2`` / ``sr2.4`` / ``nocolour`` (fixed colour sigma; 100 = no colour term),
+  ``noisy-none`` (no consistency solve), ``iters1`` / ``iters2``, ``ns2.5`` / ``ns2.5-r3`` (noisy spatial
+  sigma 2.5), ``rounds1`` / ``rounds3`` (one / three fit + solve rounds; the default is 2),
+  ``round2-default`` (the round-2 default: radius 2, one round, no guided-filter stage), ``no-post`` (no guided-filter stage on noisy
+  input), ``post-r1`` / ``post-e4`` (its radius 1 LR cell / eps 1e-4).
 
 Examples::
 
@@ -70,9 +75,26 @@ VARIANTS: dict[str, dict] = {
     "huber": {"robust": "huber"},
     "tukey": {"robust": "tukey"},
     "fast": FAST.to_dict(),
+    "r2": {"radius": 2.0},
     "r3": {"radius": 3.0},
     "iters6": {"iters": 6},
     "fit10": {"fit_steps": 10},
+    # round 3: colour trust (TUM) and noise (Park)
+    "sr0.6": {"sigma_range": 0.6},
+    "sr1.2": {"sigma_range": 1.2},
+    "sr2.4": {"sigma_range": 2.4},
+    "nocolour": {"sigma_range": 100.0},
+    "noisy-none": {"consistency": "none"},
+    "iters2": {"iters": 2},
+    "iters1": {"iters": 1},
+    "ns2.5": {"noisy_sigma_spatial": 2.5},
+    "ns2.5-r3": {"noisy_sigma_spatial": 2.5, "radius": 3.0},
+    "rounds1": {"fit_rounds": 1},
+    "rounds3": {"fit_rounds": 3},
+    "round2-default": {"radius": 2.0, "fit_rounds": 1, "post_filter": "none"},
+    "no-post": {"post_filter": "none"},
+    "post-r1": {"post_radius": 1.0},
+    "post-e4": {"post_eps": 1e-4},
 }
 
 #: the forward model that generated each protocol's LR depth (the oracle choice of ``matched``)

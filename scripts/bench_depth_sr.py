@@ -35,6 +35,8 @@ SETTINGS = {
     "fast": "FAST",
     "solve-only": {"fit_steps": 0},
     "radius3": {"radius": 3.0},
+    "round2": {"radius": 2.0, "fit_rounds": 1, "post_filter": "none"},  # the round-2 default
+    "rounds1": {"fit_rounds": 1},  # radius 3, one fit + solve round
     "fixed-model": {"consistency": "bicubic", "sigma_range": 0.3},  # round 1: no forward-model estimate
     "tukey": {"robust": "tukey"},
 }

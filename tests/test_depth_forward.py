@@ -243,6 +243,14 @@ def test_confidence_weights_and_zero_confidence_is_a_hole():
         ({"overshoot": float("inf")}, r"overshoot must be a finite number >= 0, got inf"),
         ({"robust_k": True}, r"robust_k must be a positive finite number, got True"),
         (
+            {"post_filter": "median"},
+            r"post_filter must be one of \('auto', 'guided', 'none'\), got 'median'",
+        ),
+        ({"post_eps": 0.0}, r"post_eps must be a positive finite number, got 0.0"),
+        ({"post_radius": -1.0}, r"post_radius must be a finite number >= 0, got -1.0"),
+        ({"fit_rounds": -1}, r"fit_rounds must be an integer >= 0, got -1"),
+        ({"fit_rounds": 1.5}, r"fit_rounds must be an integer >= 0, got 1.5"),
+        (
             {"confidence": torch.ones(1, 1, 5, 5)},
             r"confidence of size \(5, 5\) is smaller than depth_lr \(10, 12\)",
         ),
@@ -339,3 +347,49 @@ def test_lr_noise_flags_noisy_inputs_and_widens_the_spatial_sigma():
     assert m_noisy.sigma_spatial == DepthSRConfig().noisy_sigma_spatial
     (m_off,) = estimate_forward_model(noisy, guide, denoise="off")
     assert m_off.sigma_spatial == DepthSRConfig().sigma_spatial
+
+
+def test_noisy_input_gets_a_smoother_output_without_hole_leaks():
+    """The guided-filter stage (``post_filter="auto"``: noisy LR only) removes noise in flat regions, brings
+    the output closer to the clean scene, keeps the holes' support rule and the bound."""
+    depth, guide = _scene()
+    lr = downsample_depth(depth, (24, 32), "area")[0]
+    gen = torch.Generator().manual_seed(1)
+    noisy = lr + 0.05 * torch.randn(lr.shape, generator=gen)
+    noisy[..., 10:13, 4:7] = 0.0  # a hole
+    (m,) = estimate_forward_model(noisy, guide)
+    assert m.noise > NOISE_LEVEL
+    out, sup = upsample_depth(noisy, guide, return_support=True, **QUICK)
+    raw, sup_raw = upsample_depth(noisy, guide, post_filter="none", return_support=True, **QUICK)
+    assert torch.equal(sup, sup_raw)
+    assert bool(torch.isfinite(out[sup]).all()) and bool(torch.isnan(out[~sup]).all())
+
+    def rmse(x):
+        keep = torch.isfinite(x)
+        return float((x - depth)[keep].pow(2).mean().sqrt())
+
+    def wiggle(x):  # mean absolute step inside the flat far region (depth 2, away from its edges)
+        flat = -torch.nn.functional.max_pool2d(-(depth == 2.0).float(), 9, 1, 4) > 0.5
+        dx = (x[..., :, 1:] - x[..., :, :-1]).abs()[flat[..., :, 1:] & flat[..., :, :-1]]
+        return float(dx[torch.isfinite(dx)].mean())
+
+    assert rmse(out) < 0.9 * rmse(raw), (rmse(out), rmse(raw))
+    assert wiggle(out) < 0.75 * wiggle(raw), (wiggle(out), wiggle(raw))
+    valid = noisy > 0
+    lo, hi = float(noisy[valid].min()), float(noisy[valid].max())
+    assert float(out[sup].min()) >= max(lo - 0.1 * (hi - lo), lo / 2) - 1e-5
+    assert float(out[sup].max()) <= hi + 0.1 * (hi - lo) + 1e-5
+    clean = upsample_depth(lr, guide, **QUICK)  # clean input: the stage stays off
+    assert torch.equal(clean, upsample_depth(lr, guide, post_filter="none", **QUICK))
+
+
+def test_second_self_supervised_round_moves_the_output_towards_the_scene():
+    """``fit_rounds``: 0 = the first consistent solve only (= ``fit_steps=0``); each further round fits the
+    kernel to the previous output and solves again; on the synthetic step scene (x4, PIL bicubic LR)
+    the second round is closer to the HR truth than the first, and the first than the plain solve."""
+    depth, guide = _scene()
+    lr = torch.from_numpy(pil_resize(depth[0, 0].numpy(), (32, 24)))[None, None]
+    outs = {k: upsample_depth(lr, guide, consistency="bicubic", fit_rounds=k) for k in (0, 1, 2)}
+    torch.testing.assert_close(outs[0], upsample_depth(lr, guide, consistency="bicubic", fit_steps=0))
+    err = {k: float((v - depth).pow(2).mean().sqrt()) for k, v in outs.items()}
+    assert err[2] < err[1] < err[0], err
