@@ -159,6 +159,14 @@ def _args(*argv: str) -> argparse.Namespace:
         (("--methods", "anyup"), r"^method 'anyup' needs --anyup-checkpoint PATH"),
         (("--set", "steps"), r"^--set expects NAME=VALUE, got 'steps'$"),
         (("--set", "stepz=3"), r"^unknown FitConfig field\(s\) \['stepz'\]"),
+        (("--lift-set", "normal_scale"), r"^--lift-set expects NAME=VALUE, got 'normal_scale'$"),
+        (
+            ("--lift-set", "normals=1"),
+            (
+                r"^unknown --lift-set option\(s\) \['normals'\]; choose from \['depth_fit', 'depth_steps', "
+                r"'depth_lr', 'normal_scale', 'depth_weight', 'depth_mode'\]$"
+            ),
+        ),
     ],
 )
 def test_run_rejects_bad_arguments(argv, message):
