@@ -35,6 +35,7 @@ VARIANTS: dict[str, dict] = {
     "staged": {"depth_fit": "staged"},
     "staged_s0": {"depth_fit": "staged", "depth_steps": 0},
     "normals0.5": {"normal_scale": 0.5},
+    "normals0.6": {"normal_scale": 0.6},
     "normals0.7": {"normal_scale": 0.7},
     "normals1": {"normal_scale": 1.0},
     "normals0.7_w0.3": {"normal_scale": 0.7, "depth_weight": 0.3},
