@@ -4,6 +4,7 @@ and the label-transfer acceptance test (lift beats the 2D kernel and bilinear ne
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -11,10 +12,20 @@ import torch
 import torch.nn.functional as F
 
 import ua3d
+from ua3d.core.checks import as_guide
 from ua3d.core.kernel import kernel_render_reference
 from ua3d.core.tto import FitConfig
 from ua3d.rgbd.camera import PinholeCamera
-from ua3d.rgbd.lift import LiftedKernel, as_depth, cell_gradients, fill_nearest, fit_rgbd, pool_depth
+from ua3d.rgbd.lift import (
+    NORMAL_SCALE,
+    LiftedKernel,
+    as_depth,
+    cell_gradients,
+    fill_nearest,
+    fit_rgbd,
+    pool_depth,
+    surface_normals,
+)
 from ua3d.rgbd.synthetic import make_scene
 
 CFG0 = FitConfig(steps=0, radius=2, backend="reference")
@@ -126,19 +137,19 @@ def test_cell_gradients_exact_on_a_ramp():
 def test_structure(lifted, scene):
     k = lifted.kernel
     assert isinstance(lifted, LiftedKernel)
-    assert k.groups == (3, 1)
+    # colour group: RGB + NORMAL_SCALE x (n_x, n_y); then the depth group (issue 13)
+    assert k.groups == (5, 1) and lifted.n_geometry == 2
     assert tuple(k.params.shape) == (1, 5, 6, 8)
-    assert tuple(k.guide_hr.shape) == (1, 4, 48, 64) and tuple(k.guide_lr.shape) == (1, 4, 6, 8)
+    assert tuple(k.guide_hr.shape) == (1, 6, 48, 64) and tuple(k.guide_lr.shape) == (1, 6, 6, 8)
+    assert torch.equal(lifted.rgb, k.guide_hr[:, :3])
+    nrm = surface_normals(lifted.depth, lifted.depth_valid, scene["camera"])[:, :2]
+    torch.testing.assert_close(k.guide_hr[:, 3:5], NORMAL_SCALE * nrm)
     assert k.valid_hr[:, 0].all() and torch.equal(k.valid_hr[:, 1], lifted.depth_valid[:, 0])
     assert torch.equal(k.valid_lr[:, 1], lifted.depth_lr_valid[:, 0])
-    assert k.config.channel_weights == (
-        4 / 3,
-        4 / 3,
-        4 / 3,
-        0.0,
-    )  # colour as in 2D, depth_weight 0 (issue 13)
+    # the loss is the 2D kernel's colour loss: a mean over 6 channels, colour weighs 6 / 3, the rest 0
+    assert k.config.channel_weights == (2.0, 2.0, 2.0, 0.0, 0.0, 0.0)
     v = lifted.depth_valid[0, 0]
-    torch.testing.assert_close(k.guide_hr[0, 3][v], lifted.depth_feature(lifted.depth[0, 0][v]))
+    torch.testing.assert_close(k.guide_hr[0, 5][v], lifted.depth_feature(lifted.depth[0, 0][v]))
     sz = lifted.sigma_z()
     assert tuple(sz.shape) == (1, 6, 8) and (sz > 0).all()
     # relative mode: sigma_z = k z_q with k = sigma * spread
@@ -227,7 +238,7 @@ def test_labels_near_depth_edges_beat_2d_kernel_and_bilinear():
         guide_prefilter="none",
         values_mix=0.0,
     )
-    lift = fit_rgbd(s["rgb"], s["depth"], s["camera"], grid, cfg, depth_weight=10.0)
+    lift = fit_rgbd(s["rgb"], s["depth"], s["camera"], grid, cfg, depth_weight=10.0, normal_scale=0.0)
     k2d = ua3d.fit(torch.from_numpy(s["rgb"]).permute(2, 0, 1)[None], grid, cfg)
     near = torch.from_numpy(_near_depth_edges(s["depth_gt"])) & (ids > 0)
     acc = {
@@ -247,6 +258,139 @@ def test_non_rgb_guide_and_tensor_inputs():
     grey = torch.rand(1, 1, 12, 16)
     depth = torch.rand(12, 16) + 1.0
     lk = fit_rgbd(grey, depth, cam, (3, 4), CFG0)
-    assert lk.kernel.groups == (1, 1) and tuple(lk.rgb.shape) == (1, 1, 12, 16)
+    assert lk.kernel.groups == (3, 1) and tuple(lk.rgb.shape) == (1, 1, 12, 16)
     out = lk.render_2d(torch.randn(2, 3, 4), backend="reference")
     assert tuple(out.shape) == (1, 2, 12, 16)
+
+
+# ---------------------------------------------------------------------- surface normals, options (issue 13)
+def test_surface_normals_of_planes_and_holes():
+    from ua3d.rgbd.lift import surface_normals
+
+    cam = PinholeCamera(40.0, 40.0, 15.5, 11.5, 32, 24)
+    flat = torch.full((1, 1, 24, 32), 2.0, dtype=torch.float64)
+    ok = torch.ones_like(flat, dtype=torch.bool)
+    n = surface_normals(flat, ok, cam)
+    assert torch.equal(
+        n, torch.tensor([0.0, 0.0, -1.0], dtype=torch.float64).view(1, 3, 1, 1).expand(1, 3, 24, 32)
+    )
+    # a tilted plane n.P = d: z = d / (n . ray); every pixel gets that normal, in any depth unit
+    nt = torch.tensor([0.3, -0.5, -0.8], dtype=torch.float64)
+    nt = nt / nt.norm()
+    v, u = torch.meshgrid(
+        torch.arange(24.0, dtype=torch.float64), torch.arange(32.0, dtype=torch.float64), indexing="ij"
+    )
+    ray = torch.stack([(u - cam.cx) / cam.fx, (v - cam.cy) / cam.fy, torch.ones_like(u)])
+    z = (-1.5 / (nt[:, None, None] * ray).sum(0))[None, None]
+    assert (z > 0).all()
+    n = surface_normals(z, ok, cam)
+    torch.testing.assert_close(n, nt.view(1, 3, 1, 1).expand_as(n), atol=1e-9, rtol=0)
+    torch.testing.assert_close(surface_normals(1000 * z, ok, cam), n, atol=1e-9, rtol=0)
+    # holes take the nearest valid normal; a depth step does not tilt the normals next to it
+    holes = ok.clone()
+    holes[..., 5:9, 10:14] = False
+    torch.testing.assert_close(surface_normals(z, holes, cam), n, atol=1e-9, rtol=0)
+    step = flat.clone()
+    step[..., :, 16:] = 3.0
+    torch.testing.assert_close(surface_normals(step, ok, cam), surface_normals(flat, ok, cam), atol=0, rtol=0)
+
+
+def test_lift_options_raise_exact_errors(scene):
+    rgb, depth, cam = scene["rgb"], scene["depth"], scene["camera"]
+    cases = [
+        ({"depth_fit": "both"}, "depth_fit must be one of ('joint', 'staged'), got 'both'"),
+        ({"depth_fit": "staged", "depth_steps": -1}, "depth_steps must be an integer >= 0, got -1"),
+        ({"depth_fit": "staged", "depth_steps": 2.5}, "depth_steps must be an integer >= 0, got 2.5"),
+        ({"depth_fit": "staged", "depth_lr": 0.0}, "depth_lr must be positive, got 0.0"),
+        ({"normal_scale": -1.0}, "normal_scale must be >= 0, got -1.0"),
+        (
+            {"depth_fit": "staged", "depth_weight": 1.0},
+            "depth_weight=1.0 applies to depth_fit='joint' only (the staged fit has no colour+depth loss)",
+        ),
+        ({"base": "kernel"}, "base applies to depth_fit='staged' only"),
+        (
+            {"depth_fit": "staged", "base": "kernel"},
+            "base must be a ua3d.Kernel fitted by ua3d.fit, got str",
+        ),
+    ]
+    for kw, msg in cases:
+        with pytest.raises(ValueError, match="^" + re.escape(msg) + "$"):
+            fit_rgbd(rgb, depth, cam, (6, 8), CFG0, **kw)
+    g = as_guide(rgb)
+    other = ua3d.fit(g, (3, 4), CFG0)
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "base was fitted for a guide of shape (1, 3, 48, 64) and grid (3, 4), not (1, 3, 48, 64) and (6, 8)"
+        ),
+    ):
+        fit_rgbd(rgb, depth, cam, (6, 8), depth_fit="staged", base=other)
+    with pytest.raises(ValueError, match="^base was fitted on a different colour guide than rgb$"):
+        fit_rgbd(rgb, depth, cam, (3, 4), depth_fit="staged", base=ua3d.fit(1 - g, (3, 4), CFG0))
+    with pytest.raises(ValueError, match="^config differs from base.config"):
+        fit_rgbd(rgb, depth, cam, (3, 4), CFG0.replace(steps=1), depth_fit="staged", base=other)
+
+
+def test_staged_fit_reuses_the_2d_kernel_and_only_moves_sigma_z(scene):
+    rgb, depth, cam = scene["rgb"], scene["depth"], scene["camera"]
+    cfg = FitConfig(steps=3, radius=2)
+    g = as_guide(rgb)
+    k2 = ua3d.fit(g, (6, 8), cfg)
+    a = fit_rgbd(rgb, depth, cam, (6, 8), cfg, depth_fit="staged", depth_steps=4)
+    b = fit_rgbd(rgb, depth, cam, (6, 8), depth_fit="staged", depth_steps=4, base=k2)
+    assert torch.equal(a.params[:, :4], k2.params) and torch.equal(a.params, b.params)
+    assert a.kernel.groups == (3, 1) and a.n_geometry == 0 and len(a.kernel.losses) == 3 + 4
+    sz0 = math.log(0.12)
+    assert float((a.params[:, 4] - sz0).abs().max()) > 0.05  # the depth stage moved sigma_z
+    assert b.kernel.losses[-1] < b.kernel.losses[-4]  # and lowered the depth loss
+    s0 = fit_rgbd(rgb, depth, cam, (6, 8), depth_fit="staged", depth_steps=0, base=k2)
+    assert torch.allclose(s0.params[:, 4], torch.full_like(s0.params[:, 4], sz0))
+
+
+def test_flat_depth_staged_and_joint_lifts_are_the_2d_kernel():
+    """Flat depth: constant normals and depth add nothing to any distance and the colour loss is the 2D
+    kernel's, so every lift renders what the 2D kernel does (float64: to rounding, 1e-9)."""
+    torch.manual_seed(0)
+    rgb = torch.rand(1, 3, 24, 32, dtype=torch.float64)
+    cam = PinholeCamera(30.0, 30.0, 15.5, 11.5, 32, 24)
+    cfg = FitConfig(steps=5, radius=2)
+    sig = torch.randn(1, 4, 6, 8, dtype=torch.float64)
+    two = ua3d.fit(rgb, (6, 8), cfg).render(sig)
+    flat = torch.full((24, 32), 2.0, dtype=torch.float64)
+    for kw in ({}, {"depth_fit": "staged"}, {"normal_scale": 0.0}):
+        lk = fit_rgbd(rgb, flat, cam, (6, 8), cfg, **kw)
+        out = lk.render_2d(sig)
+        assert torch.allclose(out, two, atol=1e-9, rtol=0), (kw, float((out - two).abs().max()))
+
+
+@pytest.mark.skipif(
+    not __import__("ua3d.core.fast", fromlist=["AVAILABLE"]).AVAILABLE, reason="numba is not installed"
+)
+@pytest.mark.parametrize("depth_fit", ["joint", "staged"])
+def test_lift_loss_paths_match_autograd_in_float64(scene, depth_fit):
+    """The losses the lift fits (joint: colour with the normal and depth channels at weight 0; staged:
+    depth only): the fast engine's loss and gradient equal autograd of the reference kernel."""
+    from ua3d.core import fast
+    from ua3d.core.kernel import kernel_fit_loss_grad_reference
+
+    rgb = as_guide(scene["rgb"]).double()
+    lk = fit_rgbd(
+        rgb, scene["depth"], scene["camera"], (6, 8), FitConfig(steps=2, radius=2), depth_fit=depth_fit
+    )
+    k = lk.kernel
+    n = k.guide_hr.shape[1]
+    if depth_fit == "joint":
+        lam = torch.tensor(k.config.channel_weights, dtype=torch.float64)
+        assert k.groups == (5, 1) and lam.tolist() == [2.0, 2.0, 2.0, 0.0, 0.0, 0.0]
+    else:
+        lam = torch.zeros(n, dtype=torch.float64)
+        lam[-1] = n
+    p = k.params + 0.05 * torch.randn(
+        k.params.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)
+    )
+    args = (p, k.guide_hr, k.guide_lr, k.radius, k.groups, k.valid_hr, k.valid_lr, lam)
+    lr_, gr = kernel_fit_loss_grad_reference(*args)
+    lf, gf = fast.kernel_fit_loss_grad(*args)
+    assert abs(float(lr_ - lf)) < 1e-12
+    assert torch.allclose(gf, gr, atol=1e-12, rtol=1e-9)
+    assert float(gr[:, -1].abs().max()) > 1e-6  # sigma_z really gets a gradient

@@ -161,6 +161,14 @@ def _args(*argv: str) -> argparse.Namespace:
         (("--methods", "anyup"), r"^method 'anyup' needs --anyup-checkpoint PATH"),
         (("--set", "steps"), r"^--set expects NAME=VALUE, got 'steps'$"),
         (("--set", "stepz=3"), r"^unknown FitConfig field\(s\) \['stepz'\]"),
+        (("--lift-set", "normal_scale"), r"^--lift-set expects NAME=VALUE, got 'normal_scale'$"),
+        (
+            ("--lift-set", "normals=1"),
+            (
+                r"^unknown --lift-set option\(s\) \['normals'\]; choose from \['depth_fit', 'depth_steps', "
+                r"'depth_lr', 'normal_scale', 'depth_weight', 'depth_mode'\]$"
+            ),
+        ),
     ],
 )
 def test_run_rejects_bad_arguments(argv, message):
@@ -236,24 +244,23 @@ def _scene_tensors(family: str, seed: int, W: int, H: int):
     return s, torch.from_numpy(s["rgb"]).permute(2, 0, 1)[None], torch.from_numpy(s["ids"]).long()
 
 
-def test_lift_is_not_below_the_2d_kernel_on_a_camouflage_scene():
-    """Camouflage scene (seed 3, 240x180, 12x15 grid, 20 steps, box-only fit values ``values_mix=0``,
-    the default until issue 13's defaults pass): boundary accuracy of the labels, lift 0.869 vs 2D
-    0.837 (measured); seeds 0-2 gave +2.0 / +1.6 / +0.8 points. With the default ``values_mix=0.5``
-    the 2D kernel rises to 0.883 and the lift to 0.880 on this scene (docs/transfer_defaults.md)."""
+def test_lift_beats_the_2d_kernel_on_a_camouflage_scene():
+    """Camouflage scene (seed 1, 240x180, 12x15 grid, 20 steps, all defaults), label boundary accuracy /
+    mIoU: lift (surface normals in the colour group) 0.913 / 0.887 vs 2D 0.820 / 0.705 (measured);
+    seeds 0 / 2 / 3 / 4: +10.3 / -0.3 / +1.9 / +13.6 points (docs/transfer.md has the benchmark)."""
     from ua3d.rgbd.lift import fit_rgbd
 
-    s, rgb, ids = _scene_tensors("camouflage", 3, 240, 180)
+    s, rgb, ids = _scene_tensors("camouflage", 1, 240, 180)
     grid = (12, 15)
     lr = T._label_lr(ids, grid)
     b = T.boundary_mask(ids)
-    cfg = FitConfig(steps=20, values_mix=0.0)
+    cfg = FitConfig(steps=20)
     two = T.label_scores(ua3d.fit(rgb, grid, cfg).render(lr).argmax(1)[0], ids, b)
     lift = T.label_scores(
         fit_rgbd(rgb, s["depth"], s["camera"], grid, cfg).render_2d(lr).argmax(1)[0], ids, b
     )
-    assert lift["boundary_acc"] >= two["boundary_acc"] + 0.01, (lift, two)
-    assert lift["miou"] >= two["miou"], (lift, two)
+    assert lift["boundary_acc"] >= two["boundary_acc"] + 0.05, (lift, two)
+    assert lift["miou"] >= two["miou"] + 0.1, (lift, two)
 
 
 def test_lift_with_flat_depth_is_the_2d_kernel():
@@ -261,13 +268,13 @@ def test_lift_with_flat_depth_is_the_2d_kernel():
     from ua3d.rgbd.lift import fit_rgbd
 
     torch.manual_seed(0)
-    rgb = torch.rand(1, 3, 24, 32)
+    rgb = torch.rand(1, 3, 24, 32, dtype=torch.float64)
     cam = PinholeCamera(30.0, 30.0, 15.5, 11.5, 32, 24)
     cfg = FitConfig(steps=5, radius=2)
-    sig = torch.randn(1, 4, 6, 8)
+    sig = torch.randn(1, 4, 6, 8, dtype=torch.float64)
     two = ua3d.fit(rgb, (6, 8), cfg).render(sig)
-    lift = fit_rgbd(rgb, torch.full((24, 32), 2.0), cam, (6, 8), cfg).render_2d(sig)
-    assert torch.allclose(lift, two, atol=1e-4), float((lift - two).abs().max())
+    lift = fit_rgbd(rgb, torch.full((24, 32), 2.0, dtype=torch.float64), cam, (6, 8), cfg).render_2d(sig)
+    assert torch.allclose(lift, two, atol=1e-9, rtol=0), float((lift - two).abs().max())
 
 
 def test_scene_families_are_seeded_and_distinct():

@@ -69,7 +69,7 @@ def test_constant_model_equals_kernel_render_at_each_bin(lifted, feats):
     valid_hr[:, 1] = True
     for d in range(5):
         g = k.guide_hr.clone()
-        g[:, 3] = lifted.depth_feature(bins[d]).to(g.dtype)
+        g[:, -1] = lifted.depth_feature(bins[d]).to(g.dtype)
         ref, _ = kernel_render_reference(
             k.params, g, k.guide_lr, feats, k.radius, k.groups, valid_hr, k.valid_lr
         )
@@ -81,9 +81,9 @@ def _reference(lifted, feats, bins, planar):
     k = lifted.kernel
     (H, W), (h, w) = lifted.out_size, lifted.lr_size
     logits, flat, _ = pair_logits(
-        k.params[:, :4], k.guide_hr[:, :3], k.guide_lr[:, :3], (0, H), k.radius, (3,)
+        k.params[:, :4], k.guide_hr[:, :-1], k.guide_lr[:, :-1], (0, H), k.radius, (k.groups[0],)
     )
-    centre = k.guide_lr[0, 3].reshape(-1)[flat]  # [K, H, W]
+    centre = k.guide_lr[0, -1].reshape(-1)[flat]  # [K, H, W]
     if planar:
         g = lifted.depth_lr_grad[0].reshape(2, -1)
         dy = torch.arange(H)[None, :, None] - lr_centres(h, H)[flat // w]

@@ -75,7 +75,7 @@ SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 QUICK_PHOTOS = ("astronaut", "coffee", "chelsea")
 DATA_PHOTOS = ("middlebury/Art", "middlebury/Books", "middlebury/Moebius", "nyuv2/1000", "nyuv2/1001")
 #: the authors' recipe expressed in ua3d's engine (their LR guide is a non-antialiased resize, no pre-filter)
-AUTHORS = {"guide_downsample": "bilinear", "guide_prefilter": "none"}
+AUTHORS = {"guide_downsample": "bilinear", "guide_prefilter": "none", "values_mix": 0.0}
 
 
 # ---------------------------------------------------------------------- data
@@ -596,11 +596,15 @@ def machine_info(**extra: object) -> dict:
 
 
 # ---------------------------------------------------------------------- CLI
-def _parse_set(items: Sequence[str]) -> dict[str, Any]:
+#: fit_rgbd keyword arguments that ``--lift-set`` may give
+LIFT_OPTIONS = ("depth_fit", "depth_steps", "depth_lr", "normal_scale", "depth_weight", "depth_mode")
+
+
+def _parse_set(items: Sequence[str], flag: str = "--set") -> dict[str, Any]:
     out = {}
     for it in items:
         if "=" not in it:
-            raise ValueError(f"--set expects NAME=VALUE, got {it!r}")
+            raise ValueError(f"{flag} expects NAME=VALUE, got {it!r}")
         k, v = it.split("=", 1)
         try:
             val: Any = json.loads(v)
@@ -636,6 +640,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--depth-weight", type=float, default=None, help="lift depth_weight (default: fit_rgbd's)"
     )
     parser.add_argument("--depth-mode", default=None, help="lift depth_mode (default: fit_rgbd's)")
+    parser.add_argument(
+        "--lift-set",
+        nargs="*",
+        default=[],
+        metavar="NAME=VALUE",
+        help=f"fit_rgbd options (JSON values) for the lift, any of {', '.join(LIFT_OPTIONS)}",
+    )
     parser.add_argument("--seeds", type=int, default=None, help="seeds per scene family (full: 5, quick: 1)")
     parser.add_argument("--families", nargs="+", default=None, help="scene families (default: all)")
     parser.add_argument("--photos", nargs="+", default=None, help="photo names (default: 9 photos; quick: 3)")
@@ -671,7 +682,8 @@ def run(args: argparse.Namespace) -> int:
     if args.seeds is not None and args.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
     cfg = _fit_config(_parse_set(args.set))
-    lift_kw = {}
+    lift_kw = _parse_set(getattr(args, "lift_set", None) or [], "--lift-set")
+    _check_choices(sorted(lift_kw), LIFT_OPTIONS, "--lift-set option(s)")
     if args.depth_weight is not None:
         lift_kw["depth_weight"] = args.depth_weight
     if args.depth_mode is not None:

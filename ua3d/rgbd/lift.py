@@ -3,8 +3,9 @@ r"""The RGB-D lift: the Upsample Anything kernel with a depth axis.
 Design
 ------
 The lifted kernel is the 2D kernel of :mod:`ua3d.core.kernel` with a second *range group*
-that holds one depth channel. The guide is ``[RGB (3 ch), depth feature (1 ch)]`` with
-``groups = (3, 1)``, so an HR pixel ``p`` at depth ``z`` and an LR cell ``q`` get the weight
+that holds one depth channel. The guide is ``[RGB (3 ch), normals (2 ch), depth feature (1 ch)]``
+with ``groups = (5, 1)`` (normals: see below; ``I`` is RGB + normals), so an HR pixel ``p`` at depth
+``z`` and an LR cell ``q`` get the weight
 
 .. math::
 
@@ -36,14 +37,28 @@ Holes
     is dropped too) and their ``z_q`` is filled from the nearest valid cell so every reconstruction
     target is defined. The TTO loss ignores the depth channel at HR holes.
 
+Surface normals (issue 13)
+    By default the colour group carries two more channels, ``NORMAL_SCALE x (n_x, n_y)`` of the
+    camera-frame surface normal computed from the depth (:func:`surface_normals`; holes take the
+    nearest valid pixel's normal), so the guide is ``[RGB, normals (2 ch), depth feature]`` with
+    ``groups = (C + 2, 1)``. They enter the colour term's distance only (loss weight 0): a pixel
+    does not borrow from cells of a differently oriented surface even when the colours match (an
+    object standing on a floor of its colour), while a slanted floor, whose normal is constant, stays
+    one surface -- the piecewise-constant depth term cannot tell a slanted floor from a step, which
+    is why a heavier depth loss loses on label transfer. The volume (:mod:`ua3d.rgbd.volume`) treats
+    the normal channels as colour channels (they are the HR pixel's own, at every bin).
+
 TTO
     :func:`fit_rgbd` fits the five parameter maps with :func:`ua3d.core.tto.fit_params` so that
-    rendering the LR guide ``[RGB on the LR grid (config.guide_downsample), phi(z_q)]`` reconstructs
-    the HR RGB and the HR depth feature (L1; holes excluded), with the channel weights
-    ``c (1, 1, 1, depth_weight)``, ``c = 4 / 3`` (so that the colour part equals the 2D kernel's
-    loss; default ``depth_weight = 0``, see :func:`fit_rgbd`) unless the
-    config gives its own ``channel_weights``. With no valid depth variation (flat depth) the depth
-    term is constant and the lift is the 2D kernel of the same config.
+    rendering the LR guide ``[RGB and normals on the LR grid (config.guide_downsample), phi(z_q)]``
+    reconstructs the HR RGB (and, with ``depth_weight > 0``, the HR depth feature; L1, holes
+    excluded), with the channel weights ``c (1, 1, 1, 0, 0, depth_weight)``, ``c = 6 / 3`` (so that
+    the colour part equals the 2D kernel's loss; default ``depth_weight = 0``) unless the config
+    gives its own ``channel_weights`` (colour + depth; the normals get 0). With flat depth the
+    normals and the depth are constant, add nothing to any distance, and the lift is the 2D kernel
+    of the same config (tested to 1e-9 in float64). ``depth_fit="staged"`` is the other recipe: the
+    2D fit, then ``sigma_z`` alone fitted on the depth reconstruction (see :func:`fit_rgbd`).
+    Benchmark and ablation: ``docs/transfer.md``.
 """
 
 from __future__ import annotations
@@ -63,7 +78,10 @@ from ua3d.core.tto import FitConfig, fit_params, lr_guides, prefilter_guide
 from ua3d.rgbd.camera import PinholeCamera
 
 __all__ = [
+    "DEPTH_FITS",
     "DEPTH_MODES",
+    "DEPTH_STEPS",
+    "NORMAL_SCALE",
     "LiftedKernel",
     "as_depth",
     "cell_gradients",
@@ -71,9 +89,16 @@ __all__ = [
     "fill_nearest",
     "fit_rgbd",
     "pool_depth",
+    "surface_normals",
 ]
 
 DEPTH_MODES = ("relative", "absolute")
+#: scale of the surface-normal channels appended to the colour group (:func:`fit_rgbd`)
+NORMAL_SCALE = 0.7
+#: the normal components used as guide channels: ``(n_x, n_y)`` (``n_z`` follows for surfaces facing the camera)
+NORMAL_CHANNELS = (0, 1)
+#: steps of the staged fit's depth stage (:func:`fit_rgbd`)
+DEPTH_STEPS = 10
 
 
 # ---------------------------------------------------------------------- input handling
@@ -265,6 +290,68 @@ def fill_nearest(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return out
 
 
+# ---------------------------------------------------------------------- surface normals
+def surface_normals(depth: torch.Tensor, valid: torch.Tensor, camera: PinholeCamera) -> torch.Tensor:
+    """Unit camera-frame surface normals ``[1, 3, H, W]`` of a depth map (holes filled from the nearest
+    valid pixel).
+
+    The points ``P = ((u - cx) z / fx, (v - cy) z / fy, z)`` are differentiated along rows and columns
+    with the one-sided difference of smaller depth change (so a normal never spans a depth edge), and
+    ``n = normalise(dP/du x dP/dv)`` (pointing at the camera, ``n_z < 0``). A pixel whose two sides are
+    both holes uses whichever side exists, else gets the nearest valid pixel's normal. Any depth unit
+    gives the same normals.
+
+    Parameters
+    ----------
+    depth : ``[1, 1, H, W]`` floating, metres (any value at holes)
+    valid : ``[1, 1, H, W]`` bool, at least one True
+    camera : intrinsics for ``W x H``
+
+    Returns
+    -------
+    ``[1, 3, H, W]`` in ``depth``'s dtype; a constant depth gives ``(0, 0, -1)`` exactly.
+    """
+    H, W = depth.shape[-2:]
+    z = torch.where(valid[0, 0], depth[0, 0], torch.zeros((), dtype=depth.dtype, device=depth.device))
+    z = z.to(torch.float64)
+    v = valid[0, 0]
+    u = torch.arange(W, dtype=z.dtype, device=z.device)[None].expand(H, W)
+    r = torch.arange(H, dtype=z.dtype, device=z.device)[:, None].expand(H, W)
+    pts = torch.stack([(u - camera.cx) * z / camera.fx, (r - camera.cy) * z / camera.fy, z], 0)
+
+    def diff(dim: int) -> torch.Tensor:
+        n = pts.shape[dim] - 1
+        step = pts.narrow(dim, 1, n) - pts.narrow(dim, 0, n)
+        ok = v.narrow(dim - 1, 1, n) & v.narrow(dim - 1, 0, n)
+        fwd, bwd = torch.zeros_like(pts), torch.zeros_like(pts)
+        fok, bok = torch.zeros_like(v), torch.zeros_like(v)
+        fwd.narrow(dim, 0, n).copy_(step)
+        bwd.narrow(dim, 1, n).copy_(step)
+        fok.narrow(dim - 1, 0, n).copy_(ok)
+        bok.narrow(dim - 1, 1, n).copy_(ok)
+        use_f = fok & (~bok | (fwd[2].abs() <= bwd[2].abs()))
+        return torch.where(use_f[None], fwd, bwd), fok | bok
+
+    du, oku = diff(2)
+    dv, okv = diff(1)
+    n = torch.linalg.cross(dv, du, dim=0)
+    norm = n.norm(dim=0)
+    good = v & oku & okv & (norm > 0)
+    n = n / norm.clamp_min(1e-300)
+    if not bool(good.any()):
+        n = torch.zeros_like(n)
+        n[2] = -1.0
+        good = torch.ones_like(good)
+    if not bool(good.all()):
+        from scipy import ndimage
+
+        idx = ndimage.distance_transform_edt(~good.cpu().numpy(), return_distances=False, return_indices=True)
+        iy = torch.from_numpy(idx[0]).to(n.device)
+        ix = torch.from_numpy(idx[1]).to(n.device)
+        n = n[:, iy, ix]
+    return n[None].to(depth.dtype)
+
+
 # ---------------------------------------------------------------------- depth feature
 def _phi(z: torch.Tensor, mode: str) -> torch.Tensor:
     return torch.log(z) if mode == "relative" else z
@@ -293,7 +380,8 @@ class LiftedKernel:
 
     Attributes
     ----------
-    kernel : the fitted kernel; ``groups = (C, 1)``, guide ``[1, C + 1, H, W]`` (RGB, depth feature),
+    kernel : the fitted kernel; ``groups = (C + G, 1)``, guide ``[1, C + G + 1, H, W]`` (RGB, ``G``
+        normal channels, depth feature),
         ``valid_hr [1, 2, H, W]`` and ``valid_lr [1, 2, h, w]`` (group 0 all True).
     camera : intrinsics for ``W x H`` (and optional camera-to-world pose).
     depth : ``[1, 1, H, W]`` observed depth in metres, 0 at holes.
@@ -306,6 +394,7 @@ class LiftedKernel:
     depth_lr_grad : ``[1, 2, h, w]`` slope ``(d/dy, d/dx)`` of the depth feature inside each cell
         (depth-feature units per HR pixel, :func:`cell_gradients`); used by the planar depth model of
         :func:`ua3d.rgbd.volume.render_volume`.
+    n_geometry : ``G``, the number of normal channels in the colour group (2 by default, 0 without).
     """
 
     kernel: Kernel
@@ -318,6 +407,7 @@ class LiftedKernel:
     depth_lo: float
     depth_spread: float
     depth_lr_grad: torch.Tensor
+    n_geometry: int = 0
 
     # ------------------------------------------------------------------ shapes
     @property
@@ -336,7 +426,7 @@ class LiftedKernel:
     @property
     def rgb(self) -> torch.Tensor:
         """``[1, C, H, W]`` the colour guide."""
-        return self.kernel.guide_hr[:, :-1]
+        return self.kernel.guide_hr[:, : self.kernel.guide_hr.shape[1] - 1 - self.n_geometry]
 
     def __repr__(self) -> str:
         return (
@@ -391,7 +481,7 @@ class LiftedKernel:
 
 
 # ---------------------------------------------------------------------- fitting
-def _lift_config(config: FitConfig | None, n_rgb: int, depth_weight: float) -> FitConfig:
+def _lift_config(config: FitConfig | None, n_rgb: int, depth_weight: float, n_geo: int = 0) -> FitConfig:
     cfg = config if config is not None else FitConfig()
     if not isinstance(cfg, FitConfig):
         raise ValueError(f"config must be a FitConfig or None, got {type(cfg).__name__}")
@@ -404,15 +494,93 @@ def _lift_config(config: FitConfig | None, n_rgb: int, depth_weight: float) -> F
         raise ValueError(f"config.sigma_range must be one value or two (RGB, depth), got {sr!r}")
     cw = cfg.channel_weights
     if cw is None:
-        # the loss is a mean over n_rgb + 1 channels: colour weighs (n_rgb + 1) / n_rgb so that the
-        # colour part of the loss (and of its gradient) is exactly the 2D kernel's
-        c = (n_rgb + 1) / n_rgb
-        cw = (c,) * n_rgb + (c * float(depth_weight),)
+        # the loss is a mean over n_rgb + n_geo + 1 channels: colour weighs (n_rgb + n_geo + 1) / n_rgb
+        # so that the colour part of the loss (and of its gradient) is exactly the 2D kernel's
+        c = (n_rgb + n_geo + 1) / n_rgb
+        cw = (c,) * n_rgb + (0.0,) * n_geo + (c * float(depth_weight),)
     elif len(cw) != n_rgb + 1:
         raise ValueError(
             f"config.channel_weights must have {n_rgb + 1} values (colour + depth), got {len(cw)}"
         )
+    else:
+        cw = tuple(cw[:n_rgb]) + (0.0,) * n_geo + tuple(cw[n_rgb:])
     return cfg.replace(sigma_range=tuple(sr), channel_weights=tuple(cw))
+
+
+def _staged_2d(g: torch.Tensor, hw: tuple[int, int], cfg: FitConfig, base: Kernel | None, callback):
+    """The colour stage of the staged fit: exactly :func:`ua3d.fit` (or the given 2D ``base``).
+
+    Returns ``(params [1, 3 + 1, h, w], centres [1, C, h, w], losses)``.
+    """
+    if base is not None:
+        if base.groups is not None and len(base.groups) != 1:
+            raise ValueError(f"base must be a 2D kernel (one range group), got groups {base.groups}")
+        if tuple(base.lr_size) != tuple(hw) or tuple(base.guide_hr.shape) != tuple(g.shape):
+            raise ValueError(
+                f"base was fitted for a guide of shape {tuple(base.guide_hr.shape)} and grid {tuple(base.lr_size)}, "
+                f"not {tuple(g.shape)} and {tuple(hw)}"
+            )
+        if not torch.equal(base.guide_hr.to(g.dtype), g):
+            raise ValueError("base was fitted on a different colour guide than rgb")
+        return base.params.detach().to(g.dtype), base.guide_lr.to(g.dtype), list(base.losses)
+    centres, values = lr_guides(g, hw, cfg)
+    params, losses = fit_params(g, centres, cfg, values_lr=values, callback=callback)
+    return params, centres, losses
+
+
+def _fit_depth_scale(
+    params: torch.Tensor,
+    guide_hr: torch.Tensor,
+    guide_lr: torch.Tensor,
+    groups: tuple[int, int],
+    valid_hr: torch.Tensor,
+    valid_lr: torch.Tensor,
+    cfg: FitConfig,
+    steps: int,
+    lr: float,
+    callback=None,
+    offset: int = 0,
+) -> tuple[torch.Tensor, list[float]]:
+    """The depth stage: fit only ``log sigma_z`` (``params[:, -1]``) so that rendering the LR depth
+    feature reconstructs the HR depth feature (L1 over valid HR depth), every other parameter frozen.
+
+    The loss and its gradient are the engine's :func:`ua3d.core.ops.kernel_fit_loss_grad` with the
+    channel weights ``(0, ..., 0, C + 1)`` (the mean absolute depth-feature error); the gradient of
+    the frozen maps is discarded. Returns ``(params, losses)``.
+    """
+    from ua3d.core.ops import kernel_fit_loss_grad
+    from ua3d.core.tto import _Adam
+
+    n = guide_hr.shape[1]
+    lam = torch.zeros(n, dtype=guide_hr.dtype, device=guide_hr.device)
+    lam[-1] = float(n)
+    params = params.detach().clone()
+    z = params[:, -1:].clone()
+    adam = _Adam(z, lr, cfg.lr_decay)
+    losses: list[float] = []
+    for _ in range(steps):
+        loss, grad = kernel_fit_loss_grad(
+            params,
+            guide_hr,
+            guide_lr,
+            cfg.radius,
+            groups,
+            valid_hr,
+            valid_lr,
+            lam,
+            None,
+            backend=cfg.backend,
+            support_sigmas=cfg.adaptive_support,
+        )
+        adam.step(grad[:, -1:].to(z.dtype))
+        params[:, -1:] = z
+        losses.append(float(loss))
+        if callback is not None:
+            callback(offset + len(losses) - 1, losses[-1])
+    return params, losses
+
+
+DEPTH_FITS = ("joint", "staged")
 
 
 def fit_rgbd(
@@ -424,8 +592,14 @@ def fit_rgbd(
     depth_scale: float = 1.0,
     depth_max: float | None = None,
     depth_mode: str = "relative",
-    depth_weight: float = 0.0,
+    depth_weight: float | None = None,
     callback: Any = None,
+    *,
+    depth_fit: str = "joint",
+    depth_steps: int = DEPTH_STEPS,
+    depth_lr: float | None = None,
+    base: Kernel | None = None,
+    normal_scale: float = NORMAL_SCALE,
 ) -> LiftedKernel:
     """Fit the lifted kernel to one RGB-D frame for features on an ``lr_size`` grid.
 
@@ -441,15 +615,28 @@ def fit_rgbd(
     depth_scale : raw depth units per metre (1 = already metres, 1000 = millimetres).
     depth_max : metres; farther depth is a hole.
     depth_mode : ``"relative"`` (log depth, the default) or ``"absolute"`` (metres); see module doc.
-    depth_weight : loss weight of the depth channel relative to a colour channel. Default 0: the
-        fit has the 2D kernel's objective (the colour reconstruction) and the depth term's width
-        ``sigma_z`` is shaped by it alone, so the lift keeps the 2D kernel's behaviour on surfaces and
-        only separates pixels across depth jumps. Heavier weights make the kernel copy colour along
-        iso-depth lines (floors) and lose to the 2D kernel on label transfer; ``docs/transfer.md``
-        has the measurements. Raise it (e.g. 10) when the HR depth itself is to be rendered from
-        a coarse grid (volume mass peaks).
+    depth_weight : ``"joint"`` fit only: loss weight of the depth channel relative to a colour channel
+        (None = 0, the default: the fit has the 2D kernel's objective, the colour reconstruction).
+        Heavier weights make the kernel copy colour along iso-depth lines (floors) and lose to the 2D
+        kernel on label transfer (``docs/transfer.md``).
     callback : optional ``callback(step, loss)`` after every TTO step (progress bars).
-
+    depth_fit : ``"joint"`` (default): one fit of all five parameter maps on the colour loss (+
+        ``depth_weight`` x depth) with the normal channels in the colour group. ``"staged"``: the
+        spatial and colour maps are exactly the 2D kernel's (:func:`ua3d.fit` with the same config, or
+        ``base``), then ``depth_steps`` steps fit the depth scale ``sigma_z`` alone to reconstruct the
+        HR depth from the LR depth, everything else frozen; no normal channels. Measured on the label
+        benchmark it loses to the 2D kernel (the depth loss sharpens ``sigma_z`` on slanted floors
+        too); it is kept for depth-centred uses and for reusing a 2D fit cheaply.
+    depth_steps : steps of the depth stage (``"staged"`` only; 0 = the 2D kernel with the initial
+        ``sigma_z``).
+    depth_lr : Adam step of the depth stage (None = ``config.lr``).
+    base : optional 2D :class:`~ua3d.api.Kernel` from ``ua3d.fit`` on the same ``rgb``, ``lr_size``
+        and ``config`` (``"staged"`` only): its maps are reused and only the depth stage runs.
+    normal_scale : ``"joint"`` only: the surface normals' ``(n_x, n_y)`` (:func:`surface_normals`),
+        times this scale, join the colour range group (default :data:`NORMAL_SCALE`; 0 = none). They
+        have loss weight 0: they only decide which LR cells a pixel may borrow from, so pixels of
+        differently oriented surfaces (an object on a floor, a box in front of a wall) are kept apart
+        even where their colours match, while a slanted plane, whose normal is constant, is one surface.
     Returns
     -------
     LiftedKernel
@@ -458,11 +645,28 @@ def fit_rgbd(
     ------
     ValueError
         rgb and depth of different sizes, intrinsics not matching the image size, negative depth,
-        depth with no valid pixel, bad ``lr_size`` / ``depth_mode``.
+        depth with no valid pixel, bad ``lr_size`` / ``depth_mode`` / ``depth_fit`` / ``depth_steps``,
+        ``depth_weight > 0`` or a ``base`` not made for this frame with ``"staged"``.
     """
     if depth_mode not in DEPTH_MODES:
         raise ValueError(f"depth_mode must be one of {DEPTH_MODES}, got {depth_mode!r}")
-    check_number(depth_weight, "depth_weight", low=0)
+    if depth_weight is not None:
+        check_number(depth_weight, "depth_weight", low=0)
+    if depth_fit not in DEPTH_FITS:
+        raise ValueError(f"depth_fit must be one of {DEPTH_FITS}, got {depth_fit!r}")
+    if depth_fit == "staged" and depth_weight:
+        raise ValueError(
+            f"depth_weight={depth_weight!r} applies to depth_fit='joint' only (the staged fit has no colour+depth loss)"
+        )
+    if depth_fit == "joint" and base is not None:
+        raise ValueError("base applies to depth_fit='staged' only")
+    if base is not None and not isinstance(base, Kernel):
+        raise ValueError(f"base must be a ua3d.Kernel fitted by ua3d.fit, got {type(base).__name__}")
+    if isinstance(depth_steps, bool) or not isinstance(depth_steps, (int, np.integer)) or depth_steps < 0:
+        raise ValueError(f"depth_steps must be an integer >= 0, got {depth_steps!r}")
+    if depth_lr is not None:
+        check_number(depth_lr, "depth_lr", low=0, low_open=True)
+    check_number(normal_scale, "normal_scale", low=0)
     if not isinstance(camera, PinholeCamera):
         raise ValueError(f"camera must be a PinholeCamera, got {type(camera).__name__}")
     g = _as_rgb(rgb)
@@ -480,7 +684,14 @@ def fit_rgbd(
             f"{'' if depth_max is None else f' or > depth_max={depth_max}'})"
         )
     hw = check_lr_size(lr_size, (H, W))
-    cfg = _lift_config(config, g.shape[1], depth_weight)
+    if depth_fit == "staged" and base is not None and config is None:
+        config = base.config
+    if base is not None and config != base.config:
+        raise ValueError("config differs from base.config: the staged lift reuses base's fit")
+    cfg_2d = config if config is not None else FitConfig()
+    n_rgb = g.shape[1]
+    n_geo = len(NORMAL_CHANNELS) if (normal_scale > 0 and depth_fit == "joint") else 0
+    cfg = _lift_config(config, n_rgb, depth_weight or 0.0, n_geo)
     g = prefilter_guide(g, cfg.guide_prefilter)
     z = torch.where(valid, z, torch.zeros((), dtype=z.dtype, device=z.device))
 
@@ -491,22 +702,48 @@ def fit_rgbd(
     f_lr = depth_feature(z_lr, depth_mode, lo, spread)
     depth_lr_grad = cell_gradients(f_hr, valid, hw)
     guide_hr = torch.cat([g, f_hr.to(g.dtype)], 1)
-    centres, values = lr_guides(g, hw, cfg)
-    guide_lr = torch.cat([centres, f_lr.to(g.dtype)], 1)
-    values_lr = None if values is None else torch.cat([values, f_lr.to(g.dtype)], 1)
     valid_hr = torch.cat([torch.ones_like(valid), valid], 1)
     valid_lr = torch.cat([torch.ones_like(v_lr), v_lr], 1)
     groups = (g.shape[1], 1)
-    params, losses = fit_params(
-        guide_hr,
-        guide_lr,
-        cfg,
-        groups=groups,
-        valid_hr=valid_hr,
-        valid_lr=valid_lr,
-        values_lr=values_lr,
-        callback=callback,
-    )
+    if depth_fit == "staged":
+        p2d, centres, losses = _staged_2d(g, hw, cfg_2d, base, callback)
+        guide_lr = torch.cat([centres, f_lr.to(g.dtype)], 1)
+        log_sz = math.log(float(cfg.sigma_range[1]))
+        params = torch.cat([p2d, torch.full_like(p2d[:, :1], log_sz)], 1)
+        params, dl = _fit_depth_scale(
+            params,
+            guide_hr,
+            guide_lr,
+            groups,
+            valid_hr,
+            valid_lr,
+            cfg,
+            int(depth_steps),
+            cfg.lr if depth_lr is None else float(depth_lr),
+            callback,
+            offset=len(losses) if base is None else 0,
+        )
+        losses = losses + dl
+        cfg = cfg_2d
+    else:
+        if n_geo:
+            nrm = surface_normals(z, valid, camera)[:, list(NORMAL_CHANNELS)]
+            g = torch.cat([g, float(normal_scale) * nrm.to(g.dtype)], 1)
+            guide_hr = torch.cat([g, f_hr.to(g.dtype)], 1)
+            groups = (g.shape[1], 1)
+        centres, values = lr_guides(g, hw, cfg)
+        guide_lr = torch.cat([centres, f_lr.to(g.dtype)], 1)
+        values_lr = None if values is None else torch.cat([values, f_lr.to(g.dtype)], 1)
+        params, losses = fit_params(
+            guide_hr,
+            guide_lr,
+            cfg,
+            groups=groups,
+            valid_hr=valid_hr,
+            valid_lr=valid_lr,
+            values_lr=values_lr,
+            callback=callback,
+        )
     kernel = Kernel(
         params,
         guide_hr,
@@ -518,4 +755,4 @@ def fit_rgbd(
         config=cfg,
         losses=losses,
     )
-    return LiftedKernel(kernel, camera, z, valid, z_lr, v_lr, depth_mode, lo, spread, depth_lr_grad)
+    return LiftedKernel(kernel, camera, z, valid, z_lr, v_lr, depth_mode, lo, spread, depth_lr_grad, n_geo)

@@ -7,7 +7,8 @@ while colour and position stay those of ``p``. With the lifted logits
 .. math:: \ell_d(p, q) = s(p, q) + t_d(p, q), \qquad
           t_d(p, q) = -\frac{(\phi(z_d) - \mu_q(p))^2}{2 \sigma_z(q)^2}
 
-(``s`` = spatial + colour term; ``t_d = 0`` for LR cells without valid depth), the volume and
+(``s`` = spatial + colour term, the colour group being RGB and the lift's surface-normal channels,
+the pixel's own at every bin; ``t_d = 0`` for LR cells without valid depth), the volume and
 its mass are
 
 * ``volume[c, d, p] = sum_q softmax_q(l_d(p, q)) f_c(q)``;
