@@ -36,9 +36,6 @@ SAMPLE_FILES = ("rgb.png", "depth.png", "depth_holes.png", "ids.png", "intrinsic
 #: numpy's default (6) for a ~25% larger file (29 -> ~36 MB measured on the bundled scene)
 VOLUME_COMPRESS_LEVEL = 1
 
-#: depth-loss weight of the demo's lift (the sample is a camouflage scene; fit_rgbd's default is 0)
-DEPTH_WEIGHT = 1.0
-
 
 def default_data_dir() -> Path:
     """The sample scene shipped inside the package (package data, so a wheel install has it)."""
@@ -210,13 +207,9 @@ def run_demo(
     # 4. lifted RGB-D kernel ------------------------------------------------------------------------
     begin(f"lift (RGB-D fit, {steps} steps, volume, points)")
     t0 = time.perf_counter()
-    # The bundled scene is a camouflage scene (objects in the colour of what is behind them): there the
-    # depth term must carry weight. fit_rgbd's default (0) is the benchmark's choice over many scene
-    # families and equals the 2D kernel; docs/transfer.md has the trade-off. The summary says which.
-    lifted = fit_rgbd(
-        rgb, depth, cam, (h, w), ua3d.FitConfig(steps=steps, seed=seed), depth_weight=DEPTH_WEIGHT
-    )
-    log["lift_depth_weight"] = DEPTH_WEIGHT
+    # The library defaults (the transfer benchmark's choice, docs/transfer.md): the colour loss of the 2D
+    # kernel, with surface normals from the depth deciding which cells a pixel may borrow from.
+    lifted = fit_rgbd(rgb, depth, cam, (h, w), ua3d.FitConfig(steps=steps, seed=seed))
     probs_3d = lifted.render_2d(probs_lr)
     valid = torch.from_numpy(depth > 0).to(dev)
     edges = torch.from_numpy(_near_depth_edges(depth_gt)).to(dev) & valid
@@ -341,10 +334,7 @@ def _write_summary(out: Path, log: dict, quiet: bool) -> None:
         "  within 3 px of depth edges:  bilinear {bilinear:.4f}  ua3d-2d {ua3d_2d:.4f}  ua3d-rgbd {ua3d_rgbd:.4f}".format(
             **acc["within_3px_of_depth_edges"]
         ),
-        (
-            f"  (ua3d-rgbd: fit_rgbd(..., depth_weight={log.get('lift_depth_weight', 0)}) for this camouflage scene; "
-            "the library default 0 equals the 2D kernel, docs/transfer.md)"
-        ),
+        "  (ua3d-rgbd: fit_rgbd with the library defaults; this sample is a camouflage scene, docs/transfer.md)",
         (
             f"feature volume {log['volume']['shape']} [C, D, H, W] float16 over {log['volume']['bins_m'][0]:.2f}-"
             f"{log['volume']['bins_m'][1]:.2f} m"
