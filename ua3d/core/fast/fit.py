@@ -12,8 +12,8 @@ import torch
 
 from ..params import LOG_SIGMA_MAX, LOG_SIGMA_MIN, THETA_MAX
 from ._jit import AVAILABLE
-from .inputs import Frame, _check_common, _check_cut, _coefficients, _compute_dtype, _np, _require
-from .pool import _geometry, _padded_block, _parallel_for
+from .inputs import _np, _require, _setup
+from .pool import _parallel_for
 
 if AVAILABLE:
     from ._jit import _JIT, _fexp, _wide_vectors, njit
@@ -28,6 +28,56 @@ if AVAILABLE:
     )
 
     @njit(**_JIT)
+    def _exp_recon(kb, n, wl, mx, nb_g, vo, tot, recon):
+        """Weights ``wl[k, p] = exp(logit - mx[p])`` in place, fused with their sums ``tot[p]`` and the
+        unnormalised reconstruction ``recon[c, p] = sum_k wl[k, p] nb_g[vo + c, k]`` of the guide."""
+        Cg = recon.shape[0]
+        for p in range(n):
+            tot[p] = 0.0
+        for c in range(Cg):
+            for p in range(n):
+                recon[c, p] = 0.0
+        for k in range(kb):
+            row = wl[k]
+            if Cg == 3:
+                f0, f1, f2 = nb_g[vo, k], nb_g[vo + 1, k], nb_g[vo + 2, k]
+                for p in range(n):
+                    e = _fexp(row[p] - mx[p])
+                    row[p] = e
+                    tot[p] += e
+                    recon[0, p] += e * f0
+                    recon[1, p] += e * f1
+                    recon[2, p] += e * f2
+                continue
+            for p in range(n):
+                e = _fexp(row[p] - mx[p])
+                row[p] = e
+                tot[p] += e
+            for c in range(Cg):
+                f = nb_g[vo + c, k]
+                for p in range(n):
+                    recon[c, p] += row[p] * f
+
+    @njit(**_JIT)
+    def _residuals(n, recon, tot, pg, pw, ee, sbar, loss):
+        """``loss`` plus the loss of the block's first ``n`` pixels, ``sum_{c, p} pw[c, p] |recon[c, p] /
+        tot[p] - pg[c, p]|`` (accumulated in the type of ``loss``), and the factors of its gradient:
+        ``ee[c, p] = pw sign(.) / tot``, ``sbar[p] = sum_c ee[c, p] recon[c, p] / tot[p]``."""
+        dt = recon.dtype.type
+        for p in range(n):
+            inv = dt(1.0) / tot[p]
+            sb = dt(0.0)
+            for c in range(recon.shape[0]):
+                rc = recon[c, p] * inv
+                diff = rc - pg[c, p]
+                loss += abs(diff) * pw[c, p]
+                e = np.sign(diff) * pw[c, p]
+                ee[c, p] = e * inv
+                sb += e * rc
+            sbar[p] = sb * inv
+        return loss
+
+    @njit(**_JIT)
     def _fit_block_rgb(kb, n, px, py, pg, pv, pw, use_vhr, nb, wl, mx, tot, recon, ee, sbar, ft, mom, vo):
         """Loss and gradient moments of one block, RGB guide, in the expanded form of
         :func:`_rgb_logits`: the gradient needs only the ten feature moments ``sum_p t_kp ft[f, p]``
@@ -38,34 +88,8 @@ if AVAILABLE:
         nb_cy, nb_cx, nb_c, nb_s, nb_g = nb.nb_cy, nb.nb_cx, nb.nb_c, nb.nb_s, nb.nb_g
         dt = wl.dtype.type
         xc, yc, m0, m1, m2 = _rgb_logits(kb, n, px, py, pg, pv, use_vhr, nb, wl, mx, ft, mom)
-        # weights (exp) fused with the reconstruction of the guide
-        for p in range(n):
-            tot[p] = 0.0
-            recon[0, p] = 0.0
-            recon[1, p] = 0.0
-            recon[2, p] = 0.0
-        for k in range(kb):
-            row = wl[k]
-            f0, f1, f2 = nb_g[vo, k], nb_g[vo + 1, k], nb_g[vo + 2, k]
-            for p in range(n):
-                e = _fexp(row[p] - mx[p])
-                row[p] = e
-                tot[p] += e
-                recon[0, p] += e * f0
-                recon[1, p] += e * f1
-                recon[2, p] += e * f2
-        loss = dt(0.0)
-        for p in range(n):
-            inv = dt(1.0) / tot[p]
-            sb = dt(0.0)
-            for c in range(3):
-                rc = recon[c, p] * inv
-                diff = rc - pg[c, p]
-                loss += abs(diff) * pw[c, p]
-                e = np.sign(diff) * pw[c, p]
-                ee[c, p] = e * inv
-                sb += e * rc
-            sbar[p] = sb * inv
+        _exp_recon(kb, n, wl, mx, nb_g, vo, tot, recon)  # weights (exp) fused with the reconstruction
+        loss = _residuals(n, recon, tot, pg, pw, ee, sbar, dt(0.0))
         # dL/dlogit_kp = w_kp (sum_c e_cp f_ck - sbar_p), summed against the ten features
         for k in range(kb):
             row = wl[k]
@@ -163,8 +187,8 @@ if AVAILABLE:
         ``pmax`` is the padded largest block size.
         """
         _wide_vectors()
-        ghr, glr, coef, vhr, vlr, gstart, cut, use_vhr, use_vlr = fr
-        offs, ry0, ry1, cx0, cx1, cyv, cxv = geo
+        ghr, glr, vhr, gstart, cut, use_vhr = fr.ghr, fr.glr, fr.vhr, fr.gstart, fr.cut, fr.use_vhr
+        offs, ry0, ry1, cx0, cx1 = geo.offs, geo.ry0, geo.ry1, geo.cx0, geo.cx1
         h, w = glr.shape[2:]
         Cg = ghr.shape[1]
         vo = glr.shape[1] - Cg  # 0, or Cg when glr carries separate values after the range centres
@@ -228,28 +252,7 @@ if AVAILABLE:
                     continue
                 npad = min(pmax, -(-n // 8) * 8)
                 _pad_pixels(n, npad, px, py, pg, pv, pw)
-                kb, kanc = _gather_block(
-                    b,
-                    i,
-                    j,
-                    glr,
-                    coef,
-                    vlr,
-                    smask_dummy,
-                    offs,
-                    cyv,
-                    cxv,
-                    y0,
-                    y1,
-                    x0,
-                    x1,
-                    cut,
-                    use_vlr,
-                    False,
-                    rec,
-                    nb_v,
-                    nb_k,
-                )
+                kb, kanc = _gather_block(b, i, j, fr, geo, smask_dummy, False, rec, nb_v, nb_k)
                 if rgb:
                     loss_row += _fit_block_rgb(
                         kb, npad, px, py, pg, pv, pw, use_vhr, nb, wl, mx, tot, recon, ee, sbar, ft, mom, vo
@@ -264,43 +267,10 @@ if AVAILABLE:
                         rowbuf[bi, slot, qj, 3] += mom[3, k] * nb_v[0, k]
                     continue
                 _block_logits(kb, kanc, npad, px, py, pg, pv, gstart, cut, nb, wl, mx, d)
-                # weights (exp) fused with the reconstruction of the guide
-                for p in range(npad):
-                    tot[p] = 0.0
-                for c in range(Cg):
-                    for p in range(npad):
-                        recon[c, p] = 0.0
-                for k in range(kb):
-                    row = wl[k]
-                    if Cg == 3:
-                        f0, f1, f2 = nb_g[vo, k], nb_g[vo + 1, k], nb_g[vo + 2, k]
-                        for p in range(npad):
-                            e = _fexp(row[p] - mx[p])
-                            row[p] = e
-                            tot[p] += e
-                            recon[0, p] += e * f0
-                            recon[1, p] += e * f1
-                            recon[2, p] += e * f2
-                        continue
-                    for p in range(npad):
-                        e = _fexp(row[p] - mx[p])
-                        row[p] = e
-                        tot[p] += e
-                    for c in range(Cg):
-                        f = nb_g[vo + c, k]
-                        for p in range(npad):
-                            recon[c, p] += row[p] * f
-                for p in range(npad):
-                    inv = dt(1.0) / tot[p]
-                    sb = dt(0.0)
-                    for c in range(Cg):
-                        rc = recon[c, p] * inv
-                        diff = rc - pg[c, p]
-                        loss_row += abs(diff) * pw[c, p]
-                        e = np.sign(diff) * pw[c, p]
-                        ee[c, p] = e * inv
-                        sb += e * rc
-                    sbar[p] = sb * inv
+                _exp_recon(
+                    kb, npad, wl, mx, nb_g, vo, tot, recon
+                )  # weights (exp) fused with the reconstruction
+                loss_row = _residuals(npad, recon, tot, pg, pw, ee, sbar, loss_row)
                 # dL/dlogit_kp = w_kp (sum_c e_cp f_ck - sbar_p), summed against the logit derivatives
                 for k in range(kb):
                     row = wl[k]
@@ -418,17 +388,11 @@ def kernel_fit_loss_grad(
     grad : ``[B, 3 + G, h, w]``, params dtype
     """
     _require()
-    gs, gstart, vhr, use_vhr, vlr, use_vlr = _check_common(
-        params, guide_hr, guide_lr, groups, valid_hr, valid_lr, radius
-    )
-    cut = _check_cut(support_sigmas)
+    st = _setup(params, guide_hr, guide_lr, groups, valid_hr, valid_lr, radius, support_sigmas, values_lr)
+    fr, gs, ndt = st.fr, st.gs, st.ndt
     B, _, h, w = params.shape
     Cg, H, W = guide_hr.shape[1:]
     G = len(gs)
-    cdt = _compute_dtype(params)
-    ndt = np.float64 if cdt == torch.float64 else np.float32
-    geo = _geometry(H, W, h, w, float(radius), np.dtype(ndt).name)
-    ry0, ry1, cx0, cx1 = geo.ry0, geo.ry1, geo.cx0, geo.cx1
     r = math.floor(radius)
 
     lam = np.ones(Cg) if channel_weights is None else channel_weights.detach().double().cpu().numpy()
@@ -441,25 +405,12 @@ def kernel_fit_loss_grad(
         pm, use_pm = np.ascontiguousarray(pixel_mask.detach()[:, 0].cpu().numpy(), dtype=ndt), True
     else:
         pm, use_pm = np.ones((1, 1, 1), ndt), False
-    denom = _loss_denominator(B, Cg, H, W, gs, vhr, use_vhr, pm, use_pm)
+    denom = _loss_denominator(B, Cg, H, W, gs, fr.vhr, fr.use_vhr, pm, use_pm)
     lam_n = np.ascontiguousarray(lam[None, :] / denom[:, None], dtype=ndt)  # [B, Cg]
     gch = np.repeat(np.arange(G, dtype=np.int64), gs)
-
-    ghr = _np(guide_hr, cdt)
-    glr = _np(guide_lr, cdt)
-    if values_lr is not None:  # the values ride in the same per-cell record, after the range centres
-        if tuple(values_lr.shape) != tuple(guide_lr.shape):
-            raise ValueError(
-                f"values_lr must have the shape of guide_lr {tuple(guide_lr.shape)}, "
-                f"got {tuple(values_lr.shape)}"
-            )
-        glr = np.ascontiguousarray(np.concatenate([glr, _np(values_lr, cdt)], 1))
-    coef = _coefficients(params, glr, cdt, cut)
     rowbuf = np.zeros((B * h, 2 * r + 1, w, 3 + G), np.float64)
     rowloss = np.zeros(B * h, np.float64)
-    fr = Frame(ghr, glr, coef, vhr, vlr, gstart, cut, use_vhr, use_vlr)
-    pmax = _padded_block(ry0, ry1, cx0, cx1)
-    _parallel_for(_fit_rows, B * h, fr, geo, pm, lam_n, gch, use_pm, r, pmax, rowbuf, rowloss)
+    _parallel_for(_fit_rows, B * h, fr, st.geo, pm, lam_n, gch, use_pm, r, st.pmax, rowbuf, rowloss)
     sums = _reduce_rows(rowbuf, B, h, r).transpose(0, 3, 1, 2)  # [B, 3 + G, h, w] float64
     grad = _chain_rule(params, sums)
     loss = torch.tensor(float(rowloss.sum()), dtype=params.dtype)

@@ -11,8 +11,8 @@ import torch
 
 from ..kernel import window_offsets
 from ._jit import _NEG, AVAILABLE
-from .inputs import Frame, _check_common, _check_cut, _coefficients, _compute_dtype, _mask_u8, _np, _require
-from .pool import Geometry, _empty_huge, _geometry, _padded_block, _parallel_for
+from .inputs import Frame, _mask_u8, _require, _setup
+from .pool import Geometry, _empty_huge, _padded_block, _parallel_for
 
 #: render channel counts up to this are fused in numba; more use the weight matrix + ``torch.bmm``.
 SMALL_C = 8
@@ -26,6 +26,7 @@ if AVAILABLE:
         _block_pixels,
         _block_scratch,
         _block_weights,
+        _exp_sums,
         _gather_block,
         _pad_pixels,
         _rgb_logits,
@@ -38,8 +39,8 @@ if AVAILABLE:
         ``fr``, ``geo``: the call's :class:`~ua3d.core.fast.inputs.Frame` and
         :class:`~ua3d.core.fast.pool.Geometry`; ``smask [B, h, w]`` uint8 valid LR values (if ``use_sm``)."""
         _wide_vectors()
-        ghr, glr, coef, vhr, vlr, gstart, cut, use_vhr, use_vlr = fr
-        offs, ry0, ry1, cx0, cx1, cyv, cxv = geo
+        ghr, glr, vhr, gstart, cut, use_vhr = fr.ghr, fr.glr, fr.vhr, fr.gstart, fr.cut, fr.use_vhr
+        offs, ry0, ry1, cx0, cx1 = geo.offs, geo.ry0, geo.ry1, geo.cx0, geo.cx1
         w = glr.shape[3]
         C = sig.shape[1]
         G = gstart.shape[0] - 1
@@ -57,28 +58,7 @@ if AVAILABLE:
             if y1 <= y0 or x1 <= x0:
                 continue
             bw = x1 - x0
-            kb, kanc = _gather_block(
-                b,
-                i,
-                j,
-                glr,
-                coef,
-                vlr,
-                smask,
-                offs,
-                cyv,
-                cxv,
-                y0,
-                y1,
-                x0,
-                x1,
-                cut,
-                use_vlr,
-                use_sm,
-                rec,
-                nb_v,
-                nb_k,
-            )
+            kb, kanc = _gather_block(b, i, j, fr, geo, smask, use_sm, rec, nb_v, nb_k)
             if kb == 0:
                 for y in range(y0, y1):
                     for x in range(x0, x1):
@@ -130,8 +110,8 @@ if AVAILABLE:
         zero for padding, outside or masked cells), ``sup [tiles, P]`` uint8 (arguments as
         :func:`_render_small`)."""
         _wide_vectors()
-        ghr, glr, coef, vhr, vlr, gstart, cut, use_vhr, use_vlr = fr
-        offs, ry0, ry1, cx0, cx1, cyv, cxv = geo
+        ghr, glr, vhr, gstart, cut, use_vhr = fr.ghr, fr.glr, fr.vhr, fr.gstart, fr.cut, fr.use_vhr
+        offs, ry0, ry1, cx0, cx1 = geo.offs, geo.ry0, geo.ry1, geo.cx0, geo.cx1
         w = glr.shape[3]
         G = gstart.shape[0] - 1
         K = offs.shape[0]
@@ -152,28 +132,7 @@ if AVAILABLE:
             x0, x1 = cx0[j], cx1[j]
             kb = 0
             if y1 > y0 and x1 > x0:
-                kb, kanc = _gather_block(
-                    b,
-                    i,
-                    j,
-                    glr,
-                    coef,
-                    vlr,
-                    smask,
-                    offs,
-                    cyv,
-                    cxv,
-                    y0,
-                    y1,
-                    x0,
-                    x1,
-                    cut,
-                    use_vlr,
-                    use_sm,
-                    rec,
-                    nb_v,
-                    nb_k,
-                )
+                kb, kanc = _gather_block(b, i, j, fr, geo, smask, use_sm, rec, nb_v, nb_k)
             if kb == 0:
                 wmat[t] = 0.0
                 sup[t] = 0
@@ -183,14 +142,7 @@ if AVAILABLE:
             _pad_pixels(n, npad, px, py, pg, pv, pw)
             if rgb:
                 _rgb_logits(kb, npad, px, py, pg, pv, use_vhr, nb, wl, mx, ft, mom)
-                for p in range(npad):
-                    tot[p] = 0.0
-                for k in range(kb):
-                    row = wl[k]
-                    for p in range(npad):
-                        e = _fexp(row[p] - mx[p])
-                        row[p] = e
-                        tot[p] += e
+                _exp_sums(kb, npad, wl, mx, tot)
             else:
                 _block_weights(kb, kanc, npad, px, py, pg, pv, gstart, cut, nb, wl, mx, tot, d)
             bw = x1 - x0
@@ -289,10 +241,8 @@ def kernel_render(
     support : ``[B, 1, H, W]`` bool
     """
     _require()
-    _, gstart, vhr, use_vhr, vlr, use_vlr = _check_common(
-        params, guide_hr, guide_lr, groups, valid_hr, valid_lr, radius
-    )
-    cut = _check_cut(support_sigmas)
+    st = _setup(params, guide_hr, guide_lr, groups, valid_hr, valid_lr, radius, support_sigmas)
+    fr, geo, cdt, ndt, pmax = st.fr, st.geo, st.cdt, st.ndt, st.pmax
     B, _, h, w = params.shape
     H, W = guide_hr.shape[2:]
     if (
@@ -309,25 +259,17 @@ def kernel_render(
         raise ValueError(f"signal must be a CPU tensor for the fast engine, got device {signal.device}")
     C = signal.shape[1]
     odt = out_dtype or signal.dtype
-    cdt = _compute_dtype(params)
-    ndt = np.float64 if cdt == torch.float64 else np.float32
-    geo = _geometry(H, W, h, w, float(radius), np.dtype(ndt).name)
-    ry0, ry1, cx0, cx1 = geo.ry0, geo.ry1, geo.cx0, geo.cx1
+    ry0, ry1 = geo.ry0, geo.ry1
     if signal_mask is not None and tuple(signal_mask.shape) != (B, 1, h, w):
         raise ValueError(f"signal_mask must have shape {(B, 1, h, w)}, got {tuple(signal_mask.shape)}")
     sm, use_sm = _mask_u8(None if signal_mask is None else signal_mask[:, 0], (B, h, w), "signal_mask")
     sig_t = signal.detach().to(cdt)
     if use_sm:
         sig_t = torch.where(torch.from_numpy(sm).bool()[:, None], sig_t, torch.zeros((), dtype=cdt))
-    ghr = _np(guide_hr, cdt)
-    glr = _np(guide_lr, cdt)
-    coef = _coefficients(params, glr, cdt, cut)
     out = _empty_huge((B, C, H, W), odt)
     support = torch.empty(B, 1, H, W, dtype=torch.bool)
     budget = tile_bytes or TILE_BYTES
-    fr = Frame(ghr, glr, coef, vhr, vlr, gstart, cut, use_vhr, use_vlr)
     itemsize = 8 if cdt == torch.float64 else 4
-    pmax = _padded_block(ry0, ry1, cx0, cx1)
     if C <= SMALL_C:
         sig = sig_t.contiguous().numpy()
         per_row = C * (-(-H // h) + 1) * W * itemsize + 1
