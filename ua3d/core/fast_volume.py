@@ -54,9 +54,6 @@ independent of the thread count). ``AVAILABLE`` is False when numba cannot be im
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-from functools import lru_cache
 from typing import NamedTuple
 
 import numpy as np
@@ -65,6 +62,7 @@ import torch
 from .fast import inputs as _inputs
 from .fast import pool as _pool
 from .fast._jit import AVAILABLE
+from .fast.blas import _one_blas_thread, _scipy_blas_threads
 from .memory import window_size
 
 __all__ = ["AVAILABLE", "BIN_CHUNK", "half_bits", "kernel_render_volume", "volume_working_bytes"]
@@ -94,23 +92,10 @@ class Depth(NamedTuple):
 
 
 if AVAILABLE:
-    from llvmlite import ir as _llir
-    from numba import njit, types
-    from numba.extending import intrinsic
+    from numba import njit
 
-    from .fast._jit import _JIT, _fexp, _wide_vectors
+    from .fast._jit import _JIT, _fexp, _half_bits, _wide_vectors
     from .fast.blocks import _block_logits, _block_pixels, _block_scratch, _gather_block
-
-    @intrinsic
-    def _half_bits(typingctx, x):
-        """IEEE binary16 bits (int16) of a float32: LLVM's ``fptrunc`` to ``half`` (``vcvtps2ph`` on
-        F16C / AVX-512 CPUs, vectorised), round to nearest even, as numpy and torch."""
-        sig = types.int16(types.float32)
-
-        def codegen(context, builder, signature, args):
-            return builder.bitcast(builder.fptrunc(args[0], _llir.HalfType()), _llir.IntType(16))
-
-        return sig, codegen
 
     @njit(**_JIT)
     def _half_bits_array(x, out):
@@ -447,47 +432,6 @@ def volume_working_bytes(
         nbb = min(n_bins, max(jc, (budget // max(MIN_BATCH_BLOCKS * block_bytes(jc), 1)) * jc))
     nbk = int(max(1, min(h * w, budget // block_bytes(nbb))))
     return nbk, int(nbb), int(nbk * block_bytes(nbb))
-
-
-@lru_cache(maxsize=1)
-def _scipy_blas_threads():
-    """``(get, set)`` of the thread count of the BLAS that numba's ``np.dot`` calls (scipy's OpenBLAS),
-    or None when there is no scipy (then the batched path with ``torch.bmm`` runs)."""
-    try:
-        import scipy.linalg.cython_blas  # noqa: F401  (loads the library numba calls)
-    except Exception:  # noqa: BLE001  # pragma: no cover - no scipy: numba's np.dot is unavailable
-        return None
-    try:
-        with open("/proc/self/maps") as f:
-            paths = sorted({ln.split()[-1] for ln in f if "openblas" in ln.lower() and "scipy.libs" in ln})
-        for p in paths:
-            lib = ctypes.CDLL(p)
-            for g, s in (
-                ("scipy_openblas_get_num_threads", "scipy_openblas_set_num_threads"),
-                ("openblas_get_num_threads", "openblas_set_num_threads"),
-            ):
-                if hasattr(lib, g) and hasattr(lib, s):
-                    return getattr(lib, g), getattr(lib, s)
-    except OSError:  # pragma: no cover - no /proc: leave scipy's BLAS threads as they are
-        pass
-    return (lambda: 1), (lambda n: None)
-
-
-@contextlib.contextmanager
-def _one_blas_thread():
-    """The engine's threads each call BLAS: make it single-threaded meanwhile (restored after; the
-    setting is process-wide, so scipy BLAS calls of other threads run single-threaded meanwhile)."""
-    gs = _scipy_blas_threads()
-    if gs is None:
-        yield
-        return
-    get, set_ = gs
-    before = int(get())
-    set_(1)
-    try:
-        yield
-    finally:
-        set_(before)
 
 
 def kernel_render_volume(

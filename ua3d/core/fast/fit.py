@@ -12,7 +12,7 @@ import torch
 
 from ..params import LOG_SIGMA_MAX, LOG_SIGMA_MIN, THETA_MAX
 from ._jit import AVAILABLE
-from .inputs import _np, _require, _setup
+from .inputs import _np, _require, _setup, _skip_gap
 from .pool import _parallel_for
 
 if AVAILABLE:
@@ -28,16 +28,18 @@ if AVAILABLE:
     )
 
     @njit(**_JIT)
-    def _exp_recon(kb, n, wl, mx, nb_g, vo, tot, recon):
-        """Weights ``wl[k, p] = exp(logit - mx[p])`` in place, fused with their sums ``tot[p]`` and the
-        unnormalised reconstruction ``recon[c, p] = sum_k wl[k, p] nb_g[vo + c, k]`` of the guide."""
+    def _exp_recon(na, act, n, wl, mx, nb_g, vo, tot, recon):
+        """Weights ``wl[k, p] = exp(logit - mx[p])`` in place for the listed neighbours ``k = act[:na]``,
+        fused with their sums ``tot[p]`` and the unnormalised reconstruction ``recon[c, p] = sum_k wl[k, p]
+        nb_g[vo + c, k]`` of the guide."""
         Cg = recon.shape[0]
         for p in range(n):
             tot[p] = 0.0
         for c in range(Cg):
             for p in range(n):
                 recon[c, p] = 0.0
-        for k in range(kb):
+        for a in range(na):
+            k = act[a]
             row = wl[k]
             if Cg == 3:
                 f0, f1, f2 = nb_g[vo, k], nb_g[vo + 1, k], nb_g[vo + 2, k]
@@ -59,6 +61,27 @@ if AVAILABLE:
                     recon[c, p] += row[p] * f
 
     @njit(**_JIT)
+    def _active(kb, n, wl, mx, gap, act):
+        """The neighbours that matter somewhere in the block: ``act[:na]`` = the ``k`` whose logit comes within
+        ``gap`` of some pixel's largest (``max_p wl[k, p] - mx[p] >= -gap``; every ``k`` when ``gap = 0``).
+        The others' weights are below ``e^-gap`` of the largest at every pixel: they are dropped (weight 0).
+        Returns ``na``."""
+        na = 0
+        dt = wl.dtype.type
+        g = dt(gap)
+        for k in range(kb):
+            if gap > 0:
+                row = wl[k]
+                near = 0  # a count, not a max: integer sums vectorise, float max reductions do not
+                for p in range(n):
+                    near += 1 if row[p] - mx[p] >= -g else 0
+                if near == 0:
+                    continue
+            act[na] = k
+            na += 1
+        return na
+
+    @njit(**_JIT)
     def _residuals(n, recon, tot, pg, pw, ee, sbar, loss):
         """``loss`` plus the loss of the block's first ``n`` pixels, ``sum_{c, p} pw[c, p] |recon[c, p] /
         tot[p] - pg[c, p]|`` (accumulated in the type of ``loss``), and the factors of its gradient:
@@ -78,7 +101,9 @@ if AVAILABLE:
         return loss
 
     @njit(**_JIT)
-    def _fit_block_rgb(kb, n, px, py, pg, pv, pw, use_vhr, nb, wl, mx, tot, recon, ee, sbar, ft, mom, vo):
+    def _fit_block_rgb(
+        kb, n, px, py, pg, pv, pw, use_vhr, nb, wl, mx, tot, recon, ee, sbar, ft, mom, vo, gap, act
+    ):
         """Loss and gradient moments of one block, RGB guide, in the expanded form of
         :func:`_rgb_logits`: the gradient needs only the ten feature moments ``sum_p t_kp ft[f, p]``
         and ``sum_p t_kp`` per neighbour (``t = dL/dlogit``), which are turned into the four
@@ -88,10 +113,15 @@ if AVAILABLE:
         nb_cy, nb_cx, nb_c, nb_s, nb_g = nb.nb_cy, nb.nb_cx, nb.nb_c, nb.nb_s, nb.nb_g
         dt = wl.dtype.type
         xc, yc, m0, m1, m2 = _rgb_logits(kb, n, px, py, pg, pv, use_vhr, nb, wl, mx, ft, mom)
-        _exp_recon(kb, n, wl, mx, nb_g, vo, tot, recon)  # weights (exp) fused with the reconstruction
+        na = _active(kb, n, wl, mx, gap, act)  # the others get weight 0 (and no gradient)
+        _exp_recon(na, act, n, wl, mx, nb_g, vo, tot, recon)  # weights (exp) fused with the reconstruction
         loss = _residuals(n, recon, tot, pg, pw, ee, sbar, dt(0.0))
-        # dL/dlogit_kp = w_kp (sum_c e_cp f_ck - sbar_p), summed against the ten features
         for k in range(kb):
+            for f in range(4):
+                mom[f, k] = 0.0
+        # dL/dlogit_kp = w_kp (sum_c e_cp f_ck - sbar_p), summed against the ten features
+        for a in range(na):
+            k = act[a]
             row = wl[k]
             f0, f1, f2 = nb_g[vo, k], nb_g[vo + 1, k], nb_g[vo + 2, k]
             s0 = dt(0.0)
@@ -130,7 +160,8 @@ if AVAILABLE:
             mom[9, k] = s9
             mom[10, k] = st
         # moments -> sum t a^2, sum t b^2, sum t a b, sum t v |c - g|^2 (into mom[0:4, k])
-        for k in range(kb):
+        for a in range(na):
+            k = act[a]
             ck, sk = nb_c[k], nb_s[k]
             dx = nb_cx[k] - xc
             dy = nb_cy[k] - yc
@@ -174,7 +205,7 @@ if AVAILABLE:
         return loss
 
     @njit(**_JIT)
-    def _fit_rows(bi0, bi1, fr, geo, pmask, lam, gch, use_pm, r, pmax, rowbuf, rowloss):
+    def _fit_rows(bi0, bi1, fr, geo, pmask, lam, gch, use_pm, r, pmax, gap, rowbuf, rowloss):
         """Loss and gradient sums of the block rows ``bi0 <= b h + i < bi1`` into ``rowbuf[b h + i]``.
 
         ``fr`` the call's fixed arrays (:class:`~ua3d.core.fast.inputs.Frame`), ``geo`` its block
@@ -204,6 +235,7 @@ if AVAILABLE:
         tk = np.empty(pmax, glr.dtype)
         ft = np.empty((10, pmax), glr.dtype)
         mom = np.empty((11, K), glr.dtype)
+        act = np.empty(K, np.int64)
         rgb = G == 1 and Cg == 3 and cut == 0
         for bi in range(bi0, bi1):
             b = bi // h
@@ -255,7 +287,26 @@ if AVAILABLE:
                 kb, kanc = _gather_block(b, i, j, fr, geo, smask_dummy, False, rec, nb_v, nb_k)
                 if rgb:
                     loss_row += _fit_block_rgb(
-                        kb, npad, px, py, pg, pv, pw, use_vhr, nb, wl, mx, tot, recon, ee, sbar, ft, mom, vo
+                        kb,
+                        npad,
+                        px,
+                        py,
+                        pg,
+                        pv,
+                        pw,
+                        use_vhr,
+                        nb,
+                        wl,
+                        mx,
+                        tot,
+                        recon,
+                        ee,
+                        sbar,
+                        ft,
+                        mom,
+                        vo,
+                        gap,
+                        act,
                     )
                     for k in range(kb):
                         kk = nb_k[k]
@@ -267,12 +318,12 @@ if AVAILABLE:
                         rowbuf[bi, slot, qj, 3] += mom[3, k] * nb_v[0, k]
                     continue
                 _block_logits(kb, kanc, npad, px, py, pg, pv, gstart, cut, nb, wl, mx, d)
-                _exp_recon(
-                    kb, npad, wl, mx, nb_g, vo, tot, recon
-                )  # weights (exp) fused with the reconstruction
+                na = _active(kb, npad, wl, mx, gap, act)  # the others get weight 0 (and no gradient)
+                _exp_recon(na, act, npad, wl, mx, nb_g, vo, tot, recon)  # exp fused with the reconstruction
                 loss_row = _residuals(npad, recon, tot, pg, pw, ee, sbar, loss_row)
                 # dL/dlogit_kp = w_kp (sum_c e_cp f_ck - sbar_p), summed against the logit derivatives
-                for k in range(kb):
+                for a in range(na):
+                    k = act[a]
                     row = wl[k]
                     kk = nb_k[k]
                     slot = offs[kk, 0] + r
@@ -410,7 +461,8 @@ def kernel_fit_loss_grad(
     gch = np.repeat(np.arange(G, dtype=np.int64), gs)
     rowbuf = np.zeros((B * h, 2 * r + 1, w, 3 + G), np.float64)
     rowloss = np.zeros(B * h, np.float64)
-    _parallel_for(_fit_rows, B * h, fr, st.geo, pm, lam_n, gch, use_pm, r, st.pmax, rowbuf, rowloss)
+    gap = _skip_gap(st.cdt)
+    _parallel_for(_fit_rows, B * h, fr, st.geo, pm, lam_n, gch, use_pm, r, st.pmax, gap, rowbuf, rowloss)
     sums = _reduce_rows(rowbuf, B, h, r).transpose(0, 3, 1, 2)  # [B, 3 + G, h, w] float64
     grad = _chain_rule(params, sums)
     loss = torch.tensor(float(rowloss.sum()), dtype=params.dtype)

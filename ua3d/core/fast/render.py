@@ -11,16 +11,20 @@ import torch
 
 from ..kernel import window_offsets
 from ._jit import _NEG, AVAILABLE
-from .inputs import Frame, _mask_u8, _require, _setup
+from .blas import _one_blas_thread, _scipy_blas_threads
+from .inputs import Frame, _mask_u8, _require, _setup, _skip_gap
 from .pool import Geometry, _empty_huge, _padded_block, _parallel_for
 
 #: render channel counts up to this are fused in numba; more use the weight matrix + ``torch.bmm``.
 SMALL_C = 8
 #: working-memory budget of one render / fit tile (bytes), on top of the output.
 TILE_BYTES = 192 << 20
+#: more channels render block by block through BLAS (:func:`_render_dot`, when scipy's BLAS is there);
+#: False: the weight matrix + ``torch.bmm`` tiles (:func:`_render_bmm`)
+DOT = True
 
 if AVAILABLE:
-    from ._jit import _JIT, _fexp, _wide_vectors, njit
+    from ._jit import _JIT, _fexp, _half_bits, _wide_vectors, njit
     from .blocks import (
         _block_logits,
         _block_pixels,
@@ -175,6 +179,91 @@ if AVAILABLE:
                     dst[pidx[p]] = row[p] * tot[p]
 
     @njit(**_JIT)
+    def _render_dot(t0, t1, fr, geo, smask, use_sm, sigt, b, pmax, gap, half, out, sup):
+        """Blocks ``t0 <= t < t1`` (block ``(t // w, t % w)``) of batch ``b`` end to end, many channels:
+        the block's weights over its listed neighbours, the neighbours whose weight is below
+        ``e^-gap`` of the largest at every pixel of the block dropped (``gap = 0``: none; the weights are
+        normalised over the kept ones), times their features ``sigt[b, q, :]`` (cell-major ``[B, h w,
+        C]``) by numba's ``np.dot`` (BLAS, one thread per caller), written to ``out [C, H, W]`` (float16
+        bits into an int16 array when ``half``; NaN without support) and ``sup [H, W]`` uint8. Arguments as
+        :func:`_render_small`; per-thread scratch only (a few hundred KB)."""
+        _wide_vectors()
+        ghr, glr, vhr, gstart, cut, use_vhr = fr.ghr, fr.glr, fr.vhr, fr.gstart, fr.cut, fr.use_vhr
+        w = glr.shape[3]
+        C = sigt.shape[2]
+        G = gstart.shape[0] - 1
+        K = geo.offs.shape[0]
+        dt = glr.dtype.type
+        half_neg = dt(0.5 * _NEG)
+        keep = dt(np.exp(-gap)) if gap > 0 else dt(0.0)
+        rec, nb, nb_k, px, py, pg, pv, pw, _wl, mx, tot, d = _block_scratch(glr, K, G, pmax)
+        nb_v = nb.nb_v
+        ft = np.empty((10, pmax), glr.dtype)
+        mom = np.empty((11, K), glr.dtype)
+        wlf = np.empty(K * pmax, glr.dtype)
+        fmt = np.empty((K, C), glr.dtype)
+        resf = np.empty(C * pmax, glr.dtype)
+        rgb = G == 1 and glr.shape[1] == 3 and cut == 0
+        for t in range(t0, t1):
+            i = t // w
+            j = t - i * w
+            y0, y1 = geo.ry0[i], geo.ry1[i]
+            x0, x1 = geo.cx0[j], geo.cx1[j]
+            if y1 <= y0 or x1 <= x0:
+                continue
+            bw = x1 - x0
+            kb, kanc = _gather_block(b, i, j, fr, geo, smask, use_sm, rec, nb_v, nb_k)
+            n = _block_pixels(b, y0, y1, x0, x1, ghr, vhr, use_vhr, px, py, pg, pv)
+            npad = min(pmax, -(-n // 8) * 8)
+            res = resf[: C * npad].reshape((C, npad))
+            if kb == 0:
+                for p in range(n):
+                    mx[p] = dt(_NEG)
+            else:
+                _pad_pixels(n, npad, px, py, pg, pv, pw)
+                wl = wlf[: K * npad].reshape((K, npad))
+                if rgb:
+                    _rgb_logits(kb, npad, px, py, pg, pv, use_vhr, nb, wl, mx, ft, mom)
+                    _exp_sums(kb, npad, wl, mx, tot)
+                else:
+                    _block_weights(kb, kanc, npad, px, py, pg, pv, gstart, cut, nb, wl, mx, tot, d)
+                # drop the negligible neighbours (rows moved up in place), renormalise over the kept ones
+                kk = 0
+                for p in range(npad):
+                    tot[p] = 0.0
+                for k in range(kb):
+                    row = wl[k]
+                    big = dt(0.0)
+                    for p in range(n):
+                        big = max(big, row[p])
+                    if big < keep:
+                        continue
+                    dst = wl[kk]
+                    q = (i + geo.offs[nb_k[k], 0]) * w + j + geo.offs[nb_k[k], 1]
+                    for c in range(C):
+                        fmt[kk, c] = sigt[b, q, c]
+                    for p in range(npad):
+                        v = row[p]
+                        dst[p] = v
+                        tot[p] += v
+                    kk += 1
+                np.dot(fmt[:kk].T, wl[:kk], res)
+            for p in range(n):
+                ok = mx[p] > half_neg
+                sup[y0 + p // bw, x0 + p - (p // bw) * bw] = 1 if ok else 0
+                tot[p] = dt(1.0) / tot[p] if ok else dt(np.nan)
+            for c in range(C):
+                for yy in range(y1 - y0):
+                    y = y0 + yy
+                    o = yy * bw
+                    for xx in range(bw):
+                        v = res[c, o + xx] * tot[o + xx] if kb > 0 else dt(np.nan)
+                        if half:
+                            out[c, y, x0 + xx] = _half_bits(np.float32(v))
+                        else:
+                            out[c, y, x0 + xx] = v
+
+    @njit(**_JIT)
     def _gather_signal(t0, t1, sigt, flat, c0, dst):
         """``dst[t, k, :] = sigt[flat[t, k], c0:c0 + cc]`` (zeros where ``flat < 0``) for blocks
         ``t0 <= t < t1``: the LR signal cell-major (``sigt [h w, C]``), so that every window slot
@@ -287,6 +376,31 @@ def kernel_render(
                 )
                 out[b, :, ya:yb] = torch.from_numpy(tile)
                 support[b, 0, ya:yb] = torch.from_numpy(sup).bool()
+        return out, support
+    if DOT and odt in (torch.float32, torch.float64, torch.float16) and _scipy_blas_threads() is not None:
+        sigt = sig_t.reshape(B, C, h * w).transpose(1, 2).contiguous().numpy()  # [B, h w, C] cell-major
+        sup = np.empty((B, H, W), np.uint8)
+        half = odt == torch.float16
+        gap = _skip_gap(cdt)
+        with _one_blas_thread():
+            for b in range(B):
+                o = out[b].numpy()
+                _parallel_for(
+                    _render_dot,
+                    h * w,
+                    fr,
+                    geo,
+                    sm,
+                    use_sm,
+                    sigt,
+                    b,
+                    pmax,
+                    gap,
+                    half,
+                    o.view(np.int16) if half else o,
+                    sup[b],
+                )
+        support.numpy().reshape(B, H, W)[:] = sup.view(np.bool_)  # numpy: no OpenMP threads left spinning
         return out, support
     _render_bmm(fr, geo, sm, use_sm, sig_t, out, support, budget, itemsize)
     return out, support
