@@ -166,7 +166,7 @@ if AVAILABLE:
         _block_logits(kb, kanc, n, px, py, pg, pv, gstart, cut, nb, wl, mx, d)
         _exp_sums(kb, n, wl, mx, tot)
 
-    @njit(**_JIT)
+    @njit(inline="always", **_JIT)
     def _exp_sums(kb, n, wl, mx, tot):
         """``wl[k, p] = exp(wl[k, p] - mx[p])`` in place and ``tot[p] = sum_k wl[k, p]``."""
         for p in range(n):

@@ -27,7 +27,7 @@ if AVAILABLE:
         _rgb_logits,
     )
 
-    @njit(**_JIT)
+    @njit(inline="always", **_JIT)
     def _exp_recon(na, act, n, wl, mx, nb_g, vo, tot, recon):
         """Weights ``wl[k, p] = exp(logit - mx[p])`` in place for the listed neighbours ``k = act[:na]``,
         fused with their sums ``tot[p]`` and the unnormalised reconstruction ``recon[c, p] = sum_k wl[k, p]
@@ -60,7 +60,7 @@ if AVAILABLE:
                 for p in range(n):
                     recon[c, p] += row[p] * f
 
-    @njit(**_JIT)
+    @njit(inline="always", **_JIT)
     def _active(kb, n, wl, mx, gap, act):
         """The neighbours that matter somewhere in the block: ``act[:na]`` = the ``k`` whose logit comes within
         ``gap`` of some pixel's largest (``max_p wl[k, p] - mx[p] >= -gap``; every ``k`` when ``gap = 0``).
@@ -81,7 +81,7 @@ if AVAILABLE:
             na += 1
         return na
 
-    @njit(**_JIT)
+    @njit(inline="always", **_JIT)
     def _residuals(n, recon, tot, pg, pw, ee, sbar, loss):
         """``loss`` plus the loss of the block's first ``n`` pixels, ``sum_{c, p} pw[c, p] |recon[c, p] /
         tot[p] - pg[c, p]|`` (accumulated in the type of ``loss``), and the factors of its gradient:
