@@ -23,6 +23,10 @@ Cases
 
     python scripts/bench_speed.py --json bench_results/speed.json
     python scripts/bench_speed.py --sizes 224,448 --repeats 3 --no-reference --no-depth
+    python scripts/bench_speed.py --issue16 --json bench_results/speed_issue16.json  # the rows of issue 16
+
+The last table compares the fast path with issue 16's targets (224 px and 896 px fit + render time, 2048 px
+peak memory); the JSON carries it as ``"targets"``.
 
 Prints Markdown tables and writes JSON with the machine, threads, load average and versions.
 Timings on a shared machine are noisy: compare the CPU time columns too (``fit_cpu_s``).
@@ -55,6 +59,12 @@ OPTION_CONFIGS: dict[str, dict] = {
     "pf=0.25+c2f=0.5": {"pixel_fraction": 0.25, "coarse_to_fine": 0.5, "fine_steps": 10},
     "pf=0.25+steps=30": {"pixel_fraction": 0.25, "steps": 30},
     "pf=0.1+c2f=0.5": {"pixel_fraction": 0.1, "coarse_to_fine": 0.5, "fine_steps": 10},
+}
+#: issue 16's rows: size -> (what, limit) for the fast path at 384 channels, 2 threads
+TARGETS: dict[int, tuple[str, float]] = {
+    224: ("fit + render (s)", 0.42),
+    896: ("fit + render (s)", 5.0),
+    2048: ("peak RSS (GB)", 8.0),
 }
 #: the 4096 px depth case: fit mostly at 1024 px, finish with a random tenth of the pixels.
 DEPTH_4096_CONFIG = {"coarse_to_fine": 0.25, "fine_steps": 5, "pixel_fraction": 0.1}
@@ -284,6 +294,35 @@ def print_tables(results: list[dict], info: dict) -> None:
             )
 
 
+def target_rows(results: list[dict]) -> list[dict]:
+    """Issue 16's rows (:data:`TARGETS`) from the fast-path results: measured value, limit, met."""
+    rows = []
+    for r in results:
+        if (
+            r.get("label") != "fast"
+            or r.get("size") not in TARGETS
+            or "error" in r
+            or r.get("channels") != 384
+        ):
+            continue
+        what, limit = TARGETS[r["size"]]
+        value = r["fit_s"] + r["render_s"] if what.startswith("fit") else r["peak_rss_gib"] * 2**30 / 1e9
+        rows.append({"size": r["size"], "what": what, "value": value, "limit": limit, "met": value <= limit})
+    return rows
+
+
+def print_targets(rows: list[dict]) -> None:
+    if not rows:
+        return
+    print("\nIssue 16 targets (fast path, 384 channels; times are medians, memory the worker's peak RSS):\n")
+    print("| size | what | measured | target | met |")
+    print("|---|---|---|---|---|")
+    for t in rows:
+        print(
+            f"| {t['size']} | {t['what']} | {t['value']:.2f} | <= {t['limit']:g} | {'MET' if t['met'] else 'NOT MET'} |"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="224,448,896,1024,2048", help="comma list of square output sizes")
@@ -301,6 +340,7 @@ def main() -> None:
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--no-options", action="store_true")
     ap.add_argument("--no-depth", action="store_true")
+    ap.add_argument("--issue16", action="store_true", help="only issue 16's rows: 224, 896, 2048 px fast")
     ap.add_argument("--json", type=Path, default=None, help="write results here")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -312,6 +352,8 @@ def main() -> None:
         report(WORKERS[spec["kind"]](spec))
         return
 
+    if args.issue16:
+        args.sizes, args.no_reference, args.no_options, args.no_depth = "224,896,2048", True, True, True
     sizes = [int(s) for s in args.sizes.split(",") if s]
     specs = []
     for s in sizes:
@@ -379,9 +421,11 @@ def main() -> None:
         results.append(run_case(spec, args.threads))
     info = machine_info(args.threads, dtype="float32")
     print_tables(results, info)
+    targets = target_rows(results)
+    print_targets(targets)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"info": info, "results": results}, indent=2))
+        args.json.write_text(json.dumps({"info": info, "results": results, "targets": targets}, indent=2))
         print(f"\nwrote {args.json}", file=sys.stderr)
 
 

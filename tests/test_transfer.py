@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import ua3d
 from ua3d.core import fast
 from ua3d.core.kernel import init_params, kernel_fit_loss_grad_reference, resample_guide
-from ua3d.core.ops import _fit_cut_reference, kernel_fit_loss_grad
+from ua3d.core.ops import kernel_fit_loss_grad
 from ua3d.core.tto import FitConfig, lr_guides
 from ua3d.eval import transfer as T
 
@@ -80,10 +80,7 @@ def test_fast_fit_with_separate_values_matches_the_reference(channels, groups, c
     G = 1 if groups is None else len(groups)
     p = init_params(1, (5, 4), (23, 19), sigma_range=[0.2] * G, dtype=torch.float64)
     p = p + 0.1 * torch.randn(p.shape, dtype=torch.float64)
-    if cut is None:
-        lr, gr = kernel_fit_loss_grad_reference(p, g, c, 2.0, groups, values_lr=v)
-    else:
-        lr, gr = _fit_cut_reference(p, g, c, 2.0, groups, None, None, None, None, 8, cut, v)
+    lr, gr = kernel_fit_loss_grad_reference(p, g, c, 2.0, groups, values_lr=v, support_sigmas=cut)
     lf, gf = fast.kernel_fit_loss_grad(p, g, c, 2.0, groups, support_sigmas=cut, values_lr=v)
     assert abs(float(lr - lf)) < 1e-12
     assert torch.allclose(gf, gr, atol=1e-12, rtol=1e-9)

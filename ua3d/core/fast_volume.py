@@ -54,9 +54,7 @@ independent of the thread count). ``AVAILABLE`` is False when numba cannot be im
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-from functools import lru_cache
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -64,6 +62,7 @@ import torch
 from .fast import inputs as _inputs
 from .fast import pool as _pool
 from .fast._jit import AVAILABLE
+from .fast.blas import _one_blas_thread, _scipy_blas_threads
 from .memory import window_size
 
 __all__ = ["AVAILABLE", "BIN_CHUNK", "half_bits", "kernel_render_volume", "volume_working_bytes"]
@@ -79,24 +78,24 @@ MIN_BATCH_BLOCKS = 4
 #: logit floor below a column's max, as the reference (``ua3d.rgbd.volume._EXP_FLOOR``)
 EXP_FLOOR = -80.0
 
+
+class Depth(NamedTuple):
+    """The depth side of one volume call, passed to the numba kernels as one argument (numpy)."""
+
+    gcol: np.ndarray  # [2] int64: the colour channels ``[0, Cc)``, as the one range group of the logit kernel
+    slope: np.ndarray  # [2, h, w] (d/dy, d/dx) of the cells' depth feature (a dummy unless planar)
+    planar: bool
+    phib: np.ndarray  # [D] depth feature of the bins
+    d0: np.ndarray  # [H, W] int64 first computed bin of each pixel
+    sig: np.ndarray  # [C, h w] features, cell-major columns
+    pmax: int  # largest block (pixels)
+
+
 if AVAILABLE:
-    from llvmlite import ir as _llir
-    from numba import njit, types
-    from numba.extending import intrinsic
+    from numba import njit
 
-    from .fast._jit import _JIT, _fexp, _wide_vectors
-    from .fast.blocks import _block_pixels, _block_scratch, _gather_block
-
-    @intrinsic
-    def _half_bits(typingctx, x):
-        """IEEE binary16 bits (int16) of a float32: LLVM's ``fptrunc`` to ``half`` (``vcvtps2ph`` on
-        F16C / AVX-512 CPUs, vectorised), round to nearest even, as numpy and torch."""
-        sig = types.int16(types.float32)
-
-        def codegen(context, builder, signature, args):
-            return builder.bitcast(builder.fptrunc(args[0], _llir.HalfType()), _llir.IntType(16))
-
-        return sig, codegen
+    from .fast._jit import _JIT, _fexp, _half_bits, _wide_vectors
+    from .fast.blocks import _block_logits, _block_pixels, _block_scratch, _gather_block
 
     @njit(**_JIT)
     def _half_bits_array(x, out):
@@ -105,35 +104,83 @@ if AVAILABLE:
             out[i] = _half_bits(x[i])
 
     @njit(**_JIT)
-    def _volume_weights(
-        t0,
-        t1,
-        bi,
-        bj,
-        ghr,
-        glr,
-        coef,
-        vlr,
-        slope,
-        planar,
-        phib,
-        d0,
-        sig,
-        offs,
-        ry0,
-        ry1,
-        cx0,
-        cx1,
-        cyv,
-        cxv,
-        pmax,
-        da,
-        n_bins,
-        wmat,
-        fmat,
-        inv,
-        log_mass,
-    ):
+    def _volume_block(i, j, fr, geo, dp, scr, prec, cen):
+        """The bin-independent terms of block ``(i, j)``: its neighbour list and pixels (into the
+        scratch ``scr`` of :func:`_block_scratch`), the spatial + colour logits ``scr.wl [K, n]`` (the
+        one logit kernel :func:`ua3d.core.fast.blocks._block_logits`, colour group ``dp.gcol`` only), the
+        depth term's precisions ``prec [K]`` and the depth centres ``cen [K, n]`` of every pixel.
+        Returns ``(kb, n)``."""
+        rec, nb, nb_k, px, py, pg, pv, _pw, wl, mx, _tot, d = scr
+        nb_cy, nb_cx, nb_r, nb_v, nb_g = nb.nb_cy, nb.nb_cx, nb.nb_r, nb.nb_v, nb.nb_g
+        Cc = fr.glr.shape[1] - 1  # the last guide channel is the depth feature
+        offs = geo.offs
+        dt = fr.glr.dtype.type
+        y0, y1, x0, x1 = geo.ry0[i], geo.ry1[i], geo.cx0[j], geo.cx1[j]
+        kb, _kanc = _gather_block(0, i, j, fr, geo, fr.vlr[0], False, rec, nb_v, nb_k)
+        n = _block_pixels(0, y0, y1, x0, x1, fr.ghr, fr.vhr, False, px, py, pg, pv)
+        _block_logits(kb, -1, n, px, py, pg, pv, dp.gcol, 0.0, nb, wl, mx, d)
+        for k in range(kb):
+            kk = nb_k[k]
+            qi, qj = i + offs[kk, 0], j + offs[kk, 1]
+            cyk, cxk = nb_cy[k], nb_cx[k]
+            prec[k] = nb_r[1, k] * nb_v[1, k]
+            phik = nb_g[Cc, k]
+            gy = dp.slope[0, qi, qj] if dp.planar else dt(0.0)
+            gx = dp.slope[1, qi, qj] if dp.planar else dt(0.0)
+            ck_ = cen[k]
+            for p in range(n):
+                ck_[p] = phik + gy * (py[p] - cyk) + gx * (px[p] - cxk)
+        return kb, n
+
+    @njit(inline="always", **_JIT)  # inlined in numba IR: as a call it ran the volume 2x slower
+    def _volume_chunk(kb, n, nj, P, base, cen, prec, phb, wm, mx, acc, log_mass, d0, doff, y0, x0, bw):
+        """Weights of ``nj`` consecutive bins of a block: ``wm[k, jj P + p] = exp(max(l - m, floor))`` with
+        the logits ``l = base[k, p] - prec[k] (phb[jj, p] - cen[k, p])^2`` and ``m`` their max over ``k``
+        (``phb [jj, n]`` the bins' depth features); ``log_mass[d0 + jj, y, x] = m + log sum_k`` and
+        ``acc[jj, p]`` = the inverse weight sums; the chunk's first bin is ``d0[y, x] + doff``."""
+        dt = wm.dtype.type
+        floor = dt(EXP_FLOOR)
+        for jj in range(nj):
+            for p in range(n):
+                mx[jj, p] = dt(-3.0e38)
+                acc[jj, p] = dt(0.0)
+        for k in range(kb):
+            pk = prec[k]
+            row = wm[k]
+            bk_ = base[k]
+            ck_ = cen[k]
+            for jj in range(nj):
+                o = jj * P
+                for p in range(n):
+                    dz = phb[jj, p] - ck_[p]
+                    v = bk_[p] - dz * dz * pk
+                    row[o + p] = v
+                    mx[jj, p] = max(mx[jj, p], v)
+        for k in range(kb):
+            row = wm[k]
+            for jj in range(nj):
+                o = jj * P
+                for p in range(n):
+                    e = _fexp(max(row[o + p] - mx[jj, p], floor))
+                    row[o + p] = e
+                    acc[jj, p] += e
+        for jj in range(nj):
+            for p in range(n):
+                yy = p // bw
+                y, x = y0 + yy, x0 + p - yy * bw
+                log_mass[d0[y, x] + doff + jj, y, x] = mx[jj, p] + np.log(acc[jj, p])
+                acc[jj, p] = dt(1.0) / acc[jj, p]
+
+    @njit(inline="always", **_JIT)  # inlined in numba IR: as a call it ran the volume 2x slower
+    def _bin_phis(nj, n, phib, d0, doff, y0, x0, bw, phb):
+        """``phb[jj, p] = phib[d0[y, x] + doff + jj]``: the depth features of ``nj`` bins of a block's pixels."""
+        for jj in range(nj):
+            for p in range(n):
+                yy = p // bw
+                phb[jj, p] = phib[d0[y0 + yy, x0 + p - yy * bw] + doff + jj]
+
+    @njit(**_JIT)
+    def _volume_weights(t0, t1, bi, bj, fr, geo, dp, da, n_bins, wmat, fmat, inv, log_mass):
         """Unnormalised weights of blocks ``t0 <= t < t1`` (block ``(bi[t], bj[t])``).
 
         The bins ``da <= d < da + n_bins`` (counted from each pixel's ``d0``) come in chunks of
@@ -142,63 +189,34 @@ if AVAILABLE:
         ``P = pmax``; each chunk's ``[K, jc P]`` matrix is contiguous (it stays in the L2 cache
         between the two passes). ``fmat[t, ch, c, k]``: the gathered features (one copy per chunk,
         zero rows past the list); ``inv[t, (d - da) P + p]``: the inverse weight sums;
-        ``log_mass[d0 + d, y, x] = log M`` is written directly.
+        ``log_mass[d0 + d, y, x] = log M`` is written directly. ``fr``, ``geo``: the call's
+        :class:`~ua3d.core.fast.inputs.Frame` and :class:`~ua3d.core.fast.pool.Geometry`, ``dp`` its
+        :class:`Depth`.
         """
         _wide_vectors()
-        w = glr.shape[3]
-        Cg = glr.shape[1]
-        Cc = Cg - 1  # colour channels; the last guide channel (the depth feature) is not used
-        K = offs.shape[0]
+        phib, d0, sig, pmax = dp.phib, dp.d0, dp.sig, dp.pmax
+        w = fr.glr.shape[3]
+        K = geo.offs.shape[0]
         nch = wmat.shape[1]
         Kmax = wmat.shape[2]
         C = fmat.shape[2]
         P = pmax
         jc = wmat.shape[3] // P
-        dt = glr.dtype.type
-        floor = dt(EXP_FLOOR)
-        rec, nb, nb_k, px, py, pg, pv, _pw, _wl, _mx, _tot, _d = _block_scratch(glr, K, 2, pmax)
-        nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b, nb_r, nb_v, nb_g = nb
-        sm = np.ones((1, 1, 1), np.uint8)
-        vhr = np.ones((1, 1, 1, 1), np.uint8)
-        base = np.empty((K, pmax), glr.dtype)
-        cen = np.empty((K, pmax), glr.dtype)
-        prec = np.empty(K, glr.dtype)
-        phb = np.empty((jc, pmax), glr.dtype)
-        mx = np.empty((jc, pmax), glr.dtype)
-        acc = np.empty((jc, pmax), glr.dtype)
+        scr = _block_scratch(fr.glr, K, 2, pmax)
+        nb_k = scr[2]
+        prec = np.empty(K, fr.glr.dtype)
+        cen = np.empty((K, pmax), fr.glr.dtype)
+        phb = np.empty((jc, pmax), fr.glr.dtype)
+        mx = np.empty((jc, pmax), fr.glr.dtype)
+        acc = np.empty((jc, pmax), fr.glr.dtype)
         for t in range(t0, t1):
             i, j = bi[t], bj[t]
-            y0, y1 = ry0[i], ry1[i]
-            x0, x1 = cx0[j], cx1[j]
-            bw = x1 - x0
-            kb, _kanc = _gather_block(
-                0, i, j, glr, coef, vlr, sm, offs, cyv, cxv, y0, y1, x0, x1, 0.0, True, False, rec, nb_v, nb_k
-            )
-            n = _block_pixels(0, y0, y1, x0, x1, ghr, vhr, False, px, py, pg, pv)
+            y0, x0 = geo.ry0[i], geo.cx0[j]
+            bw = geo.cx1[j] - x0
+            kb, n = _volume_block(i, j, fr, geo, dp, scr, prec, cen)
             for k in range(kb):
                 kk = nb_k[k]
-                qi, qj = i + offs[kk, 0], j + offs[kk, 1]
-                ck, sk, ak, bk, rc = nb_c[k], nb_s[k], nb_a[k], nb_b[k], nb_r[0, k]
-                cyk, cxk = nb_cy[k], nb_cx[k]
-                prec[k] = nb_r[1, k] * nb_v[1, k]
-                phik = nb_g[Cc, k]
-                gy = slope[0, qi, qj] if planar else dt(0.0)
-                gx = slope[1, qi, qj] if planar else dt(0.0)
-                bk_ = base[k]
-                ck_ = cen[k]
-                for p in range(n):
-                    dx = px[p] - cxk
-                    dy = py[p] - cyk
-                    a = ck * dx + sk * dy
-                    b = ck * dy - sk * dx
-                    bk_[p] = -(a * a * ak + b * b * bk)
-                    ck_[p] = phik + gy * dy + gx * dx
-                for c in range(Cc):
-                    gk = nb_g[c, k]
-                    for p in range(n):
-                        e = pg[c, p] - gk
-                        bk_[p] -= e * e * rc
-                q = qi * w + qj
+                q = (i + geo.offs[kk, 0]) * w + j + geo.offs[kk, 1]
                 for ch in range(nch):
                     for c in range(C):
                         fmat[t, ch, c, k] = sig[c, q]
@@ -210,40 +228,30 @@ if AVAILABLE:
             for ch in range(nch):
                 ja = ch * jc
                 nj = min(n_bins, ja + jc) - ja
-                for jj in range(nj):
-                    for p in range(n):
-                        yy = p // bw
-                        phb[jj, p] = phib[d0[y0 + yy, x0 + p - yy * bw] + da + ja + jj]
-                        mx[jj, p] = dt(-3.0e38)
-                        acc[jj, p] = dt(0.0)
-                wch = wmat[t, ch]
-                for k in range(kb):
-                    pk = prec[k]
-                    row = wch[k]
-                    bk_ = base[k]
-                    ck_ = cen[k]
-                    for jj in range(nj):
-                        o = jj * P
-                        for p in range(n):
-                            dz = phb[jj, p] - ck_[p]
-                            v = bk_[p] - dz * dz * pk
-                            row[o + p] = v
-                            mx[jj, p] = max(mx[jj, p], v)
-                for k in range(kb):
-                    row = wch[k]
-                    for jj in range(nj):
-                        o = jj * P
-                        for p in range(n):
-                            e = _fexp(max(row[o + p] - mx[jj, p], floor))
-                            row[o + p] = e
-                            acc[jj, p] += e
+                _bin_phis(nj, n, phib, d0, da + ja, y0, x0, bw, phb)
+                _volume_chunk(
+                    kb,
+                    n,
+                    nj,
+                    P,
+                    scr[8],
+                    cen,
+                    prec,
+                    phb,
+                    wmat[t, ch],
+                    mx,
+                    acc,
+                    log_mass,
+                    d0,
+                    da + ja,
+                    y0,
+                    x0,
+                    bw,
+                )
                 for jj in range(nj):
                     o = (ja + jj) * P
                     for p in range(n):
-                        inv[t, o + p] = dt(1.0) / acc[jj, p]
-                        yy = p // bw
-                        y, x = y0 + yy, x0 + p - yy * bw
-                        log_mass[d0[y, x] + da + ja + jj, y, x] = mx[jj, p] + np.log(acc[jj, p])
+                        inv[t, o + p] = acc[jj, p]
 
     @njit(**_JIT)
     def _volume_scatter(
@@ -301,127 +309,45 @@ if AVAILABLE:
 if AVAILABLE:
 
     @njit(**_JIT)
-    def _volume_fused(
-        t0,
-        t1,
-        bi,
-        bj,
-        ghr,
-        glr,
-        coef,
-        vlr,
-        slope,
-        planar,
-        phib,
-        d0,
-        sig,
-        offs,
-        ry0,
-        ry1,
-        cx0,
-        cx1,
-        cyv,
-        cxv,
-        pmax,
-        n_bins,
-        jc,
-        half,
-        banded,
-        out,
-        log_mass,
-    ):
+    def _volume_fused(t0, t1, bi, bj, fr, geo, dp, n_bins, jc, half, banded, out, log_mass):
         """Blocks ``t0 <= t < t1`` end to end, every intermediate in the cache: per chunk of ``jc`` bins
         the weights ``[K, jc P]`` (as :func:`_volume_weights`), their product with the block's features
         ``[C, K]`` (``np.dot``: BLAS sgemm / dgemm, one thread per caller), and the scatter into
         ``out [C, D, H, W]`` (float16 bits when ``half``) and ``log_mass``."""
         _wide_vectors()
-        w = glr.shape[3]
-        Cg = glr.shape[1]
-        Cc = Cg - 1
-        K = offs.shape[0]
+        phib, d0, sig, pmax = dp.phib, dp.d0, dp.sig, dp.pmax
+        w = fr.glr.shape[3]
+        K = geo.offs.shape[0]
         C = sig.shape[0]
         P = pmax
-        dt = glr.dtype.type
-        floor = dt(EXP_FLOOR)
-        rec, nb, nb_k, px, py, pg, pv, _pw, _wl, _mx, _tot, _d = _block_scratch(glr, K, 2, pmax)
-        nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b, nb_r, nb_v, nb_g = nb
-        sm = np.ones((1, 1, 1), np.uint8)
-        vhr = np.ones((1, 1, 1, 1), np.uint8)
-        base = np.empty((K, pmax), glr.dtype)
-        cen = np.empty((K, pmax), glr.dtype)
-        prec = np.empty(K, glr.dtype)
-        phb = np.empty((jc, pmax), glr.dtype)
-        mx = np.empty((jc, pmax), glr.dtype)
-        acc = np.empty((jc, pmax), glr.dtype)
-        fmf = np.zeros(C * K, glr.dtype)  # flat: viewed as [C, kb] and [kb, jc P] per block (contiguous,
-        wmf = np.zeros(K * jc * pmax, glr.dtype)  # so BLAS skips the cells outside the grid)
+        dt = fr.glr.dtype
+        scr = _block_scratch(fr.glr, K, 2, pmax)
+        nb_k = scr[2]
+        prec = np.empty(K, dt)
+        cen = np.empty((K, pmax), dt)
+        phb = np.empty((jc, pmax), dt)
+        mx = np.empty((jc, pmax), dt)
+        acc = np.empty((jc, pmax), dt)
+        fmf = np.zeros(C * K, dt)  # flat: viewed as [C, kb] and [kb, jc P] per block (contiguous,
+        wmf = np.zeros(K * jc * pmax, dt)  # so BLAS skips the cells outside the grid)
         for t in range(t0, t1):
             i, j = bi[t], bj[t]
-            y0, y1 = ry0[i], ry1[i]
-            x0, x1 = cx0[j], cx1[j]
-            bw = x1 - x0
-            kb, _kanc = _gather_block(
-                0, i, j, glr, coef, vlr, sm, offs, cyv, cxv, y0, y1, x0, x1, 0.0, True, False, rec, nb_v, nb_k
-            )
-            n = _block_pixels(0, y0, y1, x0, x1, ghr, vhr, False, px, py, pg, pv)
+            y0, y1 = geo.ry0[i], geo.ry1[i]
+            x0 = geo.cx0[j]
+            bw = geo.cx1[j] - x0
+            kb, n = _volume_block(i, j, fr, geo, dp, scr, prec, cen)
             fm = fmf[: C * kb].reshape((C, kb))
             wm = wmf[: kb * jc * P].reshape((kb, jc * P))
             for k in range(kb):
                 kk = nb_k[k]
-                qi, qj = i + offs[kk, 0], j + offs[kk, 1]
-                ck, sk, ak, bk, rc = nb_c[k], nb_s[k], nb_a[k], nb_b[k], nb_r[0, k]
-                cyk, cxk = nb_cy[k], nb_cx[k]
-                prec[k] = nb_r[1, k] * nb_v[1, k]
-                phik = nb_g[Cc, k]
-                gy = slope[0, qi, qj] if planar else dt(0.0)
-                gx = slope[1, qi, qj] if planar else dt(0.0)
-                for p in range(n):
-                    dx = px[p] - cxk
-                    dy = py[p] - cyk
-                    a = ck * dx + sk * dy
-                    b = ck * dy - sk * dx
-                    base[k, p] = -(a * a * ak + b * b * bk)
-                    cen[k, p] = phik + gy * dy + gx * dx
-                for c in range(Cc):
-                    gk = nb_g[c, k]
-                    for p in range(n):
-                        e = pg[c, p] - gk
-                        base[k, p] -= e * e * rc
-                q = qi * w + qj
+                q = (i + geo.offs[kk, 0]) * w + j + geo.offs[kk, 1]
                 for c in range(C):
                     fm[c, k] = sig[c, q]
             for ja in range(0, n_bins, jc):
                 nj = min(n_bins, ja + jc) - ja
-                for jj in range(nj):
-                    for p in range(n):
-                        yy = p // bw
-                        phb[jj, p] = phib[d0[y0 + yy, x0 + p - yy * bw] + ja + jj]
-                        mx[jj, p] = dt(-3.0e38)
-                        acc[jj, p] = dt(0.0)
-                for k in range(kb):
-                    pk = prec[k]
-                    for jj in range(nj):
-                        o = jj * P
-                        for p in range(n):
-                            dz = phb[jj, p] - cen[k, p]
-                            v = base[k, p] - dz * dz * pk
-                            wm[k, o + p] = v
-                            mx[jj, p] = max(mx[jj, p], v)
-                for k in range(kb):
-                    for jj in range(nj):
-                        o = jj * P
-                        for p in range(n):
-                            e = _fexp(max(wm[k, o + p] - mx[jj, p], floor))
-                            wm[k, o + p] = e
-                            acc[jj, p] += e
+                _bin_phis(nj, n, phib, d0, ja, y0, x0, bw, phb)
+                _volume_chunk(kb, n, nj, P, scr[8], cen, prec, phb, wm, mx, acc, log_mass, d0, ja, y0, x0, bw)
                 res = np.dot(fm, wm)  # [C, jc P]
-                for jj in range(nj):
-                    o = jj * P
-                    for p in range(n):
-                        yy = p // bw
-                        y, x = y0 + yy, x0 + p - yy * bw
-                        log_mass[d0[y, x] + ja + jj, y, x] = mx[jj, p] + np.log(acc[jj, p])
-                        acc[jj, p] = dt(1.0) / acc[jj, p]
                 for c in range(C):
                     for jj in range(nj):
                         o = jj * P
@@ -508,47 +434,6 @@ def volume_working_bytes(
     return nbk, int(nbb), int(nbk * block_bytes(nbb))
 
 
-@lru_cache(maxsize=1)
-def _scipy_blas_threads():
-    """``(get, set)`` of the thread count of the BLAS that numba's ``np.dot`` calls (scipy's OpenBLAS),
-    or None when there is no scipy (then the batched path with ``torch.bmm`` runs)."""
-    try:
-        import scipy.linalg.cython_blas  # noqa: F401  (loads the library numba calls)
-    except Exception:  # noqa: BLE001  # pragma: no cover - no scipy: numba's np.dot is unavailable
-        return None
-    try:
-        with open("/proc/self/maps") as f:
-            paths = sorted({ln.split()[-1] for ln in f if "openblas" in ln.lower() and "scipy.libs" in ln})
-        for p in paths:
-            lib = ctypes.CDLL(p)
-            for g, s in (
-                ("scipy_openblas_get_num_threads", "scipy_openblas_set_num_threads"),
-                ("openblas_get_num_threads", "openblas_set_num_threads"),
-            ):
-                if hasattr(lib, g) and hasattr(lib, s):
-                    return getattr(lib, g), getattr(lib, s)
-    except OSError:  # pragma: no cover - no /proc: leave scipy's BLAS threads as they are
-        pass
-    return (lambda: 1), (lambda n: None)
-
-
-@contextlib.contextmanager
-def _one_blas_thread():
-    """The engine's threads each call BLAS: make it single-threaded meanwhile (restored after; the
-    setting is process-wide, so scipy BLAS calls of other threads run single-threaded meanwhile)."""
-    gs = _scipy_blas_threads()
-    if gs is None:
-        yield
-        return
-    get, set_ = gs
-    before = int(get())
-    set_(1)
-    try:
-        yield
-    finally:
-        set_(before)
-
-
 def kernel_render_volume(
     params: torch.Tensor,
     guide_hr: torch.Tensor,
@@ -613,13 +498,25 @@ def kernel_render_volume(
         raise ValueError(f"volume must be float16, float32 or float64, got {vol.dtype}")
     cdt = _inputs._compute_dtype(params)
     ndt = np.float64 if cdt == torch.float64 else np.float32
-    offs, ry0, ry1, cx0, cx1, cyv, cxv = _pool._geometry(H, W, h, w, float(radius), np.dtype(ndt).name)
-    ghr = _inputs._np(guide_hr, cdt)
+    geo = _pool._geometry(H, W, h, w, float(radius), np.dtype(ndt).name)
+    ry0, ry1, cx0, cx1 = geo.ry0, geo.ry1, geo.cx0, geo.cx1
     glr = _inputs._np(guide_lr, cdt)
-    coef = _inputs._coefficients(params, glr, cdt, 0.0)
     if valid_lr is None:  # checked by the caller
         raise ValueError("valid_lr is required")
-    vlr = _inputs._np(valid_lr != 0, torch.uint8)
+    vlr = _inputs._np(valid_lr != 0, torch.uint8).copy()
+    vlr[:, 0] = 1  # the colour term applies to every pair (as the reference)
+    fr = _inputs.Frame(
+        _inputs._np(guide_hr, cdt),
+        glr,
+        _inputs._coefficients(params, glr, cdt, 0.0),
+        np.ones((1, 1, 1, 1), np.uint8),
+        vlr,
+        np.array([0, Cg - 1, Cg], np.int64),
+        0.0,
+        False,
+        True,
+    )
+    gcol = np.array([0, Cg - 1], np.int64)  # the colour group (the logit kernel's range groups)
     planar = slopes is not None
     slope = _inputs._np(slopes[0], cdt) if slopes is not None else np.zeros((2, 1, 1), ndt)
     phib = _inputs._np(phi_bins, cdt)
@@ -629,8 +526,9 @@ def kernel_render_volume(
     bi, bj = _blocks(ry0, ry1, cx0, cx1)
     banded = bool(d0.any())
     pmax = int((ry1 - ry0).max()) * int((cx1 - cx0).max())
-    K = offs.shape[0]
+    K = geo.offs.shape[0]
     itemsize = 8 if cdt == torch.float64 else 4
+    dp = Depth(gcol, slope, planar, phib, d0, sig, pmax)
     if FUSED and _scipy_blas_threads() is not None:
         with _one_blas_thread():
             _pool._parallel_for(
@@ -638,23 +536,9 @@ def kernel_render_volume(
                 bi.shape[0],
                 bi,
                 bj,
-                ghr,
-                glr,
-                coef,
-                vlr,
-                slope,
-                planar,
-                phib,
-                d0,
-                sig,
-                offs,
-                ry0,
-                ry1,
-                cx0,
-                cx1,
-                cyv,
-                cxv,
-                pmax,
+                fr,
+                geo,
+                dp,
                 n_bins,
                 max(1, min(BIN_CHUNK, n_bins)),
                 half,
@@ -686,33 +570,7 @@ def kernel_render_volume(
             ft = fbuf[: nb * nc * C * K].view(nb, nc, C, K)
             rt = rbuf[: nb * nc * C * jc * pmax].view(nb, nc, C, jc * pmax)
             _pool._parallel_for(
-                _volume_weights,
-                nb,
-                b_i,
-                b_j,
-                ghr,
-                glr,
-                coef,
-                vlr,
-                slope,
-                planar,
-                phib,
-                d0,
-                sig,
-                offs,
-                ry0,
-                ry1,
-                cx0,
-                cx1,
-                cyv,
-                cxv,
-                pmax,
-                da,
-                nd,
-                wt.numpy(),
-                ft.numpy(),
-                inv,
-                lm,
+                _volume_weights, nb, b_i, b_j, fr, geo, dp, da, nd, wt.numpy(), ft.numpy(), inv, lm
             )
             torch.bmm(
                 ft.view(nb * nc, C, K), wt.view(nb * nc, K, jc * pmax), out=rt.view(nb * nc, C, jc * pmax)

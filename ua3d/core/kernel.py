@@ -2,7 +2,9 @@ r"""The Upsample Anything kernel: geometry, weights and rendering (pure-PyTorch 
 
 This module is the oracle. It is written for clarity, not speed; every faster
 path in :mod:`ua3d.core.fast` has a same-named ``*_reference`` twin here and is
-tested against it.
+tested against it, the *adaptive support* cut (``support_sigmas``) included. The
+log-weight of a pair is written once, :func:`spatial_colour_logits` (the volume
+reference of :mod:`ua3d.rgbd.volume` uses it too).
 
 Notation
 --------
@@ -67,6 +69,7 @@ __all__ = [
     "LOG_SIGMA_MAX",
     "LOG_SIGMA_MIN",
     "THETA_MAX",
+    "check_support_sigmas",
     "init_params",
     "kernel_fit_loss_grad_reference",
     "kernel_render_reference",
@@ -76,6 +79,7 @@ __all__ = [
     "pair_logits",
     "resample_guide",
     "row_chunks",
+    "spatial_colour_logits",
     "theta_from_raw",
     "theta_to_raw",
     "window_offsets",
@@ -214,6 +218,48 @@ def _group_index(groups: Sequence[int], n_channels: int) -> list[tuple[int, int]
 
 
 # --------------------------------------------------------------------------- logits
+def spatial_colour_logits(
+    dx: torch.Tensor,
+    dy: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    prec_x: torch.Tensor,
+    prec_y: torch.Tensor,
+    ranges: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = (),
+) -> torch.Tensor:
+    """The kernel's log-weight of pairs, from per-pair (broadcastable) quantities: the one torch form.
+
+    ``l = -(a^2 px + b^2 py) - sum_g pr_g D_g`` with the rotated offsets ``a = cos dx + sin dy``,
+    ``b = cos dy - sin dx`` (``(dx, dy) = p - c(q)`` in HR pixels), the precisions
+    ``px = 1 / (2 sigma_x^2)``, ``py = 1 / (2 sigma_y^2)`` and, per range group, ``ranges`` holds
+    ``(D_g, pr_g, ok_g)``: the squared guide distance, ``1 / (2 sigma_r^2)`` and the pairs where the
+    term applies (None: every pair). Used by :func:`pair_logits` and the volume reference
+    (``ua3d.rgbd.volume``); the numba kernels of :mod:`ua3d.core.fast.blocks` are its fused twins.
+
+    >>> one = torch.ones(())
+    >>> spatial_colour_logits(2 * one, one, one, 0 * one, 0.5 * one, one).item()  # -(4 / 2 + 1)
+    -3.0
+    """
+    a = cos * dx + sin * dy
+    b = cos * dy - sin * dx
+    out = -(a * a * prec_x + b * b * prec_y)
+    for dist, prec, ok in ranges:
+        term = dist * prec
+        if ok is not None:
+            term = torch.where(ok, term, torch.zeros((), dtype=term.dtype, device=term.device))
+        out = out - term
+    return out
+
+
+def check_support_sigmas(support_sigmas: float | None) -> float:
+    """The support cut in sigmas as a float, ``0.0`` for None (no cut); error unless positive and finite."""
+    if support_sigmas is None:
+        return 0.0
+    if not (support_sigmas > 0) or not math.isfinite(support_sigmas):
+        raise ValueError(f"support_sigmas must be a positive finite number or None, got {support_sigmas!r}")
+    return float(support_sigmas)
+
+
 def pair_logits(
     params: torch.Tensor,
     guide_hr: torch.Tensor,
@@ -223,6 +269,7 @@ def pair_logits(
     groups: Sequence[int] | None = None,
     valid_hr: torch.Tensor | None = None,
     valid_lr: torch.Tensor | None = None,
+    support_sigmas: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Unnormalised log-weights for the HR rows ``rows = (y0, y1)``.
 
@@ -236,10 +283,12 @@ def pair_logits(
     groups : channel counts of the G range groups (default: one group)
     valid_hr : ``[B, G, H, W]`` bool or None
     valid_lr : ``[B, G, h, w]`` bool or None
+    support_sigmas : None, or the *adaptive support* cut: pairs whose spatial Mahalanobis distance
+        ``sqrt(a^2 / sigma_x^2 + b^2 / sigma_y^2)`` exceeds it get ``-inf`` (the anchor always stays).
 
     Returns
     -------
-    logits : ``[B, K, R, W]`` (``-inf`` outside the LR grid)
+    logits : ``[B, K, R, W]`` (``-inf`` outside the LR grid and beyond the cut)
     flat : ``[K, R, W]`` int64 flat LR index of each neighbour (clamped inside the grid)
     inside : ``[K, R, W]`` bool, neighbour inside the LR grid
     """
@@ -249,6 +298,7 @@ def pair_logits(
     gidx = _group_index(groups, Cg)
     if P != 3 + len(groups):
         raise ValueError(f"params has {P} channels, expected 3 + {len(groups)} range groups")
+    cut = check_support_sigmas(support_sigmas)
     dev = params.device
     dtype = params.dtype
     y0, y1 = rows
@@ -270,26 +320,30 @@ def pair_logits(
     pf = params.flatten(2)[:, :, flat]  # [B, P, K, R, W]
     lsx, lsy, th, lsr_all = decode_params(pf)
     c, s = torch.cos(th), torch.sin(th)
-    a = c * dx + s * dy
-    b = c * dy - s * dx
-    logits = -0.5 * (a * a * torch.exp(-2 * lsx) + b * b * torch.exp(-2 * lsy))
+    prec_x, prec_y = 0.5 * torch.exp(-2 * lsx), 0.5 * torch.exp(-2 * lsy)
+    keep = None
+    if cut > 0:  # spatial Mahalanobis distance d^2 = -2 (spatial logit) beyond the cut; the anchor stays
+        spatial = spatial_colour_logits(dx, dy, c, s, prec_x, prec_y)
+        anchor = ((di == 0) & (dj == 0)).view(1, -1, 1, 1)
+        keep = (spatial >= -0.5 * cut * cut) | anchor
 
     glr = guide_lr.flatten(2)
+    ranges = []
     for g, (c0, c1) in enumerate(gidx):
         ghr = guide_hr[:, c0:c1, y0:y1][:, :, None]  # [B, cg, 1, R, W]
         gq = glr[:, c0:c1][:, :, flat]  # [B, cg, K, R, W]
         diff = ((ghr - gq) ** 2).sum(1)  # [B, K, R, W]
-        term = -0.5 * diff * torch.exp(-2 * lsr_all[:, g])
         pair_ok = None
         if valid_hr is not None:
             pair_ok = valid_hr[:, g, y0:y1][:, None]  # [B, 1, R, W]
         if valid_lr is not None:
             vq = valid_lr[:, g].flatten(1)[:, flat]  # [B, K, R, W]
             pair_ok = vq if pair_ok is None else (pair_ok & vq)
-        if pair_ok is not None:
-            term = torch.where(pair_ok, term, torch.zeros((), dtype=term.dtype, device=dev))
-        logits = logits + term
+        ranges.append((diff, 0.5 * torch.exp(-2 * lsr_all[:, g]), pair_ok))
+    logits = spatial_colour_logits(dx, dy, c, s, prec_x, prec_y, ranges)
     logits = logits.masked_fill(~inside, float("-inf"))
+    if keep is not None:
+        logits = logits.masked_fill(~keep, float("-inf"))
     return logits, flat, inside
 
 
@@ -314,22 +368,27 @@ def kernel_weights_reference(
 
 
 def _render_rows(logits, flat, signal, signal_mask):
-    """``out [B, C, R, W]`` and ``support [B, 1, R, W]`` from the logits of a row chunk."""
-    _B, _C = signal.shape[:2]
-    sf = signal.flatten(2)
-    if signal_mask is None:
-        wts = torch.softmax(logits, dim=1)  # [B, K, R, W]
-        out = torch.einsum("bkrw,bckrw->bcrw", wts, sf[:, :, flat])
-        support = torch.ones_like(out[:, :1], dtype=torch.bool)
-        return out, support
-    m = signal_mask.flatten(2)[:, 0][:, flat]  # [B, K, R, W]
-    masked = logits.masked_fill(~m, float("-inf"))
-    support = m.any(1, keepdim=True)  # [B, 1, R, W]
-    safe = torch.where(support, masked, torch.zeros_like(masked))
+    """``out [B, C, R, W]`` and ``support [B, 1, R, W]`` from the logits of a row chunk.
+
+    Pairs with a ``-inf`` logit (outside the grid, beyond a support cut) and, with ``signal_mask
+    [B, 1, h, w]``, invalid LR values carry no weight; pixels left without a usable neighbour get NaN
+    and ``support=False`` (only possible with a signal mask: the anchor is always usable otherwise).
+    """
+    usable = torch.isfinite(logits)
+    if signal_mask is not None:
+        usable = usable & signal_mask.flatten(2)[:, 0][:, flat]
+    support = usable.any(1, keepdim=True)  # [B, 1, R, W]
+    safe = torch.where(
+        usable, logits, torch.full((), float("-inf"), dtype=logits.dtype, device=logits.device)
+    )
+    safe = torch.where(support, safe, torch.zeros((), dtype=logits.dtype, device=logits.device))
     wts = torch.softmax(safe, dim=1) * support
-    vals = torch.where(m[:, None], sf[:, :, flat], torch.zeros((), dtype=signal.dtype, device=signal.device))
+    vals = signal.flatten(2)[:, :, flat]
+    if signal_mask is not None:
+        vals = torch.where(usable[:, None], vals, torch.zeros((), dtype=vals.dtype, device=vals.device))
     out = torch.einsum("bkrw,bckrw->bcrw", wts, vals)
-    out = torch.where(support, out, torch.full((), float("nan"), dtype=out.dtype, device=out.device))
+    if signal_mask is not None:
+        out = torch.where(support, out, torch.full((), float("nan"), dtype=out.dtype, device=out.device))
     return out, support
 
 
@@ -344,6 +403,7 @@ def kernel_render_reference(
     valid_lr: torch.Tensor | None = None,
     signal_mask: torch.Tensor | None = None,
     rows_per_chunk: int = 16,
+    support_sigmas: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Render an LR signal with the kernel: ``out(p) = sum_q w(p, q) f(q)``.
 
@@ -353,6 +413,7 @@ def kernel_render_reference(
     signal_mask : ``[B, 1, h, w]`` bool or None. Where False the LR value is invalid
         (e.g. a depth hole): it is excluded and the weights renormalised over the
         valid neighbours. Pixels with no valid neighbour get NaN and ``support=False``.
+    support_sigmas : None, or the adaptive support cut (see :func:`pair_logits`).
 
     Returns
     -------
@@ -365,7 +426,7 @@ def kernel_render_reference(
     support = torch.empty(B, 1, H, W, dtype=torch.bool, device=signal.device)
     for y0, y1 in row_chunks(H, rows_per_chunk):
         logits, flat, _ = pair_logits(
-            params, guide_hr, guide_lr, (y0, y1), radius, groups, valid_hr, valid_lr
+            params, guide_hr, guide_lr, (y0, y1), radius, groups, valid_hr, valid_lr, support_sigmas
         )
         o, s = _render_rows(logits, flat, signal, signal_mask)
         out[:, :, y0:y1] = o.to(signal.dtype)
@@ -385,6 +446,7 @@ def kernel_fit_loss_grad_reference(
     pixel_mask: torch.Tensor | None = None,
     rows_per_chunk: int = 16,
     values_lr: torch.Tensor | None = None,
+    support_sigmas: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """TTO objective and its gradient w.r.t. ``params`` (autograd, one row chunk at a time).
 
@@ -398,7 +460,8 @@ def kernel_fit_loss_grad_reference(
     range centres are always ``guide_lr``), ``lambda = channel_weights [Cg]`` and
     ``m_c(p)`` is ``valid_hr`` of the channel's group (and ``pixel_mask [B, 1, H, W]``,
     e.g. a random subset of pixels). Memory is bounded by the row chunk: each chunk's
-    graph is freed after its backward.
+    graph is freed after its backward. ``support_sigmas``: the adaptive support cut of
+    :func:`pair_logits` (a fixed mask: no gradient flows through it).
 
     Returns
     -------
@@ -424,7 +487,9 @@ def kernel_fit_loss_grad_reference(
     p = params.detach().requires_grad_(True)
     total = torch.zeros((), dtype=params.dtype, device=params.device)
     for y0, y1 in row_chunks(H, rows_per_chunk):
-        logits, flat, _ = pair_logits(p, guide_hr, guide_lr, (y0, y1), radius, groups_t, valid_hr, valid_lr)
+        logits, flat, _ = pair_logits(
+            p, guide_hr, guide_lr, (y0, y1), radius, groups_t, valid_hr, valid_lr, support_sigmas
+        )
         rec, _ = _render_rows(logits, flat, guide_lr if values_lr is None else values_lr, None)
         err = (rec - guide_hr[:, :, y0:y1]).abs() * lam.view(1, -1, 1, 1)
         if mask is not None:

@@ -7,8 +7,7 @@ reference otherwise, with a one-time warning if the fast path is missing),
 
 Both entry points accept ``support_sigmas`` (the *adaptive support* speed option):
 neighbours whose spatial Mahalanobis distance ``sqrt(a^2 / sigma_x^2 + b^2 / sigma_y^2)``
-exceeds it are dropped, the anchor always stays. The reference twin of that option lives
-here (:func:`_pair_logits_cut`), built on :func:`ua3d.core.kernel.pair_logits`.
+exceeds it are dropped, the anchor always stays (reference: :func:`ua3d.core.kernel.pair_logits`).
 
 Before a large allocation the render checks a memory estimate
 (:func:`estimate_render_memory`) against the available memory and refuses with a
@@ -180,7 +179,7 @@ def kernel_render(
     Returns ``(out, support)`` with ``support [B, 1, H, W]`` bool.
     """
     which = resolve_backend(backend, params.device)
-    _check_cut(support_sigmas)
+    _ref.check_support_sigmas(support_sigmas)
     check_window(radius, (params.shape[-2], params.shape[-1]), params.shape[0])
     if params.device.type == "cpu":
         need = estimate_render_memory(
@@ -196,46 +195,17 @@ def kernel_render(
             need["guide copy"] = guide_hr.numel() * params.element_size()
             need["total"] += need["guide copy"]
         _check_memory(need, f"rendering {signal.shape[1]} channels at {tuple(guide_hr.shape[-2:])}")
+    args = (params, guide_hr, guide_lr, signal, radius, groups, valid_hr, valid_lr, signal_mask)
     if which == "fast":
         from . import fast
 
-        return fast.kernel_render(
-            params,
-            guide_hr,
-            guide_lr,
-            signal,
-            radius,
-            groups,
-            valid_hr,
-            valid_lr,
-            signal_mask,
-            out_dtype=out_dtype,
-            support_sigmas=support_sigmas,
-        )
+        return fast.kernel_render(*args, out_dtype=out_dtype, support_sigmas=support_sigmas)
     if which == "blocked":
         from . import blocked
 
-        args = (params, guide_hr, guide_lr, signal, radius, groups, valid_hr, valid_lr, signal_mask)
         return blocked.kernel_render(*args, out_dtype=out_dtype, support_sigmas=support_sigmas)
     rows = rows_per_chunk or _rows_for_budget(params, guide_hr, signal.shape[1], radius)
-    if support_sigmas is None:
-        out, sup = _ref.kernel_render_reference(
-            params, guide_hr, guide_lr, signal, radius, groups, valid_hr, valid_lr, signal_mask, rows
-        )
-    else:
-        out, sup = _render_cut_reference(
-            params,
-            guide_hr,
-            guide_lr,
-            signal,
-            radius,
-            groups,
-            valid_hr,
-            valid_lr,
-            signal_mask,
-            rows,
-            support_sigmas,
-        )
+    out, sup = _ref.kernel_render_reference(*args, rows, support_sigmas)
     if out_dtype is not None:
         out = out.to(out_dtype)
     return out, sup
@@ -267,58 +237,19 @@ def kernel_fit_loss_grad(
             f"values_lr must have the shape of guide_lr {tuple(guide_lr.shape)}, got {tuple(values_lr.shape)}"
         )
     which = resolve_backend(backend, params.device)
-    _check_cut(support_sigmas)
+    _ref.check_support_sigmas(support_sigmas)
     check_window(radius, (params.shape[-2], params.shape[-1]), params.shape[0])
+    args = (params, guide_hr, guide_lr, radius, groups, valid_hr, valid_lr, channel_weights, pixel_mask)
     if which == "fast":
         from . import fast
 
-        return fast.kernel_fit_loss_grad(
-            params,
-            guide_hr,
-            guide_lr,
-            radius,
-            groups,
-            valid_hr,
-            valid_lr,
-            channel_weights,
-            pixel_mask,
-            support_sigmas=support_sigmas,
-            values_lr=values_lr,
-        )
+        return fast.kernel_fit_loss_grad(*args, support_sigmas=support_sigmas, values_lr=values_lr)
     if which == "blocked":
         from . import blocked
 
-        args = (params, guide_hr, guide_lr, radius, groups, valid_hr, valid_lr, channel_weights, pixel_mask)
         return blocked.kernel_fit_loss_grad(*args, support_sigmas=support_sigmas, values_lr=values_lr)
     rows = rows_per_chunk or _rows_for_budget(params, guide_hr, guide_hr.shape[1] * 6 + 24, radius)
-    if support_sigmas is None:
-        return _ref.kernel_fit_loss_grad_reference(
-            params,
-            guide_hr,
-            guide_lr,
-            radius,
-            groups,
-            valid_hr,
-            valid_lr,
-            channel_weights,
-            pixel_mask,
-            rows,
-            values_lr,
-        )
-    return _fit_cut_reference(
-        params,
-        guide_hr,
-        guide_lr,
-        radius,
-        groups,
-        valid_hr,
-        valid_lr,
-        channel_weights,
-        pixel_mask,
-        rows,
-        support_sigmas,
-        values_lr,
-    )
+    return _ref.kernel_fit_loss_grad_reference(*args, rows, values_lr, support_sigmas)
 
 
 def _rows_for_budget(
@@ -330,109 +261,3 @@ def _rows_for_budget(
     K = _ref.window_offsets(radius).shape[0]
     per_row = B * K * W * (per_pair_floats + 16) * params.element_size()
     return max(1, int(budget_bytes // max(per_row, 1)))
-
-
-# --------------------------------------------------------------------------- adaptive support (reference)
-def _check_cut(support_sigmas: float | None) -> None:
-    if support_sigmas is not None and (not (support_sigmas > 0) or not math.isfinite(support_sigmas)):
-        raise ValueError(f"support_sigmas must be a positive finite number or None, got {support_sigmas!r}")
-
-
-def _pair_logits_cut(params, guide_hr, guide_lr, rows, radius, groups, valid_hr, valid_lr, cut):
-    """:func:`ua3d.core.kernel.pair_logits` with the support cut applied (``-inf`` beyond it).
-
-    The spatial Mahalanobis distance is ``d^2 = -2 x`` (the logits of an all-zero guide).
-    """
-    logits, flat, inside = _ref.pair_logits(
-        params, guide_hr, guide_lr, rows, radius, groups, valid_hr, valid_lr
-    )
-    spatial, _, _ = _ref.pair_logits(
-        params, torch.zeros_like(guide_hr), torch.zeros_like(guide_lr), rows, radius, groups
-    )
-    offs = _ref.window_offsets(radius, params.device)
-    anchor = ((offs[:, 0] == 0) & (offs[:, 1] == 0)).view(1, -1, 1, 1)
-    keep = (spatial >= -0.5 * cut * cut) | anchor
-    return logits.masked_fill(~keep, float("-inf")), flat, inside
-
-
-def _masked_softmax_render(logits, flat, signal, signal_mask):
-    """``out [B, C, R, W]`` and ``support`` from logits that may be ``-inf`` (cut or outside)."""
-    usable = torch.isfinite(logits)
-    if signal_mask is not None:
-        usable = usable & signal_mask.flatten(2)[:, 0][:, flat]
-    support = usable.any(1, keepdim=True)
-    safe = torch.where(
-        usable, logits, torch.full((), float("-inf"), dtype=logits.dtype, device=logits.device)
-    )
-    safe = torch.where(support, safe, torch.zeros((), dtype=logits.dtype, device=logits.device))
-    wts = torch.softmax(safe, dim=1) * support
-    vals = signal.flatten(2)[:, :, flat]
-    if signal_mask is not None:
-        vals = torch.where(usable[:, None], vals, torch.zeros((), dtype=vals.dtype, device=vals.device))
-    out = torch.einsum("bkrw,bckrw->bcrw", wts, vals)
-    if signal_mask is not None:
-        out = torch.where(support, out, torch.full((), float("nan"), dtype=out.dtype, device=out.device))
-    return out, support
-
-
-def _render_cut_reference(
-    params, guide_hr, guide_lr, signal, radius, groups, valid_hr, valid_lr, signal_mask, rows_per_chunk, cut
-):
-    """Reference render with the adaptive support cut (see :func:`kernel_render`)."""
-    H, W = guide_hr.shape[-2:]
-    B, C = signal.shape[:2]
-    out = signal.new_empty(B, C, H, W)
-    support = torch.empty(B, 1, H, W, dtype=torch.bool, device=signal.device)
-    for y0, y1 in _ref.row_chunks(H, rows_per_chunk):
-        logits, flat, _ = _pair_logits_cut(
-            params, guide_hr, guide_lr, (y0, y1), radius, groups, valid_hr, valid_lr, cut
-        )
-        o, s = _masked_softmax_render(logits, flat, signal, signal_mask)
-        out[:, :, y0:y1] = o.to(signal.dtype)
-        support[:, :, y0:y1] = s
-    return out, support
-
-
-def _fit_cut_reference(
-    params,
-    guide_hr,
-    guide_lr,
-    radius,
-    groups,
-    valid_hr,
-    valid_lr,
-    channel_weights,
-    pixel_mask,
-    rows_per_chunk,
-    cut,
-    values_lr=None,
-):
-    """Reference loss and gradient with the adaptive support cut (autograd; the cut is a fixed mask)."""
-    B, Cg, H, W = guide_hr.shape
-    gs = (Cg,) if groups is None else tuple(groups)
-    lam = (
-        torch.ones(Cg, dtype=params.dtype, device=params.device)
-        if channel_weights is None
-        else channel_weights
-    )
-    mask = torch.ones(B, Cg, H, W, dtype=guide_hr.dtype, device=guide_hr.device)
-    if valid_hr is not None:
-        c0 = 0
-        for g, n in enumerate(gs):
-            mask[:, c0 : c0 + n] *= valid_hr[:, g : g + 1].to(mask.dtype)
-            c0 += n
-    if pixel_mask is not None:
-        mask = mask * pixel_mask.to(mask.dtype)
-    denom = mask.sum(dim=(1, 2, 3)).clamp_min(1.0)
-    p = params.detach().requires_grad_(True)
-    total = torch.zeros((), dtype=params.dtype, device=params.device)
-    for y0, y1 in _ref.row_chunks(H, rows_per_chunk):
-        logits, flat, _ = _pair_logits_cut(
-            p, guide_hr, guide_lr, (y0, y1), radius, gs, valid_hr, valid_lr, cut
-        )
-        rec, _ = _masked_softmax_render(logits, flat, guide_lr if values_lr is None else values_lr, None)
-        err = (rec - guide_hr[:, :, y0:y1]).abs() * lam.view(1, -1, 1, 1) * mask[:, :, y0:y1]
-        loss = (err.sum(dim=(1, 2, 3)) / denom).sum()
-        loss.backward()
-        total = total + loss.detach()
-    return total, p.grad.detach()

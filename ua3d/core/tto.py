@@ -668,7 +668,11 @@ class _Adam:
         self.v.mul_(self.b2).addcmul_(grad, grad, value=1 - self.b2)
         bc1 = 1 - self.b1**self.t
         bc2 = 1 - self.b2**self.t
-        denom = (self.v.sqrt() / math.sqrt(bc2)).add_(self.eps)
+        if self.v.device.type == "cpu":  # torch's sqrt wakes OpenMP threads that spin against the engine's
+            denom = torch.from_numpy(np.sqrt(self.v.numpy()))
+        else:
+            denom = self.v.sqrt()
+        denom = (denom / math.sqrt(bc2)).add_(self.eps)
         self.p.addcdiv_(self.m, denom, value=-self.lr / bc1)
         self.lr *= self.decay
 

@@ -68,7 +68,7 @@ import numpy as np
 import torch
 
 from ua3d.core.checks import check_number
-from ua3d.core.kernel import lr_centres, nearest_anchor, window_offsets
+from ua3d.core.kernel import lr_centres, nearest_anchor, spatial_colour_logits, window_offsets
 from ua3d.core.memory import check_memory, check_window
 from ua3d.core.ops import resolve_backend
 from ua3d.core.params import decode_params
@@ -315,19 +315,17 @@ def _block_base(
 ) -> torch.Tensor:
     """Spatial + colour log-weights ``[R, nx, K]`` of a block of pixels and its neighbours ``nb [K]``.
 
-    The same expression as :func:`ua3d.core.kernel.pair_logits` for one range group, with the
-    neighbour parameters gathered once per block. ``g_hr [Cc, R, nx]``, ``yy [R]``, ``xx [nx]``.
+    :func:`ua3d.core.kernel.spatial_colour_logits` (as :func:`ua3d.core.kernel.pair_logits`) for one
+    range group, with the neighbour parameters gathered once per block. ``g_hr [Cc, R, nx]``,
+    ``yy [R]``, ``xx [nx]``.
     """
     dy = (yy[:, None] - ct["cy"][nb])[:, None, :]  # [R, 1, K]
     dx = (xx[:, None] - ct["cx"][nb])[None, :, :]  # [1, nx, K]
-    c, s = ct["cos"][nb], ct["sin"][nb]
-    a = c * dx + s * dy
-    b = c * dy - s * dx
-    out = -(a * a * ct["px"][nb] + b * b * ct["py"][nb])
-    diff = torch.zeros_like(out)
+    diff = g_hr.new_zeros(g_hr.shape[1], g_hr.shape[2], nb.numel())
     for ch in range(g_hr.shape[0]):
         diff.add_((g_hr[ch][:, :, None] - ct["g"][ch, nb]).square_())
-    return out.sub_(diff.mul_(ct["pr"][nb]))
+    terms = ct["cos"][nb], ct["sin"][nb], ct["px"][nb], ct["py"][nb]
+    return spatial_colour_logits(dx, dy, *terms, [(diff, ct["pr"][nb], None)])
 
 
 def _band_start(lifted: LiftedKernel, bin_depths, spacing: str, band: int | None) -> tuple[torch.Tensor, int]:

@@ -33,17 +33,25 @@ Numerically the same functions as the ``*_reference`` twins in :mod:`ua3d.core.k
   Pixels outside ``pixel_mask`` are skipped before any work. Host-side work per call is
   numpy on small arrays: torch's threaded kernels, called between the engine's own parallel
   sections, leave OpenMP threads spinning against the engine's threads.
-* **Render.** Up to :data:`SMALL_C` channels (depth) the weighted sum is fused in numba.
-  For more, numba writes each block's normalised weights ``[K, P]`` and gathers the LR
-  signal ``[K, C]`` (cell-major: one contiguous copy per window slot); ``torch.bmm`` multiplies
-  them; the ``[blocks, C, P]`` result is one permuted copy away from the output rows. Work is
-  tiled over rows of blocks (:data:`TILE_BYTES`) so that peak memory is the output plus a
-  bounded working set; the working buffers are allocated once per call, and large buffers
-  are advised for transparent huge pages (:func:`_empty_huge`): page faults on fresh memory
-  were a third of the render's time.
+* **Dropped neighbours.** A neighbour whose weight is below ``e^-gap`` of the largest at *every*
+  pixel of a block (``gap`` = :data:`~ua3d.core.fast.inputs.SKIP_GAP`: 20 in float32, 40 in float64)
+  is dropped from that block after the logits (weight 0, no gradient): the exp, reconstruction and
+  gradient passes of the fit and the render's product skip it. With fitted kernels about half of the
+  (block, neighbour) pairs go (224 px); the results move by at most ``K e^-gap`` relative, below the
+  dtype's resolution of the largest weight times the window size.
+* **Render.** Up to :data:`SMALL_C` channels (depth) the weighted sum is fused in numba. For more,
+  each block runs end to end on one thread (:func:`~ua3d.core.fast.render._render_dot`): normalised
+  weights over its kept neighbours ``[K', P]``, the neighbours' features ``[K', C]`` (cell-major
+  copies), their product by numba's ``np.dot`` (scipy's BLAS held at one thread per caller,
+  :mod:`~ua3d.core.fast.blas`), written straight into the output (float16 rounded in numba). Without
+  scipy (or ``render.DOT = False``) the weight matrix over the full window goes through ``torch.bmm``
+  in tiles of rows of blocks (:data:`TILE_BYTES`), so that peak memory is the output plus a bounded
+  working set. Large outputs are advised for transparent huge pages (:func:`_empty_huge`): page faults
+  on fresh memory were a third of the render's time.
 * **Threads.** The kernels are plain ``nogil`` numba functions over a range of block rows
-  (or blocks); :func:`_parallel_for` runs chunks of that range on a thread pool of
-  ``torch.get_num_threads()`` threads (no parfors: they tripled the compile time).
+  (or blocks); :func:`_parallel_for` runs chunks of that range on the calling thread and
+  ``torch.get_num_threads() - 1`` pool threads (no parfors: they tripled the compile time), all with
+  denormals flushed (FTZ/DAZ through the MXCSR; the caller's setting is restored).
 
 Numba is imported when this module is imported (which :mod:`ua3d.core.ops` does lazily,
 on first use) and each kernel compiles on its first call per dtype (about 20 s of CPU for
@@ -58,8 +66,10 @@ Modules (each numba kernel sits beside the host code that launches it):
 ``fit``        :func:`kernel_fit_loss_grad` <-> :func:`ua3d.core.kernel.kernel_fit_loss_grad_reference`
 ``render``     :func:`kernel_render` <-> :func:`ua3d.core.kernel.kernel_render_reference`,
                :func:`render_working_bytes`
-``inputs``     input checks and the per-LR-cell records (parameter decoding, host side)
+``inputs``     input checks, the per-call :class:`~ua3d.core.fast.inputs.Frame` (``_setup``) and the
+               per-LR-cell records (parameter decoding, host side); :data:`~.inputs.SKIP_GAP`
 ``pool``       thread pool, cached block geometry, huge-page buffers
+``blas``       scipy's BLAS (numba's ``np.dot``) held at one thread while the engine's threads call it
 =============  =====================================================================================
 
 numba's on-disk cache (``cache=True``) is keyed on each kernel's own source file: after editing

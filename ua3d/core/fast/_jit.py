@@ -61,6 +61,41 @@ if AVAILABLE:
 
         return sig, codegen
 
+    @intrinsic
+    def _half_bits(typingctx, x):
+        """IEEE binary16 bits (int16) of a float32: LLVM's ``fptrunc`` to ``half`` (``vcvtps2ph`` on
+        F16C / AVX-512 CPUs, vectorised), round to nearest even, as numpy and torch."""
+        sig = types.int16(types.float32)
+
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(builder.fptrunc(args[0], _llir.HalfType()), _llir.IntType(16))
+
+        return sig, codegen
+
+    @intrinsic
+    def _csr(typingctx, value):
+        """Swap the x86 floating-point control word (MXCSR) with ``value`` (int32; -1 leaves it as it is);
+        returns the previous one. On other CPUs (no MXCSR) returns -1 and does nothing."""
+        sig = types.int32(types.int32)
+
+        def codegen(context, builder, signature, args):
+            from numba.core import cgutils
+
+            slot = cgutils.alloca_once(builder, _llir.IntType(32))
+            ptr = builder.bitcast(slot, _llir.IntType(8).as_pointer())
+            mod = builder.module
+            fty = _llir.FunctionType(_llir.VoidType(), [_llir.IntType(8).as_pointer()])
+            st = cgutils.get_or_insert_function(mod, fty, "llvm.x86.sse.stmxcsr")
+            ld = cgutils.get_or_insert_function(mod, fty, "llvm.x86.sse.ldmxcsr")
+            builder.call(st, [ptr])
+            old = builder.load(slot)
+            keep = builder.icmp_signed("==", args[0], _llir.Constant(_llir.IntType(32), -1))
+            builder.store(builder.select(keep, old, args[0]), slot)
+            builder.call(ld, [ptr])
+            return old
+
+        return sig, codegen
+
     def _fexp(x):  # pragma: no cover - replaced by the overload below inside numba
         return np.exp(x)
 
@@ -107,4 +142,30 @@ if AVAILABLE:
                 return 0.0 if x < lo else p * s
 
             return impl64
+        return None
+
+
+#: MXCSR bits: flush denormal results to zero (FTZ) and treat denormal inputs as zero (DAZ)
+_FTZ_DAZ = 0x8040
+
+if AVAILABLE and __import__("platform").machine().lower() in ("x86_64", "amd64"):
+
+    @njit(nogil=True, cache=True)
+    def _ftz_begin():
+        """Set FTZ/DAZ on the calling thread; returns the control word to restore (:func:`_ftz_end`)."""
+        old = _csr(np.int32(-1))
+        _csr(np.int32(old | _FTZ_DAZ))
+        return old
+
+    @njit(nogil=True, cache=True)
+    def _ftz_end(old):
+        """Restore the control word saved by :func:`_ftz_begin`."""
+        _csr(np.int32(old))
+
+else:  # pragma: no cover - no MXCSR: denormals stay as the platform has them
+
+    def _ftz_begin():
+        return 0
+
+    def _ftz_end(old):
         return None

@@ -31,33 +31,17 @@ if AVAILABLE:
     from ._jit import _JIT, _fexp, _wide_vectors, njit
 
     @njit(**_JIT)
-    def _gather_block(
-        b,
-        i,
-        j,
-        glr,
-        coef,
-        vlr,
-        smask,
-        offs,
-        cyv,
-        cxv,
-        y0,
-        y1,
-        x0,
-        x1,
-        cut,
-        use_vlr,
-        use_smask,
-        rec,
-        nb_v,
-        nb_k,
-    ):
+    def _gather_block(b, i, j, fr, geo, smask, use_smask, rec, nb_v, nb_k):
         """Compact neighbour list of block ``(b, i, j)``: cells inside the grid (and valid in
-        ``smask``, and, with a support cut, whose 3-sigma box meets the block), as columns of
-        ``rec`` (:func:`_block_scratch`), their LR validity ``nb_v`` and window slots ``nb_k``.
-        Returns ``(Kb, anchor position in the list or -1)``. Plain scalar indexing, one copy loop
-        over the cell's contiguous record (no array views: each would cost reference counting)."""
+        ``smask [B, h, w]`` when ``use_smask``, and, with a support cut, whose cut box meets the block),
+        as columns of ``rec`` (:func:`_block_scratch`), their LR validity ``nb_v`` and window slots
+        ``nb_k``. ``fr``, ``geo``: the call's :class:`~ua3d.core.fast.inputs.Frame` and
+        :class:`~ua3d.core.fast.pool.Geometry`. Returns ``(Kb, anchor position in the list or -1)``.
+        Plain scalar indexing, one copy loop over the cell's contiguous record (no array views: each
+        would cost reference counting)."""
+        glr, coef, vlr, cut, use_vlr = fr.glr, fr.coef, fr.vlr, fr.cut, fr.use_vlr
+        offs, cyv, cxv = geo.offs, geo.cyv, geo.cxv
+        y0, y1, x0, x1 = geo.ry0[i], geo.ry1[i], geo.cx0[j], geo.cx1[j]
         h, w = glr.shape[2], glr.shape[3]
         Cg = glr.shape[1]
         G = nb_v.shape[0]
@@ -128,8 +112,9 @@ if AVAILABLE:
     def _block_logits(kb, kanc, n, px, py, pg, pv, gstart, cut, nb, wl, mx, d):
         """Logits of one block, ``wl[k, p]``, and their max over ``k``, ``mx[p]``, for the ``kb``
         listed neighbours and the first ``n`` pixels (``px, py`` coordinates, ``pg [Cg, n]`` guide
-        values, ``pv [G, n]`` range validity). ``mx[p]`` stays below ``_NEG / 2`` where a support
-        cut left no neighbour."""
+        values, ``pv [G, n]`` range validity) and the range groups of ``gstart``. ``mx[p]`` stays below
+        ``_NEG / 2`` where a support cut left no neighbour. The one numba home of the spatial x colour
+        logit (:func:`ua3d.core.kernel.spatial_colour_logits`), used by fit, render and the volume."""
         _wide_vectors()
         nb_cy, nb_cx, nb_c, nb_s, nb_a, nb_b, nb_r, nb_v, nb_g = nb
         dt = wl.dtype.type
@@ -179,6 +164,11 @@ if AVAILABLE:
         sum_k wl[k, p]`` (see :func:`_block_logits`)."""
         _wide_vectors()
         _block_logits(kb, kanc, n, px, py, pg, pv, gstart, cut, nb, wl, mx, d)
+        _exp_sums(kb, n, wl, mx, tot)
+
+    @njit(inline="always", **_JIT)
+    def _exp_sums(kb, n, wl, mx, tot):
+        """``wl[k, p] = exp(wl[k, p] - mx[p])`` in place and ``tot[p] = sum_k wl[k, p]``."""
         for p in range(n):
             tot[p] = 0.0
         for k in range(kb):

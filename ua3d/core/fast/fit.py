@@ -12,8 +12,8 @@ import torch
 
 from ..params import LOG_SIGMA_MAX, LOG_SIGMA_MIN, THETA_MAX
 from ._jit import AVAILABLE
-from .inputs import Frame, _check_common, _check_cut, _coefficients, _compute_dtype, _np, _require
-from .pool import _geometry, _padded_block, _parallel_for
+from .inputs import _np, _require, _setup, _skip_gap
+from .pool import _parallel_for
 
 if AVAILABLE:
     from ._jit import _JIT, _fexp, _wide_vectors, njit
@@ -27,8 +27,83 @@ if AVAILABLE:
         _rgb_logits,
     )
 
+    @njit(inline="always", **_JIT)
+    def _exp_recon(na, act, n, wl, mx, nb_g, vo, tot, recon):
+        """Weights ``wl[k, p] = exp(logit - mx[p])`` in place for the listed neighbours ``k = act[:na]``,
+        fused with their sums ``tot[p]`` and the unnormalised reconstruction ``recon[c, p] = sum_k wl[k, p]
+        nb_g[vo + c, k]`` of the guide."""
+        Cg = recon.shape[0]
+        for p in range(n):
+            tot[p] = 0.0
+        for c in range(Cg):
+            for p in range(n):
+                recon[c, p] = 0.0
+        for a in range(na):
+            k = act[a]
+            row = wl[k]
+            if Cg == 3:
+                f0, f1, f2 = nb_g[vo, k], nb_g[vo + 1, k], nb_g[vo + 2, k]
+                for p in range(n):
+                    e = _fexp(row[p] - mx[p])
+                    row[p] = e
+                    tot[p] += e
+                    recon[0, p] += e * f0
+                    recon[1, p] += e * f1
+                    recon[2, p] += e * f2
+                continue
+            for p in range(n):
+                e = _fexp(row[p] - mx[p])
+                row[p] = e
+                tot[p] += e
+            for c in range(Cg):
+                f = nb_g[vo + c, k]
+                for p in range(n):
+                    recon[c, p] += row[p] * f
+
+    @njit(inline="always", **_JIT)
+    def _active(kb, n, wl, mx, gap, act):
+        """The neighbours that matter somewhere in the block: ``act[:na]`` = the ``k`` whose logit comes within
+        ``gap`` of some pixel's largest (``max_p wl[k, p] - mx[p] >= -gap``; every ``k`` when ``gap = 0``).
+        The others' weights are below ``e^-gap`` of the largest at every pixel: they are dropped (weight 0).
+        Returns ``na``."""
+        na = 0
+        dt = wl.dtype.type
+        g = dt(gap)
+        for k in range(kb):
+            if gap > 0:
+                row = wl[k]
+                near = 0  # a count, not a max: integer sums vectorise, float max reductions do not
+                for p in range(n):
+                    near += 1 if row[p] - mx[p] >= -g else 0
+                if near == 0:
+                    continue
+            act[na] = k
+            na += 1
+        return na
+
+    @njit(inline="always", **_JIT)
+    def _residuals(n, recon, tot, pg, pw, ee, sbar, loss):
+        """``loss`` plus the loss of the block's first ``n`` pixels, ``sum_{c, p} pw[c, p] |recon[c, p] /
+        tot[p] - pg[c, p]|`` (accumulated in the type of ``loss``), and the factors of its gradient:
+        ``ee[c, p] = pw sign(.) / tot``, ``sbar[p] = sum_c ee[c, p] recon[c, p] / tot[p]``."""
+        dt = recon.dtype.type
+        for p in range(n):
+            inv = dt(1.0) / tot[p]
+            sb = dt(0.0)
+            for c in range(recon.shape[0]):
+                rc = recon[c, p] * inv
+                diff = rc - pg[c, p]
+                loss += abs(diff) * pw[c, p]
+                e = np.sign(diff) * pw[c, p]
+                ee[c, p] = e * inv
+                sb += e * rc
+            sbar[p] = sb * inv
+        return loss
+
     @njit(**_JIT)
-    def _fit_block_rgb(kb, n, px, py, pg, pv, pw, use_vhr, nb, wl, mx, tot, recon, ee, sbar, ft, mom, vo):
+    def _fit_block_rgb(
+        kb, n, px, py, pg, pv, pw, use_vhr, nb, wl, mx, tot, recon, ee, sbar, ft, mom, vo, gap, act
+    ):
         """Loss and gradient moments of one block, RGB guide, in the expanded form of
         :func:`_rgb_logits`: the gradient needs only the ten feature moments ``sum_p t_kp ft[f, p]``
         and ``sum_p t_kp`` per neighbour (``t = dL/dlogit``), which are turned into the four
@@ -38,36 +113,15 @@ if AVAILABLE:
         nb_cy, nb_cx, nb_c, nb_s, nb_g = nb.nb_cy, nb.nb_cx, nb.nb_c, nb.nb_s, nb.nb_g
         dt = wl.dtype.type
         xc, yc, m0, m1, m2 = _rgb_logits(kb, n, px, py, pg, pv, use_vhr, nb, wl, mx, ft, mom)
-        # weights (exp) fused with the reconstruction of the guide
-        for p in range(n):
-            tot[p] = 0.0
-            recon[0, p] = 0.0
-            recon[1, p] = 0.0
-            recon[2, p] = 0.0
+        na = _active(kb, n, wl, mx, gap, act)  # the others get weight 0 (and no gradient)
+        _exp_recon(na, act, n, wl, mx, nb_g, vo, tot, recon)  # weights (exp) fused with the reconstruction
+        loss = _residuals(n, recon, tot, pg, pw, ee, sbar, dt(0.0))
         for k in range(kb):
-            row = wl[k]
-            f0, f1, f2 = nb_g[vo, k], nb_g[vo + 1, k], nb_g[vo + 2, k]
-            for p in range(n):
-                e = _fexp(row[p] - mx[p])
-                row[p] = e
-                tot[p] += e
-                recon[0, p] += e * f0
-                recon[1, p] += e * f1
-                recon[2, p] += e * f2
-        loss = dt(0.0)
-        for p in range(n):
-            inv = dt(1.0) / tot[p]
-            sb = dt(0.0)
-            for c in range(3):
-                rc = recon[c, p] * inv
-                diff = rc - pg[c, p]
-                loss += abs(diff) * pw[c, p]
-                e = np.sign(diff) * pw[c, p]
-                ee[c, p] = e * inv
-                sb += e * rc
-            sbar[p] = sb * inv
+            for f in range(4):
+                mom[f, k] = 0.0
         # dL/dlogit_kp = w_kp (sum_c e_cp f_ck - sbar_p), summed against the ten features
-        for k in range(kb):
+        for a in range(na):
+            k = act[a]
             row = wl[k]
             f0, f1, f2 = nb_g[vo, k], nb_g[vo + 1, k], nb_g[vo + 2, k]
             s0 = dt(0.0)
@@ -106,7 +160,8 @@ if AVAILABLE:
             mom[9, k] = s9
             mom[10, k] = st
         # moments -> sum t a^2, sum t b^2, sum t a b, sum t v |c - g|^2 (into mom[0:4, k])
-        for k in range(kb):
+        for a in range(na):
+            k = act[a]
             ck, sk = nb_c[k], nb_s[k]
             dx = nb_cx[k] - xc
             dy = nb_cy[k] - yc
@@ -150,7 +205,7 @@ if AVAILABLE:
         return loss
 
     @njit(**_JIT)
-    def _fit_rows(bi0, bi1, fr, geo, pmask, lam, gch, use_pm, r, pmax, rowbuf, rowloss):
+    def _fit_rows(bi0, bi1, fr, geo, pmask, lam, gch, use_pm, r, pmax, gap, rowbuf, rowloss):
         """Loss and gradient sums of the block rows ``bi0 <= b h + i < bi1`` into ``rowbuf[b h + i]``.
 
         ``fr`` the call's fixed arrays (:class:`~ua3d.core.fast.inputs.Frame`), ``geo`` its block
@@ -163,8 +218,8 @@ if AVAILABLE:
         ``pmax`` is the padded largest block size.
         """
         _wide_vectors()
-        ghr, glr, coef, vhr, vlr, gstart, cut, use_vhr, use_vlr = fr
-        offs, ry0, ry1, cx0, cx1, cyv, cxv = geo
+        ghr, glr, vhr, gstart, cut, use_vhr = fr.ghr, fr.glr, fr.vhr, fr.gstart, fr.cut, fr.use_vhr
+        offs, ry0, ry1, cx0, cx1 = geo.offs, geo.ry0, geo.ry1, geo.cx0, geo.cx1
         h, w = glr.shape[2:]
         Cg = ghr.shape[1]
         vo = glr.shape[1] - Cg  # 0, or Cg when glr carries separate values after the range centres
@@ -180,6 +235,7 @@ if AVAILABLE:
         tk = np.empty(pmax, glr.dtype)
         ft = np.empty((10, pmax), glr.dtype)
         mom = np.empty((11, K), glr.dtype)
+        act = np.empty(K, np.int64)
         rgb = G == 1 and Cg == 3 and cut == 0
         for bi in range(bi0, bi1):
             b = bi // h
@@ -228,31 +284,29 @@ if AVAILABLE:
                     continue
                 npad = min(pmax, -(-n // 8) * 8)
                 _pad_pixels(n, npad, px, py, pg, pv, pw)
-                kb, kanc = _gather_block(
-                    b,
-                    i,
-                    j,
-                    glr,
-                    coef,
-                    vlr,
-                    smask_dummy,
-                    offs,
-                    cyv,
-                    cxv,
-                    y0,
-                    y1,
-                    x0,
-                    x1,
-                    cut,
-                    use_vlr,
-                    False,
-                    rec,
-                    nb_v,
-                    nb_k,
-                )
+                kb, kanc = _gather_block(b, i, j, fr, geo, smask_dummy, False, rec, nb_v, nb_k)
                 if rgb:
                     loss_row += _fit_block_rgb(
-                        kb, npad, px, py, pg, pv, pw, use_vhr, nb, wl, mx, tot, recon, ee, sbar, ft, mom, vo
+                        kb,
+                        npad,
+                        px,
+                        py,
+                        pg,
+                        pv,
+                        pw,
+                        use_vhr,
+                        nb,
+                        wl,
+                        mx,
+                        tot,
+                        recon,
+                        ee,
+                        sbar,
+                        ft,
+                        mom,
+                        vo,
+                        gap,
+                        act,
                     )
                     for k in range(kb):
                         kk = nb_k[k]
@@ -264,45 +318,12 @@ if AVAILABLE:
                         rowbuf[bi, slot, qj, 3] += mom[3, k] * nb_v[0, k]
                     continue
                 _block_logits(kb, kanc, npad, px, py, pg, pv, gstart, cut, nb, wl, mx, d)
-                # weights (exp) fused with the reconstruction of the guide
-                for p in range(npad):
-                    tot[p] = 0.0
-                for c in range(Cg):
-                    for p in range(npad):
-                        recon[c, p] = 0.0
-                for k in range(kb):
-                    row = wl[k]
-                    if Cg == 3:
-                        f0, f1, f2 = nb_g[vo, k], nb_g[vo + 1, k], nb_g[vo + 2, k]
-                        for p in range(npad):
-                            e = _fexp(row[p] - mx[p])
-                            row[p] = e
-                            tot[p] += e
-                            recon[0, p] += e * f0
-                            recon[1, p] += e * f1
-                            recon[2, p] += e * f2
-                        continue
-                    for p in range(npad):
-                        e = _fexp(row[p] - mx[p])
-                        row[p] = e
-                        tot[p] += e
-                    for c in range(Cg):
-                        f = nb_g[vo + c, k]
-                        for p in range(npad):
-                            recon[c, p] += row[p] * f
-                for p in range(npad):
-                    inv = dt(1.0) / tot[p]
-                    sb = dt(0.0)
-                    for c in range(Cg):
-                        rc = recon[c, p] * inv
-                        diff = rc - pg[c, p]
-                        loss_row += abs(diff) * pw[c, p]
-                        e = np.sign(diff) * pw[c, p]
-                        ee[c, p] = e * inv
-                        sb += e * rc
-                    sbar[p] = sb * inv
+                na = _active(kb, npad, wl, mx, gap, act)  # the others get weight 0 (and no gradient)
+                _exp_recon(na, act, npad, wl, mx, nb_g, vo, tot, recon)  # exp fused with the reconstruction
+                loss_row = _residuals(npad, recon, tot, pg, pw, ee, sbar, loss_row)
                 # dL/dlogit_kp = w_kp (sum_c e_cp f_ck - sbar_p), summed against the logit derivatives
-                for k in range(kb):
+                for a in range(na):
+                    k = act[a]
                     row = wl[k]
                     kk = nb_k[k]
                     slot = offs[kk, 0] + r
@@ -418,17 +439,11 @@ def kernel_fit_loss_grad(
     grad : ``[B, 3 + G, h, w]``, params dtype
     """
     _require()
-    gs, gstart, vhr, use_vhr, vlr, use_vlr = _check_common(
-        params, guide_hr, guide_lr, groups, valid_hr, valid_lr, radius
-    )
-    cut = _check_cut(support_sigmas)
+    st = _setup(params, guide_hr, guide_lr, groups, valid_hr, valid_lr, radius, support_sigmas, values_lr)
+    fr, gs, ndt = st.fr, st.gs, st.ndt
     B, _, h, w = params.shape
     Cg, H, W = guide_hr.shape[1:]
     G = len(gs)
-    cdt = _compute_dtype(params)
-    ndt = np.float64 if cdt == torch.float64 else np.float32
-    geo = _geometry(H, W, h, w, float(radius), np.dtype(ndt).name)
-    ry0, ry1, cx0, cx1 = geo.ry0, geo.ry1, geo.cx0, geo.cx1
     r = math.floor(radius)
 
     lam = np.ones(Cg) if channel_weights is None else channel_weights.detach().double().cpu().numpy()
@@ -441,25 +456,13 @@ def kernel_fit_loss_grad(
         pm, use_pm = np.ascontiguousarray(pixel_mask.detach()[:, 0].cpu().numpy(), dtype=ndt), True
     else:
         pm, use_pm = np.ones((1, 1, 1), ndt), False
-    denom = _loss_denominator(B, Cg, H, W, gs, vhr, use_vhr, pm, use_pm)
+    denom = _loss_denominator(B, Cg, H, W, gs, fr.vhr, fr.use_vhr, pm, use_pm)
     lam_n = np.ascontiguousarray(lam[None, :] / denom[:, None], dtype=ndt)  # [B, Cg]
     gch = np.repeat(np.arange(G, dtype=np.int64), gs)
-
-    ghr = _np(guide_hr, cdt)
-    glr = _np(guide_lr, cdt)
-    if values_lr is not None:  # the values ride in the same per-cell record, after the range centres
-        if tuple(values_lr.shape) != tuple(guide_lr.shape):
-            raise ValueError(
-                f"values_lr must have the shape of guide_lr {tuple(guide_lr.shape)}, "
-                f"got {tuple(values_lr.shape)}"
-            )
-        glr = np.ascontiguousarray(np.concatenate([glr, _np(values_lr, cdt)], 1))
-    coef = _coefficients(params, glr, cdt, cut)
     rowbuf = np.zeros((B * h, 2 * r + 1, w, 3 + G), np.float64)
     rowloss = np.zeros(B * h, np.float64)
-    fr = Frame(ghr, glr, coef, vhr, vlr, gstart, cut, use_vhr, use_vlr)
-    pmax = _padded_block(ry0, ry1, cx0, cx1)
-    _parallel_for(_fit_rows, B * h, fr, geo, pm, lam_n, gch, use_pm, r, pmax, rowbuf, rowloss)
+    gap = _skip_gap(st.cdt)
+    _parallel_for(_fit_rows, B * h, fr, st.geo, pm, lam_n, gch, use_pm, r, st.pmax, gap, rowbuf, rowloss)
     sums = _reduce_rows(rowbuf, B, h, r).transpose(0, 3, 1, 2)  # [B, 3 + G, h, w] float64
     grad = _chain_rule(params, sums)
     loss = torch.tensor(float(rowloss.sum()), dtype=params.dtype)

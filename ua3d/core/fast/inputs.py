@@ -10,8 +10,23 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from ..kernel import check_support_sigmas
 from ..params import decode_params
 from ._jit import AVAILABLE
+from .pool import Geometry, _geometry, _padded_block
+
+#: a neighbour whose weight is below ``e^-gap`` of the largest at every pixel of a block is dropped from that
+#: block (weight 0, per compute dtype): ``e^-20 = 2e-9`` against float32's resolution ``6e-8``, ``e^-40 =
+#: 4e-18`` against float64's ``1.1e-16``; even 197 dropped neighbours move a normalised weight by at most
+#: ``4e-7`` (float32) or ``8e-16`` (float64), relative.
+SKIP_GAP = {torch.float32: 20.0, torch.float64: 40.0}
+#: False: keep every neighbour (exactly the reference's sums, for tests and measurements)
+SKIP = True
+
+
+def _skip_gap(cdt: torch.dtype) -> float:
+    """The logit gap beyond which neighbours are dropped (:data:`SKIP_GAP`), 0 when :data:`SKIP` is off."""
+    return SKIP_GAP[cdt] if SKIP else 0.0
 
 
 class Frame(NamedTuple):
@@ -59,7 +74,10 @@ def _mask_u8(m: torch.Tensor | None, shape: tuple[int, ...], name: str) -> tuple
         return np.ones((1,) * len(shape), np.uint8), False
     if tuple(m.shape) != shape:
         raise ValueError(f"{name} must have shape {shape}, got {tuple(m.shape)}")
-    return _np(m != 0, torch.uint8) if m.dtype != torch.uint8 else _np(m), True
+    if m.dtype == torch.uint8:
+        return _np(m), True
+    # numpy, not torch: a threaded torch comparison leaves OpenMP threads spinning against the engine's
+    return np.ascontiguousarray(m.detach().cpu().numpy() != 0).view(np.uint8), True
 
 
 def _coefficients(params: torch.Tensor, guide_lr: np.ndarray, cdt: torch.dtype, cut: float) -> np.ndarray:
@@ -111,9 +129,40 @@ def _check_common(params, guide_hr, guide_lr, groups, valid_hr, valid_lr, radius
     return gs, gstart, vhr, use_vhr, vlr, use_vlr
 
 
-def _check_cut(support_sigmas: float | None) -> float:
-    if support_sigmas is None:
-        return 0.0
-    if not (support_sigmas > 0) or not math.isfinite(support_sigmas):
-        raise ValueError(f"support_sigmas must be a positive finite number or None, got {support_sigmas!r}")
-    return float(support_sigmas)
+class Setup(NamedTuple):
+    """What :func:`_setup` derives from the inputs of a fit or render call."""
+
+    fr: Frame
+    geo: Geometry
+    gs: tuple[int, ...]  # channel counts of the range groups
+    cdt: torch.dtype  # compute dtype
+    ndt: type[np.floating]  # its numpy scalar type
+    pmax: int  # padded largest block (:func:`~ua3d.core.fast.pool._padded_block`)
+
+
+def _setup(
+    params, guide_hr, guide_lr, groups, valid_hr, valid_lr, radius, support_sigmas, values_lr=None
+) -> Setup:
+    """Checks, compute dtype, block geometry and the :class:`Frame` of a fit or render call.
+    ``values_lr`` (fit only) rides in the per-cell record after the range centres (``glr [B, 2 Cg, h, w]``)."""
+    gs, gstart, vhr, use_vhr, vlr, use_vlr = _check_common(
+        params, guide_hr, guide_lr, groups, valid_hr, valid_lr, radius
+    )
+    cut = check_support_sigmas(support_sigmas)
+    h, w = params.shape[2:]
+    H, W = guide_hr.shape[2:]
+    cdt = _compute_dtype(params)
+    ndt = np.float64 if cdt == torch.float64 else np.float32
+    geo = _geometry(H, W, h, w, float(radius), np.dtype(ndt).name)
+    ghr = _np(guide_hr, cdt)
+    glr = _np(guide_lr, cdt)
+    if values_lr is not None:
+        if tuple(values_lr.shape) != tuple(guide_lr.shape):
+            raise ValueError(
+                f"values_lr must have the shape of guide_lr {tuple(guide_lr.shape)}, "
+                f"got {tuple(values_lr.shape)}"
+            )
+        glr = np.ascontiguousarray(np.concatenate([glr, _np(values_lr, cdt)], 1))
+    coef = _coefficients(params, glr, cdt, cut)
+    fr = Frame(ghr, glr, coef, vhr, vlr, gstart, cut, use_vhr, use_vlr)
+    return Setup(fr, geo, gs, cdt, ndt, _padded_block(geo.ry0, geo.ry1, geo.cx0, geo.cx1))

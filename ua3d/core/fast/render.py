@@ -11,21 +11,26 @@ import torch
 
 from ..kernel import window_offsets
 from ._jit import _NEG, AVAILABLE
-from .inputs import Frame, _check_common, _check_cut, _coefficients, _compute_dtype, _mask_u8, _np, _require
-from .pool import Geometry, _empty_huge, _geometry, _padded_block, _parallel_for
+from .blas import _one_blas_thread, _scipy_blas_threads
+from .inputs import Frame, _mask_u8, _require, _setup, _skip_gap
+from .pool import Geometry, _empty_huge, _padded_block, _parallel_for
 
 #: render channel counts up to this are fused in numba; more use the weight matrix + ``torch.bmm``.
 SMALL_C = 8
 #: working-memory budget of one render / fit tile (bytes), on top of the output.
 TILE_BYTES = 192 << 20
+#: more channels render block by block through BLAS (:func:`_render_dot`, when scipy's BLAS is there);
+#: False: the weight matrix + ``torch.bmm`` tiles (:func:`_render_bmm`)
+DOT = True
 
 if AVAILABLE:
-    from ._jit import _JIT, _fexp, _wide_vectors, njit
+    from ._jit import _JIT, _fexp, _half_bits, _wide_vectors, njit
     from .blocks import (
         _block_logits,
         _block_pixels,
         _block_scratch,
         _block_weights,
+        _exp_sums,
         _gather_block,
         _pad_pixels,
         _rgb_logits,
@@ -38,8 +43,8 @@ if AVAILABLE:
         ``fr``, ``geo``: the call's :class:`~ua3d.core.fast.inputs.Frame` and
         :class:`~ua3d.core.fast.pool.Geometry`; ``smask [B, h, w]`` uint8 valid LR values (if ``use_sm``)."""
         _wide_vectors()
-        ghr, glr, coef, vhr, vlr, gstart, cut, use_vhr, use_vlr = fr
-        offs, ry0, ry1, cx0, cx1, cyv, cxv = geo
+        ghr, glr, vhr, gstart, cut, use_vhr = fr.ghr, fr.glr, fr.vhr, fr.gstart, fr.cut, fr.use_vhr
+        offs, ry0, ry1, cx0, cx1 = geo.offs, geo.ry0, geo.ry1, geo.cx0, geo.cx1
         w = glr.shape[3]
         C = sig.shape[1]
         G = gstart.shape[0] - 1
@@ -57,28 +62,7 @@ if AVAILABLE:
             if y1 <= y0 or x1 <= x0:
                 continue
             bw = x1 - x0
-            kb, kanc = _gather_block(
-                b,
-                i,
-                j,
-                glr,
-                coef,
-                vlr,
-                smask,
-                offs,
-                cyv,
-                cxv,
-                y0,
-                y1,
-                x0,
-                x1,
-                cut,
-                use_vlr,
-                use_sm,
-                rec,
-                nb_v,
-                nb_k,
-            )
+            kb, kanc = _gather_block(b, i, j, fr, geo, smask, use_sm, rec, nb_v, nb_k)
             if kb == 0:
                 for y in range(y0, y1):
                     for x in range(x0, x1):
@@ -130,8 +114,8 @@ if AVAILABLE:
         zero for padding, outside or masked cells), ``sup [tiles, P]`` uint8 (arguments as
         :func:`_render_small`)."""
         _wide_vectors()
-        ghr, glr, coef, vhr, vlr, gstart, cut, use_vhr, use_vlr = fr
-        offs, ry0, ry1, cx0, cx1, cyv, cxv = geo
+        ghr, glr, vhr, gstart, cut, use_vhr = fr.ghr, fr.glr, fr.vhr, fr.gstart, fr.cut, fr.use_vhr
+        offs, ry0, ry1, cx0, cx1 = geo.offs, geo.ry0, geo.ry1, geo.cx0, geo.cx1
         w = glr.shape[3]
         G = gstart.shape[0] - 1
         K = offs.shape[0]
@@ -152,28 +136,7 @@ if AVAILABLE:
             x0, x1 = cx0[j], cx1[j]
             kb = 0
             if y1 > y0 and x1 > x0:
-                kb, kanc = _gather_block(
-                    b,
-                    i,
-                    j,
-                    glr,
-                    coef,
-                    vlr,
-                    smask,
-                    offs,
-                    cyv,
-                    cxv,
-                    y0,
-                    y1,
-                    x0,
-                    x1,
-                    cut,
-                    use_vlr,
-                    use_sm,
-                    rec,
-                    nb_v,
-                    nb_k,
-                )
+                kb, kanc = _gather_block(b, i, j, fr, geo, smask, use_sm, rec, nb_v, nb_k)
             if kb == 0:
                 wmat[t] = 0.0
                 sup[t] = 0
@@ -183,14 +146,7 @@ if AVAILABLE:
             _pad_pixels(n, npad, px, py, pg, pv, pw)
             if rgb:
                 _rgb_logits(kb, npad, px, py, pg, pv, use_vhr, nb, wl, mx, ft, mom)
-                for p in range(npad):
-                    tot[p] = 0.0
-                for k in range(kb):
-                    row = wl[k]
-                    for p in range(npad):
-                        e = _fexp(row[p] - mx[p])
-                        row[p] = e
-                        tot[p] += e
+                _exp_sums(kb, npad, wl, mx, tot)
             else:
                 _block_weights(kb, kanc, npad, px, py, pg, pv, gstart, cut, nb, wl, mx, tot, d)
             bw = x1 - x0
@@ -221,6 +177,91 @@ if AVAILABLE:
                 dst = wmat[t, nb_k[k]]
                 for p in range(n):
                     dst[pidx[p]] = row[p] * tot[p]
+
+    @njit(**_JIT)
+    def _render_dot(t0, t1, fr, geo, smask, use_sm, sigt, b, pmax, gap, half, out, sup):
+        """Blocks ``t0 <= t < t1`` (block ``(t // w, t % w)``) of batch ``b`` end to end, many channels:
+        the block's weights over its listed neighbours, the neighbours whose weight is below
+        ``e^-gap`` of the largest at every pixel of the block dropped (``gap = 0``: none; the weights are
+        normalised over the kept ones), times their features ``sigt[b, q, :]`` (cell-major ``[B, h w,
+        C]``) by numba's ``np.dot`` (BLAS, one thread per caller), written to ``out [C, H, W]`` (float16
+        bits into an int16 array when ``half``; NaN without support) and ``sup [H, W]`` uint8. Arguments as
+        :func:`_render_small`; per-thread scratch only (a few hundred KB)."""
+        _wide_vectors()
+        ghr, glr, vhr, gstart, cut, use_vhr = fr.ghr, fr.glr, fr.vhr, fr.gstart, fr.cut, fr.use_vhr
+        w = glr.shape[3]
+        C = sigt.shape[2]
+        G = gstart.shape[0] - 1
+        K = geo.offs.shape[0]
+        dt = glr.dtype.type
+        half_neg = dt(0.5 * _NEG)
+        keep = dt(np.exp(-gap)) if gap > 0 else dt(0.0)
+        rec, nb, nb_k, px, py, pg, pv, pw, _wl, mx, tot, d = _block_scratch(glr, K, G, pmax)
+        nb_v = nb.nb_v
+        ft = np.empty((10, pmax), glr.dtype)
+        mom = np.empty((11, K), glr.dtype)
+        wlf = np.empty(K * pmax, glr.dtype)
+        fmt = np.empty((K, C), glr.dtype)
+        resf = np.empty(C * pmax, glr.dtype)
+        rgb = G == 1 and glr.shape[1] == 3 and cut == 0
+        for t in range(t0, t1):
+            i = t // w
+            j = t - i * w
+            y0, y1 = geo.ry0[i], geo.ry1[i]
+            x0, x1 = geo.cx0[j], geo.cx1[j]
+            if y1 <= y0 or x1 <= x0:
+                continue
+            bw = x1 - x0
+            kb, kanc = _gather_block(b, i, j, fr, geo, smask, use_sm, rec, nb_v, nb_k)
+            n = _block_pixels(b, y0, y1, x0, x1, ghr, vhr, use_vhr, px, py, pg, pv)
+            npad = min(pmax, -(-n // 8) * 8)
+            res = resf[: C * npad].reshape((C, npad))
+            if kb == 0:
+                for p in range(n):
+                    mx[p] = dt(_NEG)
+            else:
+                _pad_pixels(n, npad, px, py, pg, pv, pw)
+                wl = wlf[: K * npad].reshape((K, npad))
+                if rgb:
+                    _rgb_logits(kb, npad, px, py, pg, pv, use_vhr, nb, wl, mx, ft, mom)
+                    _exp_sums(kb, npad, wl, mx, tot)
+                else:
+                    _block_weights(kb, kanc, npad, px, py, pg, pv, gstart, cut, nb, wl, mx, tot, d)
+                # drop the negligible neighbours (rows moved up in place), renormalise over the kept ones
+                kk = 0
+                for p in range(npad):
+                    tot[p] = 0.0
+                for k in range(kb):
+                    row = wl[k]
+                    big = dt(0.0)
+                    for p in range(n):
+                        big = max(big, row[p])
+                    if big < keep:
+                        continue
+                    dst = wl[kk]
+                    q = (i + geo.offs[nb_k[k], 0]) * w + j + geo.offs[nb_k[k], 1]
+                    for c in range(C):
+                        fmt[kk, c] = sigt[b, q, c]
+                    for p in range(npad):
+                        v = row[p]
+                        dst[p] = v
+                        tot[p] += v
+                    kk += 1
+                np.dot(fmt[:kk].T, wl[:kk], res)
+            for p in range(n):
+                ok = mx[p] > half_neg
+                sup[y0 + p // bw, x0 + p - (p // bw) * bw] = 1 if ok else 0
+                tot[p] = dt(1.0) / tot[p] if ok else dt(np.nan)
+            for c in range(C):
+                for yy in range(y1 - y0):
+                    y = y0 + yy
+                    o = yy * bw
+                    for xx in range(bw):
+                        v = res[c, o + xx] * tot[o + xx] if kb > 0 else dt(np.nan)
+                        if half:
+                            out[c, y, x0 + xx] = _half_bits(np.float32(v))
+                        else:
+                            out[c, y, x0 + xx] = v
 
     @njit(**_JIT)
     def _gather_signal(t0, t1, sigt, flat, c0, dst):
@@ -289,10 +330,8 @@ def kernel_render(
     support : ``[B, 1, H, W]`` bool
     """
     _require()
-    _, gstart, vhr, use_vhr, vlr, use_vlr = _check_common(
-        params, guide_hr, guide_lr, groups, valid_hr, valid_lr, radius
-    )
-    cut = _check_cut(support_sigmas)
+    st = _setup(params, guide_hr, guide_lr, groups, valid_hr, valid_lr, radius, support_sigmas)
+    fr, geo, cdt, ndt, pmax = st.fr, st.geo, st.cdt, st.ndt, st.pmax
     B, _, h, w = params.shape
     H, W = guide_hr.shape[2:]
     if (
@@ -309,25 +348,17 @@ def kernel_render(
         raise ValueError(f"signal must be a CPU tensor for the fast engine, got device {signal.device}")
     C = signal.shape[1]
     odt = out_dtype or signal.dtype
-    cdt = _compute_dtype(params)
-    ndt = np.float64 if cdt == torch.float64 else np.float32
-    geo = _geometry(H, W, h, w, float(radius), np.dtype(ndt).name)
-    ry0, ry1, cx0, cx1 = geo.ry0, geo.ry1, geo.cx0, geo.cx1
+    ry0, ry1 = geo.ry0, geo.ry1
     if signal_mask is not None and tuple(signal_mask.shape) != (B, 1, h, w):
         raise ValueError(f"signal_mask must have shape {(B, 1, h, w)}, got {tuple(signal_mask.shape)}")
     sm, use_sm = _mask_u8(None if signal_mask is None else signal_mask[:, 0], (B, h, w), "signal_mask")
     sig_t = signal.detach().to(cdt)
     if use_sm:
         sig_t = torch.where(torch.from_numpy(sm).bool()[:, None], sig_t, torch.zeros((), dtype=cdt))
-    ghr = _np(guide_hr, cdt)
-    glr = _np(guide_lr, cdt)
-    coef = _coefficients(params, glr, cdt, cut)
     out = _empty_huge((B, C, H, W), odt)
     support = torch.empty(B, 1, H, W, dtype=torch.bool)
     budget = tile_bytes or TILE_BYTES
-    fr = Frame(ghr, glr, coef, vhr, vlr, gstart, cut, use_vhr, use_vlr)
     itemsize = 8 if cdt == torch.float64 else 4
-    pmax = _padded_block(ry0, ry1, cx0, cx1)
     if C <= SMALL_C:
         sig = sig_t.contiguous().numpy()
         per_row = C * (-(-H // h) + 1) * W * itemsize + 1
@@ -345,6 +376,31 @@ def kernel_render(
                 )
                 out[b, :, ya:yb] = torch.from_numpy(tile)
                 support[b, 0, ya:yb] = torch.from_numpy(sup).bool()
+        return out, support
+    if DOT and odt in (torch.float32, torch.float64, torch.float16) and _scipy_blas_threads() is not None:
+        sigt = sig_t.reshape(B, C, h * w).transpose(1, 2).contiguous().numpy()  # [B, h w, C] cell-major
+        sup = np.empty((B, H, W), np.uint8)
+        half = odt == torch.float16
+        gap = _skip_gap(cdt)
+        with _one_blas_thread():
+            for b in range(B):
+                o = out[b].numpy()
+                _parallel_for(
+                    _render_dot,
+                    h * w,
+                    fr,
+                    geo,
+                    sm,
+                    use_sm,
+                    sigt,
+                    b,
+                    pmax,
+                    gap,
+                    half,
+                    o.view(np.int16) if half else o,
+                    sup[b],
+                )
+        support.numpy().reshape(B, H, W)[:] = sup.view(np.bool_)  # numpy: no OpenMP threads left spinning
         return out, support
     _render_bmm(fr, geo, sm, use_sm, sig_t, out, support, budget, itemsize)
     return out, support
