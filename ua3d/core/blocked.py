@@ -39,7 +39,7 @@ from typing import NamedTuple
 
 import torch
 
-from .kernel import _group_index, lr_centres, nearest_anchor, window_offsets
+from .kernel import _group_index, lr_centres, nearest_anchor, spatial_colour_logits, window_offsets
 from .memory import MEMORY_FRACTION, available_memory_bytes, check_memory
 from .params import decode_params
 
@@ -270,29 +270,22 @@ def _logits(cells, ck, ghr_b, glr_b, gidx, vhr_b, vlr_b, cut, anchor):
     c, s = cells.c[nbr][:, None, :], cells.s[nbr][:, None, :]  # [nb, 1, K]
     dy = ck.ys[:, :, None] - ck.qy[:, None, :]  # [nb, n, K]
     dx = ck.xs[:, :, None] - ck.qx[:, None, :]
-    a = c * dx + s * dy
-    b = c * dy - s * dx
-    logits = -0.5 * (a * a * cells.ex[nbr][:, None, :] + b * b * cells.ey[nbr][:, None, :])
-    if cut is not None:  # the spatial Mahalanobis distance is sqrt(-2 x spatial logit)
-        keep = logits >= -0.5 * cut * cut
-        keep[:, :, anchor] = True
-        logits = logits.masked_fill(~keep, float("-inf"))
-    zero = torch.zeros((), dtype=logits.dtype, device=logits.device)
+    px, py = 0.5 * cells.ex[nbr][:, None, :], 0.5 * cells.ey[nbr][:, None, :]
+    ranges = []
     for g, (c0, c1) in enumerate(gidx):
-        diff = torch.zeros((), dtype=logits.dtype, device=logits.device)
-        for ch in range(c0, c1):
-            d = ghr_b[ch][ck.pix][:, :, None] - glr_b[ch][nbr][:, None, :]
-            diff = diff + d * d
-        term = -0.5 * diff * cells.rg[g][nbr][:, None, :]
+        diff = sum((ghr_b[ch][ck.pix][:, :, None] - glr_b[ch][nbr][:, None, :]) ** 2 for ch in range(c0, c1))
         ok = None
         if vhr_b is not None:
             ok = vhr_b[g][ck.pix][:, :, None]
         if vlr_b is not None:
             vq = vlr_b[g][nbr][:, None, :]
             ok = vq if ok is None else ok & vq
-        if ok is not None:
-            term = torch.where(ok, term, zero)
-        logits = logits + term
+        ranges.append((diff, 0.5 * cells.rg[g][nbr][:, None, :], ok))
+    logits = spatial_colour_logits(dx, dy, c, s, px, py, ranges)
+    if cut is not None:  # the spatial Mahalanobis distance is sqrt(-2 x spatial logit)
+        keep = spatial_colour_logits(dx, dy, c, s, px, py) >= -0.5 * cut * cut
+        keep[:, :, anchor] = True
+        logits = logits.masked_fill(~keep, float("-inf"))
     return logits.masked_fill(~ck.inside[:, None, :], float("-inf"))
 
 
