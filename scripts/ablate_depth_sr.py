@@ -28,6 +28,11 @@ park2011: auto), i.e. an oracle choice:
   sigma 2.5), ``rounds1`` / ``rounds3`` (one / three fit + solve rounds; the default is 2),
   ``round2-default`` (the round-2 default: radius 2, one round, no guided-filter stage), ``no-post`` (no guided-filter stage on noisy
   input), ``post-r1`` / ``post-e4`` (its radius 1 LR cell / eps 1e-4).
+* session 3: ``no-blend`` (``colour_blend=0``: the round-3 default), ``blend-all`` (share 0.5 of the
+  colour-free solution on every image and scale), ``blend0.25`` / ``blend0.75`` (other shares, every
+  image and scale), ``multiscale`` (x16 as two x4 stages, x8 as x4 then x2: the first stage with the
+  guide area-resized to the intermediate size), ``ss0.5`` / ``ss1.0`` (start spatial sigma 0.5 / 1.0 LR
+  cells; default 0.7), ``r4`` (window radius 4).
 
 Examples::
 
@@ -95,6 +100,15 @@ VARIANTS: dict[str, dict] = {
     "no-post": {"post_filter": "none"},
     "post-r1": {"post_radius": 1.0},
     "post-e4": {"post_eps": 1e-4},
+    # session 3: the colour-free blend (default "auto": share 0.5 at scales >= 12 for LR depth with holes)
+    "no-blend": {"colour_blend": 0.0},
+    "blend-all": {"colour_blend": 0.5},
+    "blend0.25": {"colour_blend": 0.25},
+    "blend0.75": {"colour_blend": 0.75},
+    "multiscale": {"multiscale": True},
+    "ss0.5": {"sigma_spatial": 0.5},
+    "ss1.0": {"sigma_spatial": 1.0},
+    "r4": {"radius": 4.0},
 }
 
 #: the forward model that generated each protocol's LR depth (the oracle choice of ``matched``)
@@ -111,11 +125,34 @@ def _variant(options: dict, protocol: str):
     if options.get("consistency") == M:
         options = {**options, **MATCHED[protocol]}
 
+    if options.get("multiscale"):
+        rest = {k: v for k, v in options.items() if k != "multiscale"}
+
+        def staged(depth_lr, guide_hr, *, mask_lr=None, **kw):
+            return _multiscale(depth_lr, guide_hr, mask_lr, {**rest, **kw})
+
+        staged.accepts_confidence = True
+        return staged
+
     def method(depth_lr, guide_hr, *, mask_lr=None, **kw):
         return upsample_depth(depth_lr, guide_hr, mask_lr=mask_lr, **{**options, **kw})
 
     method.accepts_confidence = True
     return method
+
+
+def _multiscale(depth_lr, guide_hr, mask_lr, options: dict):
+    """Two stages: up by 4 with the guide area-resized to that size, then the rest with the full guide."""
+    from ua3d.core.kernel import resample_guide
+
+    h, w = depth_lr.shape[-2:]
+    H, W = guide_hr.shape[-2:]
+    s = max(H / h, W / w)
+    if s <= 4 or "confidence" in options:
+        return upsample_depth(depth_lr, guide_hr, mask_lr=mask_lr, **options)
+    mid = (h * 4, w * 4)
+    d_mid = upsample_depth(depth_lr, resample_guide(guide_hr, mid, "area"), mask_lr=mask_lr, **options)
+    return upsample_depth(torch.nan_to_num(d_mid), guide_hr, **options)
 
 
 def _protocol(arg: str, dataset: str) -> str:

@@ -39,6 +39,7 @@ SETTINGS = {
     "rounds1": {"fit_rounds": 1},  # radius 3, one fit + solve round
     "fixed-model": {"consistency": "bicubic", "sigma_range": 0.3},  # round 1: no forward-model estimate
     "tukey": {"robust": "tukey"},
+    "no-blend": {"colour_blend": 0.0},  # the round-3 default (session 3 added the x16 colour-free blend)
 }
 
 

@@ -13,6 +13,8 @@ from PIL import Image
 
 from ua3d.depth.protocols import make_lr, pil_resize
 from ua3d.depth.sr import (
+    BLEND_MIN_SCALE,
+    BLEND_SHARE,
     NOISE_LEVEL,
     POINT_MIXING,
     DepthSRConfig,
@@ -250,6 +252,9 @@ def test_confidence_weights_and_zero_confidence_is_a_hole():
         ({"post_radius": -1.0}, r"post_radius must be a finite number >= 0, got -1.0"),
         ({"fit_rounds": -1}, r"fit_rounds must be an integer >= 0, got -1"),
         ({"fit_rounds": 1.5}, r"fit_rounds must be an integer >= 0, got 1.5"),
+        ({"colour_blend": 1.5}, r"colour_blend must be 'auto' or a number in \[0, 1\], got 1.5"),
+        ({"colour_blend": "yes"}, r"colour_blend must be 'auto' or a number in \[0, 1\], got 'yes'"),
+        ({"colour_blend": True}, r"colour_blend must be 'auto' or a number in \[0, 1\], got True"),
         (
             {"confidence": torch.ones(1, 1, 5, 5)},
             r"confidence of size \(5, 5\) is smaller than depth_lr \(10, 12\)",
@@ -393,3 +398,35 @@ def test_second_self_supervised_round_moves_the_output_towards_the_scene():
     torch.testing.assert_close(outs[0], upsample_depth(lr, guide, consistency="bicubic", fit_steps=0))
     err = {k: float((v - depth).pow(2).mean().sqrt()) for k, v in outs.items()}
     assert err[2] < err[1] < err[0], err
+
+
+def test_colour_blend_runs_only_for_sensor_depth_with_holes_at_large_scales():
+    """``colour_blend="auto"``: the colour-free solution is averaged in (share ``BLEND_SHARE``) only when the
+    LR depth has holes and the scale is >= ``BLEND_MIN_SCALE``; otherwise the output is bit-identical to
+    ``colour_blend=0``. The blend is the convex combination of the two solutions (checked without the
+    bound), keeps the support and stays within the bound."""
+    depth, guide = _scene(128, 160)
+    lr16 = downsample_depth(depth, (8, 10), "area")[0]
+    holed = lr16.clone()
+    holed[..., 2:4, 6:8] = 0.0
+    lr8 = downsample_depth(depth, (16, 20), "area")[0]
+    lr8[..., 4:7, 12:15] = 0.0
+    assert BLEND_MIN_SCALE <= 16 and 8 < BLEND_MIN_SCALE
+    for lr in (lr16, lr8):  # hole-free x16, holes at x8: no blend
+        out, (m,) = upsample_depth(lr, guide, return_model=True, **QUICK)
+        assert m.blend == 0.0
+        assert torch.equal(out, upsample_depth(lr, guide, colour_blend=0.0, **QUICK))
+    out, sup, (m,) = upsample_depth(holed, guide, return_support=True, return_model=True, **QUICK)
+    assert m.blend == BLEND_SHARE
+    colour, sup0 = upsample_depth(holed, guide, colour_blend=0.0, return_support=True, **QUICK)
+    assert torch.equal(sup, sup0) and not torch.equal(out, colour)
+    valid = holed > 0
+    lo, hi = float(holed[valid].min()), float(holed[valid].max())
+    assert float(out[sup].min()) >= max(lo - 0.1 * (hi - lo), lo / 2) - 1e-5
+    assert float(out[sup].max()) <= hi + 0.1 * (hi - lo) + 1e-5
+    free = {"bound": "none", "post_filter": "none", **QUICK}
+    a = upsample_depth(holed, guide, colour_blend=0.0, **free)
+    b = upsample_depth(holed, guide, colour_blend=1.0, **free)
+    torch.testing.assert_close(
+        upsample_depth(holed, guide, **free), (1 - BLEND_SHARE) * a + BLEND_SHARE * b, equal_nan=True
+    )

@@ -33,7 +33,11 @@ depth. The method (``scripts/ablate_depth_sr.py`` measures each part; figures in
 5. **Noisy input** (``denoise``, ``post_filter``): when the robust LR noise level (:func:`lr_noise`) is
    above ``NOISE_LEVEL`` the start kernel is wider and the HR estimate goes through a guided filter with
    the colour guide (window ``post_radius`` LR cells, regulariser ``post_eps``) before the bound.
-6. **Physically possible output** (``bound``): the result is projected onto the range the data allow:
+6. **Colour-free blend for sensor depth at large scales** (``colour_blend``): when the LR depth has holes
+   and the scale is at least ``BLEND_MIN_SCALE`` (12), the output is the mean of this solution and the
+   same method without the colour term: a cell straddling a depth edge is a mixed value whose split the
+   colour cannot be trusted to place there, and the mean of the two estimates is the safer guess.
+7. **Physically possible output** (``bound``): the result is projected onto the range the data allow:
    each HR pixel lies within the [min, max] of the valid LR cells of its window (``"local"``, default)
    or of the whole image (``"global"``), widened by ``overshoot`` times that range only for the averaging
    forward models (a thin peak averaged away by the downsampling), and never below half the smallest
@@ -138,6 +142,13 @@ class DepthSRConfig:
         ``denoise``), ``"guided"`` (always) or ``"none"``; applied before the bound.
     post_radius : window radius of that guided filter in LR cells (0.5: ``round(s / 2)`` HR pixels, >= 1).
     post_eps : its regulariser in squared guide units (1e-3, as the guided-filter baseline).
+    colour_blend : share of a colour-free solution averaged into the output, a number in [0, 1] or
+        ``"auto"`` (default): :data:`BLEND_SHARE` when the LR depth has holes (raw sensor depth, more than
+        0.5 % of the cells) and the larger per-axis scale is at least :data:`BLEND_MIN_SCALE`, else 0. The
+        colour-free solution is the same method with colour sigma :data:`NO_COLOUR` (same forward model,
+        fit rounds and bound); at x16 a sensor-depth cell that straddles a depth edge (often beside a
+        shadow hole) is a mixed value whose split the colour cannot be trusted to place, and RMSE favours
+        the mean of the two estimates there (issue 19, ``docs/depth_sr.md``). Costs a second solve.
     backend : kernel engine, ``"auto"``, ``"fast"`` or ``"reference"``.
     """
 
@@ -165,6 +176,7 @@ class DepthSRConfig:
     post_filter: str = "auto"
     post_radius: float = 0.5
     post_eps: float = 1e-3
+    colour_blend: float | str = "auto"
     backend: str = "auto"
 
     def __post_init__(self) -> None:
@@ -189,6 +201,11 @@ class DepthSRConfig:
             raise ValueError(
                 f"blur_shift must be a pair of finite numbers (dy, dx) in HR pixels, got {shift!r}"
             )
+        cb = self.colour_blend
+        if cb != "auto" and (
+            isinstance(cb, bool) or not isinstance(cb, (int, float)) or not (0.0 <= cb <= 1.0)
+        ):
+            raise ValueError(f"colour_blend must be 'auto' or a number in [0, 1], got {cb!r}")
         for name in ("iters", "fit_steps", "fit_rounds"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -233,7 +250,9 @@ class ForwardModel:
     ``"point"`` (``"end"``: ``hr[s-1::s]``, ``"start"``: ``hr[::s]``); ``sigma`` and ``shift`` (HR pixels)
     for ``"gauss"``. ``score`` is the cross-validated error it was chosen with (normalised depth units),
     NaN when it was not estimated; ``mixing`` the :func:`edge_mixing` share that decided between point
-    sampling and an averaging model (NaN when not used).
+    sampling and an averaging model (NaN when not used); ``sigma_range``, ``noise``, ``sigma_spatial`` the
+    chosen colour sigma, the LR noise level and the start spatial sigma; ``blend`` the share of the
+    colour-free solution in the output (``colour_blend``; NaN when not run).
     """
 
     mode: str
@@ -245,6 +264,7 @@ class ForwardModel:
     sigma_range: float = math.nan
     noise: float = math.nan
     sigma_spatial: float = math.nan
+    blend: float = math.nan
 
     @property
     def averaging(self) -> bool:
@@ -581,6 +601,13 @@ def lr_noise(d: torch.Tensor, valid: torch.Tensor) -> float:
 
 #: colour sigmas tried by ``sigma_range="auto"`` (the first is also the one the forward model is chosen with)
 SIGMA_RANGE_CANDIDATES = (0.3, 0.6, 1.2)
+#: ``colour_blend="auto"``: share of the colour-free solution, and the smallest scale it applies at (LR depth
+#: with holes only). TUM x16 (area LR) 18.89 -> 16.0x cm, bicubic 16.44; x8 is not blended (speed target; x8
+#: already beats bicubic); measured in ``docs/depth_sr.md``
+BLEND_SHARE = 0.5
+BLEND_MIN_SCALE = 12.0
+#: colour sigma of the colour-free solution (guide units: the range term is ~1 everywhere)
+NO_COLOUR = 100.0
 #: cross-validation score: mean absolute ("mae") or root-mean-square ("rmse") error of the held-out cells
 CV_SCORE = "rmse"
 #: how ``interval_phase="auto"`` chooses: "guide" (depth edges vs the colour edges of the guide point-sampled
@@ -1054,12 +1081,34 @@ class _Problem:
         q = guided_filter(g.to(out.dtype), torch.where(sup, out, zero), r, self.cfg.post_eps, mask=sup)
         return torch.where(sup & torch.isfinite(q), q, out)
 
-    def run(self) -> tuple[torch.Tensor, torch.Tensor]:
-        params = self.choose_model(self.start_params())
+    def blend_share(self) -> float:
+        """Share of the colour-free solution in the output (``colour_blend``, see :class:`DepthSRConfig`)."""
+        cb = self.cfg.colour_blend
+        if cb != "auto":
+            return float(cb)
+        (h, w), (H, W) = self.size_lr, self.size_hr
+        holes = float((~self.input_valid).float().mean()) > 0.005
+        return BLEND_SHARE if holes and max(H / h, W / w) >= BLEND_MIN_SCALE else 0.0
+
+    def rounds(self, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Solve, then ``fit_rounds`` rounds of (fit to the last output, solve)."""
         out, sup = self.solve(params)
         for _ in range(self.cfg.fit_rounds if self.cfg.fit_steps > 0 else 0):
             params = self.fit(params, out, sup)
             out, sup = self.solve(params)
+        return out, sup
+
+    def run(self) -> tuple[torch.Tensor, torch.Tensor]:
+        params = self.choose_model(self.start_params())
+        out, sup = self.rounds(params)
+        share = self.blend_share()
+        if share > 0:
+            chosen = self.sigma_range
+            plain, _ = self.rounds(self.start_params(NO_COLOUR))
+            self.sigma_range = chosen
+            out = plain if share >= 1 else torch.lerp(out, plain, share)
+        if self.model is not None:
+            self.model = dataclasses.replace(self.model, blend=share)
         if self.cfg.post_filter == "guided" or (self.cfg.post_filter == "auto" and self.noisy):
             out = self.post_filter(out, sup)
         if self.cfg.bound != "none":
