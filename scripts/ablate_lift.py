@@ -5,7 +5,7 @@ For every scene of :func:`ua3d.rgbd.synthetic.make_family_scene` (the families o
 keyword sets below) are fitted with the same :class:`FitConfig`; area-pooled one-hot labels are
 rendered and scored (boundary accuracy within 3 px, mIoU: ``ua3d.eval.transfer.label_scores``).
 Optionally (``--mass``) the volume's mass peak is measured: :func:`render_volume` with ``--bins``
-bins (planar depth model), share of valid pixels whose mass peaks within one bin of their true
+bins (``--depth-models``, default ``plane``, render_volume's default; ``planar`` = the previous one), share of valid pixels whose mass peaks within one bin of their true
 depth bin (``depth_to_bin``), on the same grid after the same fit.
 
 Prints, per family and grid: lift minus 2D boundary accuracy (mean over seeds), the mIoU
@@ -42,14 +42,16 @@ VARIANTS: dict[str, dict] = {
     "normals0.7_w1": {"normal_scale": 0.7, "depth_weight": 1.0},
     "normals0.7_w10": {"normal_scale": 0.7, "depth_weight": 10.0},
     "default": {},
+    "ungated": {"normal_gate": 0.0},  # = default (normals count in full everywhere)
+    "gate0.5": {"normal_gate": 0.5},  # depth-edge gate, radius 0.5 LR cells, floor GATE_FLOOR (0.6)
 }
 
 
-def mass_peak_share(lifted, bins: int) -> float:
+def mass_peak_share(lifted, bins: int, depth_model: str = "plane") -> float:
     from ua3d.rgbd.volume import depth_to_bin, render_volume
 
     h, w = lifted.lr_size
-    _, mass, b = render_volume(lifted, torch.zeros(1, 1, h, w), bins=bins, depth_model="planar")
+    _, mass, b = render_volume(lifted, torch.zeros(1, 1, h, w), bins=bins, depth_model=depth_model)
     v = lifted.depth_valid[0, 0]
     err = (mass.argmax(0) - depth_to_bin(lifted.depth[0, 0], b))[v].abs()
     return float((err <= 1).float().mean())
@@ -70,6 +72,12 @@ def main(argv=None) -> int:
     ap.add_argument("--size", nargs=2, type=int, default=[320, 240], metavar=("W", "H"))
     ap.add_argument("--mass", action="store_true", help="also the volume's mass peak share")
     ap.add_argument("--bins", type=int, default=16)
+    ap.add_argument(
+        "--depth-models",
+        nargs="+",
+        default=["plane"],
+        help="render_volume depth model(s) of the mass peak (plane = the default; planar = the previous one)",
+    )
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -99,7 +107,9 @@ def main(argv=None) -> int:
                     row["fit_s"][name] = time.perf_counter() - t
                     row[name] = label_scores(lk.render_2d(lr).argmax(1)[0], ids, bnd)
                     if args.mass:
-                        row[name]["mass_peak_pm1"] = mass_peak_share(lk, args.bins)
+                        for dm in args.depth_models:
+                            key = "mass_peak_pm1" if dm == args.depth_models[0] else f"mass_peak_pm1_{dm}"
+                            row[name][key] = mass_peak_share(lk, args.bins, dm)
                 rows.append(row)
                 print(
                     f"{fam}/{seed}/x{sc}: 2D {row['2d']['boundary_acc']:.4f} "
@@ -118,6 +128,8 @@ def main(argv=None) -> int:
             agg[key][n + ":miou"].append(r[n]["miou"] - r["2d"]["miou"])
             if args.mass:
                 agg[key][n + ":mass"].append(r[n]["mass_peak_pm1"])
+                for dm in args.depth_models[1:]:
+                    agg[key][n + f":mass_{dm}"].append(r[n][f"mass_peak_pm1_{dm}"])
     print(
         f"\nlift minus 2D, boundary accuracy (mIoU), mean over seeds {args.seeds}"
         + (", mass peak ±1 bin" if args.mass else "")
@@ -130,6 +142,8 @@ def main(argv=None) -> int:
             c = f"{np.mean(d[n]):+.4f} ({np.mean(d[n + ':miou']):+.3f})"
             if args.mass:
                 c += f" m{np.mean(d[n + ':mass']):.3f}"
+                for dm in args.depth_models[1:]:
+                    c += f" m[{dm}]{np.mean(d[n + f':mass_{dm}']):.3f}"
             cells.append(c)
         print(f"| {key} | {np.mean(d['2d']):.4f} | " + " | ".join(cells) + " |")
     means = {n: float(np.mean([np.mean(d[n]) for d in agg.values()])) for n in args.variants}

@@ -295,6 +295,34 @@ def test_surface_normals_of_planes_and_holes():
     torch.testing.assert_close(surface_normals(step, ok, cam), surface_normals(flat, ok, cam), atol=0, rtol=0)
 
 
+def test_depth_edge_gate_marks_depth_steps_not_holes_or_slopes():
+    from ua3d.rgbd.lift import GATE_FLOOR, depth_edge_gate
+
+    v, u = torch.meshgrid(
+        torch.arange(24.0, dtype=torch.float64), torch.arange(32.0, dtype=torch.float64), indexing="ij"
+    )
+    ok = torch.ones(1, 1, 24, 32, dtype=torch.bool)
+    slope = (2.0 + 0.01 * v + 0.005 * u)[None, None]  # a smooth surface: 0.5 % per pixel at most
+    assert torch.equal(depth_edge_gate(slope, ok, 3.0), torch.full_like(slope, GATE_FLOOR))
+    step = slope.clone()
+    step[..., 16:] *= 1.2  # a 20 % step between columns 15 and 16
+    gate = depth_edge_gate(step, ok, 3.0)
+    assert torch.equal(gate[..., 15:17], torch.ones_like(gate[..., 15:17]))
+    d = torch.tensor([3.0, 6.0, 9.0], dtype=torch.float64)  # distance from column 15
+    torch.testing.assert_close(
+        gate[0, 0, 0, [12, 9, 6]], torch.exp(-0.5 * (d / 3.0) ** 2).clamp_min(GATE_FLOOR)
+    )
+    torch.testing.assert_close(depth_edge_gate(1000 * step, ok, 3.0), gate)  # any depth unit
+    # a hole (depth 0, invalid) makes no discontinuity at its border; a step across a hole neither
+    holes = ok.clone()
+    holes[..., 5:9, 4:8] = False
+    zh = torch.where(holes, slope, torch.zeros(()))
+    assert torch.equal(depth_edge_gate(zh, holes, 3.0), torch.full_like(slope, GATE_FLOOR))
+    assert torch.equal(
+        depth_edge_gate(step, holes, 3.0, floor=0.0)[..., 15:17], torch.ones(1, 1, 24, 2, dtype=torch.float64)
+    )
+
+
 def test_lift_options_raise_exact_errors(scene):
     rgb, depth, cam = scene["rgb"], scene["depth"], scene["camera"]
     cases = [
@@ -303,6 +331,7 @@ def test_lift_options_raise_exact_errors(scene):
         ({"depth_fit": "staged", "depth_steps": 2.5}, "depth_steps must be an integer >= 0, got 2.5"),
         ({"depth_fit": "staged", "depth_lr": 0.0}, "depth_lr must be positive, got 0.0"),
         ({"normal_scale": -1.0}, "normal_scale must be >= 0, got -1.0"),
+        ({"normal_gate": -1.0}, "normal_gate must be >= 0, got -1.0"),
         (
             {"depth_fit": "staged", "depth_weight": 1.0},
             "depth_weight=1.0 applies to depth_fit='joint' only (the staged fit has no colour+depth loss)",
@@ -357,7 +386,7 @@ def test_flat_depth_staged_and_joint_lifts_are_the_2d_kernel():
     sig = torch.randn(1, 4, 6, 8, dtype=torch.float64)
     two = ua3d.fit(rgb, (6, 8), cfg).render(sig)
     flat = torch.full((24, 32), 2.0, dtype=torch.float64)
-    for kw in ({}, {"depth_fit": "staged"}, {"normal_scale": 0.0}):
+    for kw in ({}, {"depth_fit": "staged"}, {"normal_scale": 0.0}, {"normal_gate": 0.5}):
         lk = fit_rgbd(rgb, flat, cam, (6, 8), cfg, **kw)
         out = lk.render_2d(sig)
         assert torch.allclose(out, two, atol=1e-9, rtol=0), (kw, float((out - two).abs().max()))

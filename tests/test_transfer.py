@@ -163,7 +163,7 @@ def _args(*argv: str) -> argparse.Namespace:
             ("--lift-set", "normals=1"),
             (
                 r"^unknown --lift-set option\(s\) \['normals'\]; choose from \['depth_fit', 'depth_steps', "
-                r"'depth_lr', 'normal_scale', 'depth_weight', 'depth_mode'\]$"
+                r"'depth_lr', 'normal_scale', 'depth_weight', 'depth_mode', 'normal_gate'\]$"
             ),
         ),
     ],

@@ -597,7 +597,15 @@ def machine_info(**extra: object) -> dict:
 
 # ---------------------------------------------------------------------- CLI
 #: fit_rgbd keyword arguments that ``--lift-set`` may give
-LIFT_OPTIONS = ("depth_fit", "depth_steps", "depth_lr", "normal_scale", "depth_weight", "depth_mode")
+LIFT_OPTIONS = (
+    "depth_fit",
+    "depth_steps",
+    "depth_lr",
+    "normal_scale",
+    "depth_weight",
+    "depth_mode",
+    "normal_gate",
+)
 
 
 def _parse_set(items: Sequence[str], flag: str = "--set") -> dict[str, Any]:
