@@ -440,3 +440,64 @@ def test_viewer_cli_png_line_names_size_and_time(tmp_path: Path, capsys) -> None
     )
     out = capsys.readouterr().out
     assert out.startswith(f"wrote {tmp_path / 'p.png'} (64x48 view, ") and " points, " in out
+
+
+def test_load_volume_keeps_float16_or_casts_on_request(tmp_path: Path) -> None:
+    """[issue 16] ``load_volume`` returns the stored float16 volume without a float32 copy (the viewer
+    pools it channel by channel); ``dtype=np.float32`` casts; the picture is the same either way."""
+    from ua3d.io.rgbd import volume_record, write_volume_record
+
+    vol, mass, bins, cam = _staircase_volume()
+    vol16 = vol.astype(np.float16)
+    p = save_volume(tmp_path / "v16.npz", vol16, mass, bins, cam, compressed=True, compress_level=1)
+    d16 = load_volume(p)
+    assert d16["volume"].dtype == np.float16
+    d32 = load_volume(p, dtype=np.float32)
+    assert d32["volume"].dtype == np.float32
+    np.testing.assert_array_equal(d32["volume"], vol16.astype(np.float32))
+    assert load_volume(save_volume(tmp_path / "v32.npz", vol, mass, bins, cam))["volume"].dtype == np.float32
+    with pytest.raises(ValueError, match=r"^dtype must be None or a float dtype, got <class 'numpy.int32'>$"):
+        load_volume(p, dtype=np.int32)
+    kw = dict(width=120, height=90, stride=3)
+    vs.render_png(d16, tmp_path / "a.png", **kw)
+    vs.render_png(d32, tmp_path / "b.png", **kw)
+    np.testing.assert_array_equal(read_color(tmp_path / "a.png"), read_color(tmp_path / "b.png"))
+    # a checked record written as it is: the same file content as save_volume's
+    rec = volume_record(vol16, mass, bins, cam)
+    q = write_volume_record(tmp_path / "rec.npz", rec, compressed=True, compress_level=1)
+    with np.load(q) as a, np.load(p) as b:
+        assert sorted(a.files) == sorted(b.files)
+        for k in a.files:
+            np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_render_png_annotate_hook_gets_the_picture_and_its_result_is_returned(tmp_path: Path) -> None:
+    """The demo hands the title/label drawing to its figures thread through ``annotate``."""
+    from ua3d.viz.figures import annotated_render
+
+    calls = []
+
+    def annotate(image, path, title="", **kw):
+        calls.append((image.shape, str(path), title))
+        return annotated_render(image, path, title, **kw)
+
+    vol, mass, bins, cam = _staircase_volume()
+    info = vs.render_png(
+        {"volume": vol, "mass": mass, "bin_depths": bins, "camera": cam, "normalized": True},
+        tmp_path / "v.png",
+        width=160,
+        height=120,
+        stride=1,
+        annotate=annotate,
+    )
+    assert calls[0][0] == (120, 160, 3) and calls[0][2].startswith("ua3d feature volume: 3 depth slices")
+    assert info["annotation"].shape[2] == 3 and (tmp_path / "v.png").is_file()
+    _, pts, feats, colors, pix = _cloud()
+    info = fp.render_png(
+        {"positions": pts, "features": feats, "colors": colors, "pixels": pix},
+        tmp_path / "p.png",
+        width=160,
+        height=120,
+        annotate=annotate,
+    )
+    assert len(calls) == 2 and "feature point cloud" in calls[1][2] and info["annotation"].ndim == 3

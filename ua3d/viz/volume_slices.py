@@ -26,7 +26,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -392,16 +392,23 @@ def render_png(
     min_alpha: float = 0.02,
     background: Sequence[float] = (1.0, 1.0, 1.0),
     max_labels: int = 8,
+    annotate: Callable[..., Any] | None = None,
 ) -> dict[str, Any]:
     """Write a headless picture of a feature volume to ``png``, with a title and the depth of (up to
     ``max_labels``) slices written beside them. ``data``: a ``.npz`` path, or the dict of
     :func:`load_volume` / :func:`ua3d.io.rgbd.volume_record` (arrays in memory, e.g. a float16 volume
     just rendered: drawn without a file).
 
-    Returns ``{"path", "slices", "stride", "seconds", "rgbd", "width", "height"}``.
+    ``annotate`` draws the title and labels and writes the file (default
+    :func:`ua3d.viz.figures.annotated_render`, same arguments); the demo passes one that queues the
+    drawing on its figures thread.
+
+    Returns ``{"path", "slices", "stride", "seconds", "rgbd", "width", "height", "annotation"}``
+    (``annotation``: what ``annotate`` returned).
     """
     from ua3d.viz.figures import annotated_render
 
+    annotate = annotate or annotated_render
     t0 = time.perf_counter()
     d = load_volume(data) if not isinstance(data, dict) else data
     full_cam = d["camera"]
@@ -433,7 +440,7 @@ def render_png(
             labels.append((x, y, f"z = {layers[i].depth:.2f} m"))
     D, C = len(layers), d["volume"].shape[0]
     H, W = full_cam.height, full_cam.width
-    annotated_render(
+    annotation = annotate(
         img,
         png,
         title=f"ua3d feature volume: {D} depth slices {layers[0].depth:.2f}-{layers[-1].depth:.2f} m, "
@@ -450,6 +457,7 @@ def render_png(
         "rgbd": cloud is not None,
         "width": width,
         "height": height,
+        "annotation": annotation,
     }
 
 
