@@ -501,3 +501,37 @@ def test_render_png_annotate_hook_gets_the_picture_and_its_result_is_returned(tm
         annotate=annotate,
     )
     assert len(calls) == 2 and "feature point cloud" in calls[1][2] and info["annotation"].ndim == 3
+
+
+@pytest.mark.parametrize("normalized", [True, False])
+def test_fused_display_pooling_matches_the_torch_reference(normalized: bool) -> None:
+    """The numba pooling (``backend="fast"``, the default for numpy input) against the torch
+    reference: float32 rounding (<= 2 ulp of the largest value), the same mass, the same camera;
+    a float16 volume and its float32 copy pool identically; voxels without mass are skipped exactly."""
+    from ua3d.viz import fast_pool
+
+    if not fast_pool.AVAILABLE:
+        pytest.skip("numba is not installed")
+    rng = np.random.default_rng(0)
+    C, D, H, W = 3, 4, 13, 18  # not multiples of the stride: the crop is exercised
+    vol = rng.standard_normal((C, D, H, W)).astype(np.float16)
+    mass = rng.uniform(0, 2, (D, H, W)).astype(np.float32)
+    mass[rng.random((D, H, W)) < 0.6] = 0.0  # a band: most voxels without mass
+    mass[:, :5, :5] = 0.0  # a block without any mass (at every stride tried)
+    cam = PinholeCamera(10.0, 10.0, 9.0, 6.5, W, H)
+    for s in (2, 3, 5):
+        fv, fm, fc = vs.downsample_volume(vol, mass, cam, s, normalized, backend="fast")
+        rv, rm, rc = vs.downsample_volume(vol, mass, cam, s, normalized, backend="reference")
+        assert fv.shape == rv.shape == (C, D, H // s, W // s) and fv.dtype == np.float32 and fc == rc
+        np.testing.assert_allclose(fm, rm, rtol=0, atol=2 * np.finfo(np.float32).eps * float(rm.max()))
+        np.testing.assert_allclose(
+            fv, rv, rtol=0, atol=2 * np.finfo(np.float32).eps * float(np.abs(rv).max())
+        )
+        f32 = vs.downsample_volume(vol.astype(np.float32), mass, cam, s, normalized, backend="fast")
+        np.testing.assert_array_equal(f32[0], fv)
+    if normalized:
+        assert (fv[:, :, 0, 0] == 0).all()  # no mass in the block: 0, as the reference
+    with pytest.raises(ValueError, match=r"^backend must be 'auto', 'fast' or 'reference', got 'gpu'$"):
+        vs.downsample_volume(vol, mass, cam, 2, backend="gpu")
+    with pytest.raises(ValueError, match=r"^backend 'fast' needs numba and a numpy float16/float32 volume$"):
+        vs.downsample_volume(torch.from_numpy(vol.astype(np.float32)), mass, cam, 2, backend="fast")
