@@ -59,7 +59,7 @@ def main() -> None:
 
     def old():
         p = save_volume(tmp / "old.npz", vol16, mass, bins, cam, rgb, depth, compressed=True)
-        v = load_volume(p)
+        v = load_volume(p, dtype=np.float32)  # the float32 copy load_volume made before issue 16
         _old_downsample(v["volume"], v["mass"], s)
 
     def new():

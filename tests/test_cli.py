@@ -738,6 +738,39 @@ def test_readme_matches_ci_and_the_command():
         assert text in readme, text
 
 
+# --------------------------------------------------------------------------- the demo's parts (issue 16)
+def test_demo_label_accuracy_takes_each_argmax_once_and_matches_the_direct_count():
+    from ua3d.demo import _label_accuracy
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(-1, 4, (12, 16), generator=g)
+    probs = {k: torch.rand(1, 4, 12, 16, generator=g) for k in ("a", "b")}
+    masks = {"all": torch.ones(12, 16, dtype=torch.bool), "some": torch.rand(12, 16, generator=g) > 0.5}
+    acc = _label_accuracy(probs, ids, masks)
+    for m, mask in masks.items():
+        for k, p in probs.items():
+            keep = mask & (ids >= 0)
+            assert acc[m][k] == pytest.approx(float((p.argmax(1)[0][keep] == ids[keep]).float().mean()))
+    assert np.isnan(_label_accuracy(probs, ids, {"none": torch.zeros(12, 16, dtype=torch.bool)})["none"]["a"])
+
+
+def test_demo_background_errors_are_raised_and_its_threads_end(tmp_path, monkeypatch):
+    """A failing figure (drawn in the demo's figures thread) is raised by run_demo, and no demo thread
+    is left running."""
+    import threading
+
+    import ua3d.demo as demo
+    from ua3d.viz import figures
+
+    def broken(*a, **k):
+        raise ValueError("figure broke")
+
+    monkeypatch.setattr(figures, "comparison_figure", broken)
+    with pytest.raises(ValueError, match="^figure broke$"):
+        demo.run_demo(out=tmp_path / "d", steps=1, bins=2, tiny=True, quiet=True)
+    assert not [t for t in threading.enumerate() if t.name.startswith("ua3d-demo")]
+
+
 # --------------------------------------------------------------------------- the demo, from a built wheel
 def test_demo_from_a_built_wheel_outside_the_tree(tmp_path):
     """[14.1] the wheel carries the viewers and the sample scene, so `ua3d demo` works from any directory

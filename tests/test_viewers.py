@@ -440,3 +440,98 @@ def test_viewer_cli_png_line_names_size_and_time(tmp_path: Path, capsys) -> None
     )
     out = capsys.readouterr().out
     assert out.startswith(f"wrote {tmp_path / 'p.png'} (64x48 view, ") and " points, " in out
+
+
+def test_load_volume_keeps_float16_or_casts_on_request(tmp_path: Path) -> None:
+    """[issue 16] ``load_volume`` returns the stored float16 volume without a float32 copy (the viewer
+    pools it channel by channel); ``dtype=np.float32`` casts; the picture is the same either way."""
+    from ua3d.io.rgbd import volume_record, write_volume_record
+
+    vol, mass, bins, cam = _staircase_volume()
+    vol16 = vol.astype(np.float16)
+    p = save_volume(tmp_path / "v16.npz", vol16, mass, bins, cam, compressed=True, compress_level=1)
+    d16 = load_volume(p)
+    assert d16["volume"].dtype == np.float16
+    d32 = load_volume(p, dtype=np.float32)
+    assert d32["volume"].dtype == np.float32
+    np.testing.assert_array_equal(d32["volume"], vol16.astype(np.float32))
+    assert load_volume(save_volume(tmp_path / "v32.npz", vol, mass, bins, cam))["volume"].dtype == np.float32
+    with pytest.raises(ValueError, match=r"^dtype must be None or a float dtype, got <class 'numpy.int32'>$"):
+        load_volume(p, dtype=np.int32)
+    kw = dict(width=120, height=90, stride=3)
+    vs.render_png(d16, tmp_path / "a.png", **kw)
+    vs.render_png(d32, tmp_path / "b.png", **kw)
+    np.testing.assert_array_equal(read_color(tmp_path / "a.png"), read_color(tmp_path / "b.png"))
+    # a checked record written as it is: the same file content as save_volume's
+    rec = volume_record(vol16, mass, bins, cam)
+    q = write_volume_record(tmp_path / "rec.npz", rec, compressed=True, compress_level=1)
+    with np.load(q) as a, np.load(p) as b:
+        assert sorted(a.files) == sorted(b.files)
+        for k in a.files:
+            np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_render_png_annotate_hook_gets_the_picture_and_its_result_is_returned(tmp_path: Path) -> None:
+    """The demo hands the title/label drawing to its figures thread through ``annotate``."""
+    from ua3d.viz.figures import annotated_render
+
+    calls = []
+
+    def annotate(image, path, title="", **kw):
+        calls.append((image.shape, str(path), title))
+        return annotated_render(image, path, title, **kw)
+
+    vol, mass, bins, cam = _staircase_volume()
+    info = vs.render_png(
+        {"volume": vol, "mass": mass, "bin_depths": bins, "camera": cam, "normalized": True},
+        tmp_path / "v.png",
+        width=160,
+        height=120,
+        stride=1,
+        annotate=annotate,
+    )
+    assert calls[0][0] == (120, 160, 3) and calls[0][2].startswith("ua3d feature volume: 3 depth slices")
+    assert info["annotation"].shape[2] == 3 and (tmp_path / "v.png").is_file()
+    _, pts, feats, colors, pix = _cloud()
+    info = fp.render_png(
+        {"positions": pts, "features": feats, "colors": colors, "pixels": pix},
+        tmp_path / "p.png",
+        width=160,
+        height=120,
+        annotate=annotate,
+    )
+    assert len(calls) == 2 and "feature point cloud" in calls[1][2] and info["annotation"].ndim == 3
+
+
+@pytest.mark.parametrize("normalized", [True, False])
+def test_fused_display_pooling_matches_the_torch_reference(normalized: bool) -> None:
+    """The numba pooling (``backend="fast"``, the default for numpy input) against the torch
+    reference: float32 rounding (<= 2 ulp of the largest value), the same mass, the same camera;
+    a float16 volume and its float32 copy pool identically; voxels without mass are skipped exactly."""
+    from ua3d.viz import fast_pool
+
+    if not fast_pool.AVAILABLE:
+        pytest.skip("numba is not installed")
+    rng = np.random.default_rng(0)
+    C, D, H, W = 3, 4, 13, 18  # not multiples of the stride: the crop is exercised
+    vol = rng.standard_normal((C, D, H, W)).astype(np.float16)
+    mass = rng.uniform(0, 2, (D, H, W)).astype(np.float32)
+    mass[rng.random((D, H, W)) < 0.6] = 0.0  # a band: most voxels without mass
+    mass[:, :5, :5] = 0.0  # a block without any mass (at every stride tried)
+    cam = PinholeCamera(10.0, 10.0, 9.0, 6.5, W, H)
+    for s in (2, 3, 5):
+        fv, fm, fc = vs.downsample_volume(vol, mass, cam, s, normalized, backend="fast")
+        rv, rm, rc = vs.downsample_volume(vol, mass, cam, s, normalized, backend="reference")
+        assert fv.shape == rv.shape == (C, D, H // s, W // s) and fv.dtype == np.float32 and fc == rc
+        np.testing.assert_allclose(fm, rm, rtol=0, atol=2 * np.finfo(np.float32).eps * float(rm.max()))
+        np.testing.assert_allclose(
+            fv, rv, rtol=0, atol=2 * np.finfo(np.float32).eps * float(np.abs(rv).max())
+        )
+        f32 = vs.downsample_volume(vol.astype(np.float32), mass, cam, s, normalized, backend="fast")
+        np.testing.assert_array_equal(f32[0], fv)
+    if normalized:
+        assert (fv[:, :, 0, 0] == 0).all()  # no mass in the block: 0, as the reference
+    with pytest.raises(ValueError, match=r"^backend must be 'auto', 'fast' or 'reference', got 'gpu'$"):
+        vs.downsample_volume(vol, mass, cam, 2, backend="gpu")
+    with pytest.raises(ValueError, match=r"^backend 'fast' needs numba and a numpy float16/float32 volume$"):
+        vs.downsample_volume(torch.from_numpy(vol.astype(np.float32)), mass, cam, 2, backend="fast")

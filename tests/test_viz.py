@@ -178,3 +178,50 @@ def test_depth_sr_figure_has_colour_bars_units_and_no_empty_panels(monkeypatch) 
     assert any(t.startswith("ua3d (RMSE") for t in with_gt["titles"]) and not any(
         "ours" in t for t in with_gt["titles"]
     )
+
+
+# ---------------------------------------------------------------------- one draw, fixed layout (issue 16: the demo)
+def test_figures_draw_once_without_tight_layout_and_write_the_returned_pixels(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """The figure is drawn once (no ``tight_layout``, no second draw in ``savefig``): the PNG holds
+    exactly the returned pixels; other formats still go through ``savefig``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from ua3d.viz import figures
+
+    draws = []
+    real_draw = FigureCanvasAgg.draw
+    monkeypatch.setattr(FigureCanvasAgg, "draw", lambda self: (draws.append(1), real_draw(self))[1])
+
+    def no_tight(self, *a, **k):
+        raise AssertionError("tight_layout called")
+
+    monkeypatch.setattr(Figure, "tight_layout", no_tight)
+    d_gt = np.random.default_rng(0).uniform(1, 3, (32, 32))
+    guide = np.zeros((32, 32, 3), np.uint8)
+    out = figures.depth_sr_figure(guide, d_gt[::4, ::4], d_gt + 0.1, d_gt, gt=d_gt, path=tmp_path / "d.png")
+    assert len(draws) == 1
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "d.png").convert("RGB")), out)
+    ann = figures.annotated_render(guide, tmp_path / "a.png", title="t", labels=[(3.0, 4.0, "z = 1 m")])
+    assert len(draws) == 2
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "a.png").convert("RGB")), ann)
+    image_grid([guide], ["g"], tmp_path / "g.pdf")
+    assert (tmp_path / "g.pdf").read_bytes()[:4] == b"%PDF"
+
+
+def test_grid_layout_keeps_panels_inside_the_figure_and_shrinks_long_titles() -> None:
+    from ua3d.viz.figures import _grid_layout, _title_size
+
+    for size, rows, cols, bars in (
+        ((12.0, 2.65), 1, 4, False),
+        ((12.8, 5.2), 2, 4, True),
+        ((4.0, 2.0), 1, 1, False),
+    ):
+        lay = _grid_layout(size, rows, cols, True, True, bars)
+        assert 0 < lay["left"] < lay["right"] < 1 and 0 < lay["bottom"] < lay["top"] < 1
+        assert lay["wspace"] > 0 and lay["hspace"] > 0
+    assert _title_size("guide", 2.5) == 9.0
+    long = "error ua3d - bicubic (blue: ua3d closer)"
+    assert 6.0 <= _title_size(long, 2.3) < 9.0 and _title_size(long * 5, 2.3) == 6.0

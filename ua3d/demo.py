@@ -60,10 +60,32 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(10 * torch.log10(1.0 / ((a.clamp(0, 1) - b) ** 2).mean()))
 
 
-def _accuracy(prob: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> float:
-    pred = prob.argmax(1)[0]
+def _hit_rate(hit: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean of ``hit`` over ``mask`` and labelled pixels (``ids >= 0``); NaN when none."""
     m = mask & (ids >= 0)
-    return float((pred[m] == ids[m]).float().mean()) if m.any() else float("nan")
+    return float(hit[m].float().mean()) if m.any() else float("nan")
+
+
+def _label_accuracy(
+    probs: dict[str, torch.Tensor], ids: torch.Tensor, masks: dict[str, torch.Tensor]
+) -> dict:
+    """``{mask: {method: accuracy}}``, each method's argmax taken once for every mask."""
+    hits = {k: p.argmax(1)[0] == ids for k, p in probs.items()}
+    return {m: {k: _hit_rate(h, ids, mask) for k, h in hits.items()} for m, mask in masks.items()}
+
+
+def _prefetch_imports() -> None:
+    """Import matplotlib's Agg figure and Open3D (~1 s and ~1.7 s, mostly single-threaded) in a
+    background thread while the fits run on the numba pool (which leaves part of the second core
+    idle); a failing import is left for the pictures stage to report."""
+    import contextlib
+
+    with contextlib.suppress(Exception):
+        import ua3d.viz.figures  # noqa: F401
+    with contextlib.suppress(Exception):
+        from ua3d.viz import o3d_render
+
+        o3d_render.import_open3d()
 
 
 def _near_depth_edges(depth: np.ndarray, px: int = 3) -> np.ndarray:
@@ -99,18 +121,6 @@ def run_demo(
     ``bins`` depth bins, of which ``band`` (None: all) on each side of a pixel's depth are computed; the
     volume is refused before any work when it would exceed ``max_volume_gib``.
     """
-    from tqdm import tqdm
-
-    import ua3d
-    from ua3d.baselines import bicubic, bilinear
-    from ua3d.depth.sr import upsample_depth
-    from ua3d.features.random_net import random_features
-    from ua3d.io.rgbd import read_color, read_depth, read_ids, read_intrinsics, save_volume, volume_record
-    from ua3d.rgbd.lift import fit_rgbd
-    from ua3d.rgbd.points import render_points
-    from ua3d.rgbd.volume import estimate_volume_bytes, render_volume
-    from ua3d.viz.figures import comparison_figure, depth_sr_figure
-
     for name, v in (("steps", steps), ("bins", bins)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
@@ -118,6 +128,42 @@ def run_demo(
         raise ValueError(f"band must be None or an integer >= 0, got {band!r}")
     torch.manual_seed(seed)
     data = check_data(data)
+    # background work, each kind in its own thread: "figures" draws every matplotlib figure in turn
+    # (matplotlib's font cache is not thread-safe: one thread draws them all) after importing
+    # matplotlib and Open3D; "save" writes volume.npz and points.ply (zlib and file writes release
+    # the GIL). Both are joined before the summary lists the files; their errors are raised there.
+    figures = ThreadPoolExecutor(1, thread_name_prefix="ua3d-demo-figures")
+    writer = ThreadPoolExecutor(1, thread_name_prefix="ua3d-demo-save")
+    try:
+        return _run_demo(
+            data, out, steps, seed, quiet, tiny, bins, device, band, max_volume_gib, figures, writer
+        )
+    finally:  # on an error, what has not started is dropped; what runs is waited for
+        figures.shutdown(wait=True, cancel_futures=True)
+        writer.shutdown(wait=True, cancel_futures=True)
+
+
+def _run_demo(
+    data, out, steps, seed, quiet, tiny, bins, device, band, max_volume_gib, figures, writer
+) -> dict:
+    from tqdm import tqdm
+
+    import ua3d
+    from ua3d.baselines import bicubic, bilinear
+    from ua3d.depth.sr import upsample_depth
+    from ua3d.features.random_net import random_features
+    from ua3d.io.rgbd import (
+        read_color,
+        read_depth,
+        read_ids,
+        read_intrinsics,
+        volume_record,
+        write_volume_record,
+    )
+    from ua3d.rgbd.lift import fit_rgbd
+    from ua3d.rgbd.points import render_points
+    from ua3d.rgbd.volume import estimate_volume_bytes, render_volume
+
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"out {out} is a file; give a folder")
@@ -177,6 +223,7 @@ def run_demo(
             f"{max_volume_gib:g}: use fewer bins or a band"
         )
     out.mkdir(parents=True, exist_ok=True)
+    prefetched = figures.submit(_prefetch_imports)
     stage("load", t0)
 
     # 2. LR signals --------------------------------------------------------------------------------
@@ -202,6 +249,17 @@ def run_demo(
     feats_2d = k2d.render(feats)
     probs_2d = k2d.render(probs_lr)
     log["psnr_db"] = {"bicubic": _psnr(bicubic(guide, k2d.guide_lr), guide), "ua3d_2d": _psnr(rec, guide)}
+    feature_figure = figures.submit(
+        _figure,
+        "comparison_figure",
+        guide=rgb,
+        lr=feats[0].cpu(),
+        bilinear=bilinear(guide, feats)[0].cpu(),
+        ours=feats_2d[0].cpu(),
+        path=out / "features.png",
+        names=("bilinear", "ua3d"),
+    )
+    del feats_2d
     stage("fit-2d", t0)
 
     # 4. lifted RGB-D kernel ------------------------------------------------------------------------
@@ -213,36 +271,28 @@ def run_demo(
     probs_3d = lifted.render_2d(probs_lr)
     valid = torch.from_numpy(depth > 0).to(dev)
     edges = torch.from_numpy(_near_depth_edges(depth_gt)).to(dev) & valid
-    probs_bil = bilinear(guide, probs_lr)
-    log["label_accuracy"] = {
-        "all_valid": {
-            "bilinear": _accuracy(probs_bil, ids_t, valid),
-            "ua3d_2d": _accuracy(probs_2d, ids_t, valid),
-            "ua3d_rgbd": _accuracy(probs_3d, ids_t, valid),
-        },
-        "within_3px_of_depth_edges": {
-            "bilinear": _accuracy(probs_bil, ids_t, edges),
-            "ua3d_2d": _accuracy(probs_2d, ids_t, edges),
-            "ua3d_rgbd": _accuracy(probs_3d, ids_t, edges),
-        },
-    }
+    probs = {"bilinear": bilinear(guide, probs_lr), "ua3d_2d": probs_2d, "ua3d_rgbd": probs_3d}
+    log["label_accuracy"] = _label_accuracy(
+        probs, ids_t, {"all_valid": valid, "within_3px_of_depth_edges": edges}
+    )
+    del probs, probs_2d, probs_3d
     vol, mass, bin_depths = render_volume(lifted, feats, bins=bins, band=band, out_dtype=torch.float16)
     volume = volume_record(
         vol.cpu().numpy(), mass.float().cpu().numpy(), bin_depths.cpu().numpy(), cam, rgb, depth
     )
-    # the compressed file is written in a thread (zlib releases the GIL) while the demo goes on: the
-    # pictures draw the volume from memory; the summary waits for the file
-    writer = ThreadPoolExecutor(1, thread_name_prefix="ua3d-demo-save")
-    saved = writer.submit(
-        save_volume,
-        out / "volume.npz",
-        *(volume[k] for k in ("volume", "mass", "bin_depths", "camera", "rgb", "depth")),
-        compressed=True,
-        compress_level=VOLUME_COMPRESS_LEVEL,
-    )
-    writer.shutdown(wait=False)
+    # the files are written in the background while the demo goes on (the pictures draw the volume and
+    # the points from memory); the summary waits for them
+    saved = [
+        writer.submit(
+            write_volume_record,
+            out / "volume.npz",
+            volume,
+            compressed=True,
+            compress_level=VOLUME_COMPRESS_LEVEL,
+        )
+    ]
     pts = render_points(lifted, feats, colors="rgb")
-    pts.save(out / "points.ply")
+    saved.append(writer.submit(pts.save, out / "points.ply"))
     log["volume"] = {
         "shape": list(vol.shape),
         "bins_m": [float(bin_depths[0]), float(bin_depths[-1])],
@@ -270,20 +320,9 @@ def run_demo(
     d_bic = depth_bicubic(d_lr, guide[..., :Hc, :Wc], mask_lr=d_lr > 0)
     rmse = lambda a: float(torch.sqrt(((a - d_hr[..., :Hc, :Wc])[m & torch.isfinite(a)] ** 2).mean()) * 1000)
     log["depth_sr_x8_rmse_mm"] = {"bicubic": rmse(d_bic), "ua3d": rmse(d_up)}
-    stage("depth-sr", t0)
-
-    # 6. pictures ----------------------------------------------------------------------------------
-    begin("pictures")
-    t0 = time.perf_counter()
-    comparison_figure(
-        guide=rgb,
-        lr=feats[0].cpu(),
-        bilinear=bilinear(guide, feats)[0].cpu(),
-        ours=feats_2d[0].cpu(),
-        path=out / "features.png",
-        names=("bilinear", "ua3d"),
-    )
-    depth_sr_figure(
+    depth_figure = figures.submit(
+        _figure,
+        "depth_sr_figure",
         guide=rgb[:Hc, :Wc],
         lr=d_lr[0, 0].cpu().numpy(),
         bicubic=d_bic[0, 0].cpu().numpy(),
@@ -293,20 +332,44 @@ def run_demo(
         names=("bicubic", "ua3d"),
         unit="m",
     )
-    pictures = ["features.png", "depth_sr.png"]
+    stage("depth-sr", t0)
+
+    # 6. pictures ----------------------------------------------------------------------------------
+    begin("pictures")
+    t0 = time.perf_counter()
+    prefetched.result()
+    viewer: list = []  # (file, its annotation in the figures thread)
+    # the titles and labels are drawn by the figures thread (matplotlib), the 3D views here (Open3D)
+    annotate = lambda *a, **k: figures.submit(_figure, "annotated_render", *a, **k)
     try:  # headless Open3D pictures are optional (no EGL: skipped, and the summary says why)
         from ua3d.viz import feature_points, volume_slices
 
-        volume_slices.render_png(volume, out / "volume_slices.png")  # from memory, not the file
-        pictures.append("volume_slices.png")
-        feature_points.render_png(pts, out / "points.png", mode="rgb")
-        pictures.append("points.png")
+        # from memory, not the file
+        viewer.append(
+            (
+                "volume_slices.png",
+                volume_slices.render_png(volume, out / "volume_slices.png", annotate=annotate),
+            )
+        )
+        viewer.append(
+            ("points.png", feature_points.render_png(pts, out / "points.png", mode="rgb", annotate=annotate))
+        )
     except Exception as e:  # noqa: BLE001
-        log["viewer_pictures_skipped"] = str(e).splitlines()[0] if str(e) else type(e).__name__
-    log["pictures"] = pictures
-    del volume
+        log["viewer_pictures_skipped"] = _first_line(e)
+    del volume, pts
     log["fused_map"] = demo_fusion(out / "fusion", seed=seed, frames=3 if tiny else 4, steps=min(steps, 10))
-    saved.result()  # volume.npz complete (or its error raised) before the summary lists the files
+    feature_figure.result()  # the figures and files are complete (or their errors raised) before the
+    depth_figure.result()  # summary lists the files
+    pictures = ["features.png", "depth_sr.png"]
+    for name, info in viewer:
+        try:
+            info["annotation"].result()
+            pictures.append(name)
+        except Exception as e:  # noqa: BLE001
+            log.setdefault("viewer_pictures_skipped", _first_line(e))
+    log["pictures"] = pictures
+    for f in saved:
+        f.result()
     stage("pictures", t0)
     bar.close()
     log["timings_s"]["total"] = round(time.perf_counter() - t_all, 3)
@@ -314,6 +377,17 @@ def run_demo(
     log["files_bytes"] = {f.name: f.stat().st_size for f in files}
     _write_summary(out, log, quiet)
     return log
+
+
+def _figure(name: str, *args, **kwargs):
+    """``ua3d.viz.figures.<name>(*args, **kwargs)`` (looked up when drawn, in the figures thread)."""
+    from ua3d.viz import figures
+
+    return getattr(figures, name)(*args, **kwargs)
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def _write_summary(out: Path, log: dict, quiet: bool) -> None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -227,15 +227,19 @@ def render_png(
     point_size: float = 3.0,
     background: Sequence[float] = (1.0, 1.0, 1.0),
     title: str | None = None,
+    annotate: Callable[..., Any] | None = None,
 ) -> dict[str, Any]:
     """Write a headless picture of a feature point cloud to ``png``: a title, and for a similarity
     query a colour bar and the query marker (magenta). ``data``: a file path, the dict of
     :func:`read_point_cloud`, or a :class:`~ua3d.rgbd.points.FeaturePointCloud` (drawn from memory).
+    ``annotate``: as in :func:`ua3d.viz.volume_slices.render_png` (default
+    :func:`ua3d.viz.figures.annotated_render`).
 
-    Returns ``{"path", "points", "query", "seconds", "width", "height"}``.
+    Returns ``{"path", "points", "query", "seconds", "width", "height", "annotation"}``.
     """
     from ua3d.viz.figures import annotated_render
 
+    annotate = annotate or annotated_render
     t0 = time.perf_counter()
     d = cloud_dict(data)
     pos, feats = d["positions"], d["features"]
@@ -257,7 +261,7 @@ def render_png(
         pos, colors, width, height, yaw, pitch, background, point_size, marker_index=query_index
     )
     c = np.asarray(feats).shape[1]
-    annotated_render(
+    annotation = annotate(
         img,
         png,
         title or f"ua3d feature point cloud: {len(pos)} points, {c} channels; colour = {what}",
@@ -271,6 +275,7 @@ def render_png(
         "seconds": time.perf_counter() - t0,
         "width": width,
         "height": height,
+        "annotation": annotation,
     }
 
 

@@ -77,18 +77,22 @@ def image_grid(
         raise ValueError(f"ncols must be positive, got {ncols}")
     nrows = math.ceil(n / ncols)
     aspect = max(im.shape[0] / im.shape[1] for im in imgs)
-    fig = Figure(
-        figsize=(panel_size * ncols, panel_size * aspect * nrows + (0.4 if suptitle else 0.0)), dpi=dpi
-    )
+    size = (panel_size * ncols, panel_size * aspect * nrows + (0.4 if suptitle else 0.0))
+    fig = Figure(figsize=size, dpi=dpi)
     canvas = FigureCanvasAgg(fig)
     if colorbars is not None and len(colorbars) != len(imgs):
         raise ValueError(f"colorbars has {len(colorbars)} entries for {len(imgs)} images")
+    bars = colorbars is not None and any(b is not None for b in colorbars)
+    layout = _grid_layout(size, nrows, ncols, titles is not None, bool(suptitle), bars)
+    fig.subplots_adjust(**layout)
+    slot_in = size[0] * (layout["right"] - layout["left"]) / (ncols + layout["wspace"] * (ncols - 1))
     for i, im in enumerate(imgs):
         ax = fig.add_subplot(nrows, ncols, i + 1)
         ax.imshow(im, interpolation="nearest", cmap="gray" if im.ndim == 2 else None)
         ax.set_axis_off()
         if titles is not None:
-            ax.set_title(titles[i], fontsize=9)
+            has_bar = colorbars is not None and colorbars[i] is not None
+            ax.set_title(titles[i], fontsize=_title_size(titles[i], slot_in * (0.93 if has_bar else 1.0)))
         if colorbars is not None and colorbars[i] is not None:
             import matplotlib
 
@@ -99,12 +103,57 @@ def image_grid(
             cb.ax.tick_params(labelsize=7)
     if suptitle:
         fig.suptitle(suptitle)
-    fig.tight_layout()
+    return _draw(fig, canvas, path, dpi)
+
+
+#: fixed grid margins in inches (what ``tight_layout`` chose for the demo's figures, without its cost:
+#: it drew every figure once more to measure the text): outer margin, a title line (9 pt + pad), the
+#: suptitle line, the gap between panels, and the room a colour bar's ticks and label need on its right
+_MARGIN_IN, _TITLE_IN, _SUPTITLE_IN, _GAP_IN, _BAR_LABELS_IN = 0.15, 0.24, 0.26, 0.15, 0.7
+
+
+def _grid_layout(
+    size: tuple[float, float], nrows: int, ncols: int, titles: bool, suptitle: bool, colorbars: bool
+) -> dict[str, float]:
+    """``subplots_adjust`` keywords for an ``nrows x ncols`` grid of a ``size`` (inches) figure: fixed
+    margins in inches, so the layout costs no text measurement."""
+    fw, fh = size
+    title = _TITLE_IN if titles else 0.0
+    right = _MARGIN_IN + (_BAR_LABELS_IN if colorbars else 0.0)
+    gap_w = _GAP_IN + (_BAR_LABELS_IN if colorbars else 0.0)
+    top = _MARGIN_IN / 2 + title + (_SUPTITLE_IN if suptitle else 0.0)
+    bottom = _MARGIN_IN
+    ax_w = max((fw - _MARGIN_IN - right - (ncols - 1) * gap_w) / ncols, 0.1)
+    ax_h = max((fh - top - bottom - (nrows - 1) * (title + _GAP_IN / 2)) / nrows, 0.1)
+    return {
+        "left": _MARGIN_IN / fw,
+        "right": 1 - right / fw,
+        "bottom": bottom / fh,
+        "top": 1 - top / fh,
+        "wspace": gap_w / ax_w,
+        "hspace": (title + _GAP_IN / 2) / ax_h,
+    }
+
+
+def _title_size(title: str, width_in: float, largest: float = 9.0, smallest: float = 6.0) -> float:
+    """Font size (points) at which ``title`` fits ``width_in`` inches (about 0.52 em a character)."""
+    return max(smallest, min(largest, width_in * 72 / (0.52 * max(len(title), 1))))
+
+
+def _draw(fig: Figure, canvas: FigureCanvasAgg, path: str | Path | None, dpi: int) -> np.ndarray:
+    """Render ``fig`` once: the RGB array, and ``path`` written from the same pixels (a ``.png`` is
+    encoded from the canvas buffer; other formats go through ``savefig``, which draws again)."""
     canvas.draw()
     out = np.asarray(canvas.buffer_rgba())[..., :3].copy()
     if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(str(path), dpi=dpi)
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if p.suffix.lower() == ".png":
+            from ua3d.io.rgbd import write_color
+
+            write_color(p, out)
+        else:
+            fig.savefig(str(p), dpi=dpi)
     return out
 
 
@@ -298,9 +347,4 @@ def annotated_render(
         cax = fig.add_axes((1 - 0.9 / (w / dpi + extra), 0.15, 0.15 / (w / dpi + extra), 0.7))
         sm = matplotlib.cm.ScalarMappable(norm=matplotlib.colors.Normalize(vmin, vmax), cmap=cmap)
         fig.colorbar(sm, cax=cax, label=label)
-    canvas.draw()
-    out = np.asarray(canvas.buffer_rgba())[..., :3].copy()
-    if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(str(path), dpi=dpi)
-    return out
+    return _draw(fig, canvas, path, dpi)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -101,7 +101,12 @@ def auto_stride(height: int, width: int, max_voxels: int = 20_000) -> int:
 
 
 def downsample_volume(
-    volume: np.ndarray, mass: np.ndarray, camera: PinholeCamera, stride: int, normalized: bool = True
+    volume: np.ndarray,
+    mass: np.ndarray,
+    camera: PinholeCamera,
+    stride: int,
+    normalized: bool = True,
+    backend: str = "auto",
 ) -> tuple[np.ndarray, np.ndarray, PinholeCamera]:
     """Pool ``stride x stride`` voxel blocks (for display) and return the matching camera.
 
@@ -109,10 +114,17 @@ def downsample_volume(
     features are mass-weighted block means (block means of the weighted sums when not
     ``normalized``), so ``volume / mass`` is preserved. The camera follows the half-pixel rule.
 
+    ``backend``: ``"fast"`` (one fused numba pass, :mod:`ua3d.viz.fast_pool`), ``"reference"`` (torch,
+    channel by channel) or ``"auto"`` (fast for numpy float16/float32 input when numba imports).
+
     Returns
     -------
     volume ``[C, D, H // s, W // s]``, mass ``[D, H // s, W // s]``, camera
     """
+    from ua3d.viz import fast_pool
+
+    if backend not in ("auto", "fast", "reference"):
+        raise ValueError(f"backend must be 'auto', 'fast' or 'reference', got {backend!r}")
     if stride < 1 or int(stride) != stride:
         raise ValueError(f"stride must be a positive integer, got {stride}")
     if stride == 1:
@@ -122,6 +134,13 @@ def downsample_volume(
     h, w = H // s, W // s
     if h == 0 or w == 0:
         raise ValueError(f"stride {s} is larger than the volume grid {H}x{W}")
+    cropped = PinholeCamera(camera.fx, camera.fy, camera.cx, camera.cy, w * s, h * s, camera.pose)
+    numpy_in = isinstance(volume, np.ndarray) and volume.dtype in (np.float16, np.float32)
+    if backend == "fast" and not (fast_pool.AVAILABLE and numpy_in):
+        raise ValueError("backend 'fast' needs numba and a numpy float16/float32 volume")
+    if backend == "fast" or (backend == "auto" and fast_pool.AVAILABLE and numpy_in):
+        v, m = fast_pool.pool_volume(volume, np.asarray(_tensor(mass).float()), s, normalized)
+        return v, m, cropped.scaled(1.0 / s)
     pool = lambda x: torch.nn.functional.avg_pool2d(x, s, divisor_override=1)  # block sums (floor: crop)
     m = _tensor(mass).float()
     m_sum = pool(m)
@@ -130,7 +149,6 @@ def downsample_volume(
     for c in range(C):  # one channel at a time: no float32 copy of a whole (float16) volume
         v = _tensor(volume[c]).float()
         out[c] = pool(v * m if normalized else v) * inv
-    cropped = PinholeCamera(camera.fx, camera.fy, camera.cx, camera.cy, w * s, h * s, camera.pose)
     return out.numpy(), (m_sum / (s * s)).numpy(), cropped.scaled(1.0 / s)
 
 
@@ -392,16 +410,23 @@ def render_png(
     min_alpha: float = 0.02,
     background: Sequence[float] = (1.0, 1.0, 1.0),
     max_labels: int = 8,
+    annotate: Callable[..., Any] | None = None,
 ) -> dict[str, Any]:
     """Write a headless picture of a feature volume to ``png``, with a title and the depth of (up to
     ``max_labels``) slices written beside them. ``data``: a ``.npz`` path, or the dict of
     :func:`load_volume` / :func:`ua3d.io.rgbd.volume_record` (arrays in memory, e.g. a float16 volume
     just rendered: drawn without a file).
 
-    Returns ``{"path", "slices", "stride", "seconds", "rgbd", "width", "height"}``.
+    ``annotate`` draws the title and labels and writes the file (default
+    :func:`ua3d.viz.figures.annotated_render`, same arguments); the demo passes one that queues the
+    drawing on its figures thread.
+
+    Returns ``{"path", "slices", "stride", "seconds", "rgbd", "width", "height", "annotation"}``
+    (``annotation``: what ``annotate`` returned).
     """
     from ua3d.viz.figures import annotated_render
 
+    annotate = annotate or annotated_render
     t0 = time.perf_counter()
     d = load_volume(data) if not isinstance(data, dict) else data
     full_cam = d["camera"]
@@ -433,7 +458,7 @@ def render_png(
             labels.append((x, y, f"z = {layers[i].depth:.2f} m"))
     D, C = len(layers), d["volume"].shape[0]
     H, W = full_cam.height, full_cam.width
-    annotated_render(
+    annotation = annotate(
         img,
         png,
         title=f"ua3d feature volume: {D} depth slices {layers[0].depth:.2f}-{layers[-1].depth:.2f} m, "
@@ -450,6 +475,7 @@ def render_png(
         "rgbd": cloud is not None,
         "width": width,
         "height": height,
+        "annotation": annotation,
     }
 
 
