@@ -198,7 +198,6 @@ def test_output_inside_channel_range_and_batch_independent():
     guide, feats = _inputs(b=2, c=4, h=5, w=6, H=30, W=20, seed=5)
     with torch.no_grad():
         out = model(guide, feats, output_size=(45, 33))
-        single = model(guide[1:], feats[1:], output_size=(45, 33))
     assert out.shape == (2, 4, 45, 33)
     lo = feats.amin(dim=(2, 3))[..., None, None]
     hi = feats.amax(dim=(2, 3))[..., None, None]
