@@ -29,7 +29,7 @@ import torch
 from .checks import check_int, check_number
 from .kernel import GUIDE_DOWNSAMPLE_MODES, init_params, resample_guide
 from .memory import check_memory, check_window
-from .ops import BACKENDS, estimate_fit_memory, kernel_fit_loss_grad
+from .ops import BACKENDS, estimate_fit_memory, fast_available, kernel_fit_loss_grad
 
 __all__ = [
     "CELL_MODES",
@@ -486,21 +486,25 @@ def _remove_impulses(guide: torch.Tensor, force: bool) -> torch.Tensor:
     share = cand.flatten(1).float().mean(1)
     if not force and not bool((share > IMPULSE_SHARE).any()):
         return guide
-    B, C, H, W = guide.shape
+    B, _, H, W = guide.shape
+    # only candidates can change: their 3x3 neighbourhoods (replicated borders), in unfold's tap order
+    b, y, x = cand[:, 0].nonzero(as_tuple=True)
     pad = torch.nn.functional.pad
-    g = pad(guide, (1, 1, 1, 1), mode="replicate").unfold(2, 3, 1).unfold(3, 3, 1).reshape(B, C, H, W, 9)
-    c = pad(cand.to(guide.dtype), (1, 1, 1, 1), mode="replicate").unfold(2, 3, 1).unfold(3, 3, 1)
-    c = c.reshape(B, 1, H, W, 9) > 0.5
-    med = (
-        torch.where(c, torch.full((), float("nan"), dtype=guide.dtype, device=guide.device), g)
-        .nanmedian(-1)
-        .values
-    )
+    gp = pad(guide, (1, 1, 1, 1), mode="replicate")
+    cp = pad(cand.to(guide.dtype), (1, 1, 1, 1), mode="replicate")[:, 0]
+    g = torch.stack([gp[b, :, y + dy, x + dx] for dy in range(3) for dx in range(3)], -1)  # [N, C, 9]
+    c = torch.stack([cp[b, y + dy, x + dx] for dy in range(3) for dx in range(3)], -1)[:, None] > 0.5
+    nan = torch.full((), float("nan"), dtype=guide.dtype, device=guide.device)
+    med = torch.where(c, nan, g).nanmedian(-1).values  # [N, C]
     med = torch.where(torch.isnan(med), g.median(-1).values, med)
-    imp = cand & ((guide - med).abs().amax(1, keepdim=True) > 0.25)
-    if not force and not bool((imp.flatten(1).float().mean(1) > IMPULSE_SHARE).any()):
+    here = g[..., 4]
+    imp = (here - med).abs().amax(1) > 0.25  # [N]
+    n_imp = torch.zeros(B, dtype=torch.float32, device=guide.device).index_add_(0, b, imp.float())
+    if not force and not bool((n_imp / (H * W) > IMPULSE_SHARE).any()):
         return guide
-    return torch.where(imp, med, guide)
+    out = guide.clone()
+    out[b, :, y, x] = torch.where(imp[:, None], med, here)
+    return out
 
 
 def estimate_noise(guide: torch.Tensor) -> torch.Tensor:
@@ -529,24 +533,52 @@ def estimate_noise(guide: torch.Tensor) -> torch.Tensor:
     return (torch.stack(per, 1) / (0.6745 * 6.0)).median(-1).values
 
 
-def _bilateral(
-    guide: torch.Tensor, sigma_r: torch.Tensor, sigma_s: float = 1.5, radius: int = 3
-) -> torch.Tensor:
-    """Edge-preserving bilateral filter of ``guide [B, C, H, W]`` (range sigma ``sigma_r [B]``, guide units;
-    Gaussian spatial weights of ``sigma_s`` px in a disc of ``radius`` px, borders replicated), in bands
-    of rows of about :data:`CELL_BAND_PIXELS` pixels (scratch of a few bands, not of the image)."""
-    B, _, H, W = guide.shape
+#: False: the pre-filter's bilateral pass runs in torch (:func:`_bilateral_torch`) even where the fused
+#: engine could run it (for tests and measurements)
+FAST_BILATERAL = True
+
+
+def _bilateral_taps(sigma_s: float, radius: int) -> list[tuple[int, int, float]]:
+    """``(dy, dx, spatial term)`` of the bilateral filter's disc of ``radius`` px (offsets into the padding)."""
     k = 2 * radius + 1
-    pad = torch.nn.functional.pad(guide, (radius,) * 4, mode="replicate")
-    out = torch.empty_like(guide)
-    inv = (0.5 / sigma_r.to(guide.dtype) ** 2).view(B, 1, 1, 1)
-    rows = max(1, CELL_BAND_PIXELS // max(1, W))
-    taps = [
+    return [
         (dy, dx, ((dy - radius) ** 2 + (dx - radius) ** 2) / (2.0 * sigma_s**2))
         for dy in range(k)
         for dx in range(k)
         if (dy - radius) ** 2 + (dx - radius) ** 2 <= (radius + 0.5) ** 2
     ]
+
+
+def _bilateral(
+    guide: torch.Tensor, sigma_r: torch.Tensor, sigma_s: float = 1.5, radius: int = 3
+) -> torch.Tensor:
+    """Edge-preserving bilateral filter of ``guide [B, C, H, W]`` (range sigma ``sigma_r [B]``, guide units;
+    Gaussian spatial weights of ``sigma_s`` px in a disc of ``radius`` px, borders replicated): the fused
+    engine's pass (:func:`ua3d.core.fast.prefilter.bilateral`) for CPU float32/float64 guides when numba is
+    there, else its reference :func:`_bilateral_torch`."""
+    if (
+        FAST_BILATERAL
+        and guide.device.type == "cpu"
+        and guide.dtype in (torch.float32, torch.float64)
+        and fast_available()
+    ):
+        from .fast import prefilter
+
+        return prefilter.bilateral(guide, sigma_r, sigma_s, radius, _bilateral_taps(sigma_s, radius))
+    return _bilateral_torch(guide, sigma_r, sigma_s, radius)
+
+
+def _bilateral_torch(
+    guide: torch.Tensor, sigma_r: torch.Tensor, sigma_s: float = 1.5, radius: int = 3
+) -> torch.Tensor:
+    """The reference of :func:`_bilateral` (torch, any device), in bands of rows of about
+    :data:`CELL_BAND_PIXELS` pixels (scratch of a few bands, not of the image)."""
+    B, _, H, W = guide.shape
+    pad = torch.nn.functional.pad(guide, (radius,) * 4, mode="replicate")
+    out = torch.empty_like(guide)
+    inv = (0.5 / sigma_r.to(guide.dtype) ** 2).view(B, 1, 1, 1)
+    rows = max(1, CELL_BAND_PIXELS // max(1, W))
+    taps = _bilateral_taps(sigma_s, radius)
     for y0 in range(0, H, rows):
         y1 = min(H, y0 + rows)
         centre = guide[:, :, y0:y1]

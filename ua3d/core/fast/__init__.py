@@ -18,6 +18,10 @@ Numerically the same functions as the ``*_reference`` twins in :mod:`ua3d.core.k
   means, every logit is an affine function of ten per-pixel features (``x^2, y^2, x y, x, y,
   |c|^2, c``, validity), so a logit costs ten multiply-adds, and the gradient needs ten
   feature moments per neighbour instead of per-pixel offsets and distances.
+* **Other layouts** (the RGB-D lift's colour + normals and depth groups, 1, 4, ... channel guides; no
+  support cut) take the same expanded form with ``5 + sum_g (n_g + 2)`` features padded to a multiple of 8
+  (:mod:`~ua3d.core.fast.expanded`). Channels of zero loss weight are in the range distance only: the
+  reconstruction and its gradient skip them.
 * **Fit.** Per block: logits and their max per pixel; ``exp`` fused with the reconstruction
   of the guide; then the hand-derived gradient of the L1 loss through the softmax,
 
@@ -64,10 +68,13 @@ Modules (each numba kernel sits beside the host code that launches it):
 ``_jit``       numba import guard (``AVAILABLE``), jit options, intrinsics, :func:`_fexp`
 ``blocks``     block neighbour lists, pixels, logits and weights (shared by fit and render)
 ``fit``        :func:`kernel_fit_loss_grad` <-> :func:`ua3d.core.kernel.kernel_fit_loss_grad_reference`
+``expanded``   the fit's expanded form for any range-group layout (features, coefficients, moments)
+``prefilter``  the guide pre-filter's bilateral pass <-> :func:`ua3d.core.tto._bilateral_torch`
 ``render``     :func:`kernel_render` <-> :func:`ua3d.core.kernel.kernel_render_reference`,
                :func:`render_working_bytes`
 ``inputs``     input checks, the per-call :class:`~ua3d.core.fast.inputs.Frame` (``_setup``) and the
-               per-LR-cell records (parameter decoding, host side); :data:`~.inputs.SKIP_GAP`
+               per-LR-cell records (parameter decoding, host side); :data:`~.inputs.SKIP_GAP`,
+               :data:`~.inputs.EXPANDED`
 ``pool``       thread pool, cached block geometry, huge-page buffers
 ``blas``       scipy's BLAS (numba's ``np.dot``) held at one thread while the engine's threads call it
 =============  =====================================================================================

@@ -12,7 +12,8 @@ import torch
 
 from ..params import LOG_SIGMA_MAX, LOG_SIGMA_MIN, THETA_MAX
 from ._jit import AVAILABLE
-from .inputs import _np, _require, _setup, _skip_gap
+from .expanded import MAX_FEATURES, n_features
+from .inputs import _np, _require, _setup, _skip_gap, _use_expanded
 from .pool import _parallel_for
 
 if AVAILABLE:
@@ -25,6 +26,16 @@ if AVAILABLE:
         _pad_pixels,
         _range_dist,
         _rgb_logits,
+    )
+    from .expanded import (
+        _exp_coefficients,
+        _exp_features,
+        _exp_gradient_sums,
+        _exp_logits,
+        _exp_moments,
+        _exp_recon_loss,
+        _exp_scratch,
+        _residuals_loss,
     )
 
     @njit(inline="always", **_JIT)
@@ -205,12 +216,37 @@ if AVAILABLE:
         return loss
 
     @njit(**_JIT)
-    def _fit_rows(bi0, bi1, fr, geo, pmask, lam, gch, use_pm, r, pmax, gap, rowbuf, rowloss):
+    def _fit_block_exp(kb, n, bp, use_vhr, gstart, lch, nb, wl, mx, tot, recon, ee, sbar, xs, vo, gap, act):
+        """Loss and gradient sums of one block in the expanded form of :mod:`~ua3d.core.fast.expanded` (any
+        range-group layout, no support cut; the reconstruction over the loss channels ``lch`` only).
+        ``bp = (px, py, pg, pv, pw)`` the block's pixels, ``xs`` the scratch of
+        :func:`~ua3d.core.fast.expanded._exp_scratch` whose ``out[k, 0:3 + G]`` receives the direct form's
+        gradient sums of the listed neighbours ``k = act[:na]`` (the others get no gradient).
+        Returns ``(loss, na)``."""
+        _wide_vectors()
+        px, py, pg, pv, pw = bp
+        ft, q, tk, cen, out = xs
+        dt = wl.dtype.type
+        _exp_features(n, px, py, pg, pv, use_vhr, gstart, ft, cen)
+        _exp_coefficients(kb, nb, gstart, cen, q)
+        _exp_logits(kb, n, ft, q, wl, mx)
+        na = _active(kb, n, wl, mx, gap, act)  # the others get weight 0 (and no gradient)
+        _exp_recon_loss(na, act, n, wl, mx, nb.nb_g, vo, lch, tot, recon)
+        loss = _residuals_loss(n, lch, recon, tot, pg, pw, ee, sbar, dt(0.0))
+        _exp_moments(na, act, n, wl, ee, sbar, nb.nb_g, vo, lch, ft, tk, q)
+        _exp_gradient_sums(na, act, nb, gstart, cen, q, out)
+        return loss, na
+
+    @njit(**_JIT)
+    def _fit_rows(bi0, bi1, fr, geo, pmask, lam, gch, lch, use_pm, r, pmax, gap, nft, rowbuf, rowloss):
         """Loss and gradient sums of the block rows ``bi0 <= b h + i < bi1`` into ``rowbuf[b h + i]``.
 
         ``fr`` the call's fixed arrays (:class:`~ua3d.core.fast.inputs.Frame`), ``geo`` its block
         layout (:class:`~ua3d.core.fast.pool.Geometry`); ``pmask [B, H, W]`` pixel weights (used when
-        ``use_pm``), ``lam [B, Cg]`` normalised channel weights, ``gch [Cg]`` range group of each channel.
+        ``use_pm``), ``lam [B, Cg]`` normalised channel weights, ``gch [Cg]`` range group of each channel,
+        ``lch [L]`` the channels of non-zero loss weight (the only ones reconstructed). ``nft`` > 0: layouts
+        other than RGB take the expanded form with ``nft`` feature rows
+        (:mod:`~ua3d.core.fast.expanded`; 0: the direct form).
 
         ``rowbuf [B h, 2 r + 1, w, 3 + G]`` float64 receives, per neighbour cell
         ``(i + di, j)`` at slot ``di + r``: ``sum g a^2, sum g b^2, sum g a b, sum g D_g``
@@ -237,6 +273,10 @@ if AVAILABLE:
         mom = np.empty((11, K), glr.dtype)
         act = np.empty(K, np.int64)
         rgb = G == 1 and Cg == 3 and cut == 0
+        use_exp = nft > 0 and not rgb and cut == 0
+        xs = _exp_scratch(glr, K, max(nft, 8), G, pmax)
+        xout = xs[4]
+        L = lch.shape[0]
         for bi in range(bi0, bi1):
             b = bi // h
             i = bi - b * h
@@ -317,10 +357,25 @@ if AVAILABLE:
                         rowbuf[bi, slot, qj, 2] += mom[2, k]
                         rowbuf[bi, slot, qj, 3] += mom[3, k] * nb_v[0, k]
                     continue
+                if use_exp:
+                    bp = (px, py, pg, pv, pw)
+                    lb, na = _fit_block_exp(
+                        kb, npad, bp, use_vhr, gstart, lch, nb, wl, mx, tot, recon, ee, sbar, xs, vo, gap, act
+                    )
+                    loss_row += lb
+                    for a in range(na):
+                        k = act[a]
+                        kk = nb_k[k]
+                        slot = offs[kk, 0] + r
+                        qj = j + offs[kk, 1]
+                        for f in range(3 + G):
+                            rowbuf[bi, slot, qj, f] += xout[k, f]
+                    continue
                 _block_logits(kb, kanc, npad, px, py, pg, pv, gstart, cut, nb, wl, mx, d)
                 na = _active(kb, npad, wl, mx, gap, act)  # the others get weight 0 (and no gradient)
-                _exp_recon(na, act, npad, wl, mx, nb_g, vo, tot, recon)  # exp fused with the reconstruction
-                loss_row = _residuals(npad, recon, tot, pg, pw, ee, sbar, loss_row)
+                # exp fused with the reconstruction of the loss channels (zero-weight ones add exact zeros)
+                _exp_recon_loss(na, act, npad, wl, mx, nb_g, vo, lch, tot, recon)
+                loss_row = _residuals_loss(npad, lch, recon, tot, pg, pw, ee, sbar, loss_row)
                 # dL/dlogit_kp = w_kp (sum_c e_cp f_ck - sbar_p), summed against the logit derivatives
                 for a in range(na):
                     k = act[a]
@@ -331,7 +386,7 @@ if AVAILABLE:
                     ck, sk = nb_c[k], nb_s[k]
                     a0 = ck * nb_cx[k] + sk * nb_cy[k]
                     b0 = ck * nb_cy[k] - sk * nb_cx[k]
-                    if G == 1 and Cg == 3:  # RGB guide: one fused pass
+                    if G == 1 and Cg == 3 and L == 3:  # RGB guide (a support cut): one fused pass
                         f0, f1, f2 = nb_g[vo, k], nb_g[vo + 1, k], nb_g[vo + 2, k]
                         g0, g1, g2 = nb_g[0, k], nb_g[1, k], nb_g[2, k]
                         saa = dt(0.0)
@@ -356,10 +411,10 @@ if AVAILABLE:
                         continue
                     for p in range(npad):
                         tk[p] = -sbar[p]
-                    for c in range(Cg):
-                        f = nb_g[vo + c, k]
+                    for lc in range(L):
+                        f = nb_g[vo + lch[lc], k]
                         for p in range(npad):
-                            tk[p] += ee[c, p] * f
+                            tk[p] += ee[lc, p] * f
                     saa = dt(0.0)
                     sbb = dt(0.0)
                     sab = dt(0.0)
@@ -459,10 +514,14 @@ def kernel_fit_loss_grad(
     denom = _loss_denominator(B, Cg, H, W, gs, fr.vhr, fr.use_vhr, pm, use_pm)
     lam_n = np.ascontiguousarray(lam[None, :] / denom[:, None], dtype=ndt)  # [B, Cg]
     gch = np.repeat(np.arange(G, dtype=np.int64), gs)
+    lch = np.flatnonzero(lam != 0).astype(np.int64)  # the loss channels: the others only enter the distance
+    nft = n_features(gs) if _use_expanded() and fr.cut == 0 and n_features(gs) <= MAX_FEATURES else 0
     rowbuf = np.zeros((B * h, 2 * r + 1, w, 3 + G), np.float64)
     rowloss = np.zeros(B * h, np.float64)
     gap = _skip_gap(st.cdt)
-    _parallel_for(_fit_rows, B * h, fr, st.geo, pm, lam_n, gch, use_pm, r, st.pmax, gap, rowbuf, rowloss)
+    _parallel_for(
+        _fit_rows, B * h, fr, st.geo, pm, lam_n, gch, lch, use_pm, r, st.pmax, gap, nft, rowbuf, rowloss
+    )
     sums = _reduce_rows(rowbuf, B, h, r).transpose(0, 3, 1, 2)  # [B, 3 + G, h, w] float64
     grad = _chain_rule(params, sums)
     loss = torch.tensor(float(rowloss.sum()), dtype=params.dtype)

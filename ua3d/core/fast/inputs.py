@@ -24,6 +24,16 @@ SKIP_GAP = {torch.float32: 20.0, torch.float64: 40.0}
 SKIP = True
 
 
+#: False: fits with range-group layouts other than RGB take the direct form, not the expanded one
+#: (:mod:`~ua3d.core.fast.expanded`; for tests and measurements)
+EXPANDED = True
+
+
+def _use_expanded() -> bool:
+    """Whether non-RGB fits take the expanded form (:data:`EXPANDED`)."""
+    return EXPANDED
+
+
 def _skip_gap(cdt: torch.dtype) -> float:
     """The logit gap beyond which neighbours are dropped (:data:`SKIP_GAP`), 0 when :data:`SKIP` is off."""
     return SKIP_GAP[cdt] if SKIP else 0.0
