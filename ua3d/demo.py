@@ -223,7 +223,6 @@ def _run_demo(
             f"{max_volume_gib:g}: use fewer bins or a band"
         )
     out.mkdir(parents=True, exist_ok=True)
-    prefetched = figures.submit(_prefetch_imports)
     stage("load", t0)
 
     # 2. LR signals --------------------------------------------------------------------------------
@@ -249,17 +248,6 @@ def _run_demo(
     feats_2d = k2d.render(feats)
     probs_2d = k2d.render(probs_lr)
     log["psnr_db"] = {"bicubic": _psnr(bicubic(guide, k2d.guide_lr), guide), "ua3d_2d": _psnr(rec, guide)}
-    feature_figure = figures.submit(
-        _figure,
-        "comparison_figure",
-        guide=rgb,
-        lr=feats[0].cpu(),
-        bilinear=bilinear(guide, feats)[0].cpu(),
-        ours=feats_2d[0].cpu(),
-        path=out / "features.png",
-        names=("bilinear", "ua3d"),
-    )
-    del feats_2d
     stage("fit-2d", t0)
 
     # 4. lifted RGB-D kernel ------------------------------------------------------------------------
@@ -302,6 +290,20 @@ def _run_demo(
     log["points"] = int(pts.positions.shape[0])
     del vol, mass
     stage("lift", t0)
+    # matplotlib/Open3D imports and the first figure start only now: on 2 cores they slow the fits down
+    # by more than they save when overlapped with them
+    prefetched = figures.submit(_prefetch_imports)
+    feature_figure = figures.submit(
+        _figure,
+        "comparison_figure",
+        guide=rgb,
+        lr=feats[0].cpu(),
+        bilinear=bilinear(guide, feats)[0].cpu(),
+        ours=feats_2d[0].cpu(),
+        path=out / "features.png",
+        names=("bilinear", "ua3d"),
+    )
+    del feats_2d
 
     # 5. depth super-resolution ---------------------------------------------------------------------
     begin("depth-sr (x8, protocol B)")
