@@ -44,6 +44,7 @@ __all__ = [
     "fit_params",
     "lr_guides",
     "prefilter_guide",
+    "step_fraction",
 ]
 
 #: values of ``FitConfig.guide_prefilter``
@@ -90,8 +91,15 @@ class FitConfig:
         guide sampled at the cell centres, like the authors' non-antialiased resize). The fit learns
         to reconstruct the HR guide from this LR guide, so it should be made the way the signals that
         will be rendered were made; the choice is measured in ``docs/transfer.md``.
-    pixel_fraction : fraction of HR pixels used per step (1.0 = all); a fresh seeded random
-        subset each step (a speed option; see ``scripts/bench_speed.py``).
+    pixel_fraction : fraction of HR pixels used per step (1.0 = all). With a fraction ``f < 1`` the
+        pixels take turns: each gets a seeded random phase ``u`` and step ``t`` uses the pixels with
+        ``(u + t f) mod 1 < f``, so every pixel is used once in every ``1 / f`` steps when that is
+        an integer (lower gradient noise than a fresh random subset per step).
+    cell_samples : None, or the number of HR pixels per LR cell each step uses at most (64): on a
+        grid whose cells cover more pixels the step fraction is ``min(pixel_fraction, cell_samples /
+        pixels_per_cell)`` (see :func:`step_fraction`). A 16x grid (256 pixels a cell) fits on a
+        quarter of its pixels per step: ~3x faster, at the transfer quality of the full fit
+        (``docs/transfer_defaults.md``). None = ``pixel_fraction`` alone.
     seed : seed of every random choice (pixel subsets).
     backend : ``"auto"``, ``"fast"`` or ``"reference"``.
     channel_weights : optional loss weight per guide channel.
@@ -140,6 +148,7 @@ class FitConfig:
     theta: float = 0.0
     guide_downsample: str = "box"
     pixel_fraction: float = 1.0
+    cell_samples: int | None = 64
     seed: int = 0
     backend: str = "auto"
     channel_weights: tuple[float, ...] | None = field(default=None)
@@ -165,6 +174,12 @@ class FitConfig:
             raise ValueError(f"radius must be >= 0, got {self.radius!r}")
         if not (0 < self.pixel_fraction <= 1):
             raise ValueError(f"pixel_fraction must be in (0, 1], got {self.pixel_fraction!r}")
+        if self.cell_samples is not None and (
+            isinstance(self.cell_samples, bool)
+            or not isinstance(self.cell_samples, int)
+            or self.cell_samples < 1
+        ):
+            raise ValueError(f"cell_samples must be None or an integer >= 1, got {self.cell_samples!r}")
         if self.guide_downsample not in LR_GUIDE_MODES:
             raise ValueError(
                 f"guide_downsample must be one of {LR_GUIDE_MODES}, got {self.guide_downsample!r}"
@@ -278,7 +293,7 @@ def check_fit_memory(
         n_groups,
         guide_hr.dtype,
         contiguous=guide_hr.is_contiguous(),
-        pixel_fraction=config.pixel_fraction,
+        pixel_fraction=step_fraction(config, (H, W), (h, w)),
         backend=config.backend,
     )
     check_memory(
@@ -372,11 +387,12 @@ def fit_params(
         shift = _sigma_shift(params, size, (H, W))
         params[:, 0] += shift[0]
         params[:, 1] += shift[1]
-        for _ in range(n_steps):
+        frac = step_fraction(config, size, (h, w))
+        phase = rng.random((B, 1, *size)) if frac < 1.0 else None
+        for t in range(n_steps):
             pmask = None
-            if config.pixel_fraction < 1.0:
-                pmask = torch.from_numpy(rng.random((B, 1, *size), dtype=np.float32) < config.pixel_fraction)
-                pmask = pmask.to(guide_hr.device)
+            if phase is not None:
+                pmask = torch.from_numpy(np.mod(phase + t * frac, 1.0) < frac).to(guide_hr.device)
             loss, grad = kernel_fit_loss_grad(
                 params,
                 g_hr,
@@ -406,6 +422,22 @@ def fit_params(
         params[:, 0] -= shift[0]
         params[:, 1] -= shift[1]
     return params, losses
+
+
+def step_fraction(config: FitConfig, out_size: tuple[int, int], lr_size: tuple[int, int]) -> float:
+    """Share of the HR pixels each fit step uses: ``config.pixel_fraction``, capped at
+    ``config.cell_samples`` pixels per LR cell (on average) when that is set.
+
+    >>> step_fraction(FitConfig(), (224, 224), (14, 14))  # 256 pixels a cell, 64 of them per step
+    0.25
+    >>> step_fraction(FitConfig(), (64, 64), (16, 16)), step_fraction(FitConfig(cell_samples=None), (224, 224), (14, 14))
+    (1.0, 1.0)
+    """
+    frac = float(config.pixel_fraction)
+    if config.cell_samples is not None:
+        per_cell = out_size[0] * out_size[1] / (lr_size[0] * lr_size[1])
+        frac = min(frac, config.cell_samples / per_cell)
+    return frac
 
 
 def prefilter_guide(guide: torch.Tensor, mode: str = "auto") -> torch.Tensor:

@@ -1036,7 +1036,10 @@ class _Problem:
         """
         cfg = self.cfg
         nc = self.g.shape[1]
-        fcfg = FitConfig(steps=cfg.fit_steps, lr=cfg.fit_lr, radius=cfg.radius, backend=cfg.backend)
+        # every pixel in every step (cell_samples=None): the depth fits were tuned on full steps
+        fcfg = FitConfig(
+            steps=cfg.fit_steps, lr=cfg.fit_lr, radius=cfg.radius, backend=cfg.backend, cell_samples=None
+        )
         if cfg.fit_target == "rgb":
             with torch.enable_grad():  # callers (e.g. the evaluation harness) may run under no_grad
                 return fit_params(self.g, self.g_lr, fcfg, init=start)[0]

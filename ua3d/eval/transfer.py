@@ -75,7 +75,7 @@ SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 QUICK_PHOTOS = ("astronaut", "coffee", "chelsea")
 DATA_PHOTOS = ("middlebury/Art", "middlebury/Books", "middlebury/Moebius", "nyuv2/1000", "nyuv2/1001")
 #: the authors' recipe expressed in ua3d's engine (their LR guide is a non-antialiased resize, no pre-filter)
-AUTHORS = {"guide_downsample": "bilinear", "guide_prefilter": "none", "values_mix": 0.0}
+AUTHORS = {"guide_downsample": "bilinear", "guide_prefilter": "none", "values_mix": 0.0, "cell_samples": None}
 
 
 # ---------------------------------------------------------------------- data
