@@ -104,56 +104,64 @@ if AVAILABLE:
             grouped[pos[s]] = values[i]
             pos[s] += 1
         zero = values.dtype.type(0.0)
-        half = values.dtype.type(0.5)
         for k in range(S):
             a, b = start[k], start[k + 1]
-            c = b - a
-            if c == 0:
+            if a == b:
                 med[k] = zero
                 has[k] = False
-                continue
-            has[k] = True
-            seg = grouped[a:b]
-            lo, hi = (c - 1) // 2, c // 2
-            part = np.partition(seg, hi)  # part[hi] has rank hi, part[:hi] the ranks below
-            xh = part[hi]
-            xl = xh
-            if lo != hi:
-                xl = part[0]
-                for i in range(1, hi):
-                    if _before(xl, part[i]):
-                        xl = part[i]
-            med[k] = half * (_ranked(xl, seg, lo) + _ranked(xh, seg, hi))
+            else:
+                med[k] = _median_of(grouped[a:b])
+                has[k] = True
         return 0
 
     @njit(**_EXACT)
-    def _cell_values(f, ok, cy, cx, h, w, dy, dx, vals, segs):
-        """The values and cells that :func:`ua3d.rgbd.lift.pool_depth` (``dy = dx = 0``: ``f`` where ``ok``)
-        and :func:`ua3d.rgbd.lift.cell_gradients` (``(dy, dx) = (1, 0)`` or ``(0, 1)``: ``f(p + d) - f(p)``
-        where both are ``ok`` and in one cell) hand to the medians, in their order (row-major over
-        ``[B, H - dy, W - dx]``), into ``vals`` and ``segs``; returns their number. ``f, ok [B, H, W]``,
-        ``cy [H]`` / ``cx [W]`` each pixel's LR row / column (nearest anchor) on the ``h x w`` grid."""
-        B, H, W = f.shape
-        m = 0
-        for b in range(B):
-            for y in range(H - dy):
-                ry = (b * h + cy[y]) * w
-                same_row = cy[y] == cy[y + dy]
-                for x in range(W - dx):
-                    if ok[b, y, x] and ok[b, y + dy, x + dx] and same_row and cx[x] == cx[x + dx]:
-                        vals[m] = f[b, y + dy, x + dx] - f[b, y, x] if (dy or dx) else f[b, y, x]
-                        segs[m] = ry + cx[x]
-                        m += 1
-        return m
+    def _median_of(seg):
+        """The reference's median of a non-empty segment ``seg`` in input order: the elements of ranks
+        ``(c - 1) // 2`` and ``c // 2`` of a stable sort, ``0.5 * (lo + hi)`` in ``seg``'s dtype."""
+        c = seg.shape[0]
+        lo, hi = (c - 1) // 2, c // 2
+        part = np.partition(seg, hi)  # part[hi] has rank hi, part[:hi] the ranks below
+        xh = part[hi]
+        xl = xh
+        if lo != hi:
+            xl = part[0]
+            for i in range(1, hi):
+                if _before(xl, part[i]):
+                    xl = part[i]
+        return seg.dtype.type(0.5) * (_ranked(xl, seg, lo) + _ranked(xh, seg, hi))
 
     @njit(**_EXACT)
-    def _cell_median_kernel(f, ok, cy, cx, h, w, dy, dx, med, has):
-        """:func:`_cell_values` then :func:`_segment_median_kernel`."""
-        n = ok.size
-        vals = np.empty(n, f.dtype)
-        segs = np.empty(n, np.int64)
-        m = _cell_values(f, ok, cy, cx, h, w, dy, dx, vals, segs)
-        return _segment_median_kernel(vals[:m], segs[:m], med, has)
+    def _cell_median_kernel(f, ok, ys, xs, dy, dx, med, has):
+        """Per (batch item, LR cell) median ``med [B h w]`` / ``has`` of what :func:`ua3d.rgbd.lift.pool_depth`
+        (``dy = dx = 0``: ``f`` where ``ok``) and :func:`ua3d.rgbd.lift.cell_gradients` (``(dy, dx) = (1, 0)``
+        or ``(0, 1)``: ``f(p + d) - f(p)`` where both are ``ok`` and in the cell) hand to the medians.
+        ``f, ok [B, H, W]``; the cells are rectangles (the nearest-anchor partition is monotone): rows
+        ``ys[i] <= y < ys[i + 1]``, columns ``xs[j] <= x < xs[j + 1]``. A cell's values are gathered in
+        row-major order, the order of the reference's masked ``[B, H - dy, W - dx]`` copies."""
+        B = f.shape[0]
+        h, w = ys.shape[0] - 1, xs.shape[0] - 1
+        longest = 0
+        for i in range(h):
+            for j in range(w):
+                longest = max(longest, (ys[i + 1] - ys[i]) * (xs[j + 1] - xs[j]))
+        buf = np.empty(longest, f.dtype)
+        zero = f.dtype.type(0.0)
+        for b in range(B):
+            for i in range(h):
+                for j in range(w):
+                    m = 0
+                    for y in range(ys[i], ys[i + 1] - dy):
+                        for x in range(xs[j], xs[j + 1] - dx):
+                            if ok[b, y, x] and ok[b, y + dy, x + dx]:
+                                buf[m] = f[b, y + dy, x + dx] - f[b, y, x] if (dy or dx) else f[b, y, x]
+                                m += 1
+                    k = (b * h + i) * w + j
+                    if m == 0:
+                        med[k] = zero
+                        has[k] = False
+                    else:
+                        med[k] = _median_of(buf[:m])
+                        has[k] = True
 
     @njit(**_EXACT)
     def _normals_kernel(depth, valid, fx, fy, cx, cy, n, good):
@@ -263,9 +271,9 @@ def cell_median(
     ok = valid.detach().to(torch.bool).contiguous().numpy()
     med = np.empty(B * h * w, fv.dtype)
     has = np.empty(B * h * w, np.bool_)
-    cy = nearest_anchor(H, h).numpy()
-    cx = nearest_anchor(W, w).numpy()
-    _cell_median_kernel(fv, ok, cy, cx, h, w, int(step[0]), int(step[1]), med, has)
+    ys = np.searchsorted(nearest_anchor(H, h).numpy(), np.arange(h + 1))  # first row of each cell row
+    xs = np.searchsorted(nearest_anchor(W, w).numpy(), np.arange(w + 1))
+    _cell_median_kernel(fv, ok, ys, xs, int(step[0]), int(step[1]), med, has)
     return torch.from_numpy(med), torch.from_numpy(has)
 
 

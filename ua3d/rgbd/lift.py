@@ -427,8 +427,9 @@ def _surface_normals_torch(depth: torch.Tensor, valid: torch.Tensor, camera: Pin
 
 
 def _fill_normals(n: torch.Tensor, good: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``n [3, H, W]`` with every pixel outside ``good [H, W]`` given the nearest good pixel's normal (scipy's
-    Euclidean feature transform; none good: ``(0, 0, -1)`` everywhere), as ``[1, 3, H, W]`` in ``dtype``."""
+    """``n [3, H, W]`` (float64 scratch, overwritten) with every pixel outside ``good [H, W]`` given the
+    nearest good pixel's normal (scipy's Euclidean feature transform; none good: ``(0, 0, -1)``
+    everywhere), as ``[1, 3, H, W]`` in ``dtype``."""
     if not bool(good.any()):
         n = torch.zeros_like(n)
         n[2] = -1.0
@@ -436,12 +437,11 @@ def _fill_normals(n: torch.Tensor, good: torch.Tensor, dtype: torch.dtype) -> to
     if not bool(good.all()):
         from scipy import ndimage
 
-        idx = ndimage.distance_transform_edt(~good.cpu().numpy(), return_distances=False, return_indices=True)
-        bad = ~good  # a good pixel's nearest good pixel is itself: gather the others only
-        iy = torch.from_numpy(idx[0]).to(n.device)[bad]
-        ix = torch.from_numpy(idx[1]).to(n.device)[bad]
-        n = n.clone()
-        n[:, bad] = n[:, iy, ix]
+        bad = ~good.cpu().numpy()
+        idx = ndimage.distance_transform_edt(bad, return_distances=False, return_indices=True)
+        # in place, the bad pixels only (a good pixel's nearest good pixel is itself)
+        iy, ix = (torch.from_numpy(i[bad]).to(n.device) for i in idx)
+        n[:, torch.from_numpy(bad).to(n.device)] = n[:, iy, ix]
     return n[None].to(dtype)
 
 
