@@ -274,9 +274,8 @@ def pool_depth(
         )
     B, _, H, W = depth.shape
     h, w = lr_size
-    if depth.is_floating_point() and _fast_prep(
-        depth, valid
-    ):  # numba: the same medians, no cell map or masked copies
+    if depth.is_floating_point() and _fast_prep(depth, valid):
+        # numba: the same medians, without the [B, H, W] cell map and the masked copies
         from ua3d.rgbd import fast_prep
 
         med, has = fast_prep.cell_median(depth[:, 0], valid[:, 0], (h, w))
@@ -306,9 +305,8 @@ def cell_gradients(feature: torch.Tensor, valid: torch.Tensor, lr_size: tuple[in
     """
     B, _, H, W = feature.shape
     h, w = lr_size
-    if feature.is_floating_point() and _fast_prep(
-        feature, valid
-    ):  # numba: the same medians, no cell map or masked copies
+    if feature.is_floating_point() and _fast_prep(feature, valid):
+        # numba: the same medians, without the [B, H, W] cell map and the masked copies
         from ua3d.rgbd import fast_prep
 
         f0, v0 = feature[:, 0], valid[:, 0]
