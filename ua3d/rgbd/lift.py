@@ -185,14 +185,48 @@ def _cells(H: int, W: int, lr_size: tuple[int, int], device) -> torch.Tensor:
     return (iy[:, None] * w + ix[None, :]).reshape(-1)
 
 
+#: False: the lift's preprocessing (per-segment medians, surface normals) runs in torch (the ``*_torch``
+#: references) even where numba could run it (for tests and measurements)
+FAST_PREP = True
+
+
+def _fast_prep(*tensors: torch.Tensor) -> bool:
+    """Whether :mod:`ua3d.rgbd.fast_prep` (numba) runs for these tensors: CPU, float32/float64 or integer
+    (ids, masks), :data:`FAST_PREP` on and numba importable."""
+    if not FAST_PREP or any(
+        t.device.type != "cpu" or (t.is_floating_point() and t.dtype not in (torch.float32, torch.float64))
+        for t in tensors
+    ):
+        return False
+    try:
+        from ua3d.rgbd import fast_prep
+    except Exception:  # noqa: BLE001  # pragma: no cover - any failure to import means "not available"
+        return False
+    return bool(fast_prep.AVAILABLE)
+
+
 def _segment_median(
     values: torch.Tensor, segment: torch.Tensor, n_segments: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Median of ``values [N]`` per segment id ``segment [N]`` (int64 in ``[0, n_segments)``).
 
     Even counts average the two middle values. Returns ``median [n_segments]`` (0 for empty
-    segments) and ``has [n_segments]`` bool.
+    segments) and ``has [n_segments]`` bool. CPU float32/float64 values take the numba twin
+    (:func:`ua3d.rgbd.fast_prep.segment_median`, the same bits), everything else its reference
+    :func:`_segment_median_torch`.
     """
+    if values.is_floating_point() and not values.requires_grad and _fast_prep(values, segment):
+        from ua3d.rgbd import fast_prep
+
+        return fast_prep.segment_median(values, segment, n_segments)
+    return _segment_median_torch(values, segment, n_segments)
+
+
+def _segment_median_torch(
+    values: torch.Tensor, segment: torch.Tensor, n_segments: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference of :func:`_segment_median` (torch, any device): two stable sorts (by value, then
+    by segment) and the two middle values of each segment's run."""
     order = torch.argsort(values, stable=True)
     v, s = values[order], segment[order]
     order = torch.argsort(s, stable=True)  # grouped by segment, ascending inside a segment
@@ -240,6 +274,12 @@ def pool_depth(
         )
     B, _, H, W = depth.shape
     h, w = lr_size
+    if depth.is_floating_point() and _fast_prep(depth, valid):
+        # numba: the same medians, without the [B, H, W] cell map and the masked copies
+        from ua3d.rgbd import fast_prep
+
+        med, has = fast_prep.cell_median(depth[:, 0], valid[:, 0], (h, w))
+        return med.reshape(B, 1, h, w), has.reshape(B, 1, h, w)
     cell = _batched_cells(B, H, W, (h, w), depth.device).reshape(-1)
     v = valid.reshape(-1)
     med, has = _segment_median(depth.reshape(-1)[v], cell[v], B * h * w)
@@ -265,6 +305,13 @@ def cell_gradients(feature: torch.Tensor, valid: torch.Tensor, lr_size: tuple[in
     """
     B, _, H, W = feature.shape
     h, w = lr_size
+    if feature.is_floating_point() and _fast_prep(feature, valid):
+        # numba: the same medians, without the [B, H, W] cell map and the masked copies
+        from ua3d.rgbd import fast_prep
+
+        f0, v0 = feature[:, 0], valid[:, 0]
+        slopes = [fast_prep.cell_median(f0, v0, (h, w), d)[0].reshape(B, h, w) for d in ((1, 0), (0, 1))]
+        return torch.stack(slopes, 1)
     cell = _batched_cells(B, H, W, (h, w), feature.device)
     f, v = feature[:, 0], valid[:, 0]
     out = []
@@ -331,7 +378,22 @@ def surface_normals(depth: torch.Tensor, valid: torch.Tensor, camera: PinholeCam
     Returns
     -------
     ``[1, 3, H, W]`` in ``depth``'s dtype; a constant depth gives ``(0, 0, -1)`` exactly.
+
+    CPU float32/float64 depth takes the numba pass (:func:`ua3d.rgbd.fast_prep.surface_normals_raw`, the
+    same bits), everything else the reference :func:`_surface_normals_torch`.
     """
+    if _fast_prep(depth, valid):
+        from ua3d.rgbd import fast_prep
+
+        n, good = fast_prep.surface_normals_raw(
+            depth[0, 0], valid[0, 0], camera.fx, camera.fy, camera.cx, camera.cy
+        )
+        return _fill_normals(n, good, depth.dtype)
+    return _surface_normals_torch(depth, valid, camera)
+
+
+def _surface_normals_torch(depth: torch.Tensor, valid: torch.Tensor, camera: PinholeCamera) -> torch.Tensor:
+    """The reference of :func:`surface_normals` (torch, any device)."""
     H, W = depth.shape[-2:]
     z = torch.where(valid[0, 0], depth[0, 0], torch.zeros((), dtype=depth.dtype, device=depth.device))
     z = z.to(torch.float64)
@@ -340,7 +402,7 @@ def surface_normals(depth: torch.Tensor, valid: torch.Tensor, camera: PinholeCam
     r = torch.arange(H, dtype=z.dtype, device=z.device)[:, None].expand(H, W)
     pts = torch.stack([(u - camera.cx) * z / camera.fx, (r - camera.cy) * z / camera.fy, z], 0)
 
-    def diff(dim: int) -> torch.Tensor:
+    def diff(dim: int) -> tuple[torch.Tensor, torch.Tensor]:
         n = pts.shape[dim] - 1
         step = pts.narrow(dim, 1, n) - pts.narrow(dim, 0, n)
         ok = v.narrow(dim - 1, 1, n) & v.narrow(dim - 1, 0, n)
@@ -359,6 +421,13 @@ def surface_normals(depth: torch.Tensor, valid: torch.Tensor, camera: PinholeCam
     norm = n.norm(dim=0)
     good = v & oku & okv & (norm > 0)
     n = n / norm.clamp_min(1e-300)
+    return _fill_normals(n, good, depth.dtype)
+
+
+def _fill_normals(n: torch.Tensor, good: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``n [3, H, W]`` (float64 scratch, overwritten) with every pixel outside ``good [H, W]`` given the
+    nearest good pixel's normal (scipy's Euclidean feature transform; none good: ``(0, 0, -1)``
+    everywhere), as ``[1, 3, H, W]`` in ``dtype``."""
     if not bool(good.any()):
         n = torch.zeros_like(n)
         n[2] = -1.0
@@ -366,11 +435,12 @@ def surface_normals(depth: torch.Tensor, valid: torch.Tensor, camera: PinholeCam
     if not bool(good.all()):
         from scipy import ndimage
 
-        idx = ndimage.distance_transform_edt(~good.cpu().numpy(), return_distances=False, return_indices=True)
-        iy = torch.from_numpy(idx[0]).to(n.device)
-        ix = torch.from_numpy(idx[1]).to(n.device)
-        n = n[:, iy, ix]
-    return n[None].to(depth.dtype)
+        bad = ~good.cpu().numpy()
+        idx = ndimage.distance_transform_edt(bad, return_distances=False, return_indices=True)
+        # in place, the bad pixels only (a good pixel's nearest good pixel is itself)
+        iy, ix = (torch.from_numpy(i[bad]).to(n.device) for i in idx)
+        n[:, torch.from_numpy(bad).to(n.device)] = n[:, iy, ix]
+    return n[None].to(dtype)
 
 
 def _edge_distance(edge: torch.Tensor) -> torch.Tensor | None:
@@ -437,9 +507,38 @@ def _normaliser(z_valid: torch.Tensor, mode: str) -> tuple[float, float]:
     f = _phi(z_valid.to(torch.float64), mode)
     if f.numel() > 1_000_000:  # quantile has a size limit; a strided subsample is plenty
         f = f[:: math.ceil(f.numel() / 1_000_000)]
-    lo, hi = (float(x) for x in torch.quantile(f, torch.tensor([0.01, 0.99], dtype=f.dtype)))
-    floor = 0.05 if mode == "relative" else 0.05 * float(z_valid.to(torch.float64).median())
-    return lo, max(hi - lo, floor)
+    q = torch.tensor([0.01, 0.99], dtype=f.dtype)
+    whole = mode == "absolute" and f.numel() == z_valid.numel()  # f is the valid depth itself
+    med: float | None = None
+    if FAST_PREP and f.device.type == "cpu" and f.numel() > 0 and not bool(f.isnan().any()):
+        lo, hi, med = _quantiles_select(f, q, whole)
+    else:
+        lo, hi = (float(x) for x in torch.quantile(f, q))
+    if mode == "relative":
+        return lo, max(hi - lo, 0.05)
+    if med is None:
+        med = float(z_valid.to(torch.float64).median())
+    return lo, max(hi - lo, 0.05 * med)
+
+
+def _quantiles_select(f: torch.Tensor, q: torch.Tensor, median: bool) -> tuple[float, float, float | None]:
+    """``torch.quantile(f, q)`` (two levels, linear) and, with ``median``, ``f.median()`` (else None) of a
+    NaN-free CPU float64 ``f [N]`` with one ``numpy.partition`` instead of torch's full sort: the same order
+    statistics, interpolated by torch's own ``lerp`` with torch's ranks and weights (so the same bits)."""
+    last = f.numel() - 1
+    ranks = q * last
+    below = ranks.to(torch.long)
+    above = ranks.ceil().to(torch.long)
+    mid = last // 2  # torch.median: the lower of the two middle values
+    ks = sorted({*below.tolist(), *above.tolist(), mid})
+    part = np.partition(f.numpy(), ks)
+    lo, hi = (
+        float(x)
+        for x in torch.from_numpy(part[below.numpy()]).lerp_(
+            torch.from_numpy(part[above.numpy()]), ranks - below
+        )
+    )
+    return lo, hi, float(part[mid]) if median else None
 
 
 # ---------------------------------------------------------------------- the lifted kernel
@@ -774,11 +873,11 @@ def fit_rgbd(
     f_hr = torch.where(valid, depth_feature(z.clamp_min(1e-12), depth_mode, lo, spread), z.new_zeros(()))
     f_lr = depth_feature(z_lr, depth_mode, lo, spread)
     depth_lr_grad = cell_gradients(f_hr, valid, hw)
-    guide_hr = torch.cat([g, f_hr.to(g.dtype)], 1)
     valid_hr = torch.cat([torch.ones_like(valid), valid], 1)
     valid_lr = torch.cat([torch.ones_like(v_lr), v_lr], 1)
     groups = (g.shape[1], 1)
     if depth_fit == "staged":
+        guide_hr = torch.cat([g, f_hr.to(g.dtype)], 1)
         p2d, centres, losses = _staged_2d(g, hw, cfg_2d, base, callback)
         guide_lr = torch.cat([centres, f_lr.to(g.dtype)], 1)
         log_sz = math.log(float(cfg.sigma_range[1]))
@@ -805,8 +904,8 @@ def fit_rgbd(
                 cell = math.sqrt(H / hw[0] * W / hw[1])  # HR pixels per LR cell
                 nrm = nrm * depth_edge_gate(z, valid, float(normal_gate) * cell)
             g = torch.cat([g, float(normal_scale) * nrm.to(g.dtype)], 1)
-            guide_hr = torch.cat([g, f_hr.to(g.dtype)], 1)
             groups = (g.shape[1], 1)
+        guide_hr = torch.cat([g, f_hr.to(g.dtype)], 1)
         centres, values = lr_guides(g, hw, cfg)
         guide_lr = torch.cat([centres, f_lr.to(g.dtype)], 1)
         values_lr = None if values is None else torch.cat([values, f_lr.to(g.dtype)], 1)
