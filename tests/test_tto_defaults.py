@@ -340,3 +340,20 @@ def test_subset_fit_renders_like_the_full_fit():
 
     assert psnr(sub) > psnr(full) - 0.3
     assert psnr(sub) > psnr(bic) + 3.0
+
+
+def test_pixel_subsets_with_a_non_integer_period_share_the_steps_evenly(monkeypatch):
+    seen = []
+    real = tto.kernel_fit_loss_grad
+
+    def spy(*args, **kw):
+        seen.append(args[8].clone())
+        return real(*args, **kw)
+
+    monkeypatch.setattr(tto, "kernel_fit_loss_grad", spy)
+    g = _smooth(64, 64)
+    # 48 of 256 pixels a cell: f = 3/16, a period of 5.33 steps; over 16 steps every pixel is used 3 times
+    tto.fit_params(g, resample_guide(g, (4, 4)), FitConfig(steps=16, radius=2.0, cell_samples=48, seed=2))
+    count = sum(m.to(torch.int64) for m in seen)
+    assert torch.equal(count, torch.full_like(count, 3))
+    assert all(abs(float(m.float().mean()) - 3 / 16) < 0.03 for m in seen)

@@ -388,11 +388,9 @@ def fit_params(
         params[:, 0] += shift[0]
         params[:, 1] += shift[1]
         frac = step_fraction(config, size, (h, w))
-        phase = rng.random((B, 1, *size)) if frac < 1.0 else None
+        turns = _PixelTurns(rng, (B, 1, *size), frac) if frac < 1.0 else None
         for t in range(n_steps):
-            pmask = None
-            if phase is not None:
-                pmask = torch.from_numpy(np.mod(phase + t * frac, 1.0) < frac).to(guide_hr.device)
+            pmask = None if turns is None else torch.from_numpy(turns.mask(t)).to(guide_hr.device)
             loss, grad = kernel_fit_loss_grad(
                 params,
                 g_hr,
@@ -422,6 +420,38 @@ def fit_params(
         params[:, 0] -= shift[0]
         params[:, 1] -= shift[1]
     return params, losses
+
+
+class _PixelTurns:
+    """The pixel subsets of one fit stage's steps (``FitConfig.pixel_fraction`` / ``cell_samples``).
+
+    Every pixel draws a seeded phase ``u`` in [0, 1) once; step ``t`` uses the pixels with
+    ``(u + t f) mod 1 < f``. When ``P = 1 / f`` is an integer that is ``(floor(u P) + t) mod P == 0``:
+    each pixel's turn comes once in every ``P`` steps, and it is computed as one comparison of the
+    integer turns (a fit step's host work at 640x480 fell from ~5.6 ms to ~0.1 ms).
+    """
+
+    def __init__(self, rng: np.random.Generator, shape: tuple[int, ...], frac: float):
+        u = rng.random(shape)
+        self.frac = float(frac)
+        period = 1.0 / self.frac
+        self.period = round(period)
+        self.turn = None
+        if self.period >= 2 and abs(period - self.period) <= 1e-9 * period:
+            self.turn = np.floor(u * self.period).astype(np.int32)
+            self.out = np.empty(shape, dtype=bool)
+        else:
+            self.u = u
+            self.buf = np.empty(shape, dtype=np.float64)
+            self.out = np.empty(shape, dtype=bool)
+
+    def mask(self, t: int) -> np.ndarray:
+        """``bool`` array of the pixels step ``t`` uses (a buffer reused by the next call)."""
+        if self.turn is not None:
+            return np.equal(self.turn, (-t) % self.period, out=self.out)
+        np.add(self.u, t * self.frac, out=self.buf)
+        np.mod(self.buf, 1.0, out=self.buf)
+        return np.less(self.buf, self.frac, out=self.out)
 
 
 def step_fraction(config: FitConfig, out_size: tuple[int, int], lr_size: tuple[int, int]) -> float:
