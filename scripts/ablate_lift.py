@@ -44,6 +44,13 @@ VARIANTS: dict[str, dict] = {
     "default": {},
     "ungated": {"normal_gate": 0.0},  # = default (normals count in full everywhere)
     "gate0.5": {"normal_gate": 0.5},  # depth-edge gate, radius 0.5 LR cells, floor GATE_FLOOR (0.6)
+    # session 4: normals pulled to their own cell's centre where no nearby cell has the pixel's normal
+    "mismatch0.3": {"normal_mismatch": 0.3},
+    "mismatch0.15": {"normal_mismatch": 0.15},
+    "curv0.5": {"normal_curvature": 0.5},  # normals shrunk on curved surfaces (turning > 0.5 rad per cell)
+    "mismatch0.3_curv0.5": {"normal_mismatch": 0.3, "normal_curvature": 0.5},
+    "mismatch0.2_curv0.5": {"normal_mismatch": 0.2, "normal_curvature": 0.5},
+    "mismatch0.3_curv0.3": {"normal_mismatch": 0.3, "normal_curvature": 0.3},
 }
 
 

@@ -423,3 +423,42 @@ def test_lift_loss_paths_match_autograd_in_float64(scene, depth_fit):
     assert abs(float(lr_ - lf)) < 1e-12
     assert torch.allclose(gf, gr, atol=1e-12, rtol=1e-9)
     assert float(gr[:, -1].abs().max()) > 1e-6  # sigma_z really gets a gradient
+
+
+def test_normal_mismatch_blend_pulls_unmatched_normals_to_their_cell():
+    """A pixel whose normal some nearby cell centre has keeps it; one whose normal no cell of its 3x3
+    neighbourhood has moves towards its own cell's centre (golden weights)."""
+    from ua3d.rgbd.lift import normal_mismatch_blend
+
+    nrm = torch.zeros(1, 2, 8, 8, dtype=torch.float64)
+    cen = torch.zeros(1, 2, 2, 2, dtype=torch.float64)
+    cen[0, 1, 0, 0] = -0.6  # one cell faces up: its pixels' normal is some cell's, they keep it
+    nrm[0, 1, :4, :4] = -0.6
+    nrm[0, 0, 6, 6] = 0.3  # one pixel of a thin surface: no cell has (0.3, 0)
+    out = normal_mismatch_blend(nrm, cen, (2, 2), 0.3)
+    torch.testing.assert_close(out[..., :4, :4], nrm[..., :4, :4])
+    a = math.exp(-0.5)  # its nearest centre is (0, 0), 0.3 = tau away
+    torch.testing.assert_close(out[0, :, 6, 6], torch.tensor([0.3 * a, 0.0], dtype=torch.float64))
+    mask = torch.ones(8, 8, dtype=torch.bool)
+    mask[6, 6] = False
+    torch.testing.assert_close(out[0][:, mask], nrm[0][:, mask])
+
+
+def test_flat_depth_lift_with_normal_options_is_the_2d_kernel():
+    """The session-4 normal options change nothing on flat depth (constant normals)."""
+    torch.manual_seed(0)
+    rgb = torch.rand(1, 3, 24, 32, dtype=torch.float64)
+    cam = PinholeCamera(30.0, 30.0, 15.5, 11.5, 32, 24)
+    cfg = FitConfig(steps=5, radius=2)
+    sig = torch.randn(1, 4, 6, 8, dtype=torch.float64)
+    two = ua3d.fit(rgb, (6, 8), cfg).render(sig)
+    flat = torch.full((24, 32), 2.0, dtype=torch.float64)
+    for kw in ({"normal_mismatch": 0.3}, {"normal_curvature": 0.5}):
+        out = fit_rgbd(rgb, flat, cam, (6, 8), cfg, **kw).render_2d(sig)
+        assert torch.allclose(out, two, atol=1e-9, rtol=0), (kw, float((out - two).abs().max()))
+    for kw, msg in (
+        ({"normal_mismatch": -1.0}, "normal_mismatch must be >= 0, got -1.0"),
+        ({"normal_curvature": -1.0}, "normal_curvature must be >= 0, got -1.0"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(msg)):
+            fit_rgbd(rgb, flat, cam, (6, 8), cfg, **kw)
