@@ -437,13 +437,12 @@ class _PixelTurns:
         period = 1.0 / self.frac
         self.period = round(period)
         self.turn = None
+        self.out = np.empty(shape, dtype=bool)
         if self.period >= 2 and abs(period - self.period) <= 1e-9 * period:
             self.turn = np.floor(u * self.period).astype(np.int32)
-            self.out = np.empty(shape, dtype=bool)
         else:
             self.u = u
             self.buf = np.empty(shape, dtype=np.float64)
-            self.out = np.empty(shape, dtype=bool)
 
     def mask(self, t: int) -> np.ndarray:
         """``bool`` array of the pixels step ``t`` uses (a buffer reused by the next call)."""

@@ -163,6 +163,33 @@ if AVAILABLE:
                         med[k] = _median_of(buf[:m])
                         has[k] = True
 
+    @njit(inline="always", **_EXACT)
+    def _one_sided(pts, valid, y, x, dy, dx):
+        """The difference of the points ``pts [3, H, W]`` at ``(y, x)`` along ``(dy, dx)`` (one of ``(0, 1)``,
+        ``(1, 0)``): forward when that neighbour is valid and its depth step is not larger than the backward
+        one, else backward; and whether either side was valid. As the torch reference's ``diff``."""
+        H, W = valid.shape
+        v = valid[y, x]
+        has_f = y + dy < H and x + dx < W
+        has_b = y - dy >= 0 and x - dx >= 0
+        fok = has_f and v and valid[y + dy, x + dx]
+        bok = has_b and v and valid[y - dy, x - dx]
+        if has_f:
+            f0 = pts[0, y + dy, x + dx] - pts[0, y, x]
+            f1 = pts[1, y + dy, x + dx] - pts[1, y, x]
+            f2 = pts[2, y + dy, x + dx] - pts[2, y, x]
+        else:
+            f0 = f1 = f2 = 0.0
+        if has_b:
+            b0 = pts[0, y, x] - pts[0, y - dy, x - dx]
+            b1 = pts[1, y, x] - pts[1, y - dy, x - dx]
+            b2 = pts[2, y, x] - pts[2, y - dy, x - dx]
+        else:
+            b0 = b1 = b2 = 0.0
+        if fok and (not bok or abs(f2) <= abs(b2)):
+            return f0, f1, f2, fok or bok
+        return b0, b1, b2, fok or bok
+
     @njit(**_EXACT)
     def _normals_kernel(depth, valid, fx, fy, cx, cy, n, good):
         """Unit normals ``n [3, H, W]`` (float64, unfilled) and ``good [H, W]`` (``valid``, a usable
@@ -179,46 +206,9 @@ if AVAILABLE:
         for y in range(H):
             for x in range(W):
                 v = valid[y, x]
-                # along u (columns): forward and backward one-sided differences
-                fok = x < W - 1 and v and valid[y, x + 1]
-                bok = x > 0 and v and valid[y, x - 1]
-                if x < W - 1:
-                    f0 = pts[0, y, x + 1] - pts[0, y, x]
-                    f1 = pts[1, y, x + 1] - pts[1, y, x]
-                    f2 = pts[2, y, x + 1] - pts[2, y, x]
-                else:
-                    f0 = f1 = f2 = 0.0
-                if x > 0:
-                    b0 = pts[0, y, x] - pts[0, y, x - 1]
-                    b1 = pts[1, y, x] - pts[1, y, x - 1]
-                    b2 = pts[2, y, x] - pts[2, y, x - 1]
-                else:
-                    b0 = b1 = b2 = 0.0
-                if fok and (not bok or abs(f2) <= abs(b2)):
-                    u0, u1, u2 = f0, f1, f2
-                else:
-                    u0, u1, u2 = b0, b1, b2
-                oku = fok or bok
-                # along v (rows)
-                fok = y < H - 1 and v and valid[y + 1, x]
-                bok = y > 0 and v and valid[y - 1, x]
-                if y < H - 1:
-                    f0 = pts[0, y + 1, x] - pts[0, y, x]
-                    f1 = pts[1, y + 1, x] - pts[1, y, x]
-                    f2 = pts[2, y + 1, x] - pts[2, y, x]
-                else:
-                    f0 = f1 = f2 = 0.0
-                if y > 0:
-                    b0 = pts[0, y, x] - pts[0, y - 1, x]
-                    b1 = pts[1, y, x] - pts[1, y - 1, x]
-                    b2 = pts[2, y, x] - pts[2, y - 1, x]
-                else:
-                    b0 = b1 = b2 = 0.0
-                if fok and (not bok or abs(f2) <= abs(b2)):
-                    d0, d1, d2 = f0, f1, f2
-                else:
-                    d0, d1, d2 = b0, b1, b2
-                okv = fok or bok
+                # one-sided differences along u (columns) and v (rows)
+                u0, u1, u2, oku = _one_sided(pts, valid, y, x, 0, 1)
+                d0, d1, d2, okv = _one_sided(pts, valid, y, x, 1, 0)
                 # n = dv x du, as torch.linalg.cross(dv, du) on CPU
                 c0 = _fma(d1, u2, -(d2 * u1))
                 c1 = _fma(d2, u0, -(d0 * u2))
